@@ -1,0 +1,62 @@
+"""``create_app()``: wiring only. Serve with ``uvicorn --factory appliance.asgi:create_app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from litestar import Litestar
+from litestar.di import Provide
+
+from appliance.db.engine import create_schema, make_engine
+from appliance.gateway.health import HealthController
+from appliance.gateway.routes import OpenAIController
+from appliance.gateway.serving import OpenAIServing
+from appliance.gateway.upstream import EngineRouter
+from appliance.ledger.writer import UsageWriter
+from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
+from appliance.lib.logging import configure_logging
+from appliance.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    settings = settings or get_settings()
+    configure_logging(settings.server.log_level)
+    db_engine = make_engine(settings.database_url, echo=settings.database.echo)
+    router = EngineRouter(settings.gateway)
+    usage = UsageWriter(
+        db_engine,
+        capacity=settings.usage.queue_size,
+        batch_size=settings.usage.batch_size,
+        flush_interval_s=settings.usage.flush_interval_s,
+    )
+    serving = OpenAIServing(router, usage)
+
+    @asynccontextmanager
+    async def lifespan(_app: Litestar) -> AsyncIterator[None]:
+        create_schema(db_engine)
+        await router.start()
+        await usage.start()
+        try:
+            yield
+        finally:
+            await usage.stop()
+            await router.stop()
+            db_engine.dispose()
+
+    app = Litestar(
+        route_handlers=[OpenAIController, HealthController],
+        dependencies={
+            "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
+            "router": Provide(lambda: router, use_cache=True, sync_to_thread=False),
+            "db_engine": Provide(lambda: db_engine, use_cache=True, sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[add_request_id],
+        lifespan=[lifespan],
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+    app.state.usage = usage
+    return app

@@ -1,0 +1,145 @@
+"""The ``appliance`` command: ``up`` (foreground, or ``--detach``), ``status [--json]``, ``down``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from appliance.engines.runner import pid_alive, stop_group
+from appliance.engines.state import dumps, read_state, status_report
+from appliance.lib.logging import configure_logging
+from appliance.settings import Settings, get_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_UNHEALTHY, EXIT_NOT_RUNNING = 0, 1, 1, 3
+
+
+def cmd_up(settings: Settings, detach: bool, timeout_s: float) -> int:
+    existing = read_state(settings.run_dir)
+    if existing is not None and pid_alive(existing.supervisor_pid):
+        print(f"the appliance is already running (supervisor pid {existing.supervisor_pid}); "
+              "see `appliance status`", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    if detach:
+        return _up_detached(settings, timeout_s)
+    from appliance.engines.supervisor import Supervisor
+
+    return Supervisor(settings).run()
+
+
+def _up_detached(settings: Settings, timeout_s: float) -> int:
+    log_path = settings.data_dir / "logs" / "supervisor.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, APPLIANCE_DATA_DIR=str(settings.data_dir))
+    with log_path.open("ab") as handle:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "appliance.cli", "up"],
+            stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )  # fmt: skip
+    print(f"starting the appliance in the background (pid {process.pid}, log {log_path}) ...", flush=True)
+    deadline = time.monotonic() + timeout_s
+    last_message = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            print(f"the appliance failed to start (exit {process.returncode}); last lines of {log_path}:",
+                  file=sys.stderr)  # fmt: skip
+            print(_tail(log_path), file=sys.stderr)
+            return EXIT_FAILED
+        state = read_state(settings.run_dir)
+        if state is not None and state.supervisor_pid == process.pid:
+            if state.message and state.message != last_message:
+                print(f"  {state.message}", flush=True)
+                last_message = state.message
+            if state.phase == "running":
+                report = status_report(state, data_dir=settings.data_dir, gateway_url=settings.gateway_url)
+                if report["healthy"]:
+                    _print_status(report)
+                    return EXIT_OK
+        time.sleep(1.0)
+    print(f"the appliance was not healthy after {timeout_s:.0f}s; stopping it", file=sys.stderr)
+    stop_group(process.pid)
+    return EXIT_FAILED
+
+
+def cmd_status(settings: Settings, as_json: bool) -> int:
+    report = status_report(
+        read_state(settings.run_dir), data_dir=settings.data_dir, gateway_url=settings.gateway_url
+    )
+    if as_json:
+        print(dumps(report))
+    else:
+        _print_status(report)
+    if not report["running"]:
+        return EXIT_NOT_RUNNING
+    return EXIT_OK if report["healthy"] else EXIT_UNHEALTHY
+
+
+def cmd_down(settings: Settings, timeout_s: float) -> int:
+    state = read_state(settings.run_dir)
+    if state is None:
+        print("the appliance is not running")
+        return EXIT_OK
+    if pid_alive(state.supervisor_pid):
+        # The supervisor stops the gateway and the engines itself; wait for it, then make sure.
+        stop_group(state.supervisor_pid, timeout_s=timeout_s)
+    for pid in [e.pid for e in state.engines] + [state.gateway.pid if state.gateway else None]:
+        if pid and pid_alive(pid):
+            stop_group(pid, timeout_s=10)
+    (settings.run_dir / "state.json").unlink(missing_ok=True)
+    print("the appliance is stopped")
+    return EXIT_OK
+
+
+def _print_status(report: dict[str, object]) -> None:
+    gateway = report["gateway"]
+    assert isinstance(gateway, dict)
+    state = "healthy" if report["healthy"] else ("running, NOT healthy" if report["running"] else "stopped")
+    print(f"appliance: {state}" + (f" ({report['message']})" if report.get("message") else ""))
+    print(f"  gateway  {report['gateway_url']}  pid {gateway.get('pid') or '-'}  "
+          f"{'healthy' if gateway.get('healthy') else 'down'}")  # fmt: skip
+    print(f"  data     {report['data_dir']}")
+    engines = report["engines"]
+    assert isinstance(engines, list)
+    for engine in engines:
+        print(f"  engine   {engine['model']:<24} {engine['url']}  pid {engine['pid'] or '-'}  "
+              f"{'healthy' if engine['healthy'] else 'DOWN'}  restarts {engine['restarts']}")  # fmt: skip
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="appliance", description="Sovereign AI inference appliance")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="prepare models, start the engines and the gateway")
+    up.add_argument("--detach", action="store_true", help="return once everything is healthy")
+    up.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for health with --detach")
+    status = sub.add_parser("status", help="what runs and whether it is healthy")
+    status.add_argument("--json", action="store_true", help="one JSON object (stable keys)")
+    down = sub.add_parser("down", help="stop everything `up` started")
+    down.add_argument("--timeout", type=float, default=60.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = get_settings()
+    configure_logging(settings.server.log_level)
+    logging.getLogger().setLevel(logging.INFO)
+    if args.command == "up":
+        return cmd_up(settings, args.detach, args.timeout)
+    if args.command == "status":
+        return cmd_status(settings, args.json)
+    return cmd_down(settings, args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

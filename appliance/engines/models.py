@@ -1,0 +1,55 @@
+"""Preparing the bundled models offline (idempotent), and refusing to serve weights that do not verify."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+from appliance.engines.manifest import (
+    MANIFEST_FILE,
+    ModelIntegrityError,
+    ModelManifest,
+    verify_prepared,
+)
+from appliance.engines.runner import OFFLINE_ENV
+from appliance.settings import REPO_ROOT, Settings
+
+log = logging.getLogger(__name__)
+
+PREPARE_SCRIPT = REPO_ROOT / "models" / "prepare.py"
+
+
+def ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) -> Path:
+    """The verified folder of ``manifest``'s model; prepares it first when missing or not matching."""
+    target = settings.prepared_models_dir / manifest.name
+    try:
+        verify_prepared(manifest, target)
+        log.info("model %s: prepared weights verified in %s", manifest.name, target)
+        return target
+    except ModelIntegrityError as exc:
+        log.info("model %s: preparing (%s)", manifest.name, exc.message)
+    result = subprocess.run(
+        [
+            str(python),
+            str(PREPARE_SCRIPT),
+            str(settings.models_dir / manifest.name / MANIFEST_FILE),
+            str(target),
+        ],
+        env={**_base_env(), **OFFLINE_ENV},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ModelIntegrityError(
+            f"preparing model {manifest.name} failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
+        )
+    verify_prepared(manifest, target)
+    log.info("model %s: prepared and verified in %s", manifest.name, target)
+    return target
+
+
+def _base_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}

@@ -1,0 +1,191 @@
+"""Starting, probing and stopping vLLM engine processes (the dev runner; systemd does this on a node)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.engines.manifest import ModelManifest
+from appliance.lib.errors import ApplianceError
+from appliance.settings import REPO_ROOT, EngineRoute, Settings
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+class EngineStartError(ApplianceError):
+    code = "engine_start_failed"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    manifest: ModelManifest
+    model_dir: Path
+    host: str
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def route(self) -> EngineRoute:
+        return EngineRoute(model=self.manifest.name, url=self.url, runner=self.manifest.runner)
+
+
+def engine_python(settings: Settings) -> Path:
+    venv = settings.engines.venv or REPO_ROOT / ".venv-engine"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise EngineStartError(
+            f"no engine environment at {venv}: run `make setup` (or set APPLIANCE_ENGINES__VENV)"
+        )
+    return python
+
+
+def engine_specs(settings: Settings, manifests: list[ModelManifest]) -> list[EngineSpec]:
+    return [
+        EngineSpec(
+            manifest=manifest,
+            model_dir=settings.prepared_models_dir / manifest.name,
+            host=settings.engines.host,
+            port=settings.engines.port_base + index,
+            log_path=settings.data_dir / "logs" / f"engine-{manifest.name}.log",
+        )
+        for index, manifest in enumerate(manifests)
+    ]
+
+
+def engine_command(spec: EngineSpec, python: Path, settings: Settings) -> list[str]:
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(spec.model_dir),
+        "--served-model-name", spec.manifest.name,
+        "--host", spec.host,
+        "--port", str(spec.port),
+        "--max-model-len", str(spec.manifest.context_length),
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    if spec.manifest.runner == "pooling":
+        command += ["--runner", "pooling"]
+    return command + list(settings.engines.extra_args)
+
+
+def engine_env(settings: Settings, index: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engines.kv_cache_gib))
+    binding = settings.engines.cpu_binding
+    if binding:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = binding[index % len(binding)]
+    # The engines' environment is separate from the appliance's: never leak the appliance's venv into it.
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def start_engine(spec: EngineSpec, python: Path, settings: Settings, index: int) -> subprocess.Popen[bytes]:
+    spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+    with spec.log_path.open("ab") as log:
+        return subprocess.Popen(
+            engine_command(spec, python, settings),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=engine_env(settings, index),
+            start_new_session=True,  # its own process group: stopping it stops its engine-core child too
+        )
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (loopback URL we built)
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def wait_healthy(
+    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None, what: str = "engine"
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise EngineStartError(f"{what} exited with status {process.returncode} while starting")
+        if http_ok(url):
+            return
+        time.sleep(1.0)
+    raise EngineStartError(f"{what} at {url} was not healthy after {timeout_s:.0f}s")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def stop_group(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            if not _group_alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # Reap our own child if it is the leader (otherwise it stays a zombie and the group looks alive).
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return any(pid_alive(pid) for pid in _group_members(pgid))
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def python_for_appliance() -> str:
+    return sys.executable

@@ -1,0 +1,43 @@
+"""Liveness (``/healthz``) and readiness (``/readyz``: 503 when an engine or the database is down)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from litestar import Controller, Response, get
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from appliance.gateway.upstream import EngineRouter
+
+
+def _database_ok(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    return True
+
+
+class HealthController(Controller):
+    @get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/readyz")
+    async def readyz(self, router: EngineRouter, db_engine: Engine) -> Response[dict[str, Any]]:
+        engines, database = await asyncio.gather(
+            router.health_all(), asyncio.to_thread(_database_ok, db_engine), return_exceptions=True
+        )
+        engine_rows = (
+            [{"model": h.model, "url": h.url, "healthy": h.healthy, "error": h.error} for h in engines]
+            if isinstance(engines, list)
+            else []
+        )
+        database_ok = database is True
+        ready = database_ok and bool(engine_rows) and all(row["healthy"] for row in engine_rows)
+        body = {
+            "status": "ready" if ready else "unready",
+            "database": {"healthy": database_ok},
+            "engines": engine_rows,
+        }
+        return Response(content=body, status_code=200 if ready else 503)

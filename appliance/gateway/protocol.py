@@ -1,0 +1,128 @@
+"""Wire protocol of the OpenAI-compatible endpoints: the fields the gateway checks and relies on.
+
+Requests are validated against these structs, then the client's JSON object is forwarded with only the
+gateway's own changes (usage options), so engine-specific sampling parameters pass through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct
+
+from appliance.lib.errors import InvalidRequestError
+
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class StreamOptions(Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class ChatMessage(Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Generation(Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    max_tokens: PositiveInt | None = None
+
+
+class ChatCompletionRequest(_Generation):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] = msgspec.field(default_factory=list)
+    max_completion_tokens: PositiveInt | None = None
+
+
+class CompletionRequest(_Generation):
+    prompt: str | list[Any] | None = None
+
+
+class EmbeddingRequest(Struct):
+    model: Annotated[str, Meta(min_length=1)]
+    input: str | list[Any] | None = None
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: PositiveInt | None = None
+
+
+class UsageOnly(Struct):
+    """Reads just ``usage`` out of an engine's answer; msgspec skips the rest without building it."""
+
+    usage: dict[str, Any] | None = None
+
+
+RequestT = TypeVar("RequestT", bound=Struct)
+
+_PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def decode_json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise InvalidRequestError(
+            "The request body is empty; a JSON object is expected.", code="invalid_json"
+        )
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", code="invalid_json")
+    return data
+
+
+def validate(data: dict[str, Any], schema: type[RequestT]) -> RequestT:
+    """Convert ``data`` into ``schema``; on failure name the offending field path in ``param``."""
+    if "model" not in data:
+        raise InvalidRequestError("Missing required field `model`.", param="model", code="missing_field")
+    try:
+        return msgspec.convert(data, schema)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _PATH.search(message)
+        param = _param_from_path(match.group("path")) if match else None
+        missing = re.match(r"Object missing required field `(?P<field>[^`]+)`", message)
+        if missing:
+            field = missing.group("field")
+            param = f"{param}.{field}" if param else field
+            raise InvalidRequestError(
+                f"Missing required field `{param}`.", param=param, code="missing_field"
+            ) from None
+        text = message[: match.start()] if match else message
+        where = f" at `{param}`" if param else ""
+        raise InvalidRequestError(
+            f"Invalid value{where}: {text}", param=param, code="invalid_value"
+        ) from None
+
+
+def _param_from_path(path: str) -> str | None:
+    """msgspec's ``$.messages[0].role`` -> ``messages[0].role``."""
+    path = path.lstrip(".")
+    return path or None
+
+
+def require_inputs(request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> None:
+    """Checks the struct types cannot express (a non-empty field that has a default)."""
+    if isinstance(request, ChatCompletionRequest) and not request.messages:
+        raise InvalidRequestError(
+            "Missing required field `messages`.", param="messages", code="missing_field"
+        )
+    if isinstance(request, CompletionRequest) and (request.prompt is None or request.prompt == []):
+        raise InvalidRequestError("Missing required field `prompt`.", param="prompt", code="missing_field")
+    if isinstance(request, EmbeddingRequest) and (request.input is None or request.input == []):
+        raise InvalidRequestError("Missing required field `input`.", param="input", code="missing_field")
+    if (
+        not isinstance(request, EmbeddingRequest)
+        and request.stream_options is not None
+        and not request.stream
+    ):
+        raise InvalidRequestError(
+            "`stream_options` is only allowed when `stream` is true.", param="stream_options"
+        )

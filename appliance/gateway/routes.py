@@ -1,0 +1,51 @@
+"""Thin HTTP routes of the OpenAI-compatible API; the work is in :mod:`appliance.gateway.serving`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.background_tasks import BackgroundTask
+from litestar.response import Stream
+
+from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing, StreamResult
+from appliance.lib.http import request_id
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def _serve(
+    serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]
+) -> Response[Any]:
+    body = await request.body()
+    result = await serving.handle(endpoint, body, request_id(request.scope))
+    if isinstance(result, StreamResult):
+        return Stream(
+            result.chunks,
+            media_type="text/event-stream",
+            headers=_SSE_HEADERS,
+            background=BackgroundTask(result.aclose),
+        )
+    return Response(content=result.body, status_code=result.status_code, media_type="application/json")
+
+
+class OpenAIController(Controller):
+    path = "/v1"
+
+    @get("/models")
+    async def list_models(self, serving: OpenAIServing) -> dict[str, Any]:
+        return await serving.models()
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(
+        self, request: Request[Any, Any, Any], serving: OpenAIServing
+    ) -> Response[Any]:
+        return await _serve(serving, CHAT, request)
+
+    @post("/completions", status_code=200)
+    async def completions(self, request: Request[Any, Any, Any], serving: OpenAIServing) -> Response[Any]:
+        return await _serve(serving, COMPLETIONS, request)
+
+    @post("/embeddings", status_code=200)
+    async def embeddings(self, request: Request[Any, Any, Any], serving: OpenAIServing) -> Response[Any]:
+        return await _serve(serving, EMBEDDINGS, request)

@@ -1,0 +1,210 @@
+"""Serving of the OpenAI-compatible endpoints: validate, route to the engine, relay, record usage.
+
+The serving class receives its engine router and usage writer through the constructor, so tests can
+hand it a real engine or one that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from appliance.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    UsageOnly,
+    decode_json_object,
+    require_inputs,
+    validate,
+)
+from appliance.gateway.upstream import EngineRouter
+from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, split_events, sse
+from appliance.ledger.writer import UsageEvent, UsageSlot, UsageWriter
+from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
+from appliance.settings import EngineRoute
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    path: str
+    schema: type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest]
+    runner: str
+
+
+CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
+COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "generate")
+EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingRequest, "pooling")
+
+
+@dataclass(slots=True)
+class JSONResult:
+    body: bytes
+    status_code: int = 200
+
+
+@dataclass(slots=True)
+class StreamResult:
+    chunks: AsyncIterator[bytes]
+
+    async def aclose(self) -> None:
+        """Finish the relay if the response ended early (the client went away): runs its cleanup."""
+        aclose = getattr(self.chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class OpenAIServing:
+    def __init__(self, router: EngineRouter, usage: UsageWriter) -> None:
+        self._router = router
+        self._usage = usage
+        self._created = int(time.time())
+
+    async def handle(self, endpoint: Endpoint, body: bytes, request_id: str) -> JSONResult | StreamResult:
+        started = time.perf_counter()
+        data = decode_json_object(body)
+        request = validate(data, endpoint.schema)
+        require_inputs(request)
+        route = self._router.route(request.model)
+        if route.runner != endpoint.runner:
+            kind = "an embedding" if route.runner == "pooling" else "a generative"
+            raise InvalidRequestError(
+                f"`{route.model}` is {kind} model; it does not serve {endpoint.path}.",
+                param="model",
+                code="model_not_supported",
+            )
+        streamed = bool(getattr(request, "stream", False))
+        slot = await self._usage.acquire()
+        event = UsageEvent(request_id=request_id, model=route.model, endpoint=endpoint.path, status_code=0)
+        event.streamed = streamed
+        try:
+            if streamed:
+                assert isinstance(request, ChatCompletionRequest | CompletionRequest)
+                return await self._open_stream(
+                    endpoint, route, data, request, request_id, slot, event, started
+                )
+            return await self._complete(endpoint, route, data, request_id, slot, event, started)
+        except BaseException as exc:
+            # The stream relay owns the slot once it is returned; before that, record the failure here.
+            event.status_code = exc.status_code if isinstance(exc, ApplianceError) else 500
+            event.error_code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
+            event.client_disconnected = isinstance(exc, asyncio.CancelledError)
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            slot.submit(event)
+            raise
+
+    async def _complete(
+        self,
+        endpoint: Endpoint,
+        route: EngineRoute,
+        data: dict[str, Any],
+        request_id: str,
+        slot: UsageSlot,
+        event: UsageEvent,
+        started: float,
+    ) -> JSONResult:
+        response = await self._router.open(route, endpoint.path, msgspec.json.encode(data), request_id)
+        try:
+            raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
+        finally:
+            response.release()
+        try:
+            usage = msgspec.json.decode(raw, type=UsageOnly).usage or {}
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise UpstreamError(f"The engine serving `{route.model}` answered with invalid JSON.") from exc
+        event.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        event.completion_tokens = int(usage.get("completion_tokens") or 0)
+        event.total_tokens = int(usage.get("total_tokens") or event.prompt_tokens + event.completion_tokens)
+        event.status_code = 200
+        event.latency_ms = (time.perf_counter() - started) * 1000.0
+        slot.submit(event)
+        return JSONResult(raw)
+
+    async def _open_stream(
+        self,
+        endpoint: Endpoint,
+        route: EngineRoute,
+        data: dict[str, Any],
+        request: ChatCompletionRequest | CompletionRequest,
+        request_id: str,
+        slot: UsageSlot,
+        event: UsageEvent,
+        started: float,
+    ) -> StreamResult:
+        options = request.stream_options or None
+        usage = StreamUsage(
+            client_include=bool(options and options.include_usage),
+            client_continuous=bool(options and options.continuous_usage_stats),
+            started_at=started,
+        )
+        upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
+        response = await self._router.open(
+            route, endpoint.path, msgspec.json.encode(upstream_body), request_id
+        )
+        return StreamResult(self._relay(route, response, usage, slot, event, started))
+
+    async def _relay(
+        self,
+        route: EngineRoute,
+        response: aiohttp.ClientResponse,
+        usage: StreamUsage,
+        slot: UsageSlot,
+        event: UsageEvent,
+        started: float,
+    ) -> AsyncIterator[bytes]:
+        """Relay the engine's SSE events one by one. Everything in ``finally`` is synchronous: it must run
+        even while the request is being cancelled because the client disconnected."""
+        buffer = bytearray()
+        finished = False
+        failed = False
+        try:
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                for payload in split_events(buffer):
+                    out = usage.rewrite(payload)
+                    if out is not None:
+                        yield sse(out)
+            finished = True
+            if not usage.done:
+                raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            failed = True
+            log.warning("stream from %s broke off: %s", route.url, exc)
+            error = UpstreamError(f"The engine serving `{route.model}` broke off the stream.")
+            yield sse(msgspec.json.encode(error.envelope()))
+        finally:
+            # Closing (not releasing) the connection makes vLLM abort the request if it is still running.
+            response.close()
+            event.prompt_tokens = usage.prompt_tokens
+            event.completion_tokens = usage.completion_tokens
+            event.total_tokens = usage.total_tokens
+            event.ttft_ms = usage.ttft_ms
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            if failed:
+                event.status_code, event.error_code = 502, "engine_error"
+            elif usage.error is not None:
+                event.status_code, event.error_code = 500, "engine_stream_error"
+            else:
+                event.status_code = 200
+                event.client_disconnected = not finished
+            slot.submit(event)
+
+    async def models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {"id": route.model, "object": "model", "owned_by": "appliance", "created": self._created}
+                for route in self._router.routes
+            ],
+        }

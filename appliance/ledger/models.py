@@ -1,0 +1,30 @@
+"""Ledger tables: one usage row per gateway request."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UsageRecord(SQLModel, table=True):
+    __tablename__ = "usage_records"
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: str = Field(index=True, unique=True, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    model: str = Field(index=True, max_length=128)
+    endpoint: str = Field(max_length=64)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    ttft_ms: float | None = Field(default=None, description="time to first token (streamed requests)")
+    latency_ms: float = 0.0
+    status_code: int = Field(index=True)
+    error_code: str | None = Field(default=None, max_length=64)
+    streamed: bool = False
+    client_disconnected: bool = False

