@@ -66,9 +66,7 @@ def _up_detached(settings: Settings, timeout_s: float) -> int:
 
 
 def cmd_status(settings: Settings, as_json: bool) -> int:
-    report = status_report(
-        read_state(settings.run_dir), data_dir=settings.data_dir, gateway_url=settings.gateway_url
-    )
+    report = status_report(read_state(settings.run_dir), data_dir=settings.data_dir, gateway_url=settings.gateway_url)
     if as_json:
         print(dumps(report))
     else:

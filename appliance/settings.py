@@ -30,9 +30,7 @@ class ServerSettings(BaseModel):
 
 
 class DatabaseSettings(BaseModel):
-    url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default: a SQLite file in the data directory"
-    )
+    url: str | None = Field(default=None, description="SQLAlchemy URL; default: a SQLite file in the data directory")
     echo: bool = False
 
 

@@ -49,9 +49,7 @@ def engine_python(settings: Settings) -> Path:
     venv = settings.engines.venv or REPO_ROOT / ".venv-engine"
     python = venv / "bin" / "python"
     if not python.exists():
-        raise EngineStartError(
-            f"no engine environment at {venv}: run `make setup` (or set APPLIANCE_ENGINES__VENV)"
-        )
+        raise EngineStartError(f"no engine environment at {venv}: run `make setup` (or set APPLIANCE_ENGINES__VENV)")
     return python
 
 

@@ -145,9 +145,7 @@ class Supervisor:
                     engine.process = start_engine(
                         engine.spec, engine_python(self.settings), self.settings, engine.index
                     )
-                    log.warning(
-                        "engine %s restarted (restart %d)", engine.spec.manifest.name, engine.restarts
-                    )
+                    log.warning("engine %s restarted (restart %d)", engine.spec.manifest.name, engine.restarts)
                     self._publish("running", f"engine {engine.spec.manifest.name} restarting")
             if self.gateway is not None and self.gateway.poll() is not None:
                 log.error("gateway exited with status %s; restarting it", self.gateway.returncode)
@@ -203,9 +201,7 @@ class Supervisor:
     def _print_ready(self) -> None:
         lines = [f"appliance is up: gateway {self.settings.gateway_url}  (data: {self.settings.data_dir})"]
         for engine in self.engines:
-            spec = engine.spec
-            lines.append(
-                f"  engine {spec.manifest.name:<24} {spec.url}  pid {engine.process.pid if engine.process else '-'}  log {spec.log_path}"
-            )
+            spec, pid = engine.spec, engine.process.pid if engine.process else "-"
+            lines.append(f"  engine {spec.manifest.name:<24} {spec.url}  pid {pid}  log {spec.log_path}")
         lines.append("stop with Ctrl-C (or `appliance down`)")
         print("\n".join(lines), flush=True)

@@ -66,9 +66,7 @@ _PATH = re.compile(r" - at `\$(?P<path>[^`]*)`$")
 
 def decode_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
-        raise InvalidRequestError(
-            "The request body is empty; a JSON object is expected.", code="invalid_json"
-        )
+        raise InvalidRequestError("The request body is empty; a JSON object is expected.", code="invalid_json")
     try:
         data = msgspec.json.decode(body)
     except msgspec.DecodeError as exc:
@@ -92,14 +90,10 @@ def validate(data: dict[str, Any], schema: type[RequestT]) -> RequestT:
         if missing:
             field = missing.group("field")
             param = f"{param}.{field}" if param else field
-            raise InvalidRequestError(
-                f"Missing required field `{param}`.", param=param, code="missing_field"
-            ) from None
+            raise InvalidRequestError(f"Missing required field `{param}`.", param=param, code="missing_field") from None
         text = message[: match.start()] if match else message
         where = f" at `{param}`" if param else ""
-        raise InvalidRequestError(
-            f"Invalid value{where}: {text}", param=param, code="invalid_value"
-        ) from None
+        raise InvalidRequestError(f"Invalid value{where}: {text}", param=param, code="invalid_value") from None
 
 
 def _param_from_path(path: str) -> str | None:
@@ -111,18 +105,10 @@ def _param_from_path(path: str) -> str | None:
 def require_inputs(request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> None:
     """Checks the struct types cannot express (a non-empty field that has a default)."""
     if isinstance(request, ChatCompletionRequest) and not request.messages:
-        raise InvalidRequestError(
-            "Missing required field `messages`.", param="messages", code="missing_field"
-        )
+        raise InvalidRequestError("Missing required field `messages`.", param="messages", code="missing_field")
     if isinstance(request, CompletionRequest) and (request.prompt is None or request.prompt == []):
         raise InvalidRequestError("Missing required field `prompt`.", param="prompt", code="missing_field")
     if isinstance(request, EmbeddingRequest) and (request.input is None or request.input == []):
         raise InvalidRequestError("Missing required field `input`.", param="input", code="missing_field")
-    if (
-        not isinstance(request, EmbeddingRequest)
-        and request.stream_options is not None
-        and not request.stream
-    ):
-        raise InvalidRequestError(
-            "`stream_options` is only allowed when `stream` is true.", param="stream_options"
-        )
+    if not isinstance(request, EmbeddingRequest) and request.stream_options is not None and not request.stream:
+        raise InvalidRequestError("`stream_options` is only allowed when `stream` is true.", param="stream_options")

@@ -14,9 +14,7 @@ from appliance.lib.http import request_id
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-async def _serve(
-    serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]
-) -> Response[Any]:
+async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
     body = await request.body()
     result = await serving.handle(endpoint, body, request_id(request.scope))
     if isinstance(result, StreamResult):
@@ -37,9 +35,7 @@ class OpenAIController(Controller):
         return await serving.models()
 
     @post("/chat/completions", status_code=200)
-    async def chat_completions(
-        self, request: Request[Any, Any, Any], serving: OpenAIServing
-    ) -> Response[Any]:
+    async def chat_completions(self, request: Request[Any, Any, Any], serving: OpenAIServing) -> Response[Any]:
         return await _serve(serving, CHAT, request)
 
     @post("/completions", status_code=200)

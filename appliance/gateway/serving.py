@@ -89,9 +89,7 @@ class OpenAIServing:
         try:
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)
-                return await self._open_stream(
-                    endpoint, route, data, request, request_id, slot, event, started
-                )
+                return await self._open_stream(endpoint, route, data, request, request_id, slot, event, started)
             return await self._complete(endpoint, route, data, request_id, slot, event, started)
         except BaseException as exc:
             # The stream relay owns the slot once it is returned; before that, record the failure here.
@@ -149,9 +147,7 @@ class OpenAIServing:
             started_at=started,
         )
         upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
-        response = await self._router.open(
-            route, endpoint.path, msgspec.json.encode(upstream_body), request_id
-        )
+        response = await self._router.open(route, endpoint.path, msgspec.json.encode(upstream_body), request_id)
         return StreamResult(self._relay(route, response, usage, slot, event, started))
 
     async def _relay(

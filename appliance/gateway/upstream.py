@@ -70,9 +70,7 @@ class EngineRouter:
             raise EngineUnavailableError("The gateway is not started.")
         return self._session
 
-    async def open(
-        self, route: EngineRoute, path: str, body: bytes, request_id: str
-    ) -> aiohttp.ClientResponse:
+    async def open(self, route: EngineRoute, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
         """POST ``body`` to the engine; return the open response once its status is 200.
 
         The caller owns the response and must ``close()``/``release()`` it. Errors are mapped here.
@@ -120,9 +118,7 @@ def engine_error(model: str, status: int, raw: bytes) -> UpstreamError | Upstrea
     """Map an engine's non-200 answer: its 4xx are the client's fault (passed on), the rest are 502."""
     message, param = _engine_message(raw)
     if 400 <= status < 500 and status not in (401, 403, 407, 408, 429):
-        return UpstreamRequestError(
-            status, message or f"The engine refused the request ({status}).", param=param
-        )
+        return UpstreamRequestError(status, message or f"The engine refused the request ({status}).", param=param)
     detail = f": {message}" if message else ""
     return UpstreamError(f"The engine serving `{model}` failed with status {status}{detail}")
 

@@ -36,9 +36,7 @@ class ApplianceError(Exception):
         return error_envelope(self.message, self.error_type, self.param, self.code)
 
 
-def error_envelope(
-    message: str, error_type: str, param: str | None, code: str | int | None
-) -> dict[str, Any]:
+def error_envelope(message: str, error_type: str, param: str | None, code: str | int | None) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 

@@ -46,9 +46,7 @@ async def add_request_id(message: Message, scope: Scope) -> None:
         MutableScopeHeaders.from_message(message)[REQUEST_ID_HEADER] = request_id(scope)
 
 
-def envelope_response(
-    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> Response[Any]:
+def envelope_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response[Any]:
     return Response(content=body, status_code=status, headers=headers, media_type="application/json")
 
 
