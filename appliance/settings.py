@@ -88,7 +88,6 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="APPLIANCE_",
         env_nested_delimiter="__",
-        toml_file=os.environ.get("APPLIANCE_CONFIG", "appliance.toml"),
         extra="forbid",
     )
 
@@ -111,7 +110,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+        # Read when settings are built, not at import: APPLIANCE_CONFIG names the file.
+        toml_file = Path(os.environ.get("APPLIANCE_CONFIG", "appliance.toml"))
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
 
     @property
     def database_url(self) -> str:

@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -24,7 +25,9 @@ class HealthController(Controller):
         return {"status": "ok"}
 
     @get("/readyz")
-    async def readyz(self, router: EngineRouter, db_engine: Engine) -> Response[dict[str, Any]]:
+    async def readyz(
+        self, router: NamedDependency[EngineRouter], db_engine: NamedDependency[Engine]
+    ) -> Response[dict[str, Any]]:
         engines, database = await asyncio.gather(
             router.health_all(), asyncio.to_thread(_database_ok, db_engine), return_exceptions=True
         )

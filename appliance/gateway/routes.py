@@ -6,6 +6,7 @@ from typing import Any
 
 from litestar import Controller, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing, StreamResult
@@ -31,17 +32,23 @@ class OpenAIController(Controller):
     path = "/v1"
 
     @get("/models")
-    async def list_models(self, serving: OpenAIServing) -> dict[str, Any]:
+    async def list_models(self, serving: NamedDependency[OpenAIServing]) -> dict[str, Any]:
         return await serving.models()
 
     @post("/chat/completions", status_code=200)
-    async def chat_completions(self, request: Request[Any, Any, Any], serving: OpenAIServing) -> Response[Any]:
+    async def chat_completions(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> Response[Any]:
         return await _serve(serving, CHAT, request)
 
     @post("/completions", status_code=200)
-    async def completions(self, request: Request[Any, Any, Any], serving: OpenAIServing) -> Response[Any]:
+    async def completions(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> Response[Any]:
         return await _serve(serving, COMPLETIONS, request)
 
     @post("/embeddings", status_code=200)
-    async def embeddings(self, request: Request[Any, Any, Any], serving: OpenAIServing) -> Response[Any]:
+    async def embeddings(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> Response[Any]:
         return await _serve(serving, EMBEDDINGS, request)

@@ -1,0 +1,136 @@
+"""A fast in-process OpenAI-shaped engine (aiohttp).
+
+Used where the real vLLM engine cannot be made to fail on purpose (a 5xx, invalid JSON, a stream cut
+off mid-way) and by the gateway-overhead benchmark as an upstream that costs next to nothing. It is a
+**fake**: nothing here checks the gateway against vLLM's behaviour; the integration tests do that.
+
+The first message's content (or the prompt) picks a behaviour: ``fail:500``, ``fail:400``,
+``fail:badjson``, ``fail:truncate``; anything else gets a normal answer of ``TOKENS`` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+from aiohttp import web
+
+TOKENS = 4
+PROMPT_TOKENS = 5
+
+
+def _usage(completion: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": PROMPT_TOKENS + completion}
+
+
+def _behaviour(body: dict[str, Any]) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+        return str(messages[0].get("content", ""))
+    return str(body.get("prompt", ""))
+
+
+async def _completion(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    behaviour = _behaviour(body)
+    if behaviour == "fail:500":
+        return web.json_response({"error": {"message": "engine exploded", "type": "InternalServerError"}}, status=500)
+    if behaviour == "fail:400":
+        return web.json_response(
+            {"error": {"message": "max_tokens is too large", "type": "BadRequestError", "param": "max_tokens"}},
+            status=400,
+        )
+    if behaviour == "fail:badjson":
+        return web.Response(body=b"{not json", content_type="application/json")
+    chat = request.path.endswith("/chat/completions")
+    if not body.get("stream"):
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "ok " * TOKENS}
+        else:
+            choice["text"] = "ok " * TOKENS
+        return web.json_response(
+            {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+             "model": body.get("model"), "choices": [choice], "usage": _usage(TOKENS)}
+        )  # fmt: skip
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for index in range(TOKENS):
+        if behaviour == "fail:truncate" and index == 2:
+            return response  # the connection ends without [DONE]
+        delta = {"delta": {"content": "ok "}} if chat else {"text": "ok "}
+        chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk", "model": body.get("model"),
+                 "choices": [{"index": 0, **delta}], "usage": _usage(index + 1)}  # fmt: skip
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    final = {"id": "cmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": _usage(TOKENS)}
+    await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.Response(text="")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FakeEngine:
+    """Runs in a thread of its own, with its own event loop, so that a caller that blocks its loop (a
+    test client, a benchmark) cannot stall it."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        started = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        def run() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._serve())
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="fake-engine", daemon=True)
+        self._thread.start()
+        if not started.wait(10):
+            raise RuntimeError("the fake engine did not start")
+
+    async def _serve(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", _completion)
+        app.router.add_post("/v1/completions", _completion)
+        app.router.add_get("/health", _health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def stop(self) -> None:
+        if self._loop is None or self._runner is None:
+            return
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def serve_forever(port: int) -> None:
+    """Run a fake engine in this process until it is killed (the benchmark runs it in its own process)."""
+    FakeEngine(port).start()
+    threading.Event().wait()

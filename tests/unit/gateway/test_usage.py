@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from appliance.gateway.usage import StreamUsage, split_events, sse
+
+
+def chunk(content: str | None, usage: dict[str, int] | None, *, choices: bool = True) -> bytes:
+    body: dict[str, object] = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    body["choices"] = [{"index": 0, "delta": {"content": content}}] if choices else []
+    body["usage"] = usage
+    return json.dumps(body).encode()
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def stream(capture: StreamUsage) -> list[dict[str, object] | str]:
+    upstream = [
+        chunk("", usage(7, 0)),
+        chunk("Hel", usage(7, 1)),
+        chunk("lo", usage(7, 2)),
+        chunk(None, usage(7, 2), choices=False),
+        b"[DONE]",
+    ]
+    out: list[dict[str, object] | str] = []
+    for payload in upstream:
+        rewritten = capture.rewrite(payload)
+        if rewritten is not None:
+            out.append("[DONE]" if rewritten == b"[DONE]" else json.loads(rewritten))
+    return out
+
+
+def test_client_that_did_not_ask_for_usage_gets_none() -> None:
+    capture = StreamUsage(client_include=False, client_continuous=False, started_at=0.0)
+    out = stream(capture)
+    assert out[-1] == "[DONE]"
+    chunks = [c for c in out if isinstance(c, dict)]
+    assert len(chunks) == 3
+    assert all("usage" not in c for c in chunks)
+    assert (capture.prompt_tokens, capture.completion_tokens, capture.done) == (7, 2, True)
+
+
+def test_include_usage_gives_null_usage_then_a_final_usage_chunk() -> None:
+    capture = StreamUsage(client_include=True, client_continuous=False, started_at=0.0)
+    chunks = [c for c in stream(capture) if isinstance(c, dict)]
+    assert [c["usage"] for c in chunks[:-1]] == [None, None, None]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == usage(7, 2)
+
+
+def test_continuous_usage_is_passed_on_every_chunk() -> None:
+    capture = StreamUsage(client_include=True, client_continuous=True, started_at=0.0)
+    chunks = [c for c in stream(capture) if isinstance(c, dict)]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, 1, 2, 2]  # type: ignore[index]
+
+
+def test_time_to_first_token_is_taken_at_the_first_generated_token() -> None:
+    capture = StreamUsage(client_include=False, client_continuous=False, started_at=0.0)
+    capture.rewrite(chunk("", usage(7, 0)))
+    assert capture.ttft_ms is None
+    capture.rewrite(chunk("a", usage(7, 1)))
+    assert capture.ttft_ms is not None and capture.ttft_ms > 0
+
+
+def test_error_event_is_passed_on_and_remembered() -> None:
+    capture = StreamUsage(client_include=False, client_continuous=False, started_at=0.0)
+    payload = b'{"error": {"message": "boom", "type": "x"}}'
+    assert capture.rewrite(payload) == payload
+    assert capture.error == "boom"
+
+
+@pytest.mark.parametrize("cut", [1, 5, 17, 30])
+def test_split_events_handles_arbitrary_chunk_boundaries(cut: int) -> None:
+    wire = sse(b'{"a": 1}') + b": keep-alive comment\n\n" + sse(b"[DONE]")
+    buffer = bytearray()
+    payloads: list[bytes] = []
+    for start in range(0, len(wire), cut):
+        buffer += wire[start : start + cut]
+        payloads += split_events(buffer)
+    assert payloads == [b'{"a": 1}', b"[DONE]"]
+    assert buffer == b""

@@ -1,0 +1,47 @@
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from appliance.settings import Settings
+
+
+def test_defaults_serve_on_loopback_8080_with_sqlite_in_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.gateway_url == "http://127.0.0.1:8080"
+    assert settings.database_url == f"sqlite:///{tmp_path / 'appliance.db'}"
+
+
+def test_environment_with_prefix_and_nested_sections(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPLIANCE_SERVER__PORT", "9123")
+    monkeypatch.setenv("APPLIANCE_DATABASE__URL", "postgresql://u:p@db/appliance")
+    monkeypatch.setenv(
+        "APPLIANCE_GATEWAY__ROUTES", '[{"model": "m", "url": "http://127.0.0.1:1/", "runner": "pooling"}]'
+    )
+    settings = Settings()
+    assert settings.server.port == 9123
+    assert settings.database_url == "postgresql://u:p@db/appliance"
+    assert settings.gateway.routes[0].url == "http://127.0.0.1:1"
+    assert settings.gateway.routes[0].runner == "pooling"
+
+
+def test_toml_file_is_read_and_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "appliance.toml"
+    config.write_text('[server]\nport = 9001\nhost = "0.0.0.0"\n[engines]\nkv_cache_gib = 4\n')
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(config))
+    monkeypatch.setenv("APPLIANCE_SERVER__PORT", "9002")
+    settings = Settings()
+    assert settings.server.host == "0.0.0.0"
+    assert settings.server.port == 9002
+    assert settings.engines.kv_cache_gib == 4
+
+
+def test_invalid_values_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPLIANCE_SERVER__PORT", "70000")
+    with pytest.raises(ValidationError, match="port"):
+        Settings()
+
+
+def test_unknown_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError):
+        Settings(no_such_setting=1)  # type: ignore[call-arg]
