@@ -21,8 +21,10 @@ EXIT_OK, EXIT_FAILED, EXIT_UNHEALTHY, EXIT_NOT_RUNNING = 0, 1, 1, 3
 def cmd_up(settings: Settings, detach: bool, timeout_s: float) -> int:
     existing = read_state(settings.run_dir)
     if existing is not None and pid_alive(existing.supervisor_pid):
-        print(f"the appliance is already running (supervisor pid {existing.supervisor_pid}); "
-              "see `appliance status`", file=sys.stderr)  # fmt: skip
+        print(
+            f"the appliance is already running (supervisor pid {existing.supervisor_pid}); see `appliance status`",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
     if detach:
         return _up_detached(settings, timeout_s)
@@ -38,15 +40,20 @@ def _up_detached(settings: Settings, timeout_s: float) -> int:
     with log_path.open("ab") as handle:
         process = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "up"],
-            stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )  # fmt: skip
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
     print(f"starting the appliance in the background (pid {process.pid}, log {log_path}) ...", flush=True)
     deadline = time.monotonic() + timeout_s
     last_message = ""
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            print(f"the appliance failed to start (exit {process.returncode}); last lines of {log_path}:",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"the appliance failed to start (exit {process.returncode}); last lines of {log_path}:", file=sys.stderr
+            )
             print(_tail(log_path), file=sys.stderr)
             return EXIT_FAILED
         state = read_state(settings.run_dir)
@@ -97,14 +104,18 @@ def _print_status(report: dict[str, object]) -> None:
     assert isinstance(gateway, dict)
     state = "healthy" if report["healthy"] else ("running, NOT healthy" if report["running"] else "stopped")
     print(f"appliance: {state}" + (f" ({report['message']})" if report.get("message") else ""))
-    print(f"  gateway  {report['gateway_url']}  pid {gateway.get('pid') or '-'}  "
-          f"{'healthy' if gateway.get('healthy') else 'down'}")  # fmt: skip
+    print(
+        f"  gateway  {report['gateway_url']}  pid {gateway.get('pid') or '-'}  "
+        f"{'healthy' if gateway.get('healthy') else 'down'}"
+    )
     print(f"  data     {report['data_dir']}")
     engines = report["engines"]
     assert isinstance(engines, list)
     for engine in engines:
-        print(f"  engine   {engine['model']:<24} {engine['url']}  pid {engine['pid'] or '-'}  "
-              f"{'healthy' if engine['healthy'] else 'DOWN'}  restarts {engine['restarts']}")  # fmt: skip
+        print(
+            f"  engine   {engine['model']:<24} {engine['url']}  pid {engine['pid'] or '-'}  "
+            f"{'healthy' if engine['healthy'] else 'DOWN'}  restarts {engine['restarts']}"
+        )
 
 
 def _tail(path: Path, lines: int = 30) -> str:

@@ -68,14 +68,21 @@ def engine_specs(settings: Settings, manifests: list[ModelManifest]) -> list[Eng
 
 def engine_command(spec: EngineSpec, python: Path, settings: Settings) -> list[str]:
     command = [
-        str(python), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(spec.model_dir),
-        "--served-model-name", spec.manifest.name,
-        "--host", spec.host,
-        "--port", str(spec.port),
-        "--max-model-len", str(spec.manifest.context_length),
+        str(python),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(spec.model_dir),
+        "--served-model-name",
+        spec.manifest.name,
+        "--host",
+        spec.host,
+        "--port",
+        str(spec.port),
+        "--max-model-len",
+        str(spec.manifest.context_length),
         "--disable-uvicorn-access-log",
-    ]  # fmt: skip
+    ]
     if spec.manifest.runner == "pooling":
         command += ["--runner", "pooling"]
     return command + list(settings.engines.extra_args)

@@ -111,15 +111,30 @@ class Supervisor:
         env["APPLIANCE_DATA_DIR"] = str(settings.data_dir)
         env["APPLIANCE_GATEWAY__ROUTES"] = json.dumps([e.spec.route.model_dump() for e in self.engines])
         command = [
-            sys.executable, "-m", "uvicorn", "appliance.asgi:create_app", "--factory",
-            "--host", settings.server.host, "--port", str(settings.server.port),
-            "--no-access-log", "--log-level", settings.server.log_level, "--timeout-graceful-shutdown", "30",
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "appliance.asgi:create_app",
+            "--factory",
+            "--host",
+            settings.server.host,
+            "--port",
+            str(settings.server.port),
+            "--no-access-log",
+            "--log-level",
+            settings.server.log_level,
+            "--timeout-graceful-shutdown",
+            "30",
+        ]
         with log_path.open("ab") as handle:
             return subprocess.Popen(
-                command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,
-            )  # fmt: skip
+            )
 
     # -- watch -------------------------------------------------------------------------------------
 
@@ -134,8 +149,10 @@ class Supervisor:
                 if engine.next_restart_at == 0.0:
                     log.error(
                         "engine %s exited with status %s (log: %s)",
-                        engine.spec.manifest.name, process.returncode, engine.spec.log_path,
-                    )  # fmt: skip
+                        engine.spec.manifest.name,
+                        process.returncode,
+                        engine.spec.log_path,
+                    )
                     stop_group(process.pid, timeout_s=5)
                     engine.next_restart_at = now + min(60.0, 2.0**engine.restarts)
                     self._publish("running", f"engine {engine.spec.manifest.name} crashed")

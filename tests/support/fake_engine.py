@@ -54,17 +54,28 @@ async def _completion(request: web.Request) -> web.StreamResponse:
         else:
             choice["text"] = "ok " * TOKENS
         return web.json_response(
-            {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-             "model": body.get("model"), "choices": [choice], "usage": _usage(TOKENS)}
-        )  # fmt: skip
+            {
+                "id": "cmpl-fake",
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body.get("model"),
+                "choices": [choice],
+                "usage": _usage(TOKENS),
+            }
+        )
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     for index in range(TOKENS):
         if behaviour == "fail:truncate" and index == 2:
             return response  # the connection ends without [DONE]
         delta = {"delta": {"content": "ok "}} if chat else {"text": "ok "}
-        chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk", "model": body.get("model"),
-                 "choices": [{"index": 0, **delta}], "usage": _usage(index + 1)}  # fmt: skip
+        chunk = {
+            "id": "cmpl-fake",
+            "object": "chat.completion.chunk",
+            "model": body.get("model"),
+            "choices": [{"index": 0, **delta}],
+            "usage": _usage(index + 1),
+        }
         await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
     final = {"id": "cmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": _usage(TOKENS)}
     await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")

@@ -1,0 +1,102 @@
+"""Integration fixtures: the real appliance (vLLM CPU engines + gateway) started once per test session
+through the real CLI (`appliance up --detach`), on ports of its own so a running `make run` is untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from appliance.settings import REPO_ROOT
+
+TEST_DATA_DIR = REPO_ROOT / "var" / "test"  # prepared models are kept between runs (verified by sha256)
+GATEWAY_PORT = 18080
+ENGINE_PORT_BASE = 18101
+
+
+@dataclass
+class Appliance:
+    env: dict[str, str]
+    data_dir: Path
+    gateway_url: str
+
+    def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "appliance.cli", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def status(self) -> dict[str, Any]:
+        result = self.cli("status", "--json")
+        return dict(json.loads(result.stdout))
+
+    def engine_url(self, model: str) -> str:
+        return next(e["url"] for e in self.status()["engines"] if e["model"] == model)
+
+    def usage_row(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The ledger row of one request (written off the hot path: poll until it lands)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            connection = sqlite3.connect(self.data_dir / "appliance.db")
+            connection.row_factory = sqlite3.Row
+            try:
+                row = connection.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchone()
+            except sqlite3.OperationalError:
+                row = None
+            finally:
+                connection.close()
+            if row is not None:
+                return dict(row)
+            time.sleep(0.1)
+        raise AssertionError(f"no usage record for {request_id}")
+
+
+@pytest.fixture(scope="session")
+def appliance() -> Iterator[Appliance]:
+    env = dict(os.environ)
+    env.update(
+        APPLIANCE_DATA_DIR=str(TEST_DATA_DIR),
+        APPLIANCE_SERVER__PORT=str(GATEWAY_PORT),
+        APPLIANCE_ENGINES__PORT_BASE=str(ENGINE_PORT_BASE),
+        APPLIANCE_CONFIG=str(TEST_DATA_DIR / "none.toml"),
+    )
+    handle = Appliance(env=env, data_dir=TEST_DATA_DIR, gateway_url=f"http://127.0.0.1:{GATEWAY_PORT}")
+    if os.environ.get("APPLIANCE_TEST_REUSE") == "1" and handle.status()["healthy"]:
+        # Developer convenience while iterating: keep the engines of an earlier run (never in CI).
+        yield handle
+        return
+    handle.cli("down")  # a previous run that was killed may have left it up
+    (TEST_DATA_DIR / "appliance.db").unlink(missing_ok=True)
+    for suffix in ("-wal", "-shm"):
+        (TEST_DATA_DIR / f"appliance.db{suffix}").unlink(missing_ok=True)
+    started = time.monotonic()
+    result = handle.cli("up", "--detach", "--timeout", "1500", timeout=1600)
+    if result.returncode != 0:
+        pytest.fail(f"appliance up failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    print(f"\nappliance up in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    yield handle
+    if os.environ.get("APPLIANCE_TEST_REUSE") != "1":
+        handle.cli("down")
+
+
+@pytest.fixture(scope="session")
+def client(appliance: Appliance) -> OpenAI:
+    return OpenAI(base_url=appliance.gateway_url + "/v1", api_key="not-checked-yet", max_retries=0, timeout=120)
+
+
+CHAT_MODEL = "smollm2-135m-instruct"
+EMBED_MODEL = "minilm-l6-v2"
