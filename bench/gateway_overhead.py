@@ -1,0 +1,256 @@
+"""Gateway overhead, measured against a baseline in the same run.
+
+Part 1 (real engine): the same request mix (chat non-streamed, chat streamed, embeddings) is sent to the
+vLLM CPU engine directly and through the gateway, interleaved request by request so drift hits both
+alike; prints P50/P99 latency of both, the added latency and the ratio. Streamed requests also report
+time to first token.
+
+Part 2 (the gateway's own cost at high request rates): a fast in-process OpenAI-shaped upstream (the fake
+engine of tests/support, in a process of its own) is hit with open-loop Poisson arrivals, directly and
+through the gateway (uvicorn, one worker), at rising rates; prints P50/P99 and achieved throughput.
+
+Usage: .venv/bin/python bench/gateway_overhead.py [--requests 60] [--rates 250,500,1000] [--reuse]
+(--reuse: use an appliance already up on the default ports instead of starting one for the benchmark).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.support.fake_engine import free_port  # noqa: E402
+
+CHAT_MODEL, EMBED_MODEL = "smollm2-135m-instruct", "minilm-l6-v2"
+QUESTION = [{"role": "user", "content": "Name three colours of the rainbow."}]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def row(label: str, values: list[float]) -> str:
+    return f"  {label:<34} n={len(values):<5} P50 {pct(values, 50):8.2f} ms   P99 {pct(values, 99):8.2f} ms"
+
+
+# -- part 1: the real engine --------------------------------------------------------------------------
+
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], env=env, capture_output=True, text=True)
+
+
+def start_appliance(reuse: bool) -> tuple[dict[str, str], dict[str, Any], bool]:
+    env = dict(os.environ)
+    if not reuse:
+        env.update(
+            APPLIANCE_DATA_DIR=str(ROOT / "var" / "bench"),
+            APPLIANCE_SERVER__PORT="28080",
+            APPLIANCE_ENGINES__PORT_BASE="28101",
+        )
+        started = time.monotonic()
+        result = cli(env, "up", "--detach")
+        if result.returncode != 0:
+            sys.exit(f"appliance up failed:\n{result.stdout}\n{result.stderr}")
+        print(f"appliance started for the benchmark in {time.monotonic() - started:.0f}s")
+    status = json.loads(cli(env, "status", "--json").stdout)
+    if not status["healthy"]:
+        sys.exit("the appliance is not healthy")
+    return env, status, not reuse
+
+
+async def timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[float, float | None]:
+    """(total ms, time to first data event ms or None)."""
+    started = time.perf_counter()
+    first: float | None = None
+    async with session.post(url, json=body) as response:
+        assert response.status == 200, await response.text()
+        if body.get("stream"):
+            async for line in response.content:
+                if first is None and line.startswith(b"data:"):
+                    first = (time.perf_counter() - started) * 1000
+        else:
+            await response.read()
+    return (time.perf_counter() - started) * 1000, first
+
+
+async def part1(gateway: str, engines: dict[str, str], requests: int) -> None:
+    mix = [
+        ("chat", "/v1/chat/completions", CHAT_MODEL, {"messages": QUESTION, "max_tokens": 16, "temperature": 0}),
+        (
+            "chat stream",
+            "/v1/chat/completions",
+            CHAT_MODEL,
+            {"messages": QUESTION, "max_tokens": 16, "temperature": 0, "stream": True},
+        ),
+        ("embeddings", "/v1/embeddings", EMBED_MODEL, {"input": ["a short sentence to embed"] * 4}),
+    ]
+    results: dict[tuple[str, str], list[float]] = {}
+    ttft: dict[str, list[float]] = {"direct": [], "gateway": []}
+    async with aiohttp.ClientSession() as session:
+        for _name, path, model, extra in mix:  # warm-up
+            for base in (engines[model], gateway):
+                await timed(session, base + path, {"model": model, **extra})
+        for index in range(requests):
+            name, path, model, extra = mix[index % len(mix)]
+            order = [("direct", engines[model]), ("gateway", gateway)]
+            if index % 2:
+                order.reverse()
+            for via, base in order:
+                total, first = await timed(session, base + path, {"model": model, **extra})
+                results.setdefault((name, via), []).append(total)
+                if first is not None:
+                    ttft[via].append(first)
+    print("\nPart 1: real vLLM CPU engine, closed loop (one request at a time), interleaved")
+    for name, *_ in mix:
+        direct, through = results[(name, "direct")], results[(name, "gateway")]
+        print(row(f"{name}: direct", direct))
+        print(row(f"{name}: through gateway", through))
+        print(
+            f"  {name}: added P50 {pct(through, 50) - pct(direct, 50):+.2f} ms, "
+            f"P99 {pct(through, 99) - pct(direct, 99):+.2f} ms; ratio P50 {pct(through, 50) / pct(direct, 50):.3f}"
+        )
+    print(row("stream TTFT: direct", ttft["direct"]))
+    print(row("stream TTFT: through gateway", ttft["gateway"]))
+
+
+# -- part 2: the gateway's own cost --------------------------------------------------------------------
+
+
+def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def wait_up(url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def poisson(url: str, rate: float, seconds: float) -> tuple[list[float], int, float]:
+    body = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    latencies: list[float] = []
+    errors = 0
+    rng = random.Random(7)
+
+    async def one(session: aiohttp.ClientSession) -> None:
+        nonlocal errors
+        started = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+                await response.read()
+                if response.status != 200:
+                    errors += 1
+                    return
+        except aiohttp.ClientError:
+            errors += 1
+            return
+        latencies.append((time.perf_counter() - started) * 1000)
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        tasks = []
+        started = time.perf_counter()
+        next_at = started
+        while next_at - started < seconds:
+            delay = next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session)))
+            next_at += rng.expovariate(rate)
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - started
+    return latencies, errors, len(latencies) / elapsed
+
+
+async def part2(rates: list[float], seconds: float) -> None:
+    fake_port, gateway_port = free_port(), free_port()
+    data_dir = ROOT / "var" / "bench-overhead"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fake = spawn(
+        [sys.executable, "-c", f"from tests.support.fake_engine import serve_forever; serve_forever({fake_port})"]
+    )
+    env = dict(
+        os.environ,
+        APPLIANCE_DATA_DIR=str(data_dir),
+        APPLIANCE_GATEWAY__ROUTES=json.dumps([{"model": "fake", "url": f"http://127.0.0.1:{fake_port}"}]),
+    )
+    gateway = spawn(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "appliance.asgi:create_app",
+            "--factory",
+            "--port",
+            str(gateway_port),
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ],
+        env,
+    )
+    try:
+        await wait_up(f"http://127.0.0.1:{fake_port}/health")
+        await wait_up(f"http://127.0.0.1:{gateway_port}/healthz")
+        for url in (f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gateway_port}"):  # warm-up
+            await poisson(url + "/v1/chat/completions", 200, 1.0)
+        print(f"\nPart 2: fast fake upstream (tests/support/fake_engine.py), open-loop Poisson, {seconds:.0f}s per run")
+        for rate in rates:
+            direct = await poisson(f"http://127.0.0.1:{fake_port}/v1/chat/completions", rate, seconds)
+            through = await poisson(f"http://127.0.0.1:{gateway_port}/v1/chat/completions", rate, seconds)
+            for label, (lat, errors, throughput) in (("direct", direct), ("through gateway", through)):
+                print(row(f"{rate:.0f} req/s {label}", lat) + f"   {throughput:7.0f} req/s done, {errors} errors")
+            print(
+                f"  {rate:.0f} req/s: gateway adds P50 {pct(through[0], 50) - pct(direct[0], 50):+.2f} ms, "
+                f"P99 {pct(through[0], 99) - pct(direct[0], 99):+.2f} ms; "
+                f"throughput ratio {through[2] / direct[2]:.3f}"
+            )
+    finally:
+        gateway.terminate()
+        fake.terminate()
+        gateway.wait(10)
+        fake.wait(10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=60, help="requests per path in part 1")
+    parser.add_argument("--rates", default="250,500,1000", help="request rates for part 2")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--reuse", action="store_true", help="use the appliance already up (default ports)")
+    parser.add_argument("--skip-engine", action="store_true", help="only part 2")
+    args = parser.parse_args()
+    if not args.skip_engine:
+        env, status, started = start_appliance(args.reuse)
+        try:
+            engines = {e["model"]: e["url"] for e in status["engines"]}
+            asyncio.run(part1(status["gateway_url"], engines, args.requests))
+        finally:
+            if started:
+                cli(env, "down")
+    asyncio.run(part2([float(r) for r in args.rates.split(",")], args.seconds))
+
+
+if __name__ == "__main__":
+    main()
