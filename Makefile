@@ -42,7 +42,7 @@ down:
 status:
 	$(VENV)/bin/appliance status
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest
 
 test-unit: $(VENV)/.installed

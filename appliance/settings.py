@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     models_dir: Path = Field(
         default_factory=lambda: REPO_ROOT / "models", description="folders with model.yaml manifests"
     )
+    models_cache_dir: Path | None = Field(
+        default=None,
+        description="where prepared models live (default: <data_dir>/models); verified by sha256 before use, "
+        "so several data directories can share one",
+    )
     server: ServerSettings = Field(default_factory=ServerSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
@@ -128,7 +133,7 @@ class Settings(BaseSettings):
 
     @property
     def prepared_models_dir(self) -> Path:
-        return self.data_dir / "models"
+        return self.models_cache_dir or self.data_dir / "models"
 
 
 @lru_cache(maxsize=1)

@@ -58,6 +58,7 @@ def start_appliance(reuse: bool) -> tuple[dict[str, str], dict[str, Any], bool]:
     if not reuse:
         env.update(
             APPLIANCE_DATA_DIR=str(ROOT / "var" / "bench"),
+            APPLIANCE_MODELS_CACHE_DIR=str(ROOT / "var" / "models"),
             APPLIANCE_SERVER__PORT="28080",
             APPLIANCE_ENGINES__PORT_BASE="28101",
         )

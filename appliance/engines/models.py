@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import subprocess
@@ -22,7 +23,17 @@ PREPARE_SCRIPT = REPO_ROOT / "models" / "prepare.py"
 
 
 def ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) -> Path:
-    """The verified folder of ``manifest``'s model; prepares it first when missing or not matching."""
+    """The verified folder of ``manifest``'s model; prepares it first when missing or not matching.
+
+    Holds a lock on the models folder meanwhile: several appliances (a `make run`, a test session) may
+    share one folder, and only one of them prepares a model at a time."""
+    settings.prepared_models_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.prepared_models_dir / ".prepare.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_prepared(manifest, settings, python)
+
+
+def _ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) -> Path:
     target = settings.prepared_models_dir / manifest.name
     try:
         verify_prepared(manifest, target)

@@ -41,6 +41,8 @@ class Endpoint:
     runner: str
 
 
+CLIENT_CLOSED_REQUEST = 499  # the client went away before an answer (nginx's convention)
+
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "generate")
 EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingRequest, "pooling")
@@ -93,9 +95,13 @@ class OpenAIServing:
             return await self._complete(endpoint, route, data, request_id, slot, event, started)
         except BaseException as exc:
             # The stream relay owns the slot once it is returned; before that, record the failure here.
-            event.status_code = exc.status_code if isinstance(exc, ApplianceError) else 500
-            event.error_code = exc.code if isinstance(exc, ApplianceError) else "internal_error"
-            event.client_disconnected = isinstance(exc, asyncio.CancelledError)
+            if isinstance(exc, ApplianceError):
+                event.status_code, event.error_code = exc.status_code, exc.code
+            elif isinstance(exc, asyncio.CancelledError):
+                event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
+                event.client_disconnected = True
+            else:
+                event.status_code, event.error_code = 500, "internal_error"
             event.latency_ms = (time.perf_counter() - started) * 1000.0
             slot.submit(event)
             raise

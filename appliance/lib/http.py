@@ -81,7 +81,7 @@ def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) ->
     )
 
 
-EXCEPTION_HANDLERS: dict[type[Exception], Any] = {
+EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     ApplianceError: appliance_error_handler,
     HTTPException: http_exception_handler,
     Exception: unexpected_error_handler,

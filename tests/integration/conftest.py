@@ -19,7 +19,10 @@ from openai import OpenAI
 
 from appliance.settings import REPO_ROOT
 
-TEST_DATA_DIR = REPO_ROOT / "var" / "test"  # prepared models are kept between runs (verified by sha256)
+TEST_DATA_DIR = REPO_ROOT / "var" / "test"
+# Prepared models are shared with `make run` (verified by sha256 before every start), which also lets the
+# engines reuse their compilation cache (keyed by the model's path).
+MODELS_CACHE_DIR = REPO_ROOT / "var" / "models"
 GATEWAY_PORT = 18080
 ENGINE_PORT_BASE = 18101
 
@@ -70,6 +73,7 @@ def appliance() -> Iterator[Appliance]:
     env = dict(os.environ)
     env.update(
         APPLIANCE_DATA_DIR=str(TEST_DATA_DIR),
+        APPLIANCE_MODELS_CACHE_DIR=str(MODELS_CACHE_DIR),
         APPLIANCE_SERVER__PORT=str(GATEWAY_PORT),
         APPLIANCE_ENGINES__PORT_BASE=str(ENGINE_PORT_BASE),
         APPLIANCE_CONFIG=str(TEST_DATA_DIR / "none.toml"),
