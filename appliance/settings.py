@@ -80,7 +80,8 @@ class EngineSettings(BaseModel):
     extra_args: list[str] = Field(default_factory=list, description="passed to every vLLM server")
     cpu_binding: list[str] = Field(
         default_factory=list,
-        description="VLLM_CPU_OMP_THREADS_BIND per engine, in model order (e.g. ['0', '1']); empty: vLLM's auto",
+        description="VLLM_CPU_OMP_THREADS_BIND per engine, in model order (e.g. ['0', '1']); "
+        "empty: embedding engines on the last core, generation on the others",
     )
 
 
