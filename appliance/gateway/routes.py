@@ -9,7 +9,8 @@ from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing, StreamResult
+from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing
+from appliance.gateway.streaming import StreamRelay
 from appliance.lib.http import request_id
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -18,9 +19,9 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
     body = await request.body()
     result = await serving.handle(endpoint, body, request_id(request.scope))
-    if isinstance(result, StreamResult):
+    if isinstance(result, StreamRelay):
         return Stream(
-            result.chunks,
+            result,
             media_type="text/event-stream",
             headers=_SSE_HEADERS,
             background=BackgroundTask(result.aclose),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +24,9 @@ from appliance.gateway.protocol import (
     require_inputs,
     validate,
 )
+from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
-from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, split_events, sse
+from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
 from appliance.ledger.writer import UsageEvent, UsageSlot, UsageWriter
 from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
 from appliance.settings import EngineRoute
@@ -54,24 +54,13 @@ class JSONResult:
     status_code: int = 200
 
 
-@dataclass(slots=True)
-class StreamResult:
-    chunks: AsyncIterator[bytes]
-
-    async def aclose(self) -> None:
-        """Finish the relay if the response ended early (the client went away): runs its cleanup."""
-        aclose = getattr(self.chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 class OpenAIServing:
     def __init__(self, router: EngineRouter, usage: UsageWriter) -> None:
         self._router = router
         self._usage = usage
         self._created = int(time.time())
 
-    async def handle(self, endpoint: Endpoint, body: bytes, request_id: str) -> JSONResult | StreamResult:
+    async def handle(self, endpoint: Endpoint, body: bytes, request_id: str) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         data = decode_json_object(body)
         request = validate(data, endpoint.schema)
@@ -145,7 +134,7 @@ class OpenAIServing:
         slot: UsageSlot,
         event: UsageEvent,
         started: float,
-    ) -> StreamResult:
+    ) -> StreamRelay:
         options = request.stream_options or None
         usage = StreamUsage(
             client_include=bool(options and options.include_usage),
@@ -154,53 +143,7 @@ class OpenAIServing:
         )
         upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
         response = await self._router.open(route, endpoint.path, msgspec.json.encode(upstream_body), request_id)
-        return StreamResult(self._relay(route, response, usage, slot, event, started))
-
-    async def _relay(
-        self,
-        route: EngineRoute,
-        response: aiohttp.ClientResponse,
-        usage: StreamUsage,
-        slot: UsageSlot,
-        event: UsageEvent,
-        started: float,
-    ) -> AsyncIterator[bytes]:
-        """Relay the engine's SSE events one by one. Everything in ``finally`` is synchronous: it must run
-        even while the request is being cancelled because the client disconnected."""
-        buffer = bytearray()
-        finished = False
-        failed = False
-        try:
-            async for chunk in response.content.iter_any():
-                buffer += chunk
-                for payload in split_events(buffer):
-                    out = usage.rewrite(payload)
-                    if out is not None:
-                        yield sse(out)
-            finished = True
-            if not usage.done:
-                raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            failed = True
-            log.warning("stream from %s broke off: %s", route.url, exc)
-            error = UpstreamError(f"The engine serving `{route.model}` broke off the stream.")
-            yield sse(msgspec.json.encode(error.envelope()))
-        finally:
-            # Closing (not releasing) the connection makes vLLM abort the request if it is still running.
-            response.close()
-            event.prompt_tokens = usage.prompt_tokens
-            event.completion_tokens = usage.completion_tokens
-            event.total_tokens = usage.total_tokens
-            event.ttft_ms = usage.ttft_ms
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            if failed:
-                event.status_code, event.error_code = 502, "engine_error"
-            elif usage.error is not None:
-                event.status_code, event.error_code = 500, "engine_stream_error"
-            else:
-                event.status_code = 200
-                event.client_disconnected = not finished
-            slot.submit(event)
+        return StreamRelay(route, response, usage, slot, event)
 
     async def models(self) -> dict[str, Any]:
         return {

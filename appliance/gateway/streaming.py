@@ -1,0 +1,101 @@
+"""Relaying one streamed answer from the engine to the client, and recording it exactly once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from enum import Enum
+
+import aiohttp
+import msgspec
+
+from appliance.gateway.usage import StreamUsage, split_events, sse
+from appliance.ledger.writer import UsageEvent, UsageSlot
+from appliance.lib.errors import UpstreamError
+from appliance.settings import EngineRoute
+
+log = logging.getLogger(__name__)
+
+
+class _Outcome(Enum):
+    CLIENT_GONE = "client_gone"  # until the engine's stream has been relayed to its end
+    FINISHED = "finished"
+    ENGINE_FAILED = "engine_failed"
+
+
+class StreamRelay:
+    """Async-iterable of SSE bytes for the client.
+
+    :meth:`close` is synchronous and idempotent: it closes the engine connection (vLLM aborts a request
+    whose connection is gone) and hands the usage record to the ledger. It runs when the relay ends for
+    any reason: the end of the stream, an engine failure, the client going away while a chunk was being
+    awaited (cancellation) or sent (:meth:`aclose`, called after the response), or before the first chunk.
+    """
+
+    def __init__(
+        self,
+        route: EngineRoute,
+        response: aiohttp.ClientResponse,
+        usage: StreamUsage,
+        slot: UsageSlot,
+        event: UsageEvent,
+    ) -> None:
+        self._route = route
+        self._response = response
+        self._usage = usage
+        self._slot = slot
+        self._event = event
+        self._outcome = _Outcome.CLIENT_GONE
+        self._events: AsyncGenerator[bytes, None] | None = None
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        if self._events is None:
+            self._events = self._relay()
+        return self._events
+
+    async def aclose(self) -> None:
+        if self._events is not None:
+            await self._events.aclose()
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._response.close()
+        usage, event = self._usage, self._event
+        event.prompt_tokens = usage.prompt_tokens
+        event.completion_tokens = usage.completion_tokens
+        event.total_tokens = usage.total_tokens
+        event.ttft_ms = usage.ttft_ms
+        event.latency_ms = (time.perf_counter() - usage.started_at) * 1000.0
+        if self._outcome is _Outcome.ENGINE_FAILED:
+            event.status_code, event.error_code = 502, "engine_error"
+        elif usage.error is not None:
+            event.status_code, event.error_code = 500, "engine_stream_error"
+        else:
+            event.status_code = 200
+            event.client_disconnected = self._outcome is _Outcome.CLIENT_GONE
+        self._slot.submit(event)
+
+    async def _relay(self) -> AsyncGenerator[bytes, None]:
+        buffer = bytearray()
+        try:
+            async for chunk in self._response.content.iter_any():
+                buffer += chunk
+                for payload in split_events(buffer):
+                    out = self._usage.rewrite(payload)
+                    if out is not None:
+                        yield sse(out)
+            if not self._usage.done:
+                raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
+            self._outcome = _Outcome.FINISHED
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            self._outcome = _Outcome.ENGINE_FAILED
+            log.warning("stream from %s broke off: %s", self._route.url, exc)
+            error = UpstreamError(f"The engine serving `{self._route.model}` broke off the stream.")
+            yield sse(msgspec.json.encode(error.envelope()))
+        finally:
+            self.close()  # synchronous: it must run even while the request is being cancelled
