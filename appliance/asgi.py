@@ -13,6 +13,10 @@ from appliance.gateway.health import HealthController
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
+from appliance.identity import setup as identity_setup
+from appliance.identity.auth import authentication_middleware
+from appliance.identity.oidc_routes import OidcController
+from appliance.identity.routes import AdminController
 from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
@@ -31,6 +35,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         flush_interval_s=settings.usage.flush_interval_s,
     )
     serving = OpenAIServing(router, usage)
+    issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
+    hasher = identity_setup.key_hasher(settings)
+    authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -45,12 +52,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
             db_engine.dispose()
 
     app = Litestar(
-        route_handlers=[OpenAIController, HealthController],
+        route_handlers=[OpenAIController, HealthController, AdminController]
+        + ([OidcController] if issuer is not None else []),
         dependencies={
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
             "router": Provide(lambda: router, use_cache=True, sync_to_thread=False),
             "db_engine": Provide(lambda: db_engine, use_cache=True, sync_to_thread=False),
+            "key_hasher": Provide(lambda: hasher, use_cache=True, sync_to_thread=False),
+            "issuer": Provide(lambda: issuer, use_cache=True, sync_to_thread=False),
         },
+        middleware=[authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[add_request_id],
         lifespan=[lifespan],

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from appliance.engines.runner import pid_alive, stop_group
 from appliance.engines.state import dumps, read_state, status_report
+from appliance.identity import cli as identity_cli
 from appliance.lib.logging import configure_logging
 from appliance.settings import Settings, get_settings
 
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON object (stable keys)")
     down = sub.add_parser("down", help="stop everything `up` started")
     down.add_argument("--timeout", type=float, default=60.0)
+    identity_cli.add_parsers(sub)
     return parser
 
 
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_up(settings, args.detach, args.timeout)
     if args.command == "status":
         return cmd_status(settings, args.json)
+    if args.command == "admin":
+        return identity_cli.run(settings, args)
     return cmd_down(settings, args.timeout)
 
 

@@ -58,6 +58,26 @@ class GatewaySettings(BaseModel):
     health_timeout_s: float = Field(default=2.0, gt=0)
 
 
+class IdentitySettings(BaseModel):
+    keycloak_url: str | None = Field(
+        default=None, description="Keycloak base URL; unset: the appliance's embedded issuer signs tokens"
+    )
+    realm: str = "appliance"
+    public_url: str | None = Field(default=None, description="the gateway's URL as clients see it (issuer URL)")
+    audience: str = Field(default="appliance-api", description="`aud` every access token must carry")
+    api_client_id: str = Field(default="appliance-api", description="client whose roles `resource_access` holds")
+    console_client_id: str = "appliance-console"
+    allowed_clients: list[str] = Field(default_factory=list, description="accepted `azp` values; empty: any")
+    leeway_s: float = Field(default=30.0, ge=0, le=300)
+    jwks_min_refresh_s: float = Field(default=60.0, ge=1)
+    token_ttl_s: int = Field(default=600, ge=30, le=86_400)
+
+    @field_validator("keycloak_url", "public_url")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+
 class UsageSettings(BaseModel):
     queue_size: int = Field(
         default=10_000,
@@ -105,6 +125,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod
@@ -127,6 +148,17 @@ class Settings(BaseSettings):
     @property
     def gateway_url(self) -> str:
         return f"http://{self.server.host}:{self.server.port}"
+
+    @property
+    def issuer_url(self) -> str:
+        identity = self.identity
+        if identity.keycloak_url:
+            return f"{identity.keycloak_url}/realms/{identity.realm}"
+        return f"{identity.public_url or self.gateway_url}/oidc"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
 
     @property
     def run_dir(self) -> Path:

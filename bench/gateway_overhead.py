@@ -73,6 +73,14 @@ def start_appliance(reuse: bool) -> tuple[dict[str, str], dict[str, Any], bool]:
     return env, status, not reuse
 
 
+def api_key(env: dict[str, str]) -> str:
+    """An inference key for the benchmark's own tenant (the gateway authenticates every /v1 call)."""
+    result = cli(env, "admin", "create-key", "--tenant", "bench", "--workflow", "bench", "--create")
+    if result.returncode != 0:
+        sys.exit(f"creating an API key failed: {result.stderr}")
+    return str(json.loads(result.stdout)["key"])
+
+
 async def timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[float, float | None]:
     """(total ms, time to first data event ms or None)."""
     started = time.perf_counter()
@@ -88,7 +96,7 @@ async def timed(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) 
     return (time.perf_counter() - started) * 1000, first
 
 
-async def part1(gateway: str, engines: dict[str, str], requests: int) -> None:
+async def part1(gateway: str, engines: dict[str, str], requests: int, key: str) -> None:
     mix = [
         ("chat", "/v1/chat/completions", CHAT_MODEL, {"messages": QUESTION, "max_tokens": 16, "temperature": 0}),
         (
@@ -101,7 +109,7 @@ async def part1(gateway: str, engines: dict[str, str], requests: int) -> None:
     ]
     results: dict[tuple[str, str], list[float]] = {}
     ttft: dict[str, list[float]] = {"direct": [], "gateway": []}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
         for _name, path, model, extra in mix:  # warm-up
             for base in (engines[model], gateway):
                 await timed(session, base + path, {"model": model, **extra})
@@ -151,7 +159,7 @@ async def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def poisson(url: str, rate: float, seconds: float) -> tuple[list[float], int, float]:
+async def poisson(url: str, rate: float, seconds: float, key: str) -> tuple[list[float], int, float]:
     body = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
     latencies: list[float] = []
     errors = 0
@@ -161,7 +169,8 @@ async def poisson(url: str, rate: float, seconds: float) -> tuple[list[float], i
         nonlocal errors
         started = time.perf_counter()
         try:
-            async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+            async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 if response.status != 200:
                     errors += 1
@@ -217,12 +226,13 @@ async def part2(rates: list[float], seconds: float) -> None:
     try:
         await wait_up(f"http://127.0.0.1:{fake_port}/health")
         await wait_up(f"http://127.0.0.1:{gateway_port}/healthz")
+        key = api_key(env)
         for url in (f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gateway_port}"):  # warm-up
-            await poisson(url + "/v1/chat/completions", 200, 1.0)
+            await poisson(url + "/v1/chat/completions", 200, 1.0, key)
         print(f"\nPart 2: fast fake upstream (tests/support/fake_engine.py), open-loop Poisson, {seconds:.0f}s per run")
         for rate in rates:
-            direct = await poisson(f"http://127.0.0.1:{fake_port}/v1/chat/completions", rate, seconds)
-            through = await poisson(f"http://127.0.0.1:{gateway_port}/v1/chat/completions", rate, seconds)
+            direct = await poisson(f"http://127.0.0.1:{fake_port}/v1/chat/completions", rate, seconds, key)
+            through = await poisson(f"http://127.0.0.1:{gateway_port}/v1/chat/completions", rate, seconds, key)
             for label, (lat, errors, throughput) in (("direct", direct), ("through gateway", through)):
                 print(row(f"{rate:.0f} req/s {label}", lat) + f"   {throughput:7.0f} req/s done, {errors} errors")
             print(
@@ -231,10 +241,13 @@ async def part2(rates: list[float], seconds: float) -> None:
                 f"throughput ratio {through[2] / direct[2]:.3f}"
             )
     finally:
-        gateway.terminate()
-        fake.terminate()
-        gateway.wait(10)
-        fake.wait(10)
+        for process in (gateway, fake):
+            process.terminate()
+            try:
+                process.wait(30)  # a saturated gateway drains its backlog before it exits
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def main() -> None:
@@ -249,7 +262,7 @@ def main() -> None:
         env, status, started = start_appliance(args.reuse)
         try:
             engines = {e["model"]: e["url"] for e in status["engines"]}
-            asyncio.run(part1(status["gateway_url"], engines, args.requests))
+            asyncio.run(part1(status["gateway_url"], engines, args.requests, api_key(env)))
         finally:
             if started:
                 cli(env, "down")

@@ -30,11 +30,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")  # ON DELETE CASCADE of the identity tables relies on it
     cursor.close()
 
 
 def create_schema(engine: Engine) -> None:
     """Create missing tables of every domain (each domain's models module registers its tables)."""
-    import appliance.ledger.models  # noqa: F401  (registers the ledger tables)
+    import appliance.identity.models
+    import appliance.ledger.models  # noqa: F401  (each import registers its domain's tables)
 
     SQLModel.metadata.create_all(engine)

@@ -11,6 +11,7 @@ from litestar.response import Stream
 
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
+from appliance.identity.auth import principal_of
 from appliance.lib.http import request_id
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -18,7 +19,7 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
     body = await request.body()
-    result = await serving.handle(endpoint, body, request_id(request.scope))
+    result = await serving.handle(endpoint, body, request_id(request.scope), principal_of(request.scope))
     if isinstance(result, StreamRelay):
         return Stream(
             result,
@@ -33,8 +34,10 @@ class OpenAIController(Controller):
     path = "/v1"
 
     @get("/models")
-    async def list_models(self, serving: NamedDependency[OpenAIServing]) -> dict[str, Any]:
-        return await serving.models()
+    async def list_models(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> dict[str, Any]:
+        return await serving.models(principal_of(request.scope))
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(

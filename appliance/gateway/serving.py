@@ -27,6 +27,7 @@ from appliance.gateway.protocol import (
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
+from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
 from appliance.ledger.writer import UsageEvent, UsageSlot, UsageWriter
 from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
 from appliance.settings import EngineRoute
@@ -41,6 +42,7 @@ class Endpoint:
     runner: str
 
 
+INFERENCE_ROLES = (USER, ADMIN, OPERATOR)  # auditors read the audit trail; they do not run models
 CLIENT_CLOSED_REQUEST = 499  # the client went away before an answer (nginx's convention)
 
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
@@ -60,8 +62,11 @@ class OpenAIServing:
         self._usage = usage
         self._created = int(time.time())
 
-    async def handle(self, endpoint: Endpoint, body: bytes, request_id: str) -> JSONResult | StreamRelay:
+    async def handle(
+        self, endpoint: Endpoint, body: bytes, request_id: str, principal: Principal
+    ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
+        principal.require_role(*INFERENCE_ROLES)
         data = decode_json_object(body)
         request = validate(data, endpoint.schema)
         require_inputs(request)
@@ -75,8 +80,18 @@ class OpenAIServing:
             )
         streamed = bool(getattr(request, "stream", False))
         slot = await self._usage.acquire()
-        event = UsageEvent(request_id=request_id, model=route.model, endpoint=endpoint.path, status_code=0)
-        event.streamed = streamed
+        event = UsageEvent(
+            request_id=request_id,
+            model=route.model,
+            endpoint=endpoint.path,
+            status_code=0,
+            streamed=streamed,
+            tenant_id=principal.tenant_id,
+            workflow_id=principal.workflow_id,
+            agent_id=principal.agent_id,
+            api_key_id=principal.api_key_id,
+            subject=principal.subject,
+        )
         try:
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)
@@ -145,7 +160,8 @@ class OpenAIServing:
         response = await self._router.open(route, endpoint.path, msgspec.json.encode(upstream_body), request_id)
         return StreamRelay(route, response, usage, slot, event)
 
-    async def models(self) -> dict[str, Any]:
+    async def models(self, principal: Principal) -> dict[str, Any]:
+        principal.require_role(*INFERENCE_ROLES)
         return {
             "object": "list",
             "data": [

@@ -19,6 +19,11 @@ class UsageRecord(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     model: str = Field(index=True, max_length=128)
     endpoint: str = Field(max_length=64)
+    tenant_id: str | None = Field(default=None, index=True, max_length=32)
+    workflow_id: str | None = Field(default=None, max_length=32)
+    agent_id: str | None = Field(default=None, max_length=32)
+    api_key_id: str | None = Field(default=None, max_length=32)
+    subject: str | None = Field(default=None, max_length=300, description="token `sub` or API key id")
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0

@@ -30,6 +30,11 @@ class UsageEvent:
     model: str
     endpoint: str
     status_code: int
+    tenant_id: str | None = None
+    workflow_id: str | None = None
+    agent_id: str | None = None
+    api_key_id: str | None = None
+    subject: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0

@@ -106,3 +106,29 @@ class ServiceUnavailableError(ApplianceError):
     status_code = 503
     error_type = "service_unavailable"
     code = "service_unavailable"
+
+
+class AuthenticationError(ApplianceError):
+    """No valid identity. The message never says which check failed: that would help an attacker."""
+
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_credentials"
+
+    def __init__(self, message: str = "Missing or invalid credentials.") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="appliance"'})
+
+
+class PermissionDeniedError(ApplianceError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "forbidden"
+
+    def __init__(self, message: str = "You are not allowed to do this.") -> None:
+        super().__init__(message)
+
+
+class ConflictError(ApplianceError):
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "conflict"

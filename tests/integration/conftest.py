@@ -32,6 +32,11 @@ class Appliance:
     env: dict[str, str]
     data_dir: Path
     gateway_url: str
+    api_key: str = ""  # an inference key of the integration tenant, made once per session
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -81,6 +86,7 @@ def appliance() -> Iterator[Appliance]:
     handle = Appliance(env=env, data_dir=TEST_DATA_DIR, gateway_url=f"http://127.0.0.1:{GATEWAY_PORT}")
     if os.environ.get("APPLIANCE_TEST_REUSE") == "1" and handle.status()["healthy"]:
         # Developer convenience while iterating: keep the engines of an earlier run (never in CI).
+        handle.api_key = create_key(handle)
         yield handle
         return
     handle.cli("down")  # a previous run that was killed may have left it up
@@ -92,14 +98,23 @@ def appliance() -> Iterator[Appliance]:
     if result.returncode != 0:
         pytest.fail(f"appliance up failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     print(f"\nappliance up in {time.monotonic() - started:.0f}s", file=sys.stderr)
+    handle.api_key = create_key(handle)
     yield handle
     if os.environ.get("APPLIANCE_TEST_REUSE") != "1":
         handle.cli("down")
 
 
+def create_key(appliance: Appliance) -> str:
+    result = appliance.cli(
+        "admin", "create-key", "--tenant", "integration", "--workflow", "tests", "--agent", "pytest", "--create"
+    )
+    assert result.returncode == 0, result.stderr
+    return str(json.loads(result.stdout)["key"])
+
+
 @pytest.fixture(scope="session")
 def client(appliance: Appliance) -> OpenAI:
-    return OpenAI(base_url=appliance.gateway_url + "/v1", api_key="not-checked-yet", max_retries=0, timeout=120)
+    return OpenAI(base_url=appliance.gateway_url + "/v1", api_key=appliance.api_key, max_retries=0, timeout=120)
 
 
 CHAT_MODEL = "smollm2-135m-instruct"

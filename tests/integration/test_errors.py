@@ -64,7 +64,7 @@ def test_request_the_engine_refuses_is_passed_on(client: OpenAI) -> None:
 
 
 async def test_malformed_json_and_oversized_body(appliance: Appliance) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=appliance.auth) as session:
         async with session.post(
             appliance.gateway_url + "/v1/chat/completions",
             data=b'{"model": "x",',

@@ -39,7 +39,7 @@ def test_chat_completion_answers_and_records_usage(client: OpenAI, appliance: Ap
 
 async def test_usage_equals_the_engines_own_count(client: OpenAI, appliance: Appliance) -> None:
     engine = appliance.engine_url(CHAT_MODEL)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=appliance.auth) as session:
         async with session.post(
             engine + "/tokenize", json={"model": CHAT_MODEL, "messages": QUESTION, "add_generation_prompt": True}
         ) as response:
@@ -145,7 +145,7 @@ def test_embeddings_float_and_base64(client: OpenAI, appliance: Appliance) -> No
 
 
 async def test_embedding_vectors_come_back_as_packed_floats(appliance: Appliance) -> None:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=appliance.auth) as session:
         async with session.post(
             appliance.gateway_url + "/v1/embeddings",
             json={"model": EMBED_MODEL, "input": "x", "encoding_format": "base64"},

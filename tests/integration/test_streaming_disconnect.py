@@ -30,7 +30,7 @@ async def test_disconnect_mid_stream_aborts_the_engine_and_records_usage(applian
         "ignore_eos": True,
         "stream": True,
     }
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=appliance.auth) as session:
         response = await session.post(appliance.gateway_url + "/v1/chat/completions", json=body)
         request_id = response.headers["x-request-id"]
         events = 0

@@ -13,6 +13,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
+from appliance.identity.setup import embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, ServerSettings, Settings
 from tests.support.fake_engine import FakeEngine, free_port
 
@@ -39,7 +40,12 @@ async def client(tmp_path: Path, fake_engine: FakeEngine) -> AsyncIterator[Async
         ),
     )
     async with AsyncTestClient(app=create_app(settings)) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {user_token(settings)}"
         yield test_client
+
+
+def user_token(settings: Settings) -> str:
+    return embedded_issuer(settings).mint("tester", client_id="appliance-console", roles=["user"], tenant_id="t1")
 
 
 def chat(content: str, **extra: Any) -> dict[str, Any]:
@@ -106,6 +112,7 @@ async def test_engine_down_is_503_and_recorded(client: AsyncTestClient[Any], tmp
     assert_envelope(response.json(), type_="service_unavailable", code="engine_unavailable")
     [row] = await wait_rows(tmp_path, 1)
     assert (row["status_code"], row["error_code"], row["model"]) == (503, "engine_unavailable", "down")
+    assert (row["tenant_id"], row["subject"]) == ("t1", "tester")
     assert row["request_id"] == response.headers["x-request-id"]
 
 
@@ -163,6 +170,7 @@ async def test_usage_rows_are_flushed_on_shutdown(tmp_path: Path, fake_engine: F
     )
     settings.usage.flush_interval_s = 60.0  # nothing is written before shutdown unless shutdown flushes
     async with AsyncTestClient(app=create_app(settings)) as test_client:
+        test_client.headers["Authorization"] = f"Bearer {user_token(settings)}"
         for _ in range(5):
             assert (await test_client.post("/v1/chat/completions", json=chat("hi"))).status_code == 200
     rows = usage_rows(tmp_path)

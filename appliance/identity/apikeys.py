@@ -1,0 +1,102 @@
+"""Appliance API keys: ``apk_<id>_<secret>``. Only an HMAC-SHA256 of the secret (keyed with a pepper kept
+in a 0600 file, not in the database) is stored; revocation and expiry apply on the very next request."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from appliance.identity.models import ApiKey
+from appliance.identity.principal import ADMIN, USER, Principal
+from appliance.identity.signing import write_secret
+from appliance.lib.errors import AuthenticationError
+
+KEY_PATTERN = re.compile(r"^apk_(?P<id>[0-9a-f]{20})_(?P<secret>[A-Za-z0-9_-]{43})$")
+SCOPES = ("inference", "admin")
+LAST_USED_EVERY_S = 60.0
+
+
+class KeyHasher:
+    def __init__(self, pepper: bytes) -> None:
+        self._pepper = pepper
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> KeyHasher:
+        if not path.exists():
+            try:
+                write_secret(path, secrets.token_bytes(32))
+            except FileExistsError:
+                pass
+        if path.stat().st_mode & 0o077:
+            raise PermissionError(f"{path} must be readable by its owner only (mode 0600)")
+        return cls(path.read_bytes())
+
+    def digest(self, secret: str) -> str:
+        return hmac.new(self._pepper, secret.encode(), hashlib.sha256).hexdigest()
+
+
+def new_key_material() -> tuple[str, str, str]:
+    """(key id, secret, the full key as shown once)."""
+    hex_id = secrets.token_hex(10)
+    secret = secrets.token_urlsafe(32)
+    return f"key_{hex_id}", secret, f"apk_{hex_id}_{secret}"
+
+
+def key_principal(key: ApiKey) -> Principal:
+    roles = {USER} | ({ADMIN} if ADMIN in key.scopes else set())
+    return Principal(
+        kind="api_key",
+        subject=key.id,
+        roles=frozenset(roles),
+        tenant_id=key.tenant_id,
+        workflow_id=key.workflow_id,
+        agent_id=key.agent_id,
+        api_key_id=key.id,
+        scopes=frozenset(key.scopes),
+    )
+
+
+class ApiKeyAuthenticator:
+    def __init__(self, engine: Engine, hasher: KeyHasher) -> None:
+        self._engine = engine
+        self._hasher = hasher
+        self._last_used_written: dict[str, float] = {}
+
+    async def authenticate(self, credential: str) -> Principal:
+        match = KEY_PATTERN.match(credential)
+        if match is None:
+            raise AuthenticationError()
+        return await asyncio.to_thread(self._check, f"key_{match['id']}", match["secret"])
+
+    def _check(self, key_id: str, secret: str) -> Principal:
+        with Session(self._engine) as session:
+            key = session.get(ApiKey, key_id)
+            # Compare even when the key is unknown, so timing does not tell which ids exist.
+            expected = key.secret_hash if key is not None else "0" * 64
+            valid = hmac.compare_digest(expected, self._hasher.digest(secret))
+            now = datetime.now(UTC)
+            if key is None or not valid or key.revoked_at is not None:
+                raise AuthenticationError()
+            if key.expires_at is not None and _aware(key.expires_at) <= now:
+                raise AuthenticationError()
+            principal = key_principal(key)
+            if time.monotonic() - self._last_used_written.get(key_id, -float("inf")) >= LAST_USED_EVERY_S:
+                self._last_used_written[key_id] = time.monotonic()
+                session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))  # type: ignore[arg-type]
+                session.commit()
+            return principal
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without their zone; they were stored as UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

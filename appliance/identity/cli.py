@@ -1,0 +1,134 @@
+"""``appliance admin ...``: local automation on the node (needs access to the data directory)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import TypeVar
+
+from sqlmodel import Session, select
+
+from appliance.db.engine import create_schema, make_engine
+from appliance.identity import service
+from appliance.identity.models import ROLES, Agent, Tenant, Workflow
+from appliance.identity.principal import ADMIN, Principal
+from appliance.identity.schemas import AgentCreate, ApiKeyCreate, TenantCreate, WorkflowCreate
+from appliance.identity.setup import embedded_issuer, key_hasher
+from appliance.lib.errors import ApplianceError
+from appliance.settings import Settings
+
+LOCAL_ADMIN = Principal(kind="token", subject="local-cli", roles=frozenset({ADMIN}))
+_DURATION = re.compile(r"^(?P<n>[0-9]+)(?P<unit>[smhd]?)$")
+
+
+def duration_s(text: str) -> int:
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h)")
+    return int(match["n"]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match["unit"]]
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    admin = sub.add_parser("admin", help="local administration (tokens, API keys)")
+    admin_sub = admin.add_subparsers(dest="admin_command", required=True)
+    token = admin_sub.add_parser("token", help="print a short-lived access token from the embedded issuer")
+    token.add_argument("--role", choices=ROLES, action="append", required=True)
+    token.add_argument("--tenant", help="bind the token to a tenant (id)")
+    token.add_argument("--ttl", type=duration_s, default=600, help="lifetime, e.g. 10m (max 24h)")
+    key = admin_sub.add_parser("create-key", help="create an API key; prints it once, as JSON")
+    key.add_argument("--tenant", required=True, help="tenant id or name")
+    key.add_argument("--workflow", required=True, help="workflow id or name (in the tenant)")
+    key.add_argument("--agent", help="agent id or name (in the workflow)")
+    key.add_argument("--name", default="")
+    key.add_argument("--scope", choices=("inference", "admin"), action="append", help="default: inference")
+    key.add_argument("--create", action="store_true", help="create the tenant, workflow and agent if missing")
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        if args.admin_command == "token":
+            return _token(settings, args)
+        return _create_key(settings, args)
+    except ApplianceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.identity.keycloak_url:
+        print("error: Keycloak issues tokens here; use a service-account client instead", file=sys.stderr)
+        return 1
+    if args.ttl > 86_400:
+        print("error: --ttl is at most 24h", file=sys.stderr)
+        return 1
+    issuer = embedded_issuer(settings)
+    print(
+        issuer.mint(
+            "local-cli",
+            client_id=settings.identity.console_client_id,
+            roles=args.role,
+            tenant_id=args.tenant,
+            ttl_s=args.ttl,
+        )
+    )
+    return 0
+
+
+ModelT = TypeVar("ModelT", Tenant, Workflow, Agent)
+
+
+def _find(session: Session, model: type[ModelT], ref: str, **where: str) -> str | None:
+    """The id of the row whose id or name is ``ref`` (names within ``where``)."""
+    row = session.get(model, ref)
+    if row is None:
+        query = select(model).where(model.name == ref)
+        for column, value in where.items():
+            query = query.where(getattr(model, column) == value)
+        row = session.exec(query).first()
+    if row is None or any(getattr(row, column) != value for column, value in where.items()):
+        return None
+    return str(row.id)
+
+
+def _create_key(settings: Settings, args: argparse.Namespace) -> int:
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    with Session(engine) as session:
+        tenant_id = _find(session, Tenant, args.tenant)
+        if tenant_id is None and args.create:
+            tenant_id = service.create_tenant(session, LOCAL_ADMIN, TenantCreate(name=args.tenant))["id"]
+        if tenant_id is None:
+            print(f"error: no tenant {args.tenant!r} (use --create)", file=sys.stderr)
+            return 1
+        workflow_id = _find(session, Workflow, args.workflow, tenant_id=tenant_id)
+        if workflow_id is None and args.create:
+            created = service.create_workflow(
+                session, LOCAL_ADMIN, WorkflowCreate(tenant_id=tenant_id, name=args.workflow)
+            )
+            workflow_id = created["id"]
+        if workflow_id is None:
+            print(f"error: no workflow {args.workflow!r} in that tenant (use --create)", file=sys.stderr)
+            return 1
+        agent_id = None
+        if args.agent:
+            agent_id = _find(session, Agent, args.agent, workflow_id=workflow_id)
+            if agent_id is None and args.create:
+                agent_id = service.create_agent(
+                    session, LOCAL_ADMIN, AgentCreate(workflow_id=workflow_id, name=args.agent)
+                )["id"]
+            if agent_id is None:
+                print(f"error: no agent {args.agent!r} in that workflow (use --create)", file=sys.stderr)
+                return 1
+        record, secret = service.create_api_key(
+            session,
+            LOCAL_ADMIN,
+            key_hasher(settings),
+            ApiKeyCreate(
+                workflow_id=workflow_id, agent_id=agent_id, name=args.name, scopes=args.scope or ["inference"]
+            ),
+        )
+    engine.dispose()
+    print(json.dumps({**record, "key": secret}, default=str))
+    return 0

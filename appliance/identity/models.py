@@ -1,0 +1,84 @@
+"""Identity tables: tenants, workflows, agents, users (mirrored IdP subjects) and API keys."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import JSON, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from appliance.ledger.models import utcnow
+
+ROLES = ("admin", "operator", "auditor", "user")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class Tenant(SQLModel, table=True):
+    __tablename__ = "tenants"
+
+    id: str = Field(default_factory=lambda: new_id("ten"), primary_key=True, max_length=32)
+    name: str = Field(unique=True, index=True, max_length=100)
+    description: str = Field(default="", max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Workflow(SQLModel, table=True):
+    __tablename__ = "workflows"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    id: str = Field(default_factory=lambda: new_id("wf"), primary_key=True, max_length=32)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=32, ondelete="CASCADE")
+    name: str = Field(max_length=100)
+    description: str = Field(default="", max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Agent(SQLModel, table=True):
+    __tablename__ = "agents"
+    __table_args__ = (UniqueConstraint("workflow_id", "name"),)
+
+    id: str = Field(default_factory=lambda: new_id("agt"), primary_key=True, max_length=32)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=32, ondelete="CASCADE")
+    workflow_id: str = Field(foreign_key="workflows.id", index=True, max_length=32, ondelete="CASCADE")
+    name: str = Field(max_length=100)
+    description: str = Field(default="", max_length=1000)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class User(SQLModel, table=True):
+    """An identity provider's subject, mirrored the first time the appliance sees it."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("issuer", "subject"),)
+
+    id: str = Field(default_factory=lambda: new_id("usr"), primary_key=True, max_length=32)
+    issuer: str = Field(max_length=300)
+    subject: str = Field(max_length=300)
+    username: str = Field(default="", max_length=300)
+    tenant_id: str | None = Field(default=None, index=True, max_length=32)
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, description="first seen")
+    last_seen_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiKey(SQLModel, table=True):
+    """An appliance API key. The secret is never stored: only its keyed hash (HMAC-SHA256)."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(default_factory=lambda: new_id("key"), primary_key=True, max_length=32)
+    name: str = Field(default="", max_length=100)
+    secret_hash: str = Field(max_length=64)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=32, ondelete="CASCADE")
+    workflow_id: str = Field(foreign_key="workflows.id", index=True, max_length=32, ondelete="CASCADE")
+    agent_id: str | None = Field(default=None, foreign_key="agents.id", max_length=32, ondelete="CASCADE")
+    scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    expires_at: datetime | None = None
+    created_by: str = Field(max_length=300)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None

@@ -1,0 +1,207 @@
+"""Admin API of the identity domain: /admin/tenants, workflows, agents, users, api-keys.
+
+Thin routes: the rules (roles, tenant isolation) live in :mod:`appliance.identity.service`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from appliance.identity import service
+from appliance.identity.apikeys import KeyHasher
+from appliance.identity.auth import principal_of
+from appliance.identity.models import Agent, ApiKey, Tenant, User, Workflow
+from appliance.identity.schemas import AgentCreate, ApiKeyCreate, Rename, TenantCreate, WorkflowCreate
+
+Limit = Annotated[int, QueryParameter(ge=1, le=200)]
+Offset = Annotated[int, QueryParameter(ge=0)]
+Db = NamedDependency[Engine]
+Req = Request[Any, Any, Any]
+
+
+class AdminController(Controller):
+    path = "/admin"
+
+    # -- tenants -------------------------------------------------------------------------------------
+
+    @get("/tenants", sync_to_thread=True)
+    def list_tenants(self, request: Req, db_engine: Db, limit: Limit = 50, offset: Offset = 0) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.page(
+                session, principal_of(request.scope), Tenant, tenant_id=None, limit=limit, offset=offset
+            )
+
+    @post("/tenants", sync_to_thread=True)
+    def create_tenant(self, request: Req, db_engine: Db, data: JSONBody[TenantCreate]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.create_tenant(session, principal_of(request.scope), data)
+
+    @get("/tenants/{item_id:str}", sync_to_thread=True)
+    def get_tenant(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.read(session, principal_of(request.scope), Tenant, item_id)
+
+    @patch("/tenants/{item_id:str}", sync_to_thread=True)
+    def update_tenant(
+        self, request: Req, db_engine: Db, item_id: FromPath[str], data: JSONBody[Rename]
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.rename(session, principal_of(request.scope), Tenant, item_id, data)
+
+    @delete("/tenants/{item_id:str}", sync_to_thread=True)
+    def delete_tenant(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        with Session(db_engine) as session:
+            service.delete(session, principal_of(request.scope), Tenant, item_id)
+
+    # -- workflows -----------------------------------------------------------------------------------
+
+    @get("/workflows", sync_to_thread=True)
+    def list_workflows(
+        self,
+        request: Req,
+        db_engine: Db,
+        tenant_id: FromQuery[str | None] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            principal = principal_of(request.scope)
+            return service.page(session, principal, Workflow, tenant_id=tenant_id, limit=limit, offset=offset)
+
+    @post("/workflows", sync_to_thread=True)
+    def create_workflow(self, request: Req, db_engine: Db, data: JSONBody[WorkflowCreate]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.create_workflow(session, principal_of(request.scope), data)
+
+    @get("/workflows/{item_id:str}", sync_to_thread=True)
+    def get_workflow(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.read(session, principal_of(request.scope), Workflow, item_id)
+
+    @patch("/workflows/{item_id:str}", sync_to_thread=True)
+    def update_workflow(
+        self, request: Req, db_engine: Db, item_id: FromPath[str], data: JSONBody[Rename]
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.rename(session, principal_of(request.scope), Workflow, item_id, data)
+
+    @delete("/workflows/{item_id:str}", sync_to_thread=True)
+    def delete_workflow(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        with Session(db_engine) as session:
+            service.delete(session, principal_of(request.scope), Workflow, item_id)
+
+    # -- agents --------------------------------------------------------------------------------------
+
+    @get("/agents", sync_to_thread=True)
+    def list_agents(
+        self,
+        request: Req,
+        db_engine: Db,
+        tenant_id: FromQuery[str | None] = None,
+        workflow_id: FromQuery[str | None] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.page(
+                session,
+                principal_of(request.scope),
+                Agent,
+                tenant_id=tenant_id,
+                limit=limit,
+                offset=offset,
+                workflow_id=workflow_id,
+            )
+
+    @post("/agents", sync_to_thread=True)
+    def create_agent(self, request: Req, db_engine: Db, data: JSONBody[AgentCreate]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.create_agent(session, principal_of(request.scope), data)
+
+    @get("/agents/{item_id:str}", sync_to_thread=True)
+    def get_agent(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.read(session, principal_of(request.scope), Agent, item_id)
+
+    @patch("/agents/{item_id:str}", sync_to_thread=True)
+    def update_agent(
+        self, request: Req, db_engine: Db, item_id: FromPath[str], data: JSONBody[Rename]
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.rename(session, principal_of(request.scope), Agent, item_id, data)
+
+    @delete("/agents/{item_id:str}", sync_to_thread=True)
+    def delete_agent(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        with Session(db_engine) as session:
+            service.delete(session, principal_of(request.scope), Agent, item_id)
+
+    # -- users ---------------------------------------------------------------------------------------
+
+    @get("/users", sync_to_thread=True)
+    def list_users(
+        self,
+        request: Req,
+        db_engine: Db,
+        tenant_id: FromQuery[str | None] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            principal = principal_of(request.scope)
+            return service.page(session, principal, User, tenant_id=tenant_id, limit=limit, offset=offset)
+
+    @get("/users/{item_id:str}", sync_to_thread=True)
+    def get_user(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.read(session, principal_of(request.scope), User, item_id)
+
+    @delete("/users/{item_id:str}", sync_to_thread=True)
+    def delete_user(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        with Session(db_engine) as session:
+            service.delete(session, principal_of(request.scope), User, item_id)
+
+    # -- API keys ------------------------------------------------------------------------------------
+
+    @get("/api-keys", sync_to_thread=True)
+    def list_api_keys(
+        self,
+        request: Req,
+        db_engine: Db,
+        tenant_id: FromQuery[str | None] = None,
+        workflow_id: FromQuery[str | None] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.page(
+                session,
+                principal_of(request.scope),
+                ApiKey,
+                tenant_id=tenant_id,
+                limit=limit,
+                offset=offset,
+                workflow_id=workflow_id,
+            )
+
+    @post("/api-keys", sync_to_thread=True)
+    def create_api_key(
+        self, request: Req, db_engine: Db, key_hasher: NamedDependency[KeyHasher], data: JSONBody[ApiKeyCreate]
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            record, secret = service.create_api_key(session, principal_of(request.scope), key_hasher, data)
+        return {**record, "key": secret}
+
+    @get("/api-keys/{item_id:str}", sync_to_thread=True)
+    def get_api_key(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.read(session, principal_of(request.scope), ApiKey, item_id)
+
+    @delete("/api-keys/{item_id:str}", status_code=200, sync_to_thread=True)
+    def revoke_api_key(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.revoke_api_key(session, principal_of(request.scope), item_id)

@@ -1,0 +1,67 @@
+"""Building the identity domain's parts from settings (used by the app factory and the CLI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from sqlalchemy.engine import Engine
+
+from appliance.identity.apikeys import ApiKeyAuthenticator, KeyHasher
+from appliance.identity.auth import Authenticator
+from appliance.identity.issuer import EmbeddedIssuer
+from appliance.identity.signing import SigningKey
+from appliance.identity.tokens import FetchJwks, JwksCache, TokenValidator
+from appliance.identity.users import UserMirror
+from appliance.settings import Settings
+
+
+def embedded_issuer(settings: Settings) -> EmbeddedIssuer:
+    key = SigningKey.load_or_create(settings.secrets_dir / "issuer-key.pem")
+    return EmbeddedIssuer(
+        key,
+        issuer=settings.issuer_url,
+        audience=settings.identity.audience,
+        default_ttl_s=settings.identity.token_ttl_s,
+    )
+
+
+def key_hasher(settings: Settings) -> KeyHasher:
+    return KeyHasher.load_or_create(settings.secrets_dir / "api-key-pepper")
+
+
+def _remote_jwks(url: str) -> FetchJwks:
+    async def fetch() -> dict[str, Any]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(url) as response:
+                response.raise_for_status()
+                data: dict[str, Any] = await response.json()
+                return data
+
+    return fetch
+
+
+def authenticator(
+    settings: Settings, engine: Engine, issuer: EmbeddedIssuer | None, hasher: KeyHasher
+) -> Authenticator:
+    identity = settings.identity
+    if identity.keycloak_url:
+        fetch = _remote_jwks(f"{settings.issuer_url}/protocol/openid-connect/certs")
+        cache_file = settings.data_dir / "identity" / "jwks-cache.json"
+    else:
+        assert issuer is not None
+        local = issuer.key.jwks()
+
+        async def fetch() -> dict[str, Any]:
+            return local
+
+        cache_file = None
+    validator = TokenValidator(
+        JwksCache(fetch, cache_file, identity.jwks_min_refresh_s),
+        issuer=settings.issuer_url,
+        audience=identity.audience,
+        api_client_id=identity.api_client_id,
+        allowed_clients=identity.allowed_clients or None,
+        leeway_s=identity.leeway_s,
+    )
+    return Authenticator(validator, ApiKeyAuthenticator(engine, hasher), UserMirror(engine, settings.issuer_url))

@@ -1,0 +1,63 @@
+"""Identity through the real gateway with the openai SDK: keys, tokens from the embedded issuer, roles."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.integration.conftest import CHAT_MODEL, Appliance
+
+pytestmark = pytest.mark.integration
+
+
+def sdk(appliance: Appliance, credential: str) -> OpenAI:
+    return OpenAI(base_url=appliance.gateway_url + "/v1", api_key=credential, max_retries=0, timeout=60)
+
+
+def cli_token(appliance: Appliance, *args: str) -> str:
+    result = appliance.cli("admin", "token", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("credential", ["", "sk-not-ours", "apk_0123456789abcdef0123_" + "A" * 43, "e30.e30.e30"])
+def test_no_valid_credential_no_answer(appliance: Appliance, credential: str) -> None:
+    with pytest.raises(openai.AuthenticationError) as info:
+        sdk(appliance, credential).chat.completions.create(
+            model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert info.value.response.json()["error"]["type"] == "authentication_error"
+
+
+def test_usage_is_attributed_to_the_keys_tenant_workflow_and_agent(client: OpenAI, appliance: Appliance) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=CHAT_MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    row = appliance.usage_row(raw.headers["x-request-id"])
+    assert row["tenant_id"].startswith("ten_") and row["workflow_id"].startswith("wf_")
+    assert row["agent_id"].startswith("agt_") and row["api_key_id"] == row["subject"]
+
+
+async def test_admin_token_from_the_cli_manages_keys_and_revocation_is_immediate(appliance: Appliance) -> None:
+    admin = cli_token(appliance, "--role", "admin", "--ttl", "5m")
+    created = json.loads(appliance.cli("admin", "create-key", "--tenant", "integration", "--workflow", "tests").stdout)
+    key_client = sdk(appliance, created["key"])
+    assert key_client.models.list().data
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
+        async with session.delete(f"{appliance.gateway_url}/admin/api-keys/{created['id']}") as response:
+            assert response.status == 200
+    with pytest.raises(openai.AuthenticationError):
+        key_client.models.list()
+
+
+async def test_a_user_token_runs_models_but_not_admin_routes(appliance: Appliance) -> None:
+    user = cli_token(appliance, "--role", "user")
+    assert sdk(appliance, user).models.list().data
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {user}"}) as session:
+        async with session.get(f"{appliance.gateway_url}/admin/tenants") as response:
+            assert response.status == 403
+            assert (await response.json())["error"]["type"] == "permission_error"
