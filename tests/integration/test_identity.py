@@ -24,7 +24,17 @@ def cli_token(appliance: Appliance, *args: str) -> str:
     return result.stdout.strip()
 
 
-@pytest.mark.parametrize("credential", ["", "sk-not-ours", "apk_0123456789abcdef0123_" + "A" * 43, "e30.e30.e30"])
+async def test_no_credential_no_answer(appliance: Appliance) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            appliance.gateway_url + "/v1/chat/completions",
+            json={"model": CHAT_MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        ) as response:
+            assert response.status == 401
+            assert (await response.json())["error"]["code"] == "invalid_credentials"
+
+
+@pytest.mark.parametrize("credential", ["sk-not-ours", "apk_0123456789abcdef0123_" + "A" * 43, "e30.e30.e30"])
 def test_no_valid_credential_no_answer(appliance: Appliance, credential: str) -> None:
     with pytest.raises(openai.AuthenticationError) as info:
         sdk(appliance, credential).chat.completions.create(
