@@ -14,6 +14,7 @@ from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity import setup as identity_setup
+from appliance.identity.accounts import LoginLimiter
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
+    login_limiter = LoginLimiter()
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -60,6 +62,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "db_engine": Provide(lambda: db_engine, use_cache=True, sync_to_thread=False),
             "key_hasher": Provide(lambda: hasher, use_cache=True, sync_to_thread=False),
             "issuer": Provide(lambda: issuer, use_cache=True, sync_to_thread=False),
+            "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
+            "login_limiter": Provide(lambda: login_limiter, use_cache=True, sync_to_thread=False),
         },
         middleware=[authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,

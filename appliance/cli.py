@@ -13,6 +13,7 @@ from pathlib import Path
 from appliance.engines.runner import pid_alive, stop_group
 from appliance.engines.state import dumps, read_state, status_report
 from appliance.identity import cli as identity_cli
+from appliance.identity.setup import bootstrap_password_file
 from appliance.lib.logging import configure_logging
 from appliance.settings import Settings, get_settings
 
@@ -74,7 +75,12 @@ def _up_detached(settings: Settings, timeout_s: float) -> int:
 
 
 def cmd_status(settings: Settings, as_json: bool) -> int:
-    report = status_report(read_state(settings.run_dir), data_dir=settings.data_dir, gateway_url=settings.gateway_url)
+    report = status_report(
+        read_state(settings.run_dir),
+        data_dir=settings.data_dir,
+        gateway_url=settings.gateway_url,
+        bootstrap_password_file=bootstrap_password_file(settings),
+    )
     if as_json:
         print(dumps(report))
     else:
@@ -110,6 +116,8 @@ def _print_status(report: dict[str, object]) -> None:
         f"{'healthy' if gateway.get('healthy') else 'down'}"
     )
     print(f"  data     {report['data_dir']}")
+    if report.get("bootstrap_password_file"):
+        print(f"  sign-in  user `admin`, one-time password in {report['bootstrap_password_file']}")
     engines = report["engines"]
     assert isinstance(engines, list)
     for engine in engines:

@@ -67,6 +67,9 @@ class IdentitySettings(BaseModel):
     audience: str = Field(default="appliance-api", description="`aud` every access token must carry")
     api_client_id: str = Field(default="appliance-api", description="client whose roles `resource_access` holds")
     console_client_id: str = "appliance-console"
+    console_redirect_uris: list[str] = Field(
+        default_factory=list, description="where sign-in may return to; empty: <public URL>/console/callback"
+    )
     allowed_clients: list[str] = Field(default_factory=list, description="accepted `azp` values; empty: any")
     leeway_s: float = Field(default=30.0, ge=0, le=300)
     jwks_min_refresh_s: float = Field(default=60.0, ge=1)
@@ -155,6 +158,12 @@ class Settings(BaseSettings):
         if identity.keycloak_url:
             return f"{identity.keycloak_url}/realms/{identity.realm}"
         return f"{identity.public_url or self.gateway_url}/oidc"
+
+    @property
+    def console_redirect_uris(self) -> list[str]:
+        return self.identity.console_redirect_uris or [
+            f"{self.identity.public_url or self.gateway_url}/console/callback"
+        ]
 
     @property
     def secrets_dir(self) -> Path:

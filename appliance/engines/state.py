@@ -56,7 +56,9 @@ def read_state(run_dir: Path) -> ApplianceState | None:
         return None
 
 
-def status_report(state: ApplianceState | None, *, data_dir: Path, gateway_url: str) -> dict[str, Any]:
+def status_report(
+    state: ApplianceState | None, *, data_dir: Path, gateway_url: str, bootstrap_password_file: Path | None = None
+) -> dict[str, Any]:
     """What ``appliance status --json`` prints: liveness is probed now, not taken from the file."""
     running = state is not None and pid_alive(state.supervisor_pid)
     engines = []
@@ -90,6 +92,8 @@ def status_report(state: ApplianceState | None, *, data_dir: Path, gateway_url: 
         "supervisor_pid": state.supervisor_pid if running and state is not None else None,
         "engines": engines,
     }
+    if bootstrap_password_file is not None and bootstrap_password_file.exists():
+        report["bootstrap_password_file"] = str(bootstrap_password_file)
     report["healthy"] = bool(running and gateway_healthy and engines and all(e["healthy"] for e in engines))
     return report
 

@@ -24,6 +24,7 @@ from appliance.engines.runner import (
     wait_healthy,
 )
 from appliance.engines.state import ApplianceState, EngineState, GatewayState, write_state
+from appliance.identity import setup as identity_setup
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,11 @@ class Supervisor:
         self.engines = [_Engine(spec, index) for index, spec in enumerate(specs)]
         for engine in self.engines:
             ensure_prepared(engine.spec.manifest, settings, python)
+        if identity_setup.bootstrap(settings):
+            log.warning(
+                "created the bootstrap admin `admin`; its one-time password is in %s",
+                identity_setup.bootstrap_password_file(settings),
+            )
         self._publish("starting", "starting engines")
         for engine in self.engines:
             engine.process = start_engine(engine.spec, python, settings, engine.index)

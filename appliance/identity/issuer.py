@@ -53,9 +53,11 @@ class EmbeddedIssuer:
             "issuer": self.issuer,
             "jwks_uri": f"{self.issuer}/jwks",
             "token_endpoint": f"{self.issuer}/token",
+            "authorization_endpoint": f"{self.issuer}/authorize",
+            "code_challenge_methods_supported": ["S256"],
             "id_token_signing_alg_values_supported": [ALGORITHM],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-            "grant_types_supported": ["client_credentials"],
-            "response_types_supported": [],
+            "grant_types_supported": ["authorization_code", "client_credentials"],
+            "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
         }

@@ -82,3 +82,45 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+
+
+class LocalAccount(SQLModel, table=True):
+    """A person who signs in to the embedded issuer (Keycloak holds people on an installed node)."""
+
+    __tablename__ = "local_accounts"
+
+    username: str = Field(primary_key=True, max_length=100)
+    password_hash: str = Field(max_length=300, description="argon2id")
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tenant_id: str | None = Field(default=None, foreign_key="tenants.id", max_length=32, ondelete="CASCADE")
+    must_change_password: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ServiceClient(SQLModel, table=True):
+    """An OAuth client that gets tokens with client_credentials (a workflow's service account)."""
+
+    __tablename__ = "service_clients"
+
+    id: str = Field(default_factory=lambda: new_id("cli"), primary_key=True, max_length=32)
+    secret_hash: str = Field(max_length=64)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=32, ondelete="CASCADE")
+    workflow_id: str = Field(foreign_key="workflows.id", max_length=32, ondelete="CASCADE")
+    agent_id: str | None = Field(default=None, foreign_key="agents.id", max_length=32, ondelete="CASCADE")
+    roles: list[str] = Field(default_factory=lambda: ["user"], sa_column=Column(JSON, nullable=False))
+    created_by: str = Field(max_length=300)
+    created_at: datetime = Field(default_factory=utcnow)
+    revoked_at: datetime | None = None
+
+
+class AuthorizationCode(SQLModel, table=True):
+    """A one-time code of the authorization-code flow, bound to its PKCE challenge and redirect URI."""
+
+    __tablename__ = "authorization_codes"
+
+    code_hash: str = Field(primary_key=True, max_length=64)
+    client_id: str = Field(max_length=100)
+    redirect_uri: str = Field(max_length=500)
+    code_challenge: str = Field(max_length=128)
+    username: str = Field(max_length=100)
+    expires_at: datetime

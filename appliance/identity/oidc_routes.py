@@ -1,13 +1,73 @@
-"""The embedded issuer's public OIDC endpoints: discovery and JWKS (no credentials needed)."""
+"""The embedded issuer's endpoints: discovery, JWKS, the sign-in page (authorization code + PKCE) and the
+token endpoint. They need no bearer credential: they are how one is obtained."""
 
 from __future__ import annotations
 
+import base64
+import html
+from functools import cache
+from pathlib import Path
+from string import Template
 from typing import Any
+from urllib.parse import urlencode
 
-from litestar import Controller, get
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import State
 from litestar.di import NamedDependency
+from litestar.response import Redirect
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
+from appliance.identity import oauth
+from appliance.identity.accounts import LoginLimiter
+from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
+from appliance.identity.setup import bootstrap_password_file
+from appliance.settings import Settings
+
+Req = Request[Any, Any, State]
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_PAGE_HEADERS = {
+    **_NO_STORE,
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+}
+
+
+@cache
+def _login_template() -> Template:
+    return Template((Path(__file__).parent / "templates" / "login.html").read_text(encoding="utf-8"))
+
+
+def _oauth_error(exc: oauth.OAuthError) -> Response[Any]:
+    return Response(content=exc.body(), status_code=exc.status_code, headers=_NO_STORE)
+
+
+_CHANGE_FIELDS_HTML = """<label for="new_password">New password (at least 12 characters)</label>
+<input id="new_password" name="new_password" type="password" autocomplete="new-password" minlength="12" required>"""
+
+
+def _login_page(
+    request: oauth.AuthorizeRequest, message: str = "", status_code: int = 200, *, change_password: bool = False
+) -> Response[str]:
+    hidden = "".join(
+        f'<input type="hidden" name="{name}" value="{html.escape(value)}">'
+        for name, value in (
+            ("client_id", request.client_id),
+            ("redirect_uri", request.redirect_uri),
+            ("response_type", "code"),
+            ("code_challenge", request.code_challenge),
+            ("code_challenge_method", "S256"),
+            ("state", request.state),
+        )
+    )
+    error = f'<p role="alert" class="error">{html.escape(message)}</p>' if message else ""
+    page = _login_template().substitute(
+        error=error, hidden=hidden, new_password=_CHANGE_FIELDS_HTML if change_password else ""
+    )
+    return Response(content=page, media_type="text/html", status_code=status_code, headers=_PAGE_HEADERS)
 
 
 class OidcController(Controller):
@@ -20,3 +80,87 @@ class OidcController(Controller):
     @get("/jwks")
     async def jwks(self, issuer: NamedDependency[EmbeddedIssuer]) -> dict[str, Any]:
         return issuer.key.jwks()
+
+    @get("/authorize")
+    async def authorize_page(self, request: Req, settings: NamedDependency[Settings]) -> Response[Any]:
+        try:
+            parsed = oauth.AuthorizeRequest.parse(
+                dict(request.query_params), settings.identity.console_client_id, settings.console_redirect_uris
+            )
+        except oauth.OAuthError as exc:
+            return _oauth_error(exc)
+        return _login_page(parsed)
+
+    @post("/authorize", status_code=200, sync_to_thread=False)
+    async def authorize(
+        self,
+        request: Req,
+        settings: NamedDependency[Settings],
+        db_engine: NamedDependency[Engine],
+        login_limiter: NamedDependency[LoginLimiter],
+    ) -> Response[Any]:
+        form = {key: str(value) for key, value in (await request.form()).items()}
+        try:
+            parsed = oauth.AuthorizeRequest.parse(
+                form, settings.identity.console_client_id, settings.console_redirect_uris
+            )
+        except oauth.OAuthError as exc:
+            return _oauth_error(exc)
+        username, address = form.get("username", "")[:100], request.client.host if request.client else "-"
+        wait = login_limiter.retry_after(username, address)
+        if wait:
+            response = _login_page(parsed, "Too many failed attempts. Try again later.", status_code=429)
+            response.headers["Retry-After"] = str(wait)
+            return response
+        with Session(db_engine) as session:
+            account = oauth.sign_in(session, username, form.get("password", ""))
+            if account is None:
+                login_limiter.failed(username, address)
+                return _login_page(parsed, "Wrong username or password.", status_code=401)
+            login_limiter.succeeded(username, address)
+            if account.must_change_password:
+                new_password = form.get("new_password", "")
+                if not new_password:
+                    return _login_page(parsed, "Choose a new password to finish signing in.", change_password=True)
+                try:
+                    oauth.change_password(session, account, new_password)
+                except oauth.OAuthError as exc:
+                    return _login_page(parsed, exc.description, status_code=400, change_password=True)
+                bootstrap_password_file(settings).unlink(missing_ok=True)
+            code = oauth.issue_code(session, parsed, account.username)
+        query = urlencode({"code": code, "state": parsed.state} if parsed.state else {"code": code})
+        return Redirect(f"{parsed.redirect_uri}?{query}", status_code=303, headers=_NO_STORE)
+
+    @post("/token", status_code=200, sync_to_thread=False)
+    async def token(
+        self,
+        request: Req,
+        issuer: NamedDependency[EmbeddedIssuer],
+        db_engine: NamedDependency[Engine],
+        key_hasher: NamedDependency[KeyHasher],
+    ) -> Response[Any]:
+        form = {key: str(value) for key, value in (await request.form()).items()}
+        try:
+            with Session(db_engine) as session:
+                grant = form.get("grant_type")
+                if grant == "authorization_code":
+                    body = oauth.exchange_code(session, issuer, form)
+                elif grant == "client_credentials":
+                    client_id, secret = _client_auth(request, form)
+                    body = oauth.client_credentials(session, issuer, key_hasher, client_id, secret)
+                else:
+                    raise oauth.OAuthError("unsupported_grant_type", "Unsupported grant_type.")
+        except oauth.OAuthError as exc:
+            return _oauth_error(exc)
+        return Response(content=body, status_code=200, headers=_NO_STORE)
+
+
+def _client_auth(request: Req, form: dict[str, str]) -> tuple[str, str]:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("basic "):
+        try:
+            client_id, _, secret = base64.b64decode(header[6:]).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise oauth.OAuthError("invalid_client", "Client authentication failed.", status_code=401) from None
+        return client_id, secret
+    return form.get("client_id", ""), form.get("client_secret", "")

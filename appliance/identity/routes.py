@@ -15,8 +15,15 @@ from sqlmodel import Session
 from appliance.identity import service
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.auth import principal_of
-from appliance.identity.models import Agent, ApiKey, Tenant, User, Workflow
-from appliance.identity.schemas import AgentCreate, ApiKeyCreate, Rename, TenantCreate, WorkflowCreate
+from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
+from appliance.identity.schemas import (
+    AgentCreate,
+    ApiKeyCreate,
+    Rename,
+    ServiceClientCreate,
+    TenantCreate,
+    WorkflowCreate,
+)
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
 Offset = Annotated[int, QueryParameter(ge=0)]
@@ -204,4 +211,32 @@ class AdminController(Controller):
     @delete("/api-keys/{item_id:str}", status_code=200, sync_to_thread=True)
     def revoke_api_key(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
         with Session(db_engine) as session:
-            return service.revoke_api_key(session, principal_of(request.scope), item_id)
+            return service.revoke(session, principal_of(request.scope), ApiKey, item_id)
+
+    # -- service clients (client_credentials) --------------------------------------------------------
+
+    @get("/service-clients", sync_to_thread=True)
+    def list_service_clients(
+        self,
+        request: Req,
+        db_engine: Db,
+        tenant_id: FromQuery[str | None] = None,
+        limit: Limit = 50,
+        offset: Offset = 0,
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            principal = principal_of(request.scope)
+            return service.page(session, principal, ServiceClient, tenant_id=tenant_id, limit=limit, offset=offset)
+
+    @post("/service-clients", sync_to_thread=True)
+    def create_service_client(
+        self, request: Req, db_engine: Db, key_hasher: NamedDependency[KeyHasher], data: JSONBody[ServiceClientCreate]
+    ) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            record, secret = service.create_service_client(session, principal_of(request.scope), key_hasher, data)
+        return {**record, "client_id": record["id"], "client_secret": secret}
+
+    @delete("/service-clients/{item_id:str}", status_code=200, sync_to_thread=True)
+    def revoke_service_client(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+        with Session(db_engine) as session:
+            return service.revoke(session, principal_of(request.scope), ServiceClient, item_id)

@@ -42,3 +42,11 @@ class ApiKeyCreate(Struct, forbid_unknown_fields=True):
     name: Annotated[str, Meta(max_length=100)] = ""
     scopes: Annotated[list[Scope], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["inference"])
     expires_at: datetime | None = None
+
+
+class ServiceClientCreate(Struct, forbid_unknown_fields=True):
+    workflow_id: Id
+    agent_id: Id | None = None
+    roles: Annotated[list[Literal["user", "operator"]], Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["user"]
+    )

@@ -14,9 +14,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, select
 
 from appliance.identity.apikeys import KeyHasher, new_key_material
-from appliance.identity.models import Agent, ApiKey, Tenant, User, Workflow
+from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
+from appliance.identity.oauth import new_client_secret
 from appliance.identity.principal import ADMIN, OPERATOR, Principal
-from appliance.identity.schemas import AgentCreate, ApiKeyCreate, Rename, TenantCreate, WorkflowCreate
+from appliance.identity.schemas import (
+    AgentCreate,
+    ApiKeyCreate,
+    Rename,
+    ServiceClientCreate,
+    TenantCreate,
+    WorkflowCreate,
+)
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
@@ -122,11 +130,7 @@ def create_api_key(
 ) -> tuple[dict[str, Any], str]:
     """The new key's public record and its secret, which is shown this once and never stored."""
     principal.require_role(ADMIN)
-    workflow = get_owned(session, principal, Workflow, data.workflow_id)
-    if data.agent_id is not None:
-        agent = get_owned(session, principal, Agent, data.agent_id)
-        if agent.workflow_id != workflow.id:
-            raise InvalidRequestError("The agent does not belong to that workflow.", param="agent_id")
+    workflow, _agent_id = _workflow_and_agent(session, principal, data.workflow_id, data.agent_id)
     expires_at = data.expires_at
     if expires_at is not None:
         expires_at = expires_at if expires_at.tzinfo else expires_at.replace(tzinfo=UTC)
@@ -147,12 +151,44 @@ def create_api_key(
     return _commit(session, key), plaintext
 
 
-def revoke_api_key(session: Session, principal: Principal, key_id: str) -> dict[str, Any]:
+def _workflow_and_agent(
+    session: Session, principal: Principal, workflow_id: str, agent_id: str | None
+) -> tuple[Workflow, str | None]:
+    workflow = get_owned(session, principal, Workflow, workflow_id)
+    if agent_id is not None:
+        agent = get_owned(session, principal, Agent, agent_id)
+        if agent.workflow_id != workflow.id:
+            raise InvalidRequestError("The agent does not belong to that workflow.", param="agent_id")
+    return workflow, agent_id
+
+
+def revoke(
+    session: Session, principal: Principal, model: type[ApiKey] | type[ServiceClient], item_id: str
+) -> dict[str, Any]:
+    """Revoke a credential (kept for the record; it stops working on the next request)."""
     principal.require_role(ADMIN)
-    key = get_owned(session, principal, ApiKey, key_id)
-    if key.revoked_at is None:
-        key.revoked_at = datetime.now(UTC)
-    return _commit(session, key)
+    row = get_owned(session, principal, model, item_id)
+    if row.revoked_at is None:
+        row.revoked_at = datetime.now(UTC)
+    return _commit(session, row)
+
+
+def create_service_client(
+    session: Session, principal: Principal, hasher: KeyHasher, data: ServiceClientCreate
+) -> tuple[dict[str, Any], str]:
+    """A client_credentials client of a workflow; its secret is shown this once and never stored."""
+    principal.require_role(ADMIN)
+    workflow, agent_id = _workflow_and_agent(session, principal, data.workflow_id, data.agent_id)
+    secret = new_client_secret()
+    client = ServiceClient(
+        secret_hash=hasher.digest(secret),
+        tenant_id=workflow.tenant_id,
+        workflow_id=workflow.id,
+        agent_id=agent_id,
+        roles=sorted(set(data.roles)),
+        created_by=principal.subject,
+    )
+    return _commit(session, client), secret
 
 
 def list_users(

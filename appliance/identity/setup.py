@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from sqlalchemy.engine import Engine
 
+from appliance.db.engine import create_schema, make_engine
+from appliance.identity.accounts import bootstrap_admin
 from appliance.identity.apikeys import ApiKeyAuthenticator, KeyHasher
 from appliance.identity.auth import Authenticator
 from appliance.identity.issuer import EmbeddedIssuer
@@ -65,3 +68,20 @@ def authenticator(
         leeway_s=identity.leeway_s,
     )
     return Authenticator(validator, ApiKeyAuthenticator(engine, hasher), UserMirror(engine, settings.issuer_url))
+
+
+def bootstrap_password_file(settings: Settings) -> Path:
+    return settings.secrets_dir / "bootstrap-admin-password"
+
+
+def bootstrap(settings: Settings) -> bool:
+    """First start of an embedded-issuer appliance: create the schema and the bootstrap admin.
+    Returns whether a bootstrap admin was created (its one-time password is in a 0600 file)."""
+    if settings.identity.keycloak_url:
+        return False
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+        return bootstrap_admin(engine, bootstrap_password_file(settings))
+    finally:
+        engine.dispose()

@@ -33,6 +33,7 @@ def issuer(settings: Settings) -> EmbeddedIssuer:
 @pytest.fixture
 async def client(settings: Settings) -> AsyncIterator[AsyncTestClient[Any]]:
     async with AsyncTestClient(app=create_app(settings)) as test_client:
+        test_client.follow_redirects = False
         yield test_client
 
 
