@@ -3,6 +3,7 @@ token endpoint. They need no bearer credential: they are how one is obtained."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import html
 from functools import cache
@@ -91,7 +92,7 @@ class OidcController(Controller):
             return _oauth_error(exc)
         return _login_page(parsed)
 
-    @post("/authorize", status_code=200, sync_to_thread=False)
+    @post("/authorize", status_code=200)
     async def authorize(
         self,
         request: Req,
@@ -112,26 +113,19 @@ class OidcController(Controller):
             response = _login_page(parsed, "Too many failed attempts. Try again later.", status_code=429)
             response.headers["Retry-After"] = str(wait)
             return response
-        with Session(db_engine) as session:
-            account = oauth.sign_in(session, username, form.get("password", ""))
-            if account is None:
-                login_limiter.failed(username, address)
-                return _login_page(parsed, "Wrong username or password.", status_code=401)
-            login_limiter.succeeded(username, address)
-            if account.must_change_password:
-                new_password = form.get("new_password", "")
-                if not new_password:
-                    return _login_page(parsed, "Choose a new password to finish signing in.", change_password=True)
-                try:
-                    oauth.change_password(session, account, new_password)
-                except oauth.OAuthError as exc:
-                    return _login_page(parsed, exc.description, status_code=400, change_password=True)
-                bootstrap_password_file(settings).unlink(missing_ok=True)
-            code = oauth.issue_code(session, parsed, account.username)
-        query = urlencode({"code": code, "state": parsed.state} if parsed.state else {"code": code})
+        outcome = await asyncio.to_thread(
+            _sign_in, db_engine, parsed, username, form, bootstrap_password_file(settings)
+        )
+        if isinstance(outcome, Response) and outcome.status_code == 401:
+            login_limiter.failed(username, address)
+            return outcome
+        login_limiter.succeeded(username, address)
+        if isinstance(outcome, Response):  # the password was right; a new one is still to be chosen
+            return outcome
+        query = urlencode({"code": outcome, "state": parsed.state} if parsed.state else {"code": outcome})
         return Redirect(f"{parsed.redirect_uri}?{query}", status_code=303, headers=_NO_STORE)
 
-    @post("/token", status_code=200, sync_to_thread=False)
+    @post("/token", status_code=200)
     async def token(
         self,
         request: Req,
@@ -140,19 +134,44 @@ class OidcController(Controller):
         key_hasher: NamedDependency[KeyHasher],
     ) -> Response[Any]:
         form = {key: str(value) for key, value in (await request.form()).items()}
+        client = _client_auth(request, form) if form.get("grant_type") == "client_credentials" else ("", "")
         try:
-            with Session(db_engine) as session:
-                grant = form.get("grant_type")
-                if grant == "authorization_code":
-                    body = oauth.exchange_code(session, issuer, form)
-                elif grant == "client_credentials":
-                    client_id, secret = _client_auth(request, form)
-                    body = oauth.client_credentials(session, issuer, key_hasher, client_id, secret)
-                else:
-                    raise oauth.OAuthError("unsupported_grant_type", "Unsupported grant_type.")
+            body = await asyncio.to_thread(_grant, db_engine, issuer, key_hasher, form, client)
         except oauth.OAuthError as exc:
             return _oauth_error(exc)
         return Response(content=body, status_code=200, headers=_NO_STORE)
+
+
+def _sign_in(
+    engine: Engine, parsed: oauth.AuthorizeRequest, username: str, form: dict[str, str], bootstrap_file: Path
+) -> str | Response[str]:
+    """(In a worker thread: argon2 takes tens of milliseconds.) The authorization code, or the page to show."""
+    with Session(engine) as session:
+        account = oauth.sign_in(session, username, form.get("password", ""))
+        if account is None:
+            return _login_page(parsed, "Wrong username or password.", status_code=401)
+        if account.must_change_password:
+            new_password = form.get("new_password", "")
+            if not new_password:
+                return _login_page(parsed, "Choose a new password to finish signing in.", change_password=True)
+            try:
+                oauth.change_password(session, account, new_password)
+            except oauth.OAuthError as exc:
+                return _login_page(parsed, exc.description, status_code=400, change_password=True)
+            bootstrap_file.unlink(missing_ok=True)
+        return oauth.issue_code(session, parsed, account.username)
+
+
+def _grant(
+    engine: Engine, issuer: EmbeddedIssuer, hasher: KeyHasher, form: dict[str, str], client: tuple[str, str]
+) -> dict[str, Any]:
+    with Session(engine) as session:
+        grant = form.get("grant_type")
+        if grant == "authorization_code":
+            return oauth.exchange_code(session, issuer, form)
+        if grant == "client_credentials":
+            return oauth.client_credentials(session, issuer, hasher, *client)
+        raise oauth.OAuthError("unsupported_grant_type", "Unsupported grant_type.")
 
 
 def _client_auth(request: Req, form: dict[str, str]) -> tuple[str, str]:
