@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop everything `up` started")
     down.add_argument("--timeout", type=float, default=60.0)
     identity_cli.add_parsers(sub)
+    identity_cli.add_identity_parsers(sub)
     return parser
 
 
@@ -159,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(settings, args.json)
     if args.command == "admin":
         return identity_cli.run(settings, args)
+    if args.command == "identity":
+        return identity_cli.run_identity(settings, args)
     return cmd_down(settings, args.timeout)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import TypeVar
@@ -12,6 +13,7 @@ from sqlmodel import Session, select
 
 from appliance.db.engine import create_schema, make_engine
 from appliance.identity import service
+from appliance.identity.keycloak import KeycloakBootstrap, WorkflowAccount
 from appliance.identity.models import ROLES, Agent, Tenant, Workflow
 from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.schemas import AgentCreate, ApiKeyCreate, TenantCreate, WorkflowCreate
@@ -44,6 +46,60 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     key.add_argument("--name", default="")
     key.add_argument("--scope", choices=("inference", "admin"), action="append", help="default: inference")
     key.add_argument("--create", action="store_true", help="create the tenant, workflow and agent if missing")
+
+
+def add_identity_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    identity = sub.add_parser("identity", help="identity provider set-up")
+    identity_sub = identity.add_subparsers(dest="identity_command", required=True)
+    boot = identity_sub.add_parser("bootstrap-keycloak", help="create/update the appliance realm in Keycloak")
+    boot.add_argument("--url", required=True, help="Keycloak base URL, e.g. https://idp.node.local:8443")
+    boot.add_argument("--admin-user", required=True, help="a Keycloak admin of the master realm")
+    boot.add_argument(
+        "--admin-password-file", help="file holding the admin password (default: $KEYCLOAK_ADMIN_PASSWORD)"
+    )
+    boot.add_argument("--realm", default=None, help="default: the configured realm (appliance)")
+    boot.add_argument("--redirect-uri", action="append", help="console redirect URI (default: configured)")
+    boot.add_argument("--ca-file", help="CA bundle for Keycloak's TLS certificate")
+
+
+def run_identity(settings: Settings, args: argparse.Namespace) -> int:
+    from keycloak import KeycloakAdmin
+    from keycloak.exceptions import KeycloakError
+
+    if args.admin_password_file:
+        with open(args.admin_password_file, encoding="utf-8") as handle:
+            password = handle.read().strip()
+    else:
+        password = os.environ.get("KEYCLOAK_ADMIN_PASSWORD", "")
+    if not password:
+        print("error: give --admin-password-file or set KEYCLOAK_ADMIN_PASSWORD", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    with Session(engine) as session:
+        workflows = [WorkflowAccount(w.id, w.tenant_id) for w in session.exec(select(Workflow)).all()]
+    engine.dispose()
+    try:
+        admin = KeycloakAdmin(
+            server_url=args.url.rstrip("/") + "/",
+            username=args.admin_user,
+            password=password,
+            realm_name="master",
+            user_realm_name="master",
+            verify=args.ca_file or True,
+        )
+        changes = KeycloakBootstrap(
+            admin,
+            realm=args.realm or settings.identity.realm,
+            api_client_id=settings.identity.api_client_id,
+            console_client_id=settings.identity.console_client_id,
+            redirect_uris=args.redirect_uri or settings.console_redirect_uris,
+        ).run(workflows)
+    except KeycloakError as exc:
+        print(f"error: Keycloak refused: {exc.response_code} {type(exc).__name__}", file=sys.stderr)
+        return 1
+    print(json.dumps({"changed": bool(changes), "changes": changes}, indent=2))
+    return 0
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
