@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.di import Provide
 
+from appliance.console.auth_routes import ConsoleAuthController
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.health import HealthController
 from appliance.gateway.routes import OpenAIController
@@ -54,7 +55,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             db_engine.dispose()
 
     app = Litestar(
-        route_handlers=[OpenAIController, HealthController, AdminController]
+        route_handlers=[OpenAIController, HealthController, AdminController, ConsoleAuthController]
         + ([OidcController] if issuer is not None else []),
         dependencies={
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "issuer": Provide(lambda: issuer, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "login_limiter": Provide(lambda: login_limiter, use_cache=True, sync_to_thread=False),
+            "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
         },
         middleware=[authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,

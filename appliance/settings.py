@@ -74,6 +74,7 @@ class IdentitySettings(BaseModel):
     leeway_s: float = Field(default=30.0, ge=0, le=300)
     jwks_min_refresh_s: float = Field(default=60.0, ge=1)
     token_ttl_s: int = Field(default=600, ge=30, le=86_400)
+    console_session_s: int = Field(default=8 * 3600, ge=300, le=7 * 86_400, description="console sign-in lifetime")
 
     @field_validator("keycloak_url", "public_url")
     @classmethod

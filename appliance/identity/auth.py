@@ -4,6 +4,7 @@ protected unless it is listed as public here)."""
 from __future__ import annotations
 
 import logging
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from litestar.datastructures import Headers
@@ -12,24 +13,38 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.principal import Principal
+from appliance.identity.sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore
 from appliance.identity.tokens import TokenValidator
 from appliance.identity.users import UserMirror
 from appliance.lib.errors import AuthenticationError
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = ("/healthz", "/readyz", "/oidc/")
+PUBLIC_PATHS = ("/healthz", "/readyz", "/oidc/", "/console/login", "/console/callback")
 _STATE_KEY = "appliance_principal"
 
 
 class Authenticator:
-    def __init__(self, tokens: TokenValidator, api_keys: ApiKeyAuthenticator, users: UserMirror) -> None:
+    def __init__(
+        self, tokens: TokenValidator, api_keys: ApiKeyAuthenticator, users: UserMirror, sessions: SessionStore
+    ) -> None:
         self._tokens = tokens
         self._api_keys = api_keys
         self._users = users
+        self.sessions = sessions
 
-    async def authenticate(self, authorization: str | None) -> Principal:
+    async def authenticate(
+        self,
+        authorization: str | None,
+        *,
+        session_cookie: str | None = None,
+        method: str = "GET",
+        csrf_token: str | None = None,
+    ) -> Principal:
+        """A bearer credential (JWT or API key) or, failing that, a console session cookie."""
         if not authorization:
+            if session_cookie:
+                return await self.sessions.authenticate(session_cookie, method, csrf_token)
             raise AuthenticationError()
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()
@@ -37,13 +52,32 @@ class Authenticator:
             raise AuthenticationError()
         if credential.startswith("apk_"):
             return await self._api_keys.authenticate(credential)
-        principal, claims = await self._tokens.validate(credential)
+        return await self.from_token(credential)
+
+    async def from_token(self, token: str) -> Principal:
+        principal, claims = await self._tokens.validate(token)
         user_id = await self._users.mirror(principal, claims)
-        return Principal(**{**_fields(principal), "user_id": user_id})
+        return Principal(**{**_fields(principal), "user_id": user_id, "username": _username(claims, principal)})
+
+
+def _username(claims: dict[str, Any], principal: Principal) -> str:
+    return str(claims.get("preferred_username") or principal.subject)
 
 
 def _fields(principal: Principal) -> dict[str, Any]:
     return {name: getattr(principal, name) for name in principal.__slots__}
+
+
+def _cookie(header: str | None, name: str) -> str | None:
+    if not header:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel is not None else None
 
 
 def is_public(path: str) -> bool:
@@ -63,7 +97,13 @@ def authentication_middleware(authenticator: Authenticator) -> Any:
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == ScopeType.HTTP and not is_public(scope["path"]):
-                principal = await authenticator.authenticate(Headers.from_scope(scope).get("authorization"))
+                headers = Headers.from_scope(scope)
+                principal = await authenticator.authenticate(
+                    headers.get("authorization"),
+                    session_cookie=_cookie(headers.get("cookie"), SESSION_COOKIE),
+                    method=scope["method"],
+                    csrf_token=headers.get(CSRF_HEADER),
+                )
                 scope.setdefault("state", {})[_STATE_KEY] = principal
             await app(scope, receive, send)
 

@@ -124,3 +124,19 @@ class AuthorizationCode(SQLModel, table=True):
     code_challenge: str = Field(max_length=128)
     username: str = Field(max_length=100)
     expires_at: datetime
+
+
+class ConsoleSession(SQLModel, table=True):
+    """A signed-in console user. The cookie holds a random id; the table holds only its hash."""
+
+    __tablename__ = "console_sessions"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    subject: str = Field(max_length=300)
+    username: str = Field(default="", max_length=300)
+    roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    tenant_id: str | None = Field(default=None, max_length=32)
+    user_id: str | None = Field(default=None, max_length=32)
+    csrf_token: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime

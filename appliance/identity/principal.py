@@ -12,7 +12,7 @@ ADMIN, OPERATOR, AUDITOR, USER = "admin", "operator", "auditor", "user"
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    kind: Literal["token", "api_key"]
+    kind: Literal["token", "api_key", "session"]
     subject: str  # the token's `sub`, or the API key's id
     roles: frozenset[str] = field(default_factory=frozenset)
     tenant_id: str | None = None  # None: a platform-wide principal (only tokens can be one)
@@ -21,6 +21,7 @@ class Principal:
     api_key_id: str | None = None
     user_id: str | None = None
     client_id: str | None = None
+    username: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)
 
     def has_role(self, *roles: str) -> bool:

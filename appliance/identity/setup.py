@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from appliance.identity.accounts import bootstrap_admin
 from appliance.identity.apikeys import ApiKeyAuthenticator, KeyHasher
 from appliance.identity.auth import Authenticator
 from appliance.identity.issuer import EmbeddedIssuer
+from appliance.identity.sessions import SessionStore
 from appliance.identity.signing import SigningKey
 from appliance.identity.tokens import FetchJwks, JwksCache, TokenValidator
 from appliance.identity.users import UserMirror
@@ -67,7 +69,10 @@ def authenticator(
         allowed_clients=identity.allowed_clients or None,
         leeway_s=identity.leeway_s,
     )
-    return Authenticator(validator, ApiKeyAuthenticator(engine, hasher), UserMirror(engine, settings.issuer_url))
+    sessions = SessionStore(engine, timedelta(seconds=identity.console_session_s))
+    return Authenticator(
+        validator, ApiKeyAuthenticator(engine, hasher), UserMirror(engine, settings.issuer_url), sessions
+    )
 
 
 def bootstrap_password_file(settings: Settings) -> Path:

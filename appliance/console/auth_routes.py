@@ -1,0 +1,157 @@
+"""Console sign-in as a backend-for-frontend: the browser never holds an access token, only an HttpOnly,
+Secure, SameSite=Strict session cookie; the server does the authorization-code + PKCE exchange with the
+embedded issuer or Keycloak."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+from typing import Any
+from urllib.parse import urlencode
+
+import aiohttp
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import Cookie, State
+from litestar.di import NamedDependency
+from litestar.response import Redirect
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from appliance.identity import oauth
+from appliance.identity.auth import Authenticator, principal_of
+from appliance.identity.issuer import EmbeddedIssuer
+from appliance.identity.sessions import SESSION_COOKIE
+from appliance.lib.errors import AuthenticationError
+from appliance.settings import Settings
+
+Req = Request[Any, Any, State]
+LOGIN_COOKIE = "appliance_login"
+LOGIN_COOKIE_S = 600
+_NO_STORE = {"Cache-Control": "no-store"}
+
+
+def _pkce() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+    return verifier, challenge
+
+
+def _endpoints(settings: Settings) -> tuple[str, str]:
+    """(authorization endpoint, token endpoint) of the configured issuer."""
+    issuer = settings.issuer_url
+    if settings.identity.keycloak_url:
+        return f"{issuer}/protocol/openid-connect/auth", f"{issuer}/protocol/openid-connect/token"
+    return f"{issuer}/authorize", f"{issuer}/token"
+
+
+def _cookie(name: str, value: str, max_age: int, same_site: str) -> Cookie:
+    return Cookie(
+        key=name,
+        value=value,
+        max_age=max_age,
+        path="/",
+        httponly=True,
+        secure=True,
+        samesite=same_site,  # type: ignore[arg-type]
+    )
+
+
+class ConsoleAuthController(Controller):
+    path = "/console"
+
+    @get("/login")
+    async def login(self, settings: NamedDependency[Settings]) -> Response[Any]:
+        verifier, challenge = _pkce()
+        state = secrets.token_urlsafe(24)
+        authorize, _token = _endpoints(settings)
+        query = urlencode(
+            {
+                "client_id": settings.identity.console_client_id,
+                "redirect_uri": settings.console_redirect_uris[0],
+                "response_type": "code",
+                "scope": "openid",
+                "code_challenge": challenge,
+                "code_challenge_method": "S256",
+                "state": state,
+            }
+        )
+        # Lax, not Strict: the way back from the issuer may be a cross-site navigation (Keycloak on its own host).
+        cookie = _cookie(LOGIN_COOKIE, f"{state}.{verifier}", LOGIN_COOKIE_S, "lax")
+        return Redirect(f"{authorize}?{query}", status_code=303, cookies=[cookie], headers=_NO_STORE)
+
+    @get("/callback")
+    async def callback(
+        self,
+        request: Req,
+        settings: NamedDependency[Settings],
+        authenticator: NamedDependency[Authenticator],
+        issuer: NamedDependency[EmbeddedIssuer | None],
+        db_engine: NamedDependency[Engine],
+    ) -> Response[Any]:
+        state, _, verifier = request.cookies.get(LOGIN_COOKIE, "").partition(".")
+        if not state or not hmac.compare_digest(state, request.query_params.get("state", "")):
+            raise AuthenticationError("The sign-in expired or did not start here; sign in again.")
+        form = {
+            "grant_type": "authorization_code",
+            "code": request.query_params.get("code", ""),
+            "redirect_uri": settings.console_redirect_uris[0],
+            "client_id": settings.identity.console_client_id,
+            "code_verifier": verifier,
+        }
+        token = await _exchange(settings, issuer, db_engine, form)
+        principal = await authenticator.from_token(token)
+        session_id = await asyncio.to_thread(authenticator.sessions.create, principal)
+        max_age = int(authenticator.sessions.lifetime.total_seconds())
+        # An HTML hop to the console: after a cross-site redirect the browser would not send the new Strict
+        # cookie on the next navigation; from this same-site page it does.
+        page = '<!doctype html><meta http-equiv="refresh" content="0;url=/console/"><a href="/console/">Continue</a>'
+        return Response(
+            content=page,
+            media_type="text/html",
+            headers=_NO_STORE,
+            cookies=[_cookie(SESSION_COOKIE, session_id, max_age, "strict"), _cookie(LOGIN_COOKIE, "", 0, "lax")],
+        )
+
+    @get("/session")
+    async def session(self, request: Req, authenticator: NamedDependency[Authenticator]) -> dict[str, Any]:
+        """Who is signed in, and the CSRF token the console sends with every change."""
+        principal = principal_of(request.scope)
+        row = await asyncio.to_thread(authenticator.sessions.get, request.cookies.get(SESSION_COOKIE, ""))
+        if principal.kind != "session" or row is None:
+            raise AuthenticationError()
+        return {
+            "username": row.username,
+            "roles": row.roles,
+            "tenant_id": row.tenant_id,
+            "csrf_token": row.csrf_token,
+            "expires_at": row.expires_at.isoformat(),
+        }
+
+    @post("/logout", status_code=200)
+    async def logout(self, request: Req, authenticator: NamedDependency[Authenticator]) -> Response[Any]:
+        principal_of(request.scope)  # the middleware checked the session and its CSRF token
+        await asyncio.to_thread(authenticator.sessions.end, request.cookies.get(SESSION_COOKIE, ""))
+        return Response(content={"signed_out": True}, cookies=[_cookie(SESSION_COOKIE, "", 0, "strict")])
+
+
+async def _exchange(settings: Settings, issuer: EmbeddedIssuer | None, engine: Engine, form: dict[str, str]) -> str:
+    if issuer is not None:
+
+        def embedded() -> str:
+            with Session(engine) as db:
+                return str(oauth.exchange_code(db, issuer, form)["access_token"])
+
+        try:
+            return await asyncio.to_thread(embedded)
+        except oauth.OAuthError:
+            raise AuthenticationError("The sign-in could not be completed; sign in again.") from None
+    _authorize, token_url = _endpoints(settings)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.post(token_url, data=form) as response:
+            if response.status != 200:
+                raise AuthenticationError("The sign-in could not be completed; sign in again.")
+            body: dict[str, Any] = await response.json()
+    return str(body["access_token"])

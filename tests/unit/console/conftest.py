@@ -1,0 +1,1 @@
+from tests.unit.identity.conftest import client, settings  # noqa: F401  (shared fixtures)
