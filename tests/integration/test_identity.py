@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import aiohttp
 import openai
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from openai import OpenAI
 
+from appliance.identity.issuer import EmbeddedIssuer
+from appliance.identity.setup import embedded_issuer
+from appliance.identity.signing import SigningKey
+from appliance.settings import Settings
 from tests.integration.conftest import CHAT_MODEL, Appliance
+from tests.unit.identity.conftest import claims, hand_made, public_pem, signed
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +78,40 @@ async def test_a_user_token_runs_models_but_not_admin_routes(appliance: Applianc
         async with session.get(f"{appliance.gateway_url}/admin/tenants") as response:
             assert response.status == 403
             assert (await response.json())["error"]["type"] == "permission_error"
+
+
+def forged_tokens(appliance: Appliance) -> dict[str, str]:
+    """Tokens an attacker could present, made with local access to the running appliance's issuer key
+    (the strongest position short of owning the node) or without it."""
+    settings = Settings(data_dir=appliance.data_dir, server={"port": int(appliance.gateway_url.rsplit(":", 1)[1])})
+    issuer = embedded_issuer(settings)
+    good = signed(issuer, claims(issuer, realm_access={"roles": ["user"]}))
+    header, _, signature = good.split(".")
+    edited = base64.urlsafe_b64encode(json.dumps(claims(issuer)).encode()).rstrip(b"=").decode()
+    foreign = EmbeddedIssuer(
+        SigningKey(ec.generate_private_key(ec.SECP256R1())),
+        issuer=issuer.issuer,
+        audience=issuer.audience,
+        default_ttl_s=60,
+    )
+    return {
+        "valid": good,
+        "expired": signed(issuer, claims(issuer, exp=1_000_000, iat=999_000, nbf=999_000)),
+        "not-yet-valid": signed(issuer, claims(issuer, nbf=4_000_000_000)),
+        "wrong-issuer": signed(issuer, claims(issuer, iss="http://evil.example/oidc")),
+        "wrong-audience": signed(issuer, claims(issuer, aud="other-api")),
+        "alg-none": hand_made({"alg": "none", "kid": issuer.key.kid}, claims(issuer), None),
+        "hs256-public-key": hand_made({"alg": "HS256", "kid": issuer.key.kid}, claims(issuer), public_pem(issuer)),
+        "tampered-roles": f"{header}.{edited}.{signature}",
+        "unknown-kid": signed(issuer, claims(issuer), kid="nope"),
+        "foreign-key": signed(foreign, claims(issuer), kid=issuer.key.kid),
+    }
+
+
+def test_forged_and_stale_tokens_are_refused_by_the_running_gateway(appliance: Appliance) -> None:
+    tokens = forged_tokens(appliance)
+    assert sdk(appliance, tokens.pop("valid")).models.list().data, "the control case is accepted"
+    for name, token in tokens.items():
+        with pytest.raises(openai.AuthenticationError, match="Missing or invalid credentials"):
+            sdk(appliance, token).models.list()
+            pytest.fail(f"{name} was accepted")
