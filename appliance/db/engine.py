@@ -10,7 +10,10 @@ from sqlalchemy.engine import Engine, make_url
 from sqlmodel import SQLModel, create_engine
 
 
-def make_engine(url: str, *, echo: bool = False) -> Engine:
+def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False) -> Engine:
+    """An engine for ``url``. ``serialized_writes``: every transaction takes the write lock when it begins
+    (SQLite ``BEGIN IMMEDIATE``), for read-then-append work such as the audit chain; on PostgreSQL the
+    caller locks rows with ``SELECT ... FOR UPDATE`` instead."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
@@ -22,7 +25,15 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     engine = create_engine(url, **kwargs)
     if parsed.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
+        if serialized_writes:
+            # pysqlite's own transaction handling would defer BEGIN; take it over (SQLAlchemy's recipe).
+            event.listen(engine, "connect", _no_implicit_begin)
+            event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
     return engine
+
+
+def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -36,6 +47,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 def create_schema(engine: Engine) -> None:
     """Create missing tables of every domain (each domain's models module registers its tables)."""
+    import appliance.audit.models
     import appliance.identity.models
     import appliance.ledger.models  # noqa: F401  (each import registers its domain's tables)
 

@@ -1,0 +1,54 @@
+"""Audit tables: an append-only hash chain of records, its head, and signed checkpoints."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column
+from sqlmodel import Field, SQLModel
+
+
+class AuditRecord(SQLModel, table=True):
+    """One event (NIST SP 800-53 AU-3 content: what, when, where, source, outcome, who, on what)."""
+
+    __tablename__ = "audit_records"
+
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    ts: datetime = Field(index=True, description="UTC")
+    node: str = Field(max_length=200)
+    component: str = Field(max_length=50)
+    event_type: str = Field(index=True, max_length=100)
+    outcome: str = Field(index=True, max_length=20, description="success | failure | denied")
+    subject: str | None = Field(default=None, index=True, max_length=300)
+    subject_kind: str | None = Field(default=None, max_length=20)
+    tenant_id: str | None = Field(default=None, index=True, max_length=32)
+    object_type: str | None = Field(default=None, max_length=50)
+    object_id: str | None = Field(default=None, max_length=300)
+    source_ip: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, max_length=300)
+    request_id: str | None = Field(default=None, index=True, max_length=64)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
+
+
+class AuditHead(SQLModel, table=True):
+    """The chain's head, updated in the same transaction as every append (one row, id 1)."""
+
+    __tablename__ = "audit_head"
+
+    id: int = Field(default=1, primary_key=True)
+    seq: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    hash: str = Field(default="0" * 64, max_length=64)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    __tablename__ = "audit_checkpoints"
+
+    id: int | None = Field(default=None, primary_key=True)
+    tree_size: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    head_hash: str = Field(max_length=64)
+    created_at: datetime
+    note: str = Field(description="signed note: origin, tree size, head hash, timestamp; Ed25519 signature")
+    anchor: bool = Field(default=False, description="anchors the records pruned before it")
