@@ -8,6 +8,10 @@ from contextlib import asynccontextmanager
 from litestar import Litestar
 from litestar.di import Provide
 
+from appliance.audit import setup as audit_setup
+from appliance.audit.middleware import audit_middleware
+from appliance.audit.routes import AuditController
+from appliance.audit.writer import AuditWriter
 from appliance.console.auth_routes import ConsoleAuthController
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.health import HealthController
@@ -36,7 +40,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         batch_size=settings.usage.batch_size,
         flush_interval_s=settings.usage.flush_interval_s,
     )
-    serving = OpenAIServing(router, usage)
+    audit = AuditWriter(
+        audit_setup.audit_store(settings),
+        batch_size=settings.audit.batch_size,
+        checkpoint_interval_s=settings.audit.checkpoint_interval_s,
+    )
+    serving = OpenAIServing(router, usage, audit)
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
@@ -47,15 +56,17 @@ def create_app(settings: Settings | None = None) -> Litestar:
         create_schema(db_engine)
         await router.start()
         await usage.start()
+        await audit.start()
         try:
             yield
         finally:
+            await audit.stop()
             await usage.stop()
             await router.stop()
             db_engine.dispose()
 
     app = Litestar(
-        route_handlers=[OpenAIController, HealthController, AdminController, ConsoleAuthController]
+        route_handlers=[OpenAIController, HealthController, AdminController, ConsoleAuthController, AuditController]
         + ([OidcController] if issuer is not None else []),
         dependencies={
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
@@ -66,8 +77,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "login_limiter": Provide(lambda: login_limiter, use_cache=True, sync_to_thread=False),
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
+            "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
         },
-        middleware=[authentication_middleware(authenticator)],
+        middleware=[audit_middleware(audit), authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[add_request_id],
         lifespan=[lifespan],

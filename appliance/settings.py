@@ -82,6 +82,14 @@ class IdentitySettings(BaseModel):
         return value.rstrip("/") if value else value
 
 
+class AuditSettings(BaseModel):
+    checkpoint_every: int = Field(default=1000, ge=1, description="sign a checkpoint every N records ...")
+    checkpoint_interval_s: float = Field(default=60.0, gt=0, description="... or every T seconds")
+    batch_size: int = Field(default=1000, ge=1, description="records appended per transaction at most")
+    node: str | None = Field(default=None, description="the node name in records (default: host name)")
+    retention_days: int | None = Field(default=None, ge=1, description="`appliance audit prune` default age")
+
+
 class UsageSettings(BaseModel):
     queue_size: int = Field(
         default=10_000,
@@ -130,6 +138,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod

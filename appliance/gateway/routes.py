@@ -9,6 +9,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
+from appliance.gateway.recording import Source
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
 from appliance.identity.auth import principal_of
@@ -19,7 +20,10 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
     body = await request.body()
-    result = await serving.handle(endpoint, body, request_id(request.scope), principal_of(request.scope))
+    source = Source(
+        request.client.host if request.client else None, request.headers.get("user-agent", "")[:300] or None
+    )
+    result = await serving.handle(endpoint, body, request_id(request.scope), principal_of(request.scope), source)
     if isinstance(result, StreamRelay):
         return Stream(
             result,

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from appliance.audit.writer import AuditWriter
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -24,11 +25,12 @@ from appliance.gateway.protocol import (
     require_inputs,
     validate,
 )
+from appliance.gateway.recording import RequestRecord, Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
-from appliance.ledger.writer import UsageEvent, UsageSlot, UsageWriter
+from appliance.ledger.writer import UsageEvent, UsageWriter
 from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
 from appliance.settings import EngineRoute
 
@@ -57,13 +59,14 @@ class JSONResult:
 
 
 class OpenAIServing:
-    def __init__(self, router: EngineRouter, usage: UsageWriter) -> None:
+    def __init__(self, router: EngineRouter, usage: UsageWriter, audit: AuditWriter | None = None) -> None:
         self._router = router
         self._usage = usage
+        self._audit = audit
         self._created = int(time.time())
 
     async def handle(
-        self, endpoint: Endpoint, body: bytes, request_id: str, principal: Principal
+        self, endpoint: Endpoint, body: bytes, request_id: str, principal: Principal, source: Source
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         principal.require_role(*INFERENCE_ROLES)
@@ -79,7 +82,7 @@ class OpenAIServing:
                 code="model_not_supported",
             )
         streamed = bool(getattr(request, "stream", False))
-        slot = await self._usage.acquire()
+        record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind)
         event = UsageEvent(
             request_id=request_id,
             model=route.model,
@@ -95,19 +98,23 @@ class OpenAIServing:
         try:
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)
-                return await self._open_stream(endpoint, route, data, request, request_id, slot, event, started)
-            return await self._complete(endpoint, route, data, request_id, slot, event, started)
-        except BaseException as exc:
-            # The stream relay owns the slot once it is returned; before that, record the failure here.
+                return await self._open_stream(endpoint, route, data, request, request_id, record, event, started)
+            return await self._complete(endpoint, route, data, request_id, record, event, started)
+        except asyncio.CancelledError:
+            # The client went away before an answer: record without waiting (nothing may be awaited now).
+            event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
+            event.client_disconnected = True
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            record.finish(event)
+            raise
+        except Exception as exc:
+            # The stream relay owns the record once it is returned; before that, record the failure here.
             if isinstance(exc, ApplianceError):
                 event.status_code, event.error_code = exc.status_code, exc.code
-            elif isinstance(exc, asyncio.CancelledError):
-                event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
-                event.client_disconnected = True
             else:
                 event.status_code, event.error_code = 500, "internal_error"
             event.latency_ms = (time.perf_counter() - started) * 1000.0
-            slot.submit(event)
+            await record.commit(event)
             raise
 
     async def _complete(
@@ -116,7 +123,7 @@ class OpenAIServing:
         route: EngineRoute,
         data: dict[str, Any],
         request_id: str,
-        slot: UsageSlot,
+        record: RequestRecord,
         event: UsageEvent,
         started: float,
     ) -> JSONResult:
@@ -136,7 +143,7 @@ class OpenAIServing:
         event.total_tokens = int(usage.get("total_tokens") or event.prompt_tokens + event.completion_tokens)
         event.status_code = 200
         event.latency_ms = (time.perf_counter() - started) * 1000.0
-        slot.submit(event)
+        await record.commit(event)
         return JSONResult(raw)
 
     async def _open_stream(
@@ -146,7 +153,7 @@ class OpenAIServing:
         data: dict[str, Any],
         request: ChatCompletionRequest | CompletionRequest,
         request_id: str,
-        slot: UsageSlot,
+        record: RequestRecord,
         event: UsageEvent,
         started: float,
     ) -> StreamRelay:
@@ -158,7 +165,7 @@ class OpenAIServing:
         )
         upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
         response = await self._router.open(route, endpoint.path, msgspec.json.encode(upstream_body), request_id)
-        return StreamRelay(route, response, usage, slot, event)
+        return StreamRelay(route, response, usage, record, event)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
         principal.require_role(*INFERENCE_ROLES)

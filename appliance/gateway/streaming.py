@@ -10,8 +10,9 @@ from enum import Enum
 import aiohttp
 import msgspec
 
+from appliance.gateway.recording import RequestRecord
 from appliance.gateway.usage import StreamUsage, split_events, sse
-from appliance.ledger.writer import UsageEvent, UsageSlot
+from appliance.ledger.writer import UsageEvent
 from appliance.lib.errors import UpstreamError
 from appliance.settings import EngineRoute
 
@@ -38,13 +39,13 @@ class StreamRelay:
         route: EngineRoute,
         response: aiohttp.ClientResponse,
         usage: StreamUsage,
-        slot: UsageSlot,
+        record: RequestRecord,
         event: UsageEvent,
     ) -> None:
         self._route = route
         self._response = response
         self._usage = usage
-        self._slot = slot
+        self._record = record
         self._event = event
         self._outcome = _Outcome.CLIENT_GONE
         self._events: AsyncGenerator[bytes, None] | None = None
@@ -65,6 +66,9 @@ class StreamRelay:
             return
         self._closed = True
         self._response.close()
+        self._record.finish(self._final_event())  # a no-op when the answer's record was committed already
+
+    def _final_event(self) -> UsageEvent:
         usage, event = self._usage, self._event
         event.prompt_tokens = usage.prompt_tokens
         event.completion_tokens = usage.completion_tokens
@@ -78,7 +82,7 @@ class StreamRelay:
         else:
             event.status_code = 200
             event.client_disconnected = self._outcome is _Outcome.CLIENT_GONE
-        self._slot.submit(event)
+        return event
 
     async def _relay(self) -> AsyncGenerator[bytes, None]:
         buffer = bytearray()
@@ -87,11 +91,15 @@ class StreamRelay:
                 buffer += chunk
                 for payload in split_events(buffer):
                     out = self._usage.rewrite(payload)
-                    if out is not None:
-                        yield sse(out)
+                    if out is None:
+                        continue
+                    if self._usage.done:
+                        # The answer is complete: its record is committed before the client sees the end.
+                        self._outcome = _Outcome.FINISHED
+                        await self._record.commit(self._final_event())
+                    yield sse(out)
             if not self._usage.done:
                 raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
-            self._outcome = _Outcome.FINISHED
         except (TimeoutError, aiohttp.ClientError) as exc:
             self._outcome = _Outcome.ENGINE_FAILED
             log.warning("stream from %s broke off: %s", self._route.url, exc)

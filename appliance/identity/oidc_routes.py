@@ -19,11 +19,14 @@ from litestar.response import Redirect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.audit.store import AuditEvent
+from appliance.audit.writer import AuditWriter
 from appliance.identity import oauth
 from appliance.identity.accounts import LoginLimiter
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.setup import bootstrap_password_file
+from appliance.lib.http import request_id
 from appliance.settings import Settings
 
 Req = Request[Any, Any, State]
@@ -99,6 +102,7 @@ class OidcController(Controller):
         settings: NamedDependency[Settings],
         db_engine: NamedDependency[Engine],
         login_limiter: NamedDependency[LoginLimiter],
+        audit: NamedDependency[AuditWriter],
     ) -> Response[Any]:
         form = {key: str(value) for key, value in (await request.form()).items()}
         try:
@@ -110,6 +114,7 @@ class OidcController(Controller):
         username, address = form.get("username", "")[:100], request.client.host if request.client else "-"
         wait = login_limiter.retry_after(username, address)
         if wait:
+            await audit.record(_sign_in_event(request, username, "denied", "rate_limited"))
             response = _login_page(parsed, "Too many failed attempts. Try again later.", status_code=429)
             response.headers["Retry-After"] = str(wait)
             return response
@@ -118,8 +123,10 @@ class OidcController(Controller):
         )
         if isinstance(outcome, Response) and outcome.status_code == 401:
             login_limiter.failed(username, address)
+            await audit.record(_sign_in_event(request, username, "failure", "wrong_credentials"))
             return outcome
         login_limiter.succeeded(username, address)
+        await audit.record(_sign_in_event(request, username, "success", "password_verified"))
         if isinstance(outcome, Response):  # the password was right; a new one is still to be chosen
             return outcome
         query = urlencode({"code": outcome, "state": parsed.state} if parsed.state else {"code": outcome})
@@ -132,14 +139,38 @@ class OidcController(Controller):
         issuer: NamedDependency[EmbeddedIssuer],
         db_engine: NamedDependency[Engine],
         key_hasher: NamedDependency[KeyHasher],
+        audit: NamedDependency[AuditWriter],
     ) -> Response[Any]:
         form = {key: str(value) for key, value in (await request.form()).items()}
         client = _client_auth(request, form) if form.get("grant_type") == "client_credentials" else ("", "")
+        grant = form.get("grant_type", "")[:50]
         try:
             body = await asyncio.to_thread(_grant, db_engine, issuer, key_hasher, form, client)
         except oauth.OAuthError as exc:
+            await audit.record(
+                _sign_in_event(request, client[0] or None, "failure", exc.error, event_type=f"auth.token.{grant}")
+            )
             return _oauth_error(exc)
+        await audit.record(
+            _sign_in_event(request, client[0] or None, "success", "issued", event_type=f"auth.token.{grant}")
+        )
         return Response(content=body, status_code=200, headers=_NO_STORE)
+
+
+def _sign_in_event(
+    request: Req, subject: str | None, outcome: str, reason: str, *, event_type: str = "auth.sign_in"
+) -> AuditEvent:
+    return AuditEvent(
+        event_type=event_type,
+        outcome=outcome,
+        component="issuer",
+        subject=subject,
+        subject_kind="local_account" if event_type == "auth.sign_in" else "client",
+        source_ip=request.client.host if request.client else None,
+        user_agent=request.headers.get("user-agent", "")[:300] or None,
+        request_id=request_id(request.scope),
+        detail={"reason": reason},
+    )
 
 
 def _sign_in(

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from appliance.db.engine import create_schema, make_engine
+from appliance.gateway.recording import RequestRecord, Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
@@ -52,7 +53,8 @@ async def open_relay(router: EngineRouter, writer: UsageWriter, content: str = "
     )
     event = UsageEvent(request_id="r1", model="fake", endpoint="/v1/chat/completions", status_code=0, streamed=True)
     usage = StreamUsage(client_include=False, client_continuous=False, started_at=time.perf_counter())
-    return StreamRelay(route, response, usage, await writer.acquire(), event), event
+    record = RequestRecord(await writer.acquire(), None, Source(), "api_key")
+    return StreamRelay(route, response, usage, record, event), event
 
 
 async def test_client_gone_before_the_first_chunk_still_records_and_closes(

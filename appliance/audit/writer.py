@@ -1,0 +1,89 @@
+"""Group commit of audit events: callers that must not answer before their record is durable await
+:meth:`AuditWriter.record`; many such callers share one transaction. :meth:`record_nowait` queues an
+event without waiting (for events whose request is not answered, such as a client that went away)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from appliance.audit.store import AuditEvent, AuditStore
+from appliance.lib.errors import ServiceUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+class AuditWriter:
+    def __init__(
+        self, store: AuditStore, *, batch_size: int = 1000, checkpoint_interval_s: float = 60.0, timeout_s: float = 10.0
+    ) -> None:
+        self.store = store
+        self._batch_size = batch_size
+        self._checkpoint_interval_s = checkpoint_interval_s
+        self._timeout_s = timeout_s
+        self._pending: list[tuple[AuditEvent, asyncio.Future[int] | None]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        await asyncio.to_thread(self.store.checkpoint)
+
+    async def record(self, event: AuditEvent) -> int:
+        """Append ``event``; returns once it is committed (its sequence number). Fails closed: 503."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((event, future))
+        self._wakeup.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable") from None
+
+    def record_nowait(self, event: AuditEvent) -> None:
+        self._pending.append((event, None))
+        self._wakeup.set()
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        last_checkpoint = time.monotonic()
+        while True:
+            if not self._pending:
+                if self._stopping:
+                    return
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+                self._wakeup.clear()
+                if time.monotonic() - last_checkpoint >= self._checkpoint_interval_s:
+                    last_checkpoint = time.monotonic()
+                    await self._checkpoint()
+                continue
+            batch = self._pending[: self._batch_size]
+            try:
+                seqs = await asyncio.to_thread(self.store.append, [event for event, _ in batch])
+            except Exception:
+                log.exception("appending %d audit records failed; retrying", len(batch))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            del self._pending[: len(batch)]
+            for (_, future), seq in zip(batch, seqs, strict=True):
+                if future is not None and not future.done():
+                    future.set_result(seq)
+
+    async def _checkpoint(self) -> None:
+        try:
+            await asyncio.to_thread(self.store.checkpoint)
+        except Exception:
+            log.exception("signing an audit checkpoint failed")

@@ -1,0 +1,78 @@
+"""What a /v1 request leaves behind: its usage row and its audit record, written exactly once.
+
+:meth:`RequestRecord.commit` is awaited before a request is answered (its audit record is then durable);
+:meth:`RequestRecord.finish` is synchronous, for requests that end without an answer (cancellation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.audit.store import AuditEvent
+from appliance.audit.writer import AuditWriter
+from appliance.ledger.writer import UsageEvent, UsageSlot
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    address: str | None = None
+    user_agent: str | None = None
+
+
+def audit_event(event: UsageEvent, source: Source, subject_kind: str | None) -> AuditEvent:
+    if event.status_code < 400:
+        outcome = "success"
+    elif event.status_code in (401, 403, 404, 429):
+        outcome = "denied"
+    else:
+        outcome = "failure"
+    return AuditEvent(
+        event_type=f"inference.{event.endpoint.rsplit('/', 1)[-1]}",
+        outcome=outcome,
+        subject=event.subject,
+        subject_kind=subject_kind,
+        tenant_id=event.tenant_id,
+        object_type="model",
+        object_id=event.model,
+        source_ip=source.address,
+        user_agent=source.user_agent,
+        request_id=event.request_id,
+        detail={
+            "endpoint": event.endpoint,
+            "status": event.status_code,
+            "error_code": event.error_code,
+            "prompt_tokens": event.prompt_tokens,
+            "completion_tokens": event.completion_tokens,
+            "streamed": event.streamed,
+            "client_disconnected": event.client_disconnected,
+            "workflow_id": event.workflow_id,
+            "agent_id": event.agent_id,
+            "api_key_id": event.api_key_id,
+        },
+    )
+
+
+class RequestRecord:
+    __slots__ = ("_audit", "_done", "_slot", "_source", "_subject_kind")
+
+    def __init__(self, slot: UsageSlot, audit: AuditWriter | None, source: Source, subject_kind: str | None) -> None:
+        self._slot = slot
+        self._audit = audit
+        self._source = source
+        self._subject_kind = subject_kind
+        self._done = False
+
+    async def commit(self, event: UsageEvent) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._slot.submit(event)
+        if self._audit is not None:
+            await self._audit.record(audit_event(event, self._source, self._subject_kind))
+
+    def finish(self, event: UsageEvent) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._slot.submit(event)
+        if self._audit is not None:
+            self._audit.record_nowait(audit_event(event, self._source, self._subject_kind))

@@ -1,0 +1,127 @@
+"""What the appliance records, who may read it, and that no secret ends up in it."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from appliance.asgi import create_app
+from appliance.identity.setup import bootstrap, bootstrap_password_file, embedded_issuer
+from appliance.settings import EngineRoute, GatewaySettings, Settings
+from tests.support.fake_engine import FakeEngine
+
+Client = AsyncTestClient[Any]
+
+
+@pytest.fixture(scope="module")
+def fake_engine() -> Iterator[FakeEngine]:
+    engine = FakeEngine()
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_engine: FakeEngine) -> Settings:
+    return Settings(data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=fake_engine.url)]))
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[Client]:
+    async with AsyncTestClient(app=create_app(settings)) as test_client:
+        test_client.follow_redirects = False
+        yield test_client
+
+
+def auth(settings: Settings, *roles: str, tenant: str | None = None) -> dict[str, str]:
+    token = embedded_issuer(settings).mint("alice", client_id="appliance-console", roles=list(roles), tenant_id=tenant)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def records(client: Client, settings: Settings, **query: str) -> list[dict[str, Any]]:
+    response = await client.get("/admin/audit/", params=query, headers=auth(settings, "auditor"))
+    assert response.status_code == 200, response.text
+    return list(response.json()["data"])
+
+
+async def test_admin_actions_are_recorded_before_they_are_acknowledged(client: Client, settings: Settings) -> None:
+    created = await client.post("/admin/tenants", json={"name": "acme"}, headers=auth(settings, "admin"))
+    assert created.status_code == 201
+    [record] = await records(client, settings, event_type="admin.tenants.create")
+    assert (record["outcome"], record["subject"], record["object_id"]) == ("success", "alice", created.json()["id"])
+    assert record["request_id"] == created.headers["x-request-id"]
+    assert record["source_ip"] and record["node"] and record["ts"].endswith("Z")
+    duplicate = await client.post("/admin/tenants", json={"name": "acme"}, headers=auth(settings, "admin"))
+    assert duplicate.status_code == 409
+    assert [r["outcome"] for r in await records(client, settings, event_type="admin.tenants.create")] == [
+        "failure",
+        "success",
+    ]
+
+
+async def test_refusals_are_recorded(client: Client, settings: Settings) -> None:
+    assert (await client.get("/admin/tenants")).status_code == 401
+    assert (await client.get("/admin/tenants", headers=auth(settings, "user"))).status_code == 403
+    refused = await records(client, settings, event_type="access.refused")
+    assert sorted((r["outcome"], r["detail"]["status"], r["subject"]) for r in refused) == [
+        ("denied", 401, None),
+        ("denied", 403, "alice"),
+    ]
+
+
+async def test_inference_requests_are_recorded_with_their_tokens(client: Client, settings: Settings) -> None:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    response = await client.post("/v1/chat/completions", json=body, headers=auth(settings, "user", tenant="t1"))
+    assert response.status_code == 200
+    [record] = await records(client, settings, event_type="inference.completions")
+    assert record["request_id"] == response.headers["x-request-id"]
+    assert (record["tenant_id"], record["object_id"], record["detail"]["completion_tokens"]) == ("t1", "fake", 4)
+    streamed = await client.post("/v1/chat/completions", json={**body, "stream": True}, headers=auth(settings, "user"))
+    assert streamed.status_code == 200 and "[DONE]" in streamed.text
+    assert len(await records(client, settings, event_type="inference.completions")) == 2
+
+
+async def test_sign_ins_are_recorded(client: Client, settings: Settings) -> None:
+    bootstrap(settings)
+    password = bootstrap_password_file(settings).read_text().strip()
+    params = {
+        "client_id": "appliance-console",
+        "redirect_uri": "http://127.0.0.1:8080/console/callback",
+        "response_type": "code",
+        "code_challenge": "A" * 43,
+        "code_challenge_method": "S256",
+    }
+    await client.post("/oidc/authorize", data={**params, "username": "admin", "password": "wrong"})
+    await client.post("/oidc/authorize", data={**params, "username": "admin", "password": password})
+    outcomes = [(r["outcome"], r["subject"]) for r in await records(client, settings, event_type="auth.sign_in")]
+    assert outcomes == [("success", "admin"), ("failure", "admin")]
+
+
+async def test_only_auditors_and_admins_read_the_trail(client: Client, settings: Settings) -> None:
+    for roles, status in ((("auditor",), 200), (("admin",), 200), (("user",), 403), (("operator",), 403)):
+        assert (await client.get("/admin/audit/", headers=auth(settings, *roles))).status_code == status
+    verify = await client.get("/admin/audit/verify", headers=auth(settings, "auditor"))
+    assert verify.status_code == 200 and verify.json()["ok"] is True
+
+
+async def test_no_secret_reaches_the_audit_trail(client: Client, settings: Settings) -> None:
+    admin = auth(settings, "admin")
+    tenant = (await client.post("/admin/tenants", json={"name": "acme"}, headers=admin)).json()
+    workflow = (
+        await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
+    ).json()
+    key = (await client.post("/admin/api-keys", json={"workflow_id": workflow["id"]}, headers=admin)).json()["key"]
+    secret = (await client.post("/admin/service-clients", json={"workflow_id": workflow["id"]}, headers=admin)).json()
+    await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+    await client.get("/v1/models", headers={"Authorization": f"Bearer {key}x"})
+    dump = "\n".join(
+        str(row)
+        for row in sqlite3.connect(Path(settings.data_dir) / "appliance.db").execute("SELECT * FROM audit_records")
+    )
+    assert key.rsplit("_", 1)[1] not in dump and secret["client_secret"] not in dump
+    assert "admin.api-keys.create" in dump
