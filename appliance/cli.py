@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from appliance.audit import cli as audit_cli
 from appliance.engines.runner import pid_alive, stop_group
 from appliance.engines.state import dumps, read_state, status_report
 from appliance.identity import cli as identity_cli
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     down.add_argument("--timeout", type=float, default=60.0)
     identity_cli.add_parsers(sub)
     identity_cli.add_identity_parsers(sub)
+    audit_cli.add_parsers(sub)
     return parser
 
 
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return identity_cli.run(settings, args)
     if args.command == "identity":
         return identity_cli.run_identity(settings, args)
+    if args.command == "audit":
+        return audit_cli.run(settings, args)
     return cmd_down(settings, args.timeout)
 
 

@@ -1,0 +1,49 @@
+"""`appliance audit` on a real data directory."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from appliance.audit.setup import audit_store
+from appliance.audit.store import AuditEvent
+from appliance.settings import Settings
+
+
+def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"APPLIANCE_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin", "APPLIANCE_CONFIG": str(tmp_path / "no.toml")}
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", "audit", *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_verify_export_and_prune(tmp_path: Path) -> None:
+    store = audit_store(Settings(data_dir=tmp_path))
+    store.append([AuditEvent("admin.tenants.create", "success", subject='ali"ce]', detail={"n": n}) for n in range(5)])
+    ok = cli(tmp_path, "verify", "--json")
+    assert ok.returncode == 0 and json.loads(ok.stdout)["records"] == 5
+
+    lines = cli(tmp_path, "export", "--format", "jsonl").stdout.splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [1, 2, 3, 4, 5]
+    syslog = cli(tmp_path, "export", "--format", "syslog", "--since", "1h").stdout.splitlines()
+    assert len(syslog) == 5
+    # RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [SD-ID params] MSG
+    assert re.match(r'^<109>1 \S+Z \S+ appliance gateway admin\.tenants\.create \[audit@32473 seq="1" ', syslog[0])
+    assert 'subject="ali\\"ce\\]"' in syslog[0]
+
+    sqlite3.connect(tmp_path / "appliance.db", isolation_level=None).execute(
+        "UPDATE audit_records SET ts = '2000-01-01 00:00:00.000000' WHERE seq <= 2"
+    )
+    pruned = cli(tmp_path, "prune", "--older-than", "30d", "--archive", str(tmp_path / "archive.jsonl"))
+    assert pruned.returncode == 0 and "pruned 2" in pruned.stdout
+    assert cli(tmp_path, "verify").returncode == 0
+
+    sqlite3.connect(tmp_path / "appliance.db", isolation_level=None).execute(
+        "UPDATE audit_records SET outcome = 'denied' WHERE seq = 4"
+    )
+    broken = cli(tmp_path, "verify")
+    assert broken.returncode == 2 and "record 4" in broken.stderr
