@@ -7,6 +7,8 @@ from contextlib import asynccontextmanager
 
 from litestar import Litestar
 from litestar.di import Provide
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from appliance.audit import setup as audit_setup
 from appliance.audit.middleware import audit_middleware
@@ -18,6 +20,7 @@ from appliance.gateway.health import HealthController
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
+from appliance.identity import service as identity_service
 from appliance.identity import setup as identity_setup
 from appliance.identity.accounts import LoginLimiter
 from appliance.identity.auth import authentication_middleware
@@ -27,6 +30,11 @@ from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
 from appliance.settings import Settings, get_settings
+
+
+def tenant_captures(engine: Engine, tenant_id: str) -> bool:
+    with Session(engine) as session:
+        return identity_service.content_capture(session, tenant_id)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -45,7 +53,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         batch_size=settings.audit.batch_size,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
     )
-    serving = OpenAIServing(router, usage, audit)
+    serving = OpenAIServing(router, usage, audit, captures_content=lambda tenant: tenant_captures(db_engine, tenant))
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)

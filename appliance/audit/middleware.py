@@ -29,20 +29,20 @@ def _principal(scope: Scope) -> Principal | None:
 
 
 def base_event(scope: Scope, event_type: str, outcome: str, **fields: Any) -> AuditEvent:
+    """An event about this request: who (the authenticated principal, unless given), from where, its id."""
     headers = Headers.from_scope(scope)
     principal = _principal(scope)
     client = scope.get("client")
-    return AuditEvent(
-        event_type=event_type,
-        outcome=outcome,
-        subject=principal.subject if principal else None,
-        subject_kind=principal.kind if principal else None,
-        tenant_id=principal.tenant_id if principal else None,
-        source_ip=client[0] if client else None,
-        user_agent=(headers.get("user-agent") or "")[:300] or None,
-        request_id=request_id(scope),
-        **fields,
-    )
+    values: dict[str, Any] = {
+        "subject": principal.subject if principal else None,
+        "subject_kind": principal.kind if principal else None,
+        "tenant_id": principal.tenant_id if principal else None,
+        "source_ip": client[0] if client else None,
+        "user_agent": (headers.get("user-agent") or "")[:300] or None,
+        "request_id": request_id(scope),
+    }
+    values.update(fields)
+    return AuditEvent(event_type=event_type, outcome=outcome, **values)
 
 
 def _outcome(status: int) -> str:

@@ -52,3 +52,17 @@ class AuditCheckpoint(SQLModel, table=True):
     created_at: datetime
     note: str = Field(description="signed note: origin, tree size, head hash, timestamp; Ed25519 signature")
     anchor: bool = Field(default=False, description="anchors the records pruned before it")
+
+
+class AuditContent(SQLModel, table=True):
+    """Prompt and answer text of a /v1 request, kept only for tenants that enabled content capture,
+    apart from the chain (so it can be purged without breaking it) and with secrets redacted."""
+
+    __tablename__ = "audit_content"
+
+    request_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str | None = Field(default=None, index=True, max_length=32)
+    created_at: datetime
+    prompt: str = ""
+    answer: str = ""
+    redactions: int = 0

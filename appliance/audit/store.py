@@ -14,12 +14,14 @@ from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
 from appliance.audit.chain import GENESIS, NoteKey, open_checkpoint, record_hash, sign_checkpoint, ts_text
-from appliance.audit.models import AuditCheckpoint, AuditHead, AuditRecord
+from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
+from appliance.audit.redact import redact
 
 OUTCOMES = ("success", "failure", "denied")
 RECORDS: Table = AuditRecord.__table__  # type: ignore[attr-defined]
 HEAD: Table = AuditHead.__table__  # type: ignore[attr-defined]
 CHECKPOINTS: Table = AuditCheckpoint.__table__  # type: ignore[attr-defined]
+CONTENT: Table = AuditContent.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(slots=True)
@@ -37,6 +39,7 @@ class AuditEvent:
     request_id: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
+    content: tuple[str, str] | None = None  # (prompt, answer) of a tenant with content capture; not chained
 
 
 @dataclass
@@ -80,14 +83,19 @@ class AuditStore:
         with self._engine.begin() as connection:
             head = connection.execute(select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == 1).with_for_update()).first()
             seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
-            rows = []
+            rows, contents = [], []
             for event in events:
                 seq += 1
                 values = {**asdict(event), "seq": seq, "node": self.node, "prev_hash": prev}
                 values["detail"] = dict(event.detail)
+                del values["content"]
+                if event.content is not None:
+                    contents.append(_content_row(event))
                 prev = record_hash(values)
                 rows.append({**values, "hash": prev})
             connection.execute(insert(RECORDS), rows)
+            if contents:
+                connection.execute(insert(CONTENT), contents)
             if head is None:
                 connection.execute(insert(HEAD).values(id=1, seq=seq, hash=prev))
             else:
@@ -292,6 +300,20 @@ _VALUE_FIELDS = (
     "detail",
     "prev_hash",
 )
+
+
+def _content_row(event: AuditEvent) -> dict[str, Any]:
+    assert event.content is not None
+    prompt, prompt_hits = redact(event.content[0])
+    answer, answer_hits = redact(event.content[1])
+    return {
+        "request_id": event.request_id,
+        "tenant_id": event.tenant_id,
+        "created_at": event.ts,
+        "prompt": prompt,
+        "answer": answer,
+        "redactions": prompt_hits + answer_hits,
+    }
 
 
 def _bad(result: VerifyResult, seq: int | None, reason: str) -> VerifyResult:

@@ -20,6 +20,8 @@ from litestar.response import Redirect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.audit.middleware import base_event
+from appliance.audit.writer import AuditWriter
 from appliance.identity import oauth
 from appliance.identity.auth import Authenticator, principal_of
 from appliance.identity.issuer import EmbeddedIssuer
@@ -90,6 +92,7 @@ class ConsoleAuthController(Controller):
         authenticator: NamedDependency[Authenticator],
         issuer: NamedDependency[EmbeddedIssuer | None],
         db_engine: NamedDependency[Engine],
+        audit: NamedDependency[AuditWriter],
     ) -> Response[Any]:
         state, _, verifier = request.cookies.get(LOGIN_COOKIE, "").partition(".")
         if not state or not hmac.compare_digest(state, request.query_params.get("state", "")):
@@ -104,6 +107,17 @@ class ConsoleAuthController(Controller):
         token = await _exchange(settings, issuer, db_engine, form)
         principal = await authenticator.from_token(token)
         session_id = await asyncio.to_thread(authenticator.sessions.create, principal)
+        await audit.record(
+            base_event(
+                request.scope,
+                "auth.console_session",
+                "success",
+                component="console",
+                subject=principal.subject,
+                subject_kind=principal.kind,
+                tenant_id=principal.tenant_id,
+            )
+        )
         max_age = int(authenticator.sessions.lifetime.total_seconds())
         # An HTML hop to the console: after a cross-site redirect the browser would not send the new Strict
         # cookie on the next navigation; from this same-site page it does.

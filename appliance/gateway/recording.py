@@ -18,7 +18,9 @@ class Source:
     user_agent: str | None = None
 
 
-def audit_event(event: UsageEvent, source: Source, subject_kind: str | None) -> AuditEvent:
+def audit_event(
+    event: UsageEvent, source: Source, subject_kind: str | None, content: tuple[str, str] | None = None
+) -> AuditEvent:
     if event.status_code < 400:
         outcome = "success"
     elif event.status_code in (401, 403, 404, 429):
@@ -48,11 +50,12 @@ def audit_event(event: UsageEvent, source: Source, subject_kind: str | None) -> 
             "agent_id": event.agent_id,
             "api_key_id": event.api_key_id,
         },
+        content=content,
     )
 
 
 class RequestRecord:
-    __slots__ = ("_audit", "_done", "_slot", "_source", "_subject_kind")
+    __slots__ = ("_audit", "_done", "_slot", "_source", "_subject_kind", "answer", "prompt")
 
     def __init__(self, slot: UsageSlot, audit: AuditWriter | None, source: Source, subject_kind: str | None) -> None:
         self._slot = slot
@@ -60,6 +63,15 @@ class RequestRecord:
         self._source = source
         self._subject_kind = subject_kind
         self._done = False
+        self.prompt: str | None = None  # set when the tenant captures content
+        self.answer: list[str] = []
+
+    @property
+    def capturing(self) -> bool:
+        return self.prompt is not None
+
+    def _content(self) -> tuple[str, str] | None:
+        return (self.prompt, "".join(self.answer)) if self.prompt is not None else None
 
     async def commit(self, event: UsageEvent) -> None:
         if self._done:
@@ -67,7 +79,7 @@ class RequestRecord:
         self._done = True
         self._slot.submit(event)
         if self._audit is not None:
-            await self._audit.record(audit_event(event, self._source, self._subject_kind))
+            await self._audit.record(audit_event(event, self._source, self._subject_kind, self._content()))
 
     def finish(self, event: UsageEvent) -> None:
         if self._done:
@@ -75,4 +87,4 @@ class RequestRecord:
         self._done = True
         self._slot.submit(event)
         if self._audit is not None:
-            self._audit.record_nowait(audit_event(event, self._source, self._subject_kind))
+            self._audit.record_nowait(audit_event(event, self._source, self._subject_kind, self._content()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +29,7 @@ from appliance.gateway.protocol import (
 from appliance.gateway.recording import RequestRecord, Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
-from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
+from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
 from appliance.ledger.writer import UsageEvent, UsageWriter
 from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
@@ -59,10 +60,17 @@ class JSONResult:
 
 
 class OpenAIServing:
-    def __init__(self, router: EngineRouter, usage: UsageWriter, audit: AuditWriter | None = None) -> None:
+    def __init__(
+        self,
+        router: EngineRouter,
+        usage: UsageWriter,
+        audit: AuditWriter | None = None,
+        captures_content: Callable[[str], bool] | None = None,
+    ) -> None:
         self._router = router
         self._usage = usage
         self._audit = audit
+        self._captures_content = captures_content  # tenant id -> whether its prompts and answers are kept
         self._created = int(time.time())
 
     async def handle(
@@ -83,6 +91,9 @@ class OpenAIServing:
             )
         streamed = bool(getattr(request, "stream", False))
         record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind)
+        if self._captures_content is not None and principal.tenant_id is not None:
+            if await asyncio.to_thread(self._captures_content, principal.tenant_id):
+                record.prompt = prompt_text(data)
         event = UsageEvent(
             request_id=request_id,
             model=route.model,
@@ -138,6 +149,8 @@ class OpenAIServing:
             usage = msgspec.json.decode(raw, type=UsageOnly).usage or {}
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` answered with invalid JSON.") from exc
+        if record.capturing:
+            record.answer.extend(choice_texts(msgspec.json.decode(raw)))
         event.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         event.completion_tokens = int(usage.get("completion_tokens") or 0)
         event.total_tokens = int(usage.get("total_tokens") or event.prompt_tokens + event.completion_tokens)
@@ -162,6 +175,7 @@ class OpenAIServing:
             client_include=bool(options and options.include_usage),
             client_continuous=bool(options and options.continuous_usage_stats),
             started_at=started,
+            answer=record.answer if record.capturing else None,
         )
         upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
         response = await self._router.open(route, endpoint.path, msgspec.json.encode(upstream_body), request_id)

@@ -20,6 +20,7 @@ class StreamUsage:
     """Rewrites one SSE stream's ``data:`` payloads for the client and remembers the usage seen."""
 
     __slots__ = (
+        "answer",
         "client_continuous",
         "client_include",
         "completion_tokens",
@@ -30,7 +31,10 @@ class StreamUsage:
         "started_at",
     )
 
-    def __init__(self, *, client_include: bool, client_continuous: bool, started_at: float) -> None:
+    def __init__(
+        self, *, client_include: bool, client_continuous: bool, started_at: float, answer: list[str] | None = None
+    ) -> None:
+        self.answer = answer  # when content is captured: the generated text is collected here
         self.client_include = client_include
         self.client_continuous = client_continuous and client_include
         self.started_at = started_at
@@ -68,6 +72,8 @@ class StreamUsage:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._observe(usage)
+        if self.answer is not None:
+            self.answer.extend(choice_texts(chunk))
         if not chunk.get("choices") and usage is not None:
             # The usage-only chunk that closes the stream.
             return payload if self.client_include else None
@@ -85,6 +91,34 @@ class StreamUsage:
         if completion > 0 and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         self.completion_tokens = completion
+
+
+def choice_texts(body: dict[str, Any]) -> list[str]:
+    """The generated text of each choice of a chunk or of a whole answer (chat or completion)."""
+    texts = []
+    for choice in body.get("choices") or []:
+        if not isinstance(choice, dict):
+            continue
+        part = choice.get("delta") or choice.get("message") or {}
+        text = part.get("content") if isinstance(part, dict) else None
+        text = text if isinstance(text, str) else choice.get("text")
+        if isinstance(text, str):
+            texts.append(text)
+    return texts
+
+
+def prompt_text(data: dict[str, Any]) -> str:
+    """The input of a request as text (for content capture)."""
+    if isinstance(data.get("messages"), list):
+        lines = []
+        for message in data["messages"]:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+            lines.append(f"{message.get('role', '?') if isinstance(message, dict) else '?'}: {content or ''}")
+        return "\n".join(lines)
+    value = data.get("prompt", data.get("input", ""))
+    return value if isinstance(value, str) else msgspec.json.encode(value).decode()
 
 
 def split_events(buffer: bytearray) -> list[bytes]:

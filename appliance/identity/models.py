@@ -23,6 +23,7 @@ class Tenant(SQLModel, table=True):
     id: str = Field(default_factory=lambda: new_id("ten"), primary_key=True, max_length=32)
     name: str = Field(unique=True, index=True, max_length=100)
     description: str = Field(default="", max_length=1000)
+    content_capture: bool = Field(default=False, description="keep /v1 prompt and answer text (redacted)")
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -22,6 +22,7 @@ from appliance.identity.schemas import (
     Rename,
     ServiceClientCreate,
     TenantCreate,
+    TenantUpdate,
     WorkflowCreate,
 )
 
@@ -55,7 +56,7 @@ class AdminController(Controller):
 
     @patch("/tenants/{item_id:str}", sync_to_thread=True)
     def update_tenant(
-        self, request: Req, db_engine: Db, item_id: FromPath[str], data: JSONBody[Rename]
+        self, request: Req, db_engine: Db, item_id: FromPath[str], data: JSONBody[TenantUpdate]
     ) -> dict[str, Any]:
         with Session(db_engine) as session:
             return service.rename(session, principal_of(request.scope), Tenant, item_id, data)

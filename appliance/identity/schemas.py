@@ -17,6 +17,7 @@ Scope = Literal["inference", "admin"]
 class TenantCreate(Struct, forbid_unknown_fields=True):
     name: Name
     description: Description = ""
+    content_capture: bool = False
 
 
 class WorkflowCreate(Struct, forbid_unknown_fields=True):
@@ -34,6 +35,10 @@ class AgentCreate(Struct, forbid_unknown_fields=True):
 class Rename(Struct, forbid_unknown_fields=True):
     name: Name | None = None
     description: Description | None = None
+
+
+class TenantUpdate(Rename, forbid_unknown_fields=True):
+    content_capture: bool | None = None
 
 
 class ApiKeyCreate(Struct, forbid_unknown_fields=True):

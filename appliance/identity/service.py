@@ -23,6 +23,7 @@ from appliance.identity.schemas import (
     Rename,
     ServiceClientCreate,
     TenantCreate,
+    TenantUpdate,
     WorkflowCreate,
 )
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -90,7 +91,7 @@ def create_tenant(session: Session, principal: Principal, data: TenantCreate) ->
     principal.require_role(ADMIN)
     if principal.tenant_id is not None:
         raise PermissionDeniedError("Only a platform administrator creates tenants.")
-    return _commit(session, Tenant(name=data.name, description=data.description))
+    return _commit(session, Tenant(name=data.name, description=data.description, content_capture=data.content_capture))
 
 
 def create_workflow(session: Session, principal: Principal, data: WorkflowCreate) -> dict[str, Any]:
@@ -115,7 +116,18 @@ def rename(session: Session, principal: Principal, model: type[ModelT], item_id:
         row.name = data.name
     if data.description is not None:
         row.description = data.description
+    if isinstance(data, TenantUpdate) and data.content_capture is not None:
+        if principal.tenant_id is not None:
+            raise PermissionDeniedError("Only a platform administrator changes content capture.")
+        row.content_capture = data.content_capture
     return _commit(session, row)
+
+
+def content_capture(session: Session, tenant_id: str | None) -> bool:
+    if tenant_id is None:
+        return False
+    tenant = session.get(Tenant, tenant_id)
+    return bool(tenant is not None and tenant.content_capture)
 
 
 def delete(session: Session, principal: Principal, model: type[ModelT], item_id: str) -> None:

@@ -125,3 +125,39 @@ async def test_no_secret_reaches_the_audit_trail(client: Client, settings: Setti
     )
     assert key.rsplit("_", 1)[1] not in dump and secret["client_secret"] not in dump
     assert "admin.api-keys.create" in dump
+
+
+async def test_content_is_captured_only_for_tenants_that_enable_it_and_redacted(
+    client: Client, settings: Settings
+) -> None:
+    admin = auth(settings, "admin")
+    keys = {}
+    for name, capture in (("keeps", True), ("private", False)):
+        tenant = (
+            await client.post("/admin/tenants", json={"name": name, "content_capture": capture}, headers=admin)
+        ).json()
+        workflow = (
+            await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
+        ).json()
+        keys[name] = (await client.post("/admin/api-keys", json={"workflow_id": workflow["id"]}, headers=admin)).json()[
+            "key"
+        ]
+    secret_text = f"my password: hunter2 and my key {keys['private']} please"
+    body = {"model": "fake", "messages": [{"role": "user", "content": secret_text}]}
+    ids = {}
+    for name, key in keys.items():
+        for stream in (False, True):
+            response = await client.post(
+                "/v1/chat/completions", json={**body, "stream": stream}, headers={"Authorization": f"Bearer {key}"}
+            )
+            assert response.status_code == 200
+            ids.setdefault(name, []).append(response.headers["x-request-id"])
+    rows = (
+        sqlite3.connect(Path(settings.data_dir) / "appliance.db")
+        .execute("SELECT request_id, prompt, answer, redactions FROM audit_content ORDER BY request_id")
+        .fetchall()
+    )
+    assert sorted(r[0] for r in rows) == sorted(ids["keeps"])
+    for _rid, prompt, answer, redactions in rows:
+        assert "hunter2" not in prompt and keys["private"] not in prompt and redactions == 2
+        assert prompt.startswith("user: my password: [REDACTED]") and answer == "ok ok ok ok "
