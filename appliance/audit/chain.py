@@ -50,7 +50,9 @@ FIELDS = (
 )
 
 
-def ts_text(moment: datetime) -> str:
+def ts_text(moment: datetime | str) -> str:
+    if isinstance(moment, str):  # already canonical text
+        return moment
     moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 

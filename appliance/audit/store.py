@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
@@ -155,16 +156,18 @@ class AuditStore:
 
             prev_hash: str | None = None
             expected_seq: int | None = None
-            columns = [RECORDS.c[name] for name in ("seq", *_VALUE_FIELDS, "hash")]
+            names = ("seq", *_VALUE_FIELDS, "hash")
+            # Raw driver values (no per-row type processing): verification reads every record there is.
+            columns = ", ".join(names)  # constant field names, not input
+            query = text(f"SELECT {columns} FROM audit_records WHERE seq > :after ORDER BY seq LIMIT :n")  # noqa: S608
             last_seq = 0
             while True:
-                rows = connection.execute(
-                    select(*columns).where(RECORDS.c.seq > last_seq).order_by(RECORDS.c.seq).limit(batch)
-                ).all()
+                rows = connection.execute(query, {"after": last_seq, "n": batch}).all()
                 if not rows:
                     break
                 for record in rows:
-                    values: dict[str, Any] = dict(zip(("seq", *_VALUE_FIELDS, "hash"), record, strict=True))
+                    values: dict[str, Any] = dict(zip(names, record, strict=True))
+                    values["ts"], values["detail"] = _raw_ts(values["ts"]), _raw_detail(values["detail"])
                     seq = values["seq"]
                     if expected_seq is None:
                         result.first_seq = seq
@@ -300,6 +303,18 @@ _VALUE_FIELDS = (
     "detail",
     "prev_hash",
 )
+
+
+def _raw_ts(value: Any) -> str:
+    """A timestamp as canonical text, from what the driver returns: SQLite's text (UTC, as SQLAlchemy stored
+    it, always with microseconds) without parsing it, or PostgreSQL's datetime."""
+    if isinstance(value, datetime):
+        return ts_text(value)
+    return f"{value[:10]}T{value[11:]}Z"
+
+
+def _raw_detail(value: Any) -> Any:
+    return msgspec.json.decode(value) if isinstance(value, str | bytes) else value
 
 
 def _content_row(event: AuditEvent) -> dict[str, Any]:
