@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import SQLModel, create_engine
+from sqlmodel import create_engine
 
 
 def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False) -> Engine:
@@ -45,10 +48,50 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def create_schema(engine: Engine) -> None:
-    """Create missing tables of every domain (each domain's models module registers its tables)."""
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def import_models() -> None:
+    """Register every domain's tables with SQLModel's metadata."""
     import appliance.audit.models
     import appliance.identity.models
-    import appliance.ledger.models  # noqa: F401  (each import registers its domain's tables)
+    import appliance.ledger.models  # noqa: F401
 
-    SQLModel.metadata.create_all(engine)
+
+def alembic_config(connection: Any) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    return config
+
+
+def create_schema(engine: Engine) -> None:
+    """Bring the database schema to the newest migration (Alembic), one process at a time."""
+    from alembic import command
+
+    with _migration_lock(engine), engine.connect() as connection:
+        command.upgrade(alembic_config(connection), "head")
+        connection.commit()
+
+
+@contextmanager
+def _migration_lock(engine: Engine) -> Iterator[None]:
+    """Several processes start together (gateway, CLI, tests): only one migrates at a time."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT pg_advisory_lock(72837261)")
+            try:
+                yield
+            finally:
+                connection.exec_driver_sql("SELECT pg_advisory_unlock(72837261)")
+                connection.commit()
+        return
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    with open(f"{database}.migrate.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
