@@ -14,7 +14,7 @@ import msgspec
 from sqlalchemy import Table, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 
-from appliance.audit.chain import GENESIS, NoteKey, open_checkpoint, record_hash, sign_checkpoint, ts_text
+from appliance.audit.chain import FIELDS, GENESIS, NoteKey, open_checkpoint, record_hash, sign_checkpoint, ts_text
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
 
@@ -286,23 +286,7 @@ class AuditStore:
             connection.execute(text("SELECT 1"))
 
 
-_VALUE_FIELDS = (
-    "ts",
-    "node",
-    "component",
-    "event_type",
-    "outcome",
-    "subject",
-    "subject_kind",
-    "tenant_id",
-    "object_type",
-    "object_id",
-    "source_ip",
-    "user_agent",
-    "request_id",
-    "detail",
-    "prev_hash",
-)
+_VALUE_FIELDS = tuple(name for name in FIELDS if name != "seq")  # the chained fields, in canonical order
 
 
 def _raw_ts(value: Any) -> str:
