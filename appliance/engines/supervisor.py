@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from types import FrameType
 
+from appliance.audit.setup import audit_store
+from appliance.audit.store import AuditEvent
 from appliance.engines.manifest import load_manifests
 from appliance.engines.models import ensure_prepared
 from appliance.engines.runner import (
@@ -60,6 +63,7 @@ class Supervisor:
             if self._stop_requested:
                 return 0
             self._publish("running", "")
+            self._audit("appliance.up")
             self._print_ready()
             self._watch()
             return 0
@@ -181,7 +185,27 @@ class Supervisor:
         log.info("received %s: stopping", signal.Signals(signum).name)
         self._stop_requested = True
 
+    def _audit(self, event_type: str) -> None:
+        """Lifecycle actions go into the audit trail too (who started or stopped the appliance)."""
+        try:
+            user = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:
+            user = str(os.getuid())
+        detail = {"engines": [e.spec.manifest.name for e in self.engines], "gateway": self.settings.gateway_url}
+        audit_store(self.settings).append(
+            [
+                AuditEvent(
+                    event_type, "success", component="supervisor", subject=user, subject_kind="os_user", detail=detail
+                )
+            ]
+        )
+
     def _stop_all(self) -> None:
+        if self.gateway is not None:
+            try:
+                self._audit("appliance.down")
+            except Exception:  # the trail must not keep the appliance from stopping; the failure is logged
+                log.exception("recording appliance.down in the audit trail failed")
         self._publish("stopping", "")
         if self.gateway is not None:
             stop_group(self.gateway.pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -89,3 +90,10 @@ def test_down_stops_everything_it_started(appliance: Appliance) -> None:
     assert orphans == []
     assert appliance.status()["running"] is False
     assert appliance.cli("status").returncode == 3
+    # Starting and stopping are in the audit trail, and the whole session's chain verifies.
+    exported = [json.loads(line) for line in appliance.cli("audit", "export").stdout.splitlines()]
+    assert [e["event_type"] for e in exported if e["event_type"].startswith("appliance.")][-2:] == [
+        "appliance.up",
+        "appliance.down",
+    ]
+    assert appliance.cli("audit", "verify").returncode == 0
