@@ -54,6 +54,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def import_models() -> None:
     """Register every domain's tables with SQLModel's metadata."""
     import appliance.audit.models
+    import appliance.budgets.models
     import appliance.identity.models
     import appliance.ledger.models  # noqa: F401
 

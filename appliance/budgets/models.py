@@ -1,0 +1,53 @@
+"""Budget tables: limits per scope, their counters per period window, and in-flight reservations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from appliance.identity.models import new_id
+from appliance.ledger.models import utcnow
+
+SCOPES = ("api_key", "agent", "workflow", "tenant")  # the chain, innermost first
+KINDS = ("tokens", "requests", "max_tokens")  # max_tokens: a cap per request, no period
+PERIODS = ("hour", "day", "month", "none")
+
+
+class Budget(SQLModel, table=True):
+    __tablename__ = "budgets"
+    __table_args__ = (UniqueConstraint("scope_type", "scope_id", "kind", "period"),)
+
+    id: str = Field(default_factory=lambda: new_id("bud"), primary_key=True, max_length=32)
+    tenant_id: str = Field(foreign_key="tenants.id", index=True, max_length=32, ondelete="CASCADE")
+    scope_type: str = Field(max_length=20, description="tenant | workflow | agent | api_key")
+    scope_id: str = Field(index=True, max_length=32)
+    kind: str = Field(max_length=20, description="tokens | requests")
+    period: str = Field(max_length=10, description="hour | day | month")
+    limit: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_by: str = Field(max_length=300)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class BudgetCounter(SQLModel, table=True):
+    """What one budget has used and holds reserved in one period window."""
+
+    __tablename__ = "budget_counters"
+
+    budget_id: str = Field(foreign_key="budgets.id", primary_key=True, max_length=32, ondelete="CASCADE")
+    window_start: datetime = Field(primary_key=True)
+    used: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    reserved: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+
+
+class Reservation(SQLModel, table=True):
+    """Held by an in-flight request until it settles (or is released)."""
+
+    __tablename__ = "budget_reservations"
+
+    request_id: str = Field(primary_key=True, max_length=64)
+    budget_id: str = Field(foreign_key="budgets.id", primary_key=True, max_length=32, ondelete="CASCADE")
+    window_start: datetime
+    amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,170 @@
+"""Reservations against budgets, atomic along the chain api_key -> agent -> workflow -> tenant.
+
+Before a request reaches the engine, :meth:`BudgetStore.reserve` takes, in one transaction holding the
+write lock, the prompt plus the (possibly clamped) ``max_tokens`` from every token budget of the chain
+and one call from every request budget. After the answer, :meth:`BudgetStore.settle` turns reservations
+into usage with the real token count and frees the rest. Concurrent requests therefore never spend more
+than a budget, whatever their number or the number of gateway processes sharing the database.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Table, and_, delete, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+
+from appliance.budgets.models import Budget, BudgetCounter, Reservation
+from appliance.budgets.windows import window
+from appliance.lib.errors import ApplianceError
+
+BUDGETS: Table = Budget.__table__  # type: ignore[attr-defined]
+COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
+RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
+
+
+class BudgetExceededError(ApplianceError):
+    status_code = 429
+    error_type = "budget_exceeded"
+    code = "budget_exceeded"
+
+
+@dataclass(frozen=True)
+class Grant:
+    max_tokens: int | None  # what the engine may generate (None: no token budget applies)
+    clamped: bool  # max_tokens was lowered (or set) to fit the budgets
+    reserved: bool  # something was reserved and must be settled
+
+
+class BudgetStore:
+    def __init__(self, engine: Engine, zone: ZoneInfo, clock: Callable[[], datetime] | None = None) -> None:
+        self._engine = engine  # made with serialized_writes=True
+        self._zone = zone
+        self._clock = clock or (lambda: datetime.now(UTC))
+
+    def reserve(self, request_id: str, chain: dict[str, str], prompt_tokens: int, max_tokens: int | None) -> Grant:
+        now = self._clock()
+        with self._engine.begin() as connection:
+            budgets = _chain_budgets(connection, chain)
+            if not budgets:
+                return Grant(max_tokens, clamped=False, reserved=False)
+            cap = math.inf if max_tokens is None else max_tokens
+            holds = []
+            for budget in budgets:
+                if budget["kind"] == "max_tokens":
+                    cap = min(cap, budget["limit"])
+                    continue
+                start, end = window(budget["period"], now, self._zone)
+                used, reserved = _counter(connection, budget["id"], start)
+                remaining = budget["limit"] - used - reserved
+                need = prompt_tokens + 1 if budget["kind"] == "tokens" else 1
+                if remaining < need:
+                    raise _exceeded(budget, max(remaining, 0), end, now)
+                if budget["kind"] == "tokens":
+                    cap = min(cap, remaining - prompt_tokens)
+                holds.append((budget, start))
+            granted = None if cap == math.inf else int(cap)
+            for budget, start in holds:
+                amount = prompt_tokens + (granted or 0) if budget["kind"] == "tokens" else 1
+                connection.execute(
+                    update(COUNTERS)
+                    .where(COUNTERS.c.budget_id == budget["id"], COUNTERS.c.window_start == start)
+                    .values(reserved=COUNTERS.c.reserved + amount)
+                )
+                connection.execute(
+                    insert(RESERVATIONS).values(
+                        request_id=request_id, budget_id=budget["id"], window_start=start, amount=amount, created_at=now
+                    )
+                )
+        clamped = granted is not None and (max_tokens is None or granted < max_tokens)
+        return Grant(granted, clamped=clamped, reserved=bool(holds))
+
+    def settle(self, request_id: str, total_tokens: int, *, counts_as_call: bool = True) -> None:
+        """Turn the request's reservations into usage (its real tokens; one call) and free the rest."""
+        with self._engine.begin() as connection:
+            rows = (
+                connection.execute(
+                    select(RESERVATIONS, BUDGETS.c.kind)
+                    .join(BUDGETS, BUDGETS.c.id == RESERVATIONS.c.budget_id)
+                    .where(RESERVATIONS.c.request_id == request_id)
+                )
+                .mappings()
+                .all()
+            )
+            for row in rows:
+                spent = total_tokens if row["kind"] == "tokens" else int(counts_as_call)
+                connection.execute(
+                    update(COUNTERS)
+                    .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
+                    .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
+                )
+            connection.execute(delete(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id))
+
+    def status(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+        now = self._clock()
+        with self._engine.connect() as connection:
+            query = select(BUDGETS)
+            if tenant_id is not None:
+                query = query.where(BUDGETS.c.tenant_id == tenant_id)
+            out = []
+            for budget in connection.execute(query.order_by(BUDGETS.c.created_at)).mappings():
+                entry = {k: budget[k] for k in ("id", "tenant_id", "scope_type", "scope_id", "kind", "period", "limit")}
+                if budget["kind"] != "max_tokens":
+                    start, end = window(budget["period"], now, self._zone)
+                    row = connection.execute(
+                        select(COUNTERS.c.used, COUNTERS.c.reserved).where(
+                            COUNTERS.c.budget_id == budget["id"], COUNTERS.c.window_start == start
+                        )
+                    ).first()
+                    used, reserved = (row[0], row[1]) if row else (0, 0)
+                    entry.update(
+                        used=used,
+                        reserved=reserved,
+                        remaining=max(budget["limit"] - used - reserved, 0),
+                        resets_at=end.isoformat(),
+                    )
+                out.append(entry)
+        return out
+
+    def dangling(self) -> int:
+        with self._engine.connect() as connection:
+            return len(connection.execute(select(RESERVATIONS.c.request_id)).all())
+
+
+def _chain_budgets(connection: Connection, chain: dict[str, str]) -> list[Any]:
+    conditions = [and_(BUDGETS.c.scope_type == scope, BUDGETS.c.scope_id == ident) for scope, ident in chain.items()]
+    if not conditions:
+        return []
+    # Lock in a fixed order (by id) so two requests never wait on each other's rows (no deadlock).
+    return list(connection.execute(select(BUDGETS).where(or_(*conditions)).order_by(BUDGETS.c.id)).mappings())
+
+
+def _counter(connection: Connection, budget_id: str, start: datetime) -> tuple[int, int]:
+    found = connection.execute(
+        select(COUNTERS.c.used, COUNTERS.c.reserved)
+        .where(COUNTERS.c.budget_id == budget_id, COUNTERS.c.window_start == start)
+        .with_for_update()
+    ).first()
+    if found is None:
+        connection.execute(insert(COUNTERS).values(budget_id=budget_id, window_start=start, used=0, reserved=0))
+        return 0, 0
+    return int(found[0]), int(found[1])
+
+
+_ADVERB = {"hour": "hourly", "day": "daily", "month": "monthly"}
+
+
+def _exceeded(budget: Any, remaining: int, resets_at: datetime, now: datetime) -> BudgetExceededError:
+    retry_after = max(1, math.ceil((resets_at - now).total_seconds()))
+    what = "tokens" if budget["kind"] == "tokens" else "calls"
+    return BudgetExceededError(
+        f"The {_ADVERB[budget['period']]} {what} budget {budget['id']} of {budget['scope_type']} {budget['scope_id']} "
+        f"is spent: {remaining} {what} remain of {budget['limit']}; it resets at {resets_at.isoformat()}.",
+        param=budget["id"],
+        headers={"Retry-After": str(retry_after)},
+    )

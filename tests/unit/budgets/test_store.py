@@ -1,0 +1,143 @@
+"""Budget reservations: clamp, refuse, settle, reset at period boundaries, exact under concurrency."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlmodel import Session
+
+from appliance.budgets.models import Budget
+from appliance.budgets.store import BudgetExceededError, BudgetStore
+from appliance.budgets.windows import window
+from appliance.db.engine import create_schema, make_engine
+from appliance.identity.models import Tenant, Workflow
+
+CHAIN = {"api_key": "key_1", "workflow": "wf_1", "tenant": "ten_1"}
+
+
+class Clock:
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def __call__(self) -> datetime:
+        return self.moment
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(datetime(2026, 11, 22, 10, 30, tzinfo=UTC))
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> BudgetStore:
+    url = f"sqlite:///{tmp_path / 'budgets.db'}"
+    create_schema(make_engine(url))
+    with Session(make_engine(url)) as session:
+        session.add(Tenant(id="ten_1", name="acme"))
+        session.add(Workflow(id="wf_1", tenant_id="ten_1", name="w"))
+        session.commit()
+    return BudgetStore(make_engine(url, serialized_writes=True), ZoneInfo("Europe/Paris"), clock)
+
+
+def add_budget(store: BudgetStore, scope: str, ident: str, kind: str, period: str, limit: int) -> str:
+    budget = Budget(
+        tenant_id="ten_1", scope_type=scope, scope_id=ident, kind=kind, period=period, limit=limit, created_by="test"
+    )
+    with Session(store._engine) as session:
+        session.add(budget)
+        session.commit()
+        return budget.id
+
+
+def test_no_budget_no_reservation(store: BudgetStore) -> None:
+    grant = store.reserve("r1", CHAIN, prompt_tokens=10, max_tokens=50)
+    assert (grant.max_tokens, grant.clamped, grant.reserved) == (50, False, False)
+
+
+def test_max_tokens_is_clamped_to_what_the_tightest_budget_leaves(store: BudgetStore) -> None:
+    add_budget(store, "tenant", "ten_1", "tokens", "day", 1000)
+    add_budget(store, "workflow", "wf_1", "tokens", "hour", 100)
+    grant = store.reserve("r1", CHAIN, prompt_tokens=30, max_tokens=None)
+    assert (grant.max_tokens, grant.clamped) == (70, True)
+    with pytest.raises(BudgetExceededError):  # r1 holds all the workflow's hour until it settles
+        store.reserve("r2", CHAIN, prompt_tokens=10, max_tokens=None)
+
+
+def test_refused_when_not_even_the_prompt_fits(store: BudgetStore) -> None:
+    budget = add_budget(store, "workflow", "wf_1", "tokens", "hour", 100)
+    store.reserve("r1", CHAIN, prompt_tokens=50, max_tokens=40)
+    with pytest.raises(BudgetExceededError) as info:
+        store.reserve("r2", CHAIN, prompt_tokens=20, max_tokens=5)
+    error = info.value
+    assert error.status_code == 429 and error.param == budget
+    assert "10 tokens remain of 100" in error.message and int(error.headers["Retry-After"]) == 30 * 60
+
+
+def test_settle_turns_the_hold_into_real_usage_and_frees_the_rest(store: BudgetStore) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "hour", 100)
+    add_budget(store, "tenant", "ten_1", "requests", "day", 10)
+    store.reserve("r1", CHAIN, prompt_tokens=20, max_tokens=70)
+    store.settle("r1", total_tokens=35)
+    rows = {row["kind"]: row for row in store.status()}
+    assert (rows["tokens"]["used"], rows["tokens"]["reserved"], rows["tokens"]["remaining"]) == (35, 0, 65)
+    assert (rows["requests"]["used"], rows["requests"]["reserved"]) == (1, 0)
+    assert store.dangling() == 0
+
+
+def test_budgets_reset_at_the_local_period_boundary(store: BudgetStore, clock: Clock) -> None:
+    add_budget(store, "tenant", "ten_1", "requests", "day", 1)
+    store.reserve("r1", CHAIN, prompt_tokens=1, max_tokens=1)
+    store.settle("r1", 2)
+    with pytest.raises(BudgetExceededError):
+        store.reserve("r2", CHAIN, prompt_tokens=1, max_tokens=1)
+    clock.moment = datetime(2026, 11, 22, 22, 59, tzinfo=UTC)  # 23:59 in Paris: same day
+    with pytest.raises(BudgetExceededError):
+        store.reserve("r3", CHAIN, prompt_tokens=1, max_tokens=1)
+    clock.moment = datetime(2026, 11, 22, 23, 0, tzinfo=UTC)  # midnight in Paris: a new day
+    assert store.reserve("r4", CHAIN, prompt_tokens=1, max_tokens=1).reserved
+
+
+def test_a_per_request_cap_applies_without_a_period(store: BudgetStore) -> None:
+    add_budget(store, "api_key", "key_1", "max_tokens", "none", 16)
+    grant = store.reserve("r1", CHAIN, prompt_tokens=100, max_tokens=500)
+    assert (grant.max_tokens, grant.clamped, grant.reserved) == (16, True, False)
+
+
+def test_concurrent_reservations_never_exceed_the_budget(store: BudgetStore) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "hour", 10_000)
+    granted: list[int] = []
+    refused: list[int] = []
+    lock = threading.Lock()
+
+    def request(n: int) -> None:
+        try:
+            grant = store.reserve(f"r{n}", CHAIN, prompt_tokens=20, max_tokens=80)
+        except BudgetExceededError:
+            with lock:
+                refused.append(n)
+            return
+        store.settle(f"r{n}", total_tokens=20 + (grant.max_tokens or 0))
+        with lock:
+            granted.append(grant.max_tokens or 0)
+
+    threads = [threading.Thread(target=request, args=(n,)) for n in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    [row] = store.status()
+    assert row["used"] <= 10_000 and row["reserved"] == 0 and store.dangling() == 0
+    assert row["used"] == sum(20 + g for g in granted)
+    assert refused, "200 requests of up to 100 tokens cannot all fit in 10,000"
+
+
+def test_windows_follow_the_zone_across_dst() -> None:
+    paris = ZoneInfo("Europe/Paris")
+    start, end = window("day", datetime(2026, 3, 29, 12, tzinfo=UTC), paris)  # the spring-forward day
+    assert end - start == timedelta(hours=23)
+    start, end = window("month", datetime(2026, 2, 10, tzinfo=UTC), paris)
+    assert (start, end) == (datetime(2026, 1, 31, 23, tzinfo=UTC), datetime(2026, 2, 28, 23, tzinfo=UTC))
