@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from zoneinfo import ZoneInfo
 
 from litestar import Litestar
 from litestar.di import Provide
@@ -14,6 +15,9 @@ from appliance.audit import setup as audit_setup
 from appliance.audit.middleware import audit_middleware
 from appliance.audit.routes import AuditController
 from appliance.audit.writer import AuditWriter
+from appliance.budgets.enforce import BudgetEnforcer
+from appliance.budgets.routes import BudgetController
+from appliance.budgets.store import BudgetStore
 from appliance.console.auth_routes import ConsoleAuthController
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.health import HealthController
@@ -53,7 +57,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
         batch_size=settings.audit.batch_size,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
     )
-    serving = OpenAIServing(router, usage, audit, captures_content=lambda tenant: tenant_captures(db_engine, tenant))
+    budgets = BudgetStore(
+        make_engine(settings.database_url, serialized_writes=True), ZoneInfo(settings.budgets.timezone)
+    )
+    serving = OpenAIServing(
+        router,
+        usage,
+        audit,
+        captures_content=lambda tenant: tenant_captures(db_engine, tenant),
+        budgets=BudgetEnforcer(budgets, router),
+    )
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
@@ -74,7 +87,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
             db_engine.dispose()
 
     app = Litestar(
-        route_handlers=[OpenAIController, HealthController, AdminController, ConsoleAuthController, AuditController]
+        route_handlers=[
+            OpenAIController,
+            HealthController,
+            AdminController,
+            ConsoleAuthController,
+            AuditController,
+            BudgetController,
+        ]
         + ([OidcController] if issuer is not None else []),
         dependencies={
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
@@ -86,6 +106,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "login_limiter": Provide(lambda: login_limiter, use_cache=True, sync_to_thread=False),
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
+            "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
         },
         middleware=[audit_middleware(audit), authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,

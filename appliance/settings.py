@@ -90,6 +90,21 @@ class AuditSettings(BaseModel):
     retention_days: int | None = Field(default=None, ge=1, description="`appliance audit prune` default age")
 
 
+class BudgetSettings(BaseModel):
+    timezone: str = Field(default="UTC", description="budget periods reset at this zone's hour/day/month")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
 class UsageSettings(BaseModel):
     queue_size: int = Field(
         default=10_000,
@@ -139,6 +154,7 @@ class Settings(BaseSettings):
     usage: UsageSettings = Field(default_factory=UsageSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod

@@ -47,6 +47,11 @@ class BudgetStore:
         self._zone = zone
         self._clock = clock or (lambda: datetime.now(UTC))
 
+    def applicable(self, chain: dict[str, str]) -> set[str]:
+        """The kinds of budget that apply to this chain (empty: nothing to enforce, nothing to count)."""
+        with self._engine.connect() as connection:
+            return {row["kind"] for row in _chain_budgets(connection, chain)}
+
     def reserve(self, request_id: str, chain: dict[str, str], prompt_tokens: int, max_tokens: int | None) -> Grant:
         now = self._clock()
         with self._engine.begin() as connection:

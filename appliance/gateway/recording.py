@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
+from appliance.budgets.enforce import Hold
 from appliance.ledger.writer import UsageEvent, UsageSlot
 
 
@@ -54,8 +55,13 @@ def audit_event(
     )
 
 
+def _reached_engine(event: UsageEvent) -> bool:
+    """Whether the request counts as a model call (it got to the engine)."""
+    return event.status_code == 200 or event.total_tokens > 0 or event.client_disconnected
+
+
 class RequestRecord:
-    __slots__ = ("_audit", "_done", "_slot", "_source", "_subject_kind", "answer", "prompt")
+    __slots__ = ("_audit", "_done", "_slot", "_source", "_subject_kind", "answer", "hold", "prompt")
 
     def __init__(self, slot: UsageSlot, audit: AuditWriter | None, source: Source, subject_kind: str | None) -> None:
         self._slot = slot
@@ -65,6 +71,7 @@ class RequestRecord:
         self._done = False
         self.prompt: str | None = None  # set when the tenant captures content
         self.answer: list[str] = []
+        self.hold: Hold | None = None  # the request's budget reservation, settled with its real usage
 
     @property
     def capturing(self) -> bool:
@@ -78,6 +85,8 @@ class RequestRecord:
             return
         self._done = True
         self._slot.submit(event)
+        if self.hold is not None:
+            await self.hold.settle(event.total_tokens, reached_engine=_reached_engine(event))
         if self._audit is not None:
             await self._audit.record(audit_event(event, self._source, self._subject_kind, self._content()))
 
@@ -86,5 +95,7 @@ class RequestRecord:
             return
         self._done = True
         self._slot.submit(event)
+        if self.hold is not None:
+            self.hold.settle_soon(event.total_tokens, reached_engine=_reached_engine(event))
         if self._audit is not None:
             self._audit.record_nowait(audit_event(event, self._source, self._subject_kind, self._content()))

@@ -28,10 +28,12 @@ async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[An
         return Stream(
             result,
             media_type="text/event-stream",
-            headers=_SSE_HEADERS,
+            headers={**_SSE_HEADERS, **result.headers},
             background=BackgroundTask(result.aclose),
         )
-    return Response(content=result.body, status_code=result.status_code, media_type="application/json")
+    return Response(
+        content=result.body, status_code=result.status_code, media_type="application/json", headers=result.headers
+    )
 
 
 class OpenAIController(Controller):

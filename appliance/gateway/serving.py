@@ -10,13 +10,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import msgspec
 
 from appliance.audit.writer import AuditWriter
+from appliance.budgets.enforce import BudgetEnforcer
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -57,6 +58,7 @@ EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingRequest, "pooling")
 class JSONResult:
     body: bytes
     status_code: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class OpenAIServing:
@@ -66,7 +68,9 @@ class OpenAIServing:
         usage: UsageWriter,
         audit: AuditWriter | None = None,
         captures_content: Callable[[str], bool] | None = None,
+        budgets: BudgetEnforcer | None = None,
     ) -> None:
+        self._budgets = budgets
         self._router = router
         self._usage = usage
         self._audit = audit
@@ -107,10 +111,17 @@ class OpenAIServing:
             subject=principal.subject,
         )
         try:
+            headers: dict[str, str] = {}
+            if self._budgets is not None:
+                record.hold, headers = await self._budgets.reserve(principal, route, data, request_id)
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)
-                return await self._open_stream(endpoint, route, data, request, request_id, record, event, started)
-            return await self._complete(endpoint, route, data, request_id, record, event, started)
+                relay = await self._open_stream(endpoint, route, data, request, request_id, record, event, started)
+                relay.headers.update(headers)
+                return relay
+            result = await self._complete(endpoint, route, data, request_id, record, event, started)
+            result.headers.update(headers)
+            return result
         except asyncio.CancelledError:
             # The client went away before an answer: record without waiting (nothing may be awaited now).
             event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"

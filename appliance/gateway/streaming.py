@@ -50,6 +50,7 @@ class StreamRelay:
         self._outcome = _Outcome.CLIENT_GONE
         self._events: AsyncGenerator[bytes, None] | None = None
         self._closed = False
+        self.headers: dict[str, str] = {}
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._events is None:

@@ -99,6 +99,23 @@ class EngineRouter:
             raise engine_error(route.model, response.status, raw)
         return response
 
+    async def count_prompt_tokens(self, route: EngineRoute, data: dict[str, Any], request_id: str) -> int:
+        """The prompt's token count from the engine's own tokenizer, chat template included (vLLM /tokenize):
+        the same number the engine will report as prompt_tokens."""
+        if isinstance(data.get("messages"), list):
+            body = {"model": route.model, "messages": data["messages"], "add_generation_prompt": True}
+        else:
+            prompt = data.get("prompt", data.get("input", ""))
+            if isinstance(prompt, list):  # a batch: tokens of every item
+                counts = [await self.count_prompt_tokens(route, {"prompt": item}, request_id) for item in prompt]
+                return sum(counts)
+            body = {"model": route.model, "prompt": prompt if isinstance(prompt, str) else str(prompt)}
+        response = await self.open(route, "/tokenize", msgspec.json.encode(body), request_id)
+        try:
+            return int(msgspec.json.decode(await response.read())["count"])
+        finally:
+            response.release()
+
     async def health(self, route: EngineRoute) -> EngineHealth:
         try:
             async with self.session.get(

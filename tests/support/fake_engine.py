@@ -34,8 +34,12 @@ def _behaviour(body: dict[str, Any]) -> str:
     return str(body.get("prompt", ""))
 
 
+COMPLETIONS_SERVED: list[dict[str, Any]] = []  # every completion request received (tests read it)
+
+
 async def _completion(request: web.Request) -> web.StreamResponse:
     body = await request.json()
+    COMPLETIONS_SERVED.append(body)
     behaviour = _behaviour(body)
     if behaviour == "fail:500":
         return web.json_response({"error": {"message": "engine exploded", "type": "InternalServerError"}}, status=500)
@@ -83,6 +87,16 @@ async def _completion(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _tokenize(request: web.Request) -> web.Response:
+    """A stand-in tokenizer: one token per word, plus 3 per chat message for its template."""
+    body = await request.json()
+    if isinstance(body.get("messages"), list):
+        count = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
+    else:
+        count = len(str(body.get("prompt", "")).split())
+    return web.json_response({"count": count, "tokens": list(range(count)), "max_model_len": 8192})
+
+
 async def _health(_request: web.Request) -> web.Response:
     return web.Response(text="")
 
@@ -128,6 +142,7 @@ class FakeEngine:
         app.router.add_post("/v1/chat/completions", _completion)
         app.router.add_post("/v1/completions", _completion)
         app.router.add_get("/health", _health)
+        app.router.add_post("/tokenize", _tokenize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()

@@ -1,0 +1,103 @@
+"""Budget enforcement on the /v1 path: before generation, reserve along the principal's chain (clamping
+max_tokens); after it, settle with the real usage. Fails closed: if budgets cannot be evaluated the
+request is refused (503), never served unmetered."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.budgets.store import BudgetExceededError, BudgetStore, Grant
+from appliance.gateway.upstream import EngineRouter
+from appliance.identity.principal import Principal
+from appliance.lib.errors import ApplianceError, ServiceUnavailableError
+from appliance.settings import EngineRoute
+
+log = logging.getLogger(__name__)
+
+CLAMP_HEADER = "x-budget-max-tokens"
+
+
+def chain_of(principal: Principal) -> dict[str, str]:
+    scopes = {
+        "api_key": principal.api_key_id,
+        "agent": principal.agent_id,
+        "workflow": principal.workflow_id,
+        "tenant": principal.tenant_id,
+    }
+    return {scope: ident for scope, ident in scopes.items() if ident}
+
+
+@dataclass
+class Hold:
+    """A request's reservation; settle it exactly once."""
+
+    store: BudgetStore
+    request_id: str
+    grant: Grant
+    settled: bool = False
+
+    async def settle(self, total_tokens: int, reached_engine: bool) -> None:
+        if self.settled or not self.grant.reserved:
+            return
+        self.settled = True
+        await asyncio.to_thread(self.store.settle, self.request_id, total_tokens, counts_as_call=reached_engine)
+
+    def settle_soon(self, total_tokens: int, reached_engine: bool) -> None:
+        """For code that may not await (a request being cancelled): settle in a worker thread."""
+        if self.settled or not self.grant.reserved:
+            return
+        self.settled = True
+        asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.store.settle(self.request_id, total_tokens, counts_as_call=reached_engine)
+        )
+
+
+class BudgetEnforcer:
+    def __init__(self, store: BudgetStore, router: EngineRouter) -> None:
+        self.store = store
+        self._router = router
+
+    async def reserve(
+        self, principal: Principal, route: EngineRoute, data: dict[str, Any], request_id: str
+    ) -> tuple[Hold | None, dict[str, str]]:
+        """The hold (None: no budget applies) and the response headers to add; ``data`` is clamped in place."""
+        chain = chain_of(principal)
+        if not chain:
+            return None, {}
+        try:
+            kinds = await asyncio.to_thread(self.store.applicable, chain)
+            if not kinds:
+                return None, {}
+            prompt_tokens = 0
+            if "tokens" in kinds:
+                prompt_tokens = await self._router.count_prompt_tokens(route, data, request_id)
+            asked = _asked_max_tokens(data)
+            grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked)
+        except BudgetExceededError:
+            raise
+        except ApplianceError as exc:
+            if exc.status_code < 500:
+                raise  # the request itself is invalid (the engine's tokenizer refused it)
+            log.warning("budget evaluation failed: %s", exc.message)
+            raise ServiceUnavailableError(
+                "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
+            ) from exc
+        except Exception as exc:
+            log.exception("budget evaluation failed")
+            raise ServiceUnavailableError(
+                "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
+            ) from exc
+        headers = {}
+        if grant.clamped and grant.max_tokens is not None:
+            data["max_tokens"] = grant.max_tokens
+            data.pop("max_completion_tokens", None)
+            headers[CLAMP_HEADER] = str(grant.max_tokens)
+        return Hold(self.store, request_id, grant), headers
+
+
+def _asked_max_tokens(data: dict[str, Any]) -> int | None:
+    values = [v for v in (data.get("max_tokens"), data.get("max_completion_tokens")) if isinstance(v, int)]
+    return min(values) if values else None

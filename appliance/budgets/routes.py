@@ -1,0 +1,80 @@
+"""Admin API of budgets: create, list with what is used and when it resets, delete."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from msgspec import Meta, Struct
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, SQLModel
+
+from appliance.budgets.models import Budget
+from appliance.budgets.store import BudgetStore
+from appliance.identity import service as identity
+from appliance.identity.auth import principal_of
+from appliance.identity.models import Agent, ApiKey, Tenant, Workflow
+from appliance.identity.principal import ADMIN, OPERATOR
+from appliance.lib.errors import ConflictError, InvalidRequestError
+
+_SCOPE_MODELS: dict[str, type[SQLModel]] = {"tenant": Tenant, "workflow": Workflow, "agent": Agent, "api_key": ApiKey}
+
+
+class BudgetCreate(Struct, forbid_unknown_fields=True):
+    scope_type: Literal["tenant", "workflow", "agent", "api_key"]
+    scope_id: Annotated[str, Meta(min_length=1, max_length=32)]
+    kind: Literal["tokens", "requests", "max_tokens"]
+    limit: Annotated[int, Meta(ge=1, le=10**15)]
+    period: Literal["hour", "day", "month", "none"] = "day"
+
+
+class BudgetController(Controller):
+    path = "/admin/budgets"
+
+    @get("/")
+    async def list_budgets(
+        self, request: Request[Any, Any, Any], budget_store: NamedDependency[BudgetStore]
+    ) -> dict[str, Any]:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN, OPERATOR)
+        data = await asyncio.to_thread(budget_store.status, principal.tenant_id)
+        return {"object": "list", "data": data, "total": len(data)}
+
+    @post("/", sync_to_thread=True)
+    def create_budget(
+        self, request: Request[Any, Any, Any], db_engine: NamedDependency[Engine], data: JSONBody[BudgetCreate]
+    ) -> dict[str, Any]:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN)
+        if (data.kind == "max_tokens") != (data.period == "none"):
+            raise InvalidRequestError("`max_tokens` budgets have period `none`; the others do not.", param="period")
+        with Session(db_engine) as session:
+            scope: SQLModel = identity.get_owned(session, principal, _SCOPE_MODELS[data.scope_type], data.scope_id)
+            tenant_id = scope.id if isinstance(scope, Tenant) else str(getattr(scope, "tenant_id"))  # noqa: B009
+            budget = Budget(
+                tenant_id=tenant_id,
+                scope_type=data.scope_type,
+                scope_id=data.scope_id,
+                kind=data.kind,
+                period=data.period,
+                limit=data.limit,
+                created_by=principal.subject,
+            )
+            session.add(budget)
+            try:
+                session.commit()
+            except IntegrityError:
+                raise ConflictError("That scope already has a budget of this kind and period.") from None
+            session.refresh(budget)
+            return budget.model_dump()
+
+    @delete("/{item_id:str}", sync_to_thread=True)
+    def delete_budget(
+        self, request: Request[Any, Any, Any], db_engine: NamedDependency[Engine], item_id: FromPath[str]
+    ) -> None:
+        with Session(db_engine) as session:
+            identity.delete(session, principal_of(request.scope), Budget, item_id)
