@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,6 @@ from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
 
 Client = AsyncTestClient[Any]
-
-
-@pytest.fixture(scope="module")
-def fake_engine() -> Iterator[FakeEngine]:
-    engine = FakeEngine()
-    engine.start()
-    yield engine
-    engine.stop()
 
 
 @pytest.fixture

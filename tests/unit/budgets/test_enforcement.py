@@ -4,7 +4,7 @@ integration tests do the same against the real engine)."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,9 @@ Client = AsyncTestClient[Any]
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "one two three four five"}]}  # 8 tokens here
 
 
-@pytest.fixture(scope="module")
-def engine() -> Iterator[FakeEngine]:
-    server = FakeEngine()
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def settings(tmp_path: Path, engine: FakeEngine) -> Settings:
-    return Settings(data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=engine.url)]))
+def settings(tmp_path: Path, fake_engine: FakeEngine) -> Settings:
+    return Settings(data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=fake_engine.url)]))
 
 
 @pytest.fixture

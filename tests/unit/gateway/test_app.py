@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +16,6 @@ from appliance.asgi import create_app
 from appliance.identity.setup import embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, ServerSettings, Settings
 from tests.support.fake_engine import FakeEngine, free_port
-
-
-@pytest.fixture(scope="module")
-def fake_engine() -> Iterator[FakeEngine]:
-    engine = FakeEngine()
-    engine.start()
-    yield engine
-    engine.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -17,14 +17,6 @@ from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
 from appliance.ledger.writer import UsageEvent, UsageWriter
 from appliance.settings import EngineRoute, GatewaySettings
 from tests.support.fake_engine import FakeEngine
-
-
-@pytest.fixture(scope="module")
-def fake_engine() -> Iterator[FakeEngine]:
-    engine = FakeEngine()
-    engine.start()
-    yield engine
-    engine.stop()
 
 
 @pytest.fixture
