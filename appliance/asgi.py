@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from zoneinfo import ZoneInfo
@@ -35,10 +37,23 @@ from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
 from appliance.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 
 def tenant_captures(engine: Engine, tenant_id: str) -> bool:
     with Session(engine) as session:
         return identity_service.content_capture(session, tenant_id)
+
+
+async def sweep_reservations(store: BudgetStore, ttl_s: float, every_s: float = 60.0) -> None:
+    while True:
+        try:
+            released = await asyncio.to_thread(store.sweep, ttl_s)
+            if released:
+                log.warning("released %d budget reservations left by a gateway that stopped before settling", released)
+        except Exception:
+            log.exception("sweeping stale budget reservations failed")
+        await asyncio.sleep(every_s)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -78,9 +93,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await router.start()
         await usage.start()
         await audit.start()
+        sweeper = asyncio.create_task(sweep_reservations(budgets, settings.budgets.reservation_ttl_s))
         try:
             yield
         finally:
+            sweeper.cancel()
             await audit.stop()
             await usage.stop()
             await router.stop()

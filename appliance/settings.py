@@ -92,6 +92,9 @@ class AuditSettings(BaseModel):
 
 class BudgetSettings(BaseModel):
     timezone: str = Field(default="UTC", description="budget periods reset at this zone's hour/day/month")
+    reservation_ttl_s: float = Field(
+        default=1800.0, gt=0, description="reservations older than this were left by a dead gateway: released"
+    )
 
     @field_validator("timezone")
     @classmethod

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -109,6 +109,25 @@ class BudgetStore:
                     .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
                 )
             connection.execute(delete(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id))
+
+    def sweep(self, older_than_s: float) -> int:
+        """Release reservations older than ``older_than_s`` (their gateway died before settling: a held
+        reservation would otherwise eat the budget forever). Returns how many were released."""
+        cutoff = self._clock() - timedelta(seconds=older_than_s)
+        with self._engine.begin() as connection:
+            stale = connection.execute(select(RESERVATIONS).where(RESERVATIONS.c.created_at < cutoff)).mappings().all()
+            for row in stale:
+                connection.execute(
+                    update(COUNTERS)
+                    .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
+                    .values(reserved=COUNTERS.c.reserved - row["amount"])
+                )
+                connection.execute(
+                    delete(RESERVATIONS).where(
+                        RESERVATIONS.c.request_id == row["request_id"], RESERVATIONS.c.budget_id == row["budget_id"]
+                    )
+                )
+        return len(stale)
 
     def status(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         now = self._clock()

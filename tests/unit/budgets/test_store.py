@@ -141,3 +141,14 @@ def test_windows_follow_the_zone_across_dst() -> None:
     assert end - start == timedelta(hours=23)
     start, end = window("month", datetime(2026, 2, 10, tzinfo=UTC), paris)
     assert (start, end) == (datetime(2026, 1, 31, 23, tzinfo=UTC), datetime(2026, 2, 28, 23, tzinfo=UTC))
+
+
+def test_reservations_left_by_a_dead_gateway_are_released(store: BudgetStore, clock: Clock) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 100)  # the same window before and after
+    store.reserve("crashed", CHAIN, prompt_tokens=30, max_tokens=60)  # never settled: its gateway died
+    assert store.sweep(older_than_s=1800) == 0  # still young: it may be streaming
+    assert store.status()[0]["reserved"] == 90
+    clock.moment += timedelta(minutes=31)
+    assert store.sweep(older_than_s=1800) == 1
+    [row] = store.status()
+    assert (row["reserved"], row["used"], store.dangling()) == (0, 0, 0)
