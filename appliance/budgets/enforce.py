@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.budgets.store import BudgetExceededError, BudgetStore, Grant
+from appliance.budgets.store import BudgetExceededError, BudgetStore, CallLink, Grant
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity.principal import Principal
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
@@ -59,6 +59,21 @@ class BudgetEnforcer:
     def __init__(self, store: BudgetStore, router: EngineRouter) -> None:
         self.store = store
         self._router = router
+
+    async def admit(self, principal: Principal, request_id: str, link: CallLink) -> tuple[int, int]:
+        """(retry attempt, depth) of the request, recorded in the call graph; refusals as in ``admit``."""
+        chain = chain_of(principal)
+        if not chain:
+            return 0, 0
+        try:
+            return await asyncio.to_thread(self.store.admit, request_id, chain, link)
+        except ApplianceError:
+            raise
+        except Exception as exc:
+            log.exception("admitting the call failed")
+            raise ServiceUnavailableError(
+                "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
+            ) from exc
 
     async def reserve(
         self, principal: Principal, route: EngineRoute, data: dict[str, Any], request_id: str

@@ -11,7 +11,7 @@ from appliance.identity.models import new_id
 from appliance.ledger.models import utcnow
 
 SCOPES = ("api_key", "agent", "workflow", "tenant")  # the chain, innermost first
-KINDS = ("tokens", "requests", "max_tokens")  # max_tokens: a cap per request, no period
+KINDS = ("tokens", "requests", "max_tokens", "max_retries", "max_depth")  # the last three: no period
 PERIODS = ("hour", "day", "month", "none")
 
 
@@ -50,4 +50,21 @@ class Reservation(SQLModel, table=True):
     budget_id: str = Field(foreign_key="budgets.id", primary_key=True, max_length=32, ondelete="CASCADE")
     window_start: datetime
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class CallRecord(SQLModel, table=True):
+    """Written when a request is admitted: which logical call it is an attempt of, and how deep in an
+    agent's chain of calls it sits. Depth comes from the parent's record, never from the client."""
+
+    __tablename__ = "call_records"
+
+    request_id: str = Field(primary_key=True, max_length=64)
+    tenant_id: str | None = Field(default=None, max_length=32)
+    workflow_id: str | None = Field(default=None, max_length=32)
+    agent_id: str | None = Field(default=None, max_length=32)
+    logical_call: str = Field(index=True, max_length=300, description="idempotency key, or the first attempt's id")
+    attempt: int = Field(default=0, description="0 for the first try, n for the n-th retry")
+    parent_request_id: str | None = Field(default=None, max_length=64)
+    depth: int = Field(default=0)
     created_at: datetime = Field(default_factory=utcnow)

@@ -27,8 +27,8 @@ _SCOPE_MODELS: dict[str, type[SQLModel]] = {"tenant": Tenant, "workflow": Workfl
 class BudgetCreate(Struct, forbid_unknown_fields=True):
     scope_type: Literal["tenant", "workflow", "agent", "api_key"]
     scope_id: Annotated[str, Meta(min_length=1, max_length=32)]
-    kind: Literal["tokens", "requests", "max_tokens"]
-    limit: Annotated[int, Meta(ge=1, le=10**15)]
+    kind: Literal["tokens", "requests", "max_tokens", "max_retries", "max_depth"]
+    limit: Annotated[int, Meta(ge=0, le=10**15)]
     period: Literal["hour", "day", "month", "none"] = "day"
 
 
@@ -50,8 +50,14 @@ class BudgetController(Controller):
     ) -> dict[str, Any]:
         principal = principal_of(request.scope)
         principal.require_role(ADMIN)
-        if (data.kind == "max_tokens") != (data.period == "none"):
-            raise InvalidRequestError("`max_tokens` budgets have period `none`; the others do not.", param="period")
+        per_call = data.kind in ("max_tokens", "max_retries", "max_depth")
+        if per_call != (data.period == "none"):
+            raise InvalidRequestError(
+                "`max_tokens`, `max_retries` and `max_depth` budgets have period `none`; the others do not.",
+                param="period",
+            )
+        if data.limit == 0 and data.kind in ("tokens", "requests", "max_tokens"):
+            raise InvalidRequestError("A limit of 0 would refuse every request.", param="limit")
         with Session(db_engine) as session:
             scope: SQLModel = identity.get_owned(session, principal, _SCOPE_MODELS[data.scope_type], data.scope_id)
             tenant_id = scope.id if isinstance(scope, Tenant) else str(getattr(scope, "tenant_id"))  # noqa: B009

@@ -16,22 +16,32 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Table, and_, delete, insert, or_, select, update
+from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy.engine import Connection, Engine
 
-from appliance.budgets.models import Budget, BudgetCounter, Reservation
+from appliance.budgets.models import Budget, BudgetCounter, CallRecord, Reservation
 from appliance.budgets.windows import window
-from appliance.lib.errors import ApplianceError
+from appliance.lib.errors import ApplianceError, InvalidRequestError
 
 BUDGETS: Table = Budget.__table__  # type: ignore[attr-defined]
 COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
+CALLS: Table = CallRecord.__table__  # type: ignore[attr-defined]
 
 
 class BudgetExceededError(ApplianceError):
     status_code = 429
     error_type = "budget_exceeded"
     code = "budget_exceeded"
+
+
+@dataclass(frozen=True)
+class CallLink:
+    """How a request relates to earlier ones (from its headers)."""
+
+    idempotency_key: str | None = None
+    retry_of: str | None = None
+    parent_request_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,66 @@ class BudgetStore:
         self._engine = engine  # made with serialized_writes=True
         self._zone = zone
         self._clock = clock or (lambda: datetime.now(UTC))
+
+    def admit(self, request_id: str, chain: dict[str, str], call: CallLink) -> tuple[int, int]:
+        """Record the request in the call graph; returns (retry attempt, depth). Refuses (429) a retry past
+        a `max_retries` budget or a sub-call deeper than a `max_depth` budget of the chain, and (400) a
+        parent or retried request this tenant does not have: depth is never the client's to claim."""
+        tenant = chain.get("tenant")
+        with self._engine.begin() as connection:
+            depth = 0
+            if call.parent_request_id:
+                parent = _call(connection, call.parent_request_id, tenant)
+                if parent is None:
+                    raise InvalidRequestError(
+                        "X-Parent-Request-Id names no request of this tenant.",
+                        param="X-Parent-Request-Id",
+                        code="unknown_parent_request",
+                    )
+                depth = int(parent["depth"]) + 1
+            if call.retry_of:
+                original = _call(connection, call.retry_of, tenant)
+                if original is None:
+                    raise InvalidRequestError(
+                        "X-Retry-Of names no request of this tenant.",
+                        param="X-Retry-Of",
+                        code="unknown_retried_request",
+                    )
+                logical = str(original["logical_call"])
+            elif call.idempotency_key:
+                logical = f"key:{call.idempotency_key}"
+            else:
+                logical = f"req:{request_id}"
+            attempt = int(
+                connection.execute(
+                    select(func.count())
+                    .select_from(CALLS)
+                    .where(
+                        CALLS.c.logical_call == logical,
+                        CALLS.c.tenant_id == tenant,
+                        CALLS.c.workflow_id == chain.get("workflow"),
+                    )
+                ).scalar_one()
+            )
+            for budget in _chain_budgets(connection, chain):
+                if budget["kind"] == "max_retries" and attempt > budget["limit"]:
+                    raise _limit(budget, f"the call was already retried {attempt - 1} times", "retry_limit_exceeded")
+                if budget["kind"] == "max_depth" and depth > budget["limit"]:
+                    raise _limit(budget, f"this call would be {depth} levels deep", "loop_depth_exceeded")
+            connection.execute(
+                insert(CALLS).values(
+                    request_id=request_id,
+                    tenant_id=tenant,
+                    workflow_id=chain.get("workflow"),
+                    agent_id=chain.get("agent"),
+                    logical_call=logical,
+                    attempt=attempt,
+                    parent_request_id=call.parent_request_id,
+                    depth=depth,
+                    created_at=self._clock(),
+                )
+            )
+        return attempt, depth
 
     def applicable(self, chain: dict[str, str]) -> set[str]:
         """The kinds of budget that apply to this chain (empty: nothing to enforce, nothing to count)."""
@@ -64,6 +134,8 @@ class BudgetStore:
                 if budget["kind"] == "max_tokens":
                     cap = min(cap, budget["limit"])
                     continue
+                if budget["kind"] not in ("tokens", "requests"):
+                    continue  # limits on calls, checked when the request is admitted
                 start, end = window(budget["period"], now, self._zone)
                 used, reserved = _counter(connection, budget["id"], start)
                 remaining = budget["limit"] - used - reserved
@@ -138,7 +210,7 @@ class BudgetStore:
             out = []
             for budget in connection.execute(query.order_by(BUDGETS.c.created_at)).mappings():
                 entry = {k: budget[k] for k in ("id", "tenant_id", "scope_type", "scope_id", "kind", "period", "limit")}
-                if budget["kind"] != "max_tokens":
+                if budget["period"] != "none":
                     start, end = window(budget["period"], now, self._zone)
                     row = connection.execute(
                         select(COUNTERS.c.used, COUNTERS.c.reserved).where(
@@ -158,6 +230,26 @@ class BudgetStore:
     def dangling(self) -> int:
         with self._engine.connect() as connection:
             return len(connection.execute(select(RESERVATIONS.c.request_id)).all())
+
+
+def _call(connection: Connection, request_id: str, tenant: str | None) -> Any:
+    return (
+        connection.execute(
+            select(CALLS.c.depth, CALLS.c.logical_call).where(
+                CALLS.c.request_id == request_id, CALLS.c.tenant_id == tenant
+            )
+        )
+        .mappings()
+        .first()
+    )
+
+
+def _limit(budget: Any, what: str, code: str) -> BudgetExceededError:
+    return BudgetExceededError(
+        f"Budget {budget['id']} of {budget['scope_type']} {budget['scope_id']} allows {budget['limit']}: {what}.",
+        param=budget["id"],
+        code=code,
+    )
 
 
 def _chain_budgets(connection: Connection, chain: dict[str, str]) -> list[Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
@@ -9,13 +10,35 @@ from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
+from appliance.budgets.store import CallLink
 from appliance.gateway.recording import Source
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
 from appliance.identity.auth import principal_of
+from appliance.lib.errors import InvalidRequestError
 from appliance.lib.http import request_id
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+_HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def call_link(headers: Any) -> CallLink:
+    """How this request relates to earlier ones: retries (Idempotency-Key, X-Retry-Of) and sub-calls
+    (X-Parent-Request-Id)."""
+    values = {}
+    for header, field in (
+        ("idempotency-key", "idempotency_key"),
+        ("x-retry-of", "retry_of"),
+        ("x-parent-request-id", "parent_request_id"),
+    ):
+        value = headers.get(header)
+        if value is not None:
+            if not _HEADER_VALUE.match(value):
+                raise InvalidRequestError(f"Header {header} must be 1-200 visible ASCII characters.", param=header)
+            values[field] = value
+    return CallLink(**values)
 
 
 async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
@@ -23,7 +46,8 @@ async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[An
     source = Source(
         request.client.host if request.client else None, request.headers.get("user-agent", "")[:300] or None
     )
-    result = await serving.handle(endpoint, body, request_id(request.scope), principal_of(request.scope), source)
+    link = call_link(request.headers)
+    result = await serving.handle(endpoint, body, request_id(request.scope), principal_of(request.scope), source, link)
     if isinstance(result, StreamRelay):
         return Stream(
             result,

@@ -18,6 +18,7 @@ import msgspec
 
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
+from appliance.budgets.store import CallLink
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -78,7 +79,13 @@ class OpenAIServing:
         self._created = int(time.time())
 
     async def handle(
-        self, endpoint: Endpoint, body: bytes, request_id: str, principal: Principal, source: Source
+        self,
+        endpoint: Endpoint,
+        body: bytes,
+        request_id: str,
+        principal: Principal,
+        source: Source,
+        link: CallLink | None = None,
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         principal.require_role(*INFERENCE_ROLES)
@@ -113,6 +120,7 @@ class OpenAIServing:
         try:
             headers: dict[str, str] = {}
             if self._budgets is not None:
+                event.retry_attempt, event.depth = await self._budgets.admit(principal, request_id, link or CallLink())
                 record.hold, headers = await self._budgets.reserve(principal, route, data, request_id)
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)

@@ -31,5 +31,7 @@ class UsageRecord(SQLModel, table=True):
     latency_ms: float = 0.0
     status_code: int = Field(index=True)
     error_code: str | None = Field(default=None, max_length=64)
+    retry_attempt: int = Field(default=0, description="0: first try of its logical call")
+    depth: int = Field(default=0, description="position in an agent's chain of calls (0: not a sub-call)")
     streamed: bool = False
     client_disconnected: bool = False

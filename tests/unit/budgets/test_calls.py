@@ -1,0 +1,119 @@
+"""Retries and loop depth: counted and limited by the gateway from its own records."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+
+from appliance.asgi import create_app
+from appliance.identity.setup import embedded_issuer
+from appliance.settings import EngineRoute, GatewaySettings, Settings
+from tests.support.fake_engine import FakeEngine
+
+Client = AsyncTestClient[Any]
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "plan the next step"}]}
+
+
+@pytest.fixture
+def settings(tmp_path: Path, fake_engine: FakeEngine) -> Settings:
+    return Settings(data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=fake_engine.url)]))
+
+
+@pytest.fixture
+async def world(settings: Settings) -> AsyncIterator[tuple[Client, dict[str, str], dict[str, str], dict[str, Any]]]:
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        admin = {"Authorization": "Bearer " + embedded_issuer(settings).mint("root", client_id="c", roles=["admin"])}
+        keys = {}
+        for name in ("acme", "globex"):
+            tenant = (await client.post("/admin/tenants", json={"name": name}, headers=admin)).json()
+            wf = (
+                await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
+            ).json()
+            keys[name] = (await client.post("/admin/api-keys", json={"workflow_id": wf["id"]}, headers=admin)).json()
+        yield client, admin, {"Authorization": f"Bearer {keys['acme']['key']}"}, keys
+
+
+async def ask(client: Client, key: dict[str, str], **headers: str) -> Any:
+    return await client.post("/v1/chat/completions", json=CHAT, headers={**key, **headers})
+
+
+async def usage(settings: Settings, request_id: str) -> tuple[int, int]:
+    for _ in range(100):
+        row = (
+            sqlite3.connect(Path(settings.data_dir) / "appliance.db")
+            .execute("SELECT retry_attempt, depth FROM usage_records WHERE request_id = ?", (request_id,))
+            .fetchone()
+        )
+        if row:
+            return int(row[0]), int(row[1])
+        await asyncio.sleep(0.05)
+    raise AssertionError("no usage row")
+
+
+async def test_depth_comes_from_the_parents_record_and_is_limited(world: Any, settings: Settings) -> None:
+    client, admin, key, keys = world
+    await client.post(
+        "/admin/budgets/",
+        headers=admin,
+        json={
+            "scope_type": "workflow",
+            "scope_id": keys["acme"]["workflow_id"],
+            "kind": "max_depth",
+            "period": "none",
+            "limit": 1,
+        },
+    )
+    root = await ask(client, key)
+    child = await ask(client, key, **{"X-Parent-Request-Id": root.headers["x-request-id"]})
+    assert child.status_code == 200
+    assert await usage(settings, root.headers["x-request-id"]) == (0, 0)
+    assert await usage(settings, child.headers["x-request-id"]) == (0, 1)
+    grandchild = await ask(client, key, **{"X-Parent-Request-Id": child.headers["x-request-id"]})
+    assert grandchild.status_code == 429
+    assert grandchild.json()["error"]["code"] == "loop_depth_exceeded"
+
+
+async def test_an_unknown_or_foreign_parent_is_refused(world: Any) -> None:
+    client, _admin, key, keys = world
+    unknown = await ask(client, key, **{"X-Parent-Request-Id": "req_made_up"})
+    assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_parent_request"
+    foreign = await client.post(
+        "/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {keys['globex']['key']}"}
+    )
+    across = await ask(client, key, **{"X-Parent-Request-Id": foreign.headers["x-request-id"]})
+    assert across.status_code == 400, "another tenant's request is no parent of ours"
+
+
+async def test_retries_are_counted_per_logical_call_and_limited(world: Any, settings: Settings) -> None:
+    client, admin, key, keys = world
+    await client.post(
+        "/admin/budgets/",
+        headers=admin,
+        json={
+            "scope_type": "workflow",
+            "scope_id": keys["acme"]["workflow_id"],
+            "kind": "max_retries",
+            "period": "none",
+            "limit": 1,
+        },
+    )
+    first = await ask(client, key, **{"Idempotency-Key": "order-42"})
+    retry = await ask(client, key, **{"X-Retry-Of": first.headers["x-request-id"]})
+    assert (first.status_code, retry.status_code) == (200, 200)
+    assert await usage(settings, retry.headers["x-request-id"]) == (1, 0)
+    again = await ask(client, key, **{"Idempotency-Key": "order-42"})
+    assert again.status_code == 429 and again.json()["error"]["code"] == "retry_limit_exceeded"
+    other = await ask(client, key, **{"Idempotency-Key": "order-43"})
+    assert other.status_code == 200
+
+
+async def test_malformed_call_headers_are_refused(world: Any) -> None:
+    client, _admin, key, _keys = world
+    response = await ask(client, key, **{"Idempotency-Key": "x" * 201})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "idempotency-key"
