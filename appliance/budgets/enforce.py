@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.budgets.store import BudgetExceededError, BudgetStore, CallLink, Grant
+from appliance.budgets.store import BudgetStore, CallLink, Grant
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity.principal import Principal
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
@@ -18,6 +18,8 @@ from appliance.settings import EngineRoute
 log = logging.getLogger(__name__)
 
 CLAMP_HEADER = "x-budget-max-tokens"
+CALL_LIMITS = frozenset({"max_retries", "max_depth"})
+RESERVING = frozenset({"tokens", "requests", "max_tokens"})
 
 
 def chain_of(principal: Principal) -> dict[str, str]:
@@ -55,62 +57,62 @@ class Hold:
         )
 
 
+@dataclass
+class Admission:
+    """What admission decided: the retry attempt, the depth, the reservation and headers for the answer."""
+
+    attempt: int = 0
+    depth: int = 0
+    hold: Hold | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
 class BudgetEnforcer:
     def __init__(self, store: BudgetStore, router: EngineRouter) -> None:
         self.store = store
         self._router = router
 
-    async def admit(self, principal: Principal, request_id: str, link: CallLink) -> tuple[int, int]:
-        """(retry attempt, depth) of the request, recorded in the call graph; refusals as in ``admit``."""
+    async def enforce(
+        self, principal: Principal, route: EngineRoute, data: dict[str, Any], request_id: str, link: CallLink
+    ) -> Admission:
+        """Admit the request against every budget of its chain before generation. ``data`` is clamped in
+        place. One read finds which budgets apply; a chain without budgets costs no write."""
         chain = chain_of(principal)
         if not chain:
-            return 0, 0
-        try:
-            return await asyncio.to_thread(self.store.admit, request_id, chain, link)
-        except ApplianceError:
-            raise
-        except Exception as exc:
-            log.exception("admitting the call failed")
-            raise ServiceUnavailableError(
-                "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
-            ) from exc
-
-    async def reserve(
-        self, principal: Principal, route: EngineRoute, data: dict[str, Any], request_id: str
-    ) -> tuple[Hold | None, dict[str, str]]:
-        """The hold (None: no budget applies) and the response headers to add; ``data`` is clamped in place."""
-        chain = chain_of(principal)
-        if not chain:
-            return None, {}
+            return Admission()
         try:
             kinds = await asyncio.to_thread(self.store.applicable, chain)
-            if not kinds:
-                return None, {}
-            prompt_tokens = 0
-            if "tokens" in kinds:
-                prompt_tokens = await self._router.count_prompt_tokens(route, data, request_id)
-            asked = _asked_max_tokens(data)
-            grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked)
-        except BudgetExceededError:
-            raise
+            admission = Admission()
+            if kinds & CALL_LIMITS or link.any:
+                admission.attempt, admission.depth = await asyncio.to_thread(
+                    self.store.admit, request_id, chain, link, strict=frozenset(kinds & CALL_LIMITS)
+                )
+            if kinds & RESERVING:
+                prompt_tokens = 0
+                if "tokens" in kinds:
+                    prompt_tokens = await self._router.count_prompt_tokens(route, data, request_id)
+                asked = _asked_max_tokens(data)
+                grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked)
+                admission.hold = Hold(self.store, request_id, grant)
+                if grant.clamped and grant.max_tokens is not None:
+                    data["max_tokens"] = grant.max_tokens
+                    data.pop("max_completion_tokens", None)
+                    admission.headers[CLAMP_HEADER] = str(grant.max_tokens)
+            return admission
         except ApplianceError as exc:
             if exc.status_code < 500:
-                raise  # the request itself is invalid (the engine's tokenizer refused it)
+                raise  # refused by a budget, or the request itself is invalid (an unknown parent, say)
             log.warning("budget evaluation failed: %s", exc.message)
-            raise ServiceUnavailableError(
-                "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
-            ) from exc
+            raise _unavailable() from exc
         except Exception as exc:
             log.exception("budget evaluation failed")
-            raise ServiceUnavailableError(
-                "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
-            ) from exc
-        headers = {}
-        if grant.clamped and grant.max_tokens is not None:
-            data["max_tokens"] = grant.max_tokens
-            data.pop("max_completion_tokens", None)
-            headers[CLAMP_HEADER] = str(grant.max_tokens)
-        return Hold(self.store, request_id, grant), headers
+            raise _unavailable() from exc
+
+
+def _unavailable() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
+    )
 
 
 def _asked_max_tokens(data: dict[str, Any]) -> int | None:

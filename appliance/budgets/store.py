@@ -43,6 +43,10 @@ class CallLink:
     retry_of: str | None = None
     parent_request_id: str | None = None
 
+    @property
+    def any(self) -> bool:
+        return bool(self.idempotency_key or self.retry_of or self.parent_request_id)
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -57,15 +61,27 @@ class BudgetStore:
         self._zone = zone
         self._clock = clock or (lambda: datetime.now(UTC))
 
-    def admit(self, request_id: str, chain: dict[str, str], call: CallLink) -> tuple[int, int]:
+    def admit(
+        self,
+        request_id: str,
+        chain: dict[str, str],
+        call: CallLink,
+        *,
+        strict: frozenset[str] = frozenset(("max_depth", "max_retries")),
+    ) -> tuple[int, int]:
         """Record the request in the call graph; returns (retry attempt, depth). Refuses (429) a retry past
         a `max_retries` budget or a sub-call deeper than a `max_depth` budget of the chain, and (400) a
-        parent or retried request this tenant does not have: depth is never the client's to claim."""
+        parent or retried request this tenant does not have: depth is never the client's to claim.
+        Calls are recorded only where it matters (call headers, or retry/depth budgets on the chain). Where
+        no such budget applies (``strict`` lacks its kind), a parent or original that was never recorded is
+        taken as a root: depth 1 for its child, attempt counted from the retries that name it."""
         tenant = chain.get("tenant")
         with self._engine.begin() as connection:
             depth = 0
             if call.parent_request_id:
                 parent = _call(connection, call.parent_request_id, tenant)
+                if parent is None and "max_depth" not in strict:
+                    parent = {"depth": 0}
                 if parent is None:
                     raise InvalidRequestError(
                         "X-Parent-Request-Id names no request of this tenant.",
@@ -75,6 +91,8 @@ class BudgetStore:
                 depth = int(parent["depth"]) + 1
             if call.retry_of:
                 original = _call(connection, call.retry_of, tenant)
+                if original is None and "max_retries" not in strict:
+                    original = {"logical_call": f"req:{call.retry_of}"}
                 if original is None:
                     raise InvalidRequestError(
                         "X-Retry-Of names no request of this tenant.",

@@ -120,8 +120,9 @@ class OpenAIServing:
         try:
             headers: dict[str, str] = {}
             if self._budgets is not None:
-                event.retry_attempt, event.depth = await self._budgets.admit(principal, request_id, link or CallLink())
-                record.hold, headers = await self._budgets.reserve(principal, route, data, request_id)
+                admission = await self._budgets.enforce(principal, route, data, request_id, link or CallLink())
+                event.retry_attempt, event.depth = admission.attempt, admission.depth
+                record.hold, headers = admission.hold, admission.headers
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)
                 relay = await self._open_stream(endpoint, route, data, request, request_id, record, event, started)

@@ -79,8 +79,22 @@ async def test_depth_comes_from_the_parents_record_and_is_limited(world: Any, se
     assert grandchild.json()["error"]["code"] == "loop_depth_exceeded"
 
 
-async def test_an_unknown_or_foreign_parent_is_refused(world: Any) -> None:
-    client, _admin, key, keys = world
+async def test_an_unknown_parent_counts_as_a_root_until_depth_is_limited(world: Any, settings: Settings) -> None:
+    client, admin, key, keys = world
+    untracked = await ask(client, key, **{"X-Parent-Request-Id": "req_never_recorded"})
+    assert untracked.status_code == 200
+    assert await usage(settings, untracked.headers["x-request-id"]) == (0, 1)
+    await client.post(
+        "/admin/budgets/",
+        headers=admin,
+        json={
+            "scope_type": "tenant",
+            "scope_id": keys["acme"]["tenant_id"],
+            "kind": "max_depth",
+            "period": "none",
+            "limit": 5,
+        },
+    )
     unknown = await ask(client, key, **{"X-Parent-Request-Id": "req_made_up"})
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_parent_request"
     foreign = await client.post(
