@@ -95,13 +95,6 @@ class NoteKey:
             raise ValueError(f"{path} is not an Ed25519 key")
         return cls(name, private, private.public_key())
 
-    @classmethod
-    def from_public_pem(cls, pem: bytes, name: str) -> NoteKey:
-        public = serialization.load_pem_public_key(pem)
-        if not isinstance(public, Ed25519PublicKey):
-            raise ValueError("not an Ed25519 public key")
-        return cls(name, None, public)
-
     def public_pem(self) -> bytes:
         return self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 

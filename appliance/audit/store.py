@@ -18,7 +18,6 @@ from appliance.audit.chain import FIELDS, GENESIS, NoteKey, open_checkpoint, rec
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
 
-OUTCOMES = ("success", "failure", "denied")
 RECORDS: Table = AuditRecord.__table__  # type: ignore[attr-defined]
 HEAD: Table = AuditHead.__table__  # type: ignore[attr-defined]
 CHECKPOINTS: Table = AuditCheckpoint.__table__  # type: ignore[attr-defined]
@@ -280,10 +279,6 @@ class AuditStore:
             )
             count = connection.execute(delete(RECORDS).where(RECORDS.c.seq <= last)).rowcount
         return int(count or 0)
-
-    def ping(self) -> None:
-        with self._engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
 
 
 _VALUE_FIELDS = tuple(name for name in FIELDS if name != "seq")  # the chained fields, in canonical order

@@ -10,10 +10,6 @@ from sqlmodel import Field, SQLModel
 from appliance.identity.models import new_id
 from appliance.ledger.models import utcnow
 
-SCOPES = ("api_key", "agent", "workflow", "tenant")  # the chain, innermost first
-KINDS = ("tokens", "requests", "max_tokens", "max_retries", "max_depth")  # the last three: no period
-PERIODS = ("hour", "day", "month", "none")
-
 
 class Budget(SQLModel, table=True):
     __tablename__ = "budgets"

@@ -22,7 +22,6 @@ from appliance.identity.signing import write_secret
 from appliance.lib.errors import AuthenticationError
 
 KEY_PATTERN = re.compile(r"^apk_(?P<id>[0-9a-f]{20})_(?P<secret>[A-Za-z0-9_-]{43})$")
-SCOPES = ("inference", "admin")
 LAST_USED_EVERY_S = 60.0
 
 

@@ -81,10 +81,6 @@ def issue_code(session: Session, request: AuthorizeRequest, username: str) -> st
     return code
 
 
-def sign_in(session: Session, username: str, password: str) -> LocalAccount | None:
-    return check_password(session, username, password)
-
-
 MIN_PASSWORD_LENGTH = 12
 
 

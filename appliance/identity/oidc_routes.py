@@ -22,7 +22,7 @@ from sqlmodel import Session
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.identity import oauth
-from appliance.identity.accounts import LoginLimiter
+from appliance.identity.accounts import LoginLimiter, check_password
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.setup import bootstrap_password_file
@@ -178,7 +178,7 @@ def _sign_in(
 ) -> str | Response[str]:
     """(In a worker thread: argon2 takes tens of milliseconds.) The authorization code, or the page to show."""
     with Session(engine) as session:
-        account = oauth.sign_in(session, username, form.get("password", ""))
+        account = check_password(session, username, form.get("password", ""))
         if account is None:
             return _login_page(parsed, "Wrong username or password.", status_code=401)
         if account.must_change_password:

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, select
 
 from appliance.identity.apikeys import KeyHasher, new_key_material
-from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
+from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, Workflow
 from appliance.identity.oauth import new_client_secret
 from appliance.identity.principal import ADMIN, OPERATOR, Principal
 from appliance.identity.schemas import (
@@ -201,9 +201,3 @@ def create_service_client(
         created_by=principal.subject,
     )
     return _commit(session, client), secret
-
-
-def list_users(
-    session: Session, principal: Principal, *, tenant_id: str | None, limit: int, offset: int
-) -> dict[str, Any]:
-    return page(session, principal, User, tenant_id=tenant_id, limit=limit, offset=offset)

@@ -59,24 +59,6 @@ class ModelNotFoundError(NotFoundError):
         super().__init__(f"The model `{model}` does not exist on this appliance.", param="model")
 
 
-class MethodNotAllowedError(ApplianceError):
-    status_code = 405
-    error_type = "invalid_request_error"
-    code = "method_not_allowed"
-
-
-class PayloadTooLargeError(ApplianceError):
-    status_code = 413
-    error_type = "invalid_request_error"
-    code = "request_too_large"
-
-
-class UnsupportedMediaTypeError(ApplianceError):
-    status_code = 415
-    error_type = "invalid_request_error"
-    code = "unsupported_media_type"
-
-
 class UpstreamError(ApplianceError):
     """The engine answered, but with something the gateway cannot pass on as a success."""
 
