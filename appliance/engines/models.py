@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import subprocess
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from appliance.engines.manifest import (
     ModelManifest,
     verify_prepared,
 )
-from appliance.engines.runner import OFFLINE_ENV
+from appliance.engines.runner import offline_env
 from appliance.settings import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
@@ -48,7 +47,7 @@ def _ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) 
             str(settings.models_dir / manifest.name / MANIFEST_FILE),
             str(target),
         ],
-        env={**_base_env(), **OFFLINE_ENV},
+        env=offline_env(),
         capture_output=True,
         text=True,
         check=False,
@@ -60,7 +59,3 @@ def _ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) 
     verify_prepared(manifest, target)
     log.info("model %s: prepared and verified in %s", manifest.name, target)
     return target
-
-
-def _base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}

@@ -103,16 +103,20 @@ def cpu_binding(runner: str, index: int, configured: list[str], cpus: int) -> st
     return "0" if cpus == 2 else f"0-{cpus - 2}"
 
 
-def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, str]:
-    env = dict(os.environ)
+def offline_env() -> dict[str, str]:
+    """The environment of any process run with the engines' Python: offline, and without the appliance's
+    own virtual environment leaking into it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env.update(OFFLINE_ENV)
+    return env
+
+
+def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, str]:
+    env = offline_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engines.kv_cache_gib))
     binding = cpu_binding(spec.manifest.runner, index, settings.engines.cpu_binding, len(os.sched_getaffinity(0)))
     if binding is not None:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)
-    # The engines' environment is separate from the appliance's: never leak the appliance's venv into it.
-    env.pop("VIRTUAL_ENV", None)
-    env.pop("PYTHONPATH", None)
     return env
 
 
