@@ -23,6 +23,7 @@ from appliance.budgets.store import BudgetStore
 from appliance.console.auth_routes import ConsoleAuthController
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.health import HealthController
+from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
@@ -32,6 +33,8 @@ from appliance.identity.accounts import LoginLimiter
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
+from appliance.ledger.pricing import Pricing
+from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
@@ -75,12 +78,16 @@ def create_app(settings: Settings | None = None) -> Litestar:
     budgets = BudgetStore(
         make_engine(settings.database_url, serialized_writes=True), ZoneInfo(settings.budgets.timezone)
     )
+    pricing = Pricing(settings.pricing)
+    metrics = GatewayMetrics(settings.pricing.currency)
     serving = OpenAIServing(
         router,
         usage,
         audit,
         captures_content=lambda tenant: tenant_captures(db_engine, tenant),
         budgets=BudgetEnforcer(budgets, router),
+        pricing=pricing,
+        metrics=metrics,
     )
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
@@ -111,6 +118,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ConsoleAuthController,
             AuditController,
             BudgetController,
+            UsageController,
         ]
         + ([OidcController] if issuer is not None else []),
         dependencies={
@@ -124,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
+            "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
         },
         middleware=[audit_middleware(audit), authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -108,6 +108,34 @@ class BudgetSettings(BaseModel):
         return value
 
 
+class ModelPrice(BaseModel):
+    """A configured price per million tokens, in the appliance's currency."""
+
+    prompt_per_million: float = Field(ge=0)
+    completion_per_million: float = Field(ge=0)
+
+
+class PricingSettings(BaseModel):
+    """What a request costs. A model with a configured price uses it; any other model is charged the node's
+    amortised cost: ``gpu_hour_cost`` spread over the tokens per second the gateway measures while the engines
+    are busy (``tokens_per_second`` until enough has been measured). Without either, requests cost 0."""
+
+    currency: str = Field(default="EUR", min_length=1, max_length=8)
+    models: dict[str, ModelPrice] = Field(default_factory=dict, description="model name -> price")
+    gpu_hour_cost: float | None = Field(default=None, ge=0, description="amortised cost of the node per hour")
+    tokens_per_second: float | None = Field(
+        default=None, gt=0, description="the node's throughput until measured (tokens processed per busy second)"
+    )
+    measure_window_s: float = Field(default=900.0, ge=10, description="throughput is measured over this window")
+    min_busy_s: float = Field(default=10.0, gt=0, description="busy time needed before the measurement is used")
+
+    @model_validator(mode="after")
+    def _throughput_known(self) -> PricingSettings:
+        if self.gpu_hour_cost is not None and self.tokens_per_second is None:
+            raise ValueError("`gpu_hour_cost` needs `tokens_per_second` (the throughput to assume until measured)")
+        return self
+
+
 class UsageSettings(BaseModel):
     queue_size: int = Field(
         default=10_000,
@@ -158,6 +186,7 @@ class Settings(BaseSettings):
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.fake_engine import FakeEngine
+from tests.support.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +18,11 @@ def fake_engine() -> Iterator[FakeEngine]:
     engine.start()
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server (Debian package), started once per test session on a port of its own."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()

@@ -12,6 +12,7 @@ from typing import Any
 from appliance.budgets.store import BudgetStore, CallLink, Grant
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity.principal import Principal
+from appliance.ledger.pricing import Price
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
 from appliance.settings import EngineRoute
 
@@ -19,7 +20,8 @@ log = logging.getLogger(__name__)
 
 CLAMP_HEADER = "x-budget-max-tokens"
 CALL_LIMITS = frozenset({"max_retries", "max_depth"})
-RESERVING = frozenset({"tokens", "requests", "max_tokens"})
+RESERVING = frozenset({"tokens", "requests", "cost", "max_tokens"})
+COUNTS_PROMPT = frozenset({"tokens", "cost"})
 
 
 def chain_of(principal: Principal) -> dict[str, str]:
@@ -41,19 +43,22 @@ class Hold:
     grant: Grant
     settled: bool = False
 
-    async def settle(self, total_tokens: int, reached_engine: bool) -> None:
+    async def settle(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
         if self.settled or not self.grant.reserved:
             return
         self.settled = True
-        await asyncio.to_thread(self.store.settle, self.request_id, total_tokens, counts_as_call=reached_engine)
+        await asyncio.to_thread(
+            self.store.settle, self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
+        )
 
-    def settle_soon(self, total_tokens: int, reached_engine: bool) -> None:
+    def settle_soon(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
         """For code that may not await (a request being cancelled): settle in a worker thread."""
         if self.settled or not self.grant.reserved:
             return
         self.settled = True
         asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.store.settle(self.request_id, total_tokens, counts_as_call=reached_engine)
+            None,
+            lambda: self.store.settle(self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine),
         )
 
 
@@ -73,7 +78,13 @@ class BudgetEnforcer:
         self._router = router
 
     async def enforce(
-        self, principal: Principal, route: EngineRoute, data: dict[str, Any], request_id: str, link: CallLink
+        self,
+        principal: Principal,
+        route: EngineRoute,
+        data: dict[str, Any],
+        request_id: str,
+        link: CallLink,
+        price: Price | None = None,
     ) -> Admission:
         """Admit the request against every budget of its chain before generation. ``data`` is clamped in
         place. One read finds which budgets apply; a chain without budgets costs no write."""
@@ -89,10 +100,10 @@ class BudgetEnforcer:
                 )
             if kinds & RESERVING:
                 prompt_tokens = 0
-                if "tokens" in kinds:
+                if kinds & COUNTS_PROMPT:
                     prompt_tokens = await self._router.count_prompt_tokens(route, data, request_id)
-                asked = _asked_max_tokens(data)
-                grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked)
+                asked = 0 if route.runner == "pooling" else _asked_max_tokens(data)  # embeddings generate nothing
+                grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked, price)
                 admission.hold = Hold(self.store, request_id, grant)
                 if grant.clamped and grant.max_tokens is not None:
                     data["max_tokens"] = grant.max_tokens

@@ -1,11 +1,14 @@
-"""Admin API of budgets: create, list with what is used and when it resets, delete."""
+"""Admin API of budgets: create, list with what is used and when it resets, change the limit, delete.
+
+Money (`cost`) budgets take and show their limit in the configured currency; they are kept in millionths.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any, Literal
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
 from msgspec import Meta, Struct
@@ -19,7 +22,9 @@ from appliance.identity import service as identity
 from appliance.identity.auth import principal_of
 from appliance.identity.models import Agent, ApiKey, Tenant, Workflow
 from appliance.identity.principal import ADMIN, OPERATOR
+from appliance.ledger.pricing import to_currency, to_micros
 from appliance.lib.errors import ConflictError, InvalidRequestError
+from appliance.settings import Settings
 
 _SCOPE_MODELS: dict[str, type[SQLModel]] = {"tenant": Tenant, "workflow": Workflow, "agent": Agent, "api_key": ApiKey}
 
@@ -27,9 +32,31 @@ _SCOPE_MODELS: dict[str, type[SQLModel]] = {"tenant": Tenant, "workflow": Workfl
 class BudgetCreate(Struct, forbid_unknown_fields=True):
     scope_type: Literal["tenant", "workflow", "agent", "api_key"]
     scope_id: Annotated[str, Meta(min_length=1, max_length=32)]
-    kind: Literal["tokens", "requests", "max_tokens", "max_retries", "max_depth"]
-    limit: Annotated[int, Meta(ge=0, le=10**15)]
+    kind: Literal["tokens", "requests", "cost", "max_tokens", "max_retries", "max_depth"]
+    limit: Annotated[float, Meta(ge=0, le=10**12)]
     period: Literal["hour", "day", "month", "none"] = "day"
+
+
+class BudgetUpdate(Struct, forbid_unknown_fields=True):
+    limit: Annotated[float, Meta(ge=0, le=10**12)]
+
+
+def _stored_limit(kind: str, limit: float) -> int:
+    """The limit as kept: millionths of the currency for money, a whole number for everything else."""
+    if kind == "cost":
+        return to_micros(limit)
+    if limit != int(limit):
+        raise InvalidRequestError(f"A `{kind}` limit is a whole number.", param="limit")
+    if limit == 0 and kind in ("tokens", "requests", "cost", "max_tokens"):
+        raise InvalidRequestError("A limit of 0 would refuse every request.", param="limit")
+    return int(limit)
+
+
+def _shown(budget: Budget) -> dict[str, Any]:
+    out = budget.model_dump()
+    if budget.kind == "cost":
+        out["limit"] = to_currency(budget.limit)
+    return out
 
 
 class BudgetController(Controller):
@@ -37,12 +64,15 @@ class BudgetController(Controller):
 
     @get("/")
     async def list_budgets(
-        self, request: Request[Any, Any, Any], budget_store: NamedDependency[BudgetStore]
+        self,
+        request: Request[Any, Any, Any],
+        budget_store: NamedDependency[BudgetStore],
+        settings: NamedDependency[Settings],
     ) -> dict[str, Any]:
         principal = principal_of(request.scope)
         principal.require_role(ADMIN, OPERATOR)
         data = await asyncio.to_thread(budget_store.status, principal.tenant_id)
-        return {"object": "list", "data": data, "total": len(data)}
+        return {"object": "list", "data": data, "total": len(data), "currency": settings.pricing.currency}
 
     @post("/", sync_to_thread=True)
     def create_budget(
@@ -56,8 +86,7 @@ class BudgetController(Controller):
                 "`max_tokens`, `max_retries` and `max_depth` budgets have period `none`; the others do not.",
                 param="period",
             )
-        if data.limit == 0 and data.kind in ("tokens", "requests", "max_tokens"):
-            raise InvalidRequestError("A limit of 0 would refuse every request.", param="limit")
+        limit = _stored_limit(data.kind, data.limit)
         with Session(db_engine) as session:
             scope: SQLModel = identity.get_owned(session, principal, _SCOPE_MODELS[data.scope_type], data.scope_id)
             tenant_id = scope.id if isinstance(scope, Tenant) else str(getattr(scope, "tenant_id"))  # noqa: B009
@@ -67,7 +96,7 @@ class BudgetController(Controller):
                 scope_id=data.scope_id,
                 kind=data.kind,
                 period=data.period,
-                limit=data.limit,
+                limit=limit,
                 created_by=principal.subject,
             )
             session.add(budget)
@@ -76,7 +105,26 @@ class BudgetController(Controller):
             except IntegrityError:
                 raise ConflictError("That scope already has a budget of this kind and period.") from None
             session.refresh(budget)
-            return budget.model_dump()
+            return _shown(budget)
+
+    @patch("/{item_id:str}", sync_to_thread=True)
+    def update_budget(
+        self,
+        request: Request[Any, Any, Any],
+        db_engine: NamedDependency[Engine],
+        item_id: FromPath[str],
+        data: JSONBody[BudgetUpdate],
+    ) -> dict[str, Any]:
+        """Change a budget's limit; what it used this period stays (a lower limit can leave nothing)."""
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN)
+        with Session(db_engine) as session:
+            budget = identity.get_owned(session, principal, Budget, item_id)
+            budget.limit = _stored_limit(budget.kind, data.limit)
+            session.add(budget)
+            session.commit()
+            session.refresh(budget)
+            return _shown(budget)
 
     @delete("/{item_id:str}", sync_to_thread=True)
     def delete_budget(

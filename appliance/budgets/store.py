@@ -21,12 +21,14 @@ from sqlalchemy.engine import Connection, Engine
 
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, Reservation
 from appliance.budgets.windows import window
+from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
 
 BUDGETS: Table = Budget.__table__  # type: ignore[attr-defined]
 COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
 CALLS: Table = CallRecord.__table__  # type: ignore[attr-defined]
+PERIODIC = frozenset({"tokens", "requests", "cost"})  # budgets with a period, which reservations draw on
 
 
 class BudgetExceededError(ApplianceError):
@@ -140,7 +142,18 @@ class BudgetStore:
         with self._engine.connect() as connection:
             return {row["kind"] for row in _chain_budgets(connection, chain)}
 
-    def reserve(self, request_id: str, chain: dict[str, str], prompt_tokens: int, max_tokens: int | None) -> Grant:
+    def reserve(
+        self,
+        request_id: str,
+        chain: dict[str, str],
+        prompt_tokens: int,
+        max_tokens: int | None,
+        price: Price | None = None,
+    ) -> Grant:
+        """Hold what the request may spend on every periodic budget of its chain, or refuse (429): the prompt
+        plus ``max_tokens`` (clamped to what the tightest token or cost budget leaves), one call, and their
+        cost at ``price``."""
+        price = price or Price()
         now = self._clock()
         with self._engine.begin() as connection:
             budgets = _chain_budgets(connection, chain)
@@ -152,20 +165,33 @@ class BudgetStore:
                 if budget["kind"] == "max_tokens":
                     cap = min(cap, budget["limit"])
                     continue
-                if budget["kind"] not in ("tokens", "requests"):
+                if budget["kind"] not in PERIODIC:
                     continue  # limits on calls, checked when the request is admitted
                 start, end = window(budget["period"], now, self._zone)
                 used, reserved = _counter(connection, budget["id"], start)
                 remaining = budget["limit"] - used - reserved
-                need = prompt_tokens + 1 if budget["kind"] == "tokens" else 1
+                if budget["kind"] == "tokens":
+                    need = prompt_tokens + 1
+                elif budget["kind"] == "cost":
+                    need = price.cost(prompt_tokens, 1)
+                else:
+                    need = 1
                 if remaining < need:
                     raise _exceeded(budget, max(remaining, 0), end, now)
                 if budget["kind"] == "tokens":
                     cap = min(cap, remaining - prompt_tokens)
+                elif budget["kind"] == "cost":
+                    affordable = price.affordable(prompt_tokens, remaining)
+                    cap = cap if affordable is None else min(cap, affordable)
                 holds.append((budget, start))
             granted = None if cap == math.inf else int(cap)
             for budget, start in holds:
-                amount = prompt_tokens + (granted or 0) if budget["kind"] == "tokens" else 1
+                if budget["kind"] == "tokens":
+                    amount = prompt_tokens + (granted or 0)
+                elif budget["kind"] == "cost":
+                    amount = price.cost(prompt_tokens, granted or 0)
+                else:
+                    amount = 1
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == budget["id"], COUNTERS.c.window_start == start)
@@ -179,8 +205,8 @@ class BudgetStore:
         clamped = granted is not None and (max_tokens is None or granted < max_tokens)
         return Grant(granted, clamped=clamped, reserved=bool(holds))
 
-    def settle(self, request_id: str, total_tokens: int, *, counts_as_call: bool = True) -> None:
-        """Turn the request's reservations into usage (its real tokens; one call) and free the rest."""
+    def settle(self, request_id: str, total_tokens: int, cost_micros: int = 0, *, counts_as_call: bool = True) -> None:
+        """Turn the request's reservations into usage (its real tokens, its cost, one call) and free the rest."""
         with self._engine.begin() as connection:
             rows = (
                 connection.execute(
@@ -192,7 +218,7 @@ class BudgetStore:
                 .all()
             )
             for row in rows:
-                spent = total_tokens if row["kind"] == "tokens" else int(counts_as_call)
+                spent = {"tokens": total_tokens, "cost": cost_micros}.get(row["kind"], int(counts_as_call))
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
@@ -242,6 +268,10 @@ class BudgetStore:
                         remaining=max(budget["limit"] - used - reserved, 0),
                         resets_at=end.isoformat(),
                     )
+                if budget["kind"] == "cost":  # money is kept in micro-units and shown in the currency
+                    for key in ("limit", "used", "reserved", "remaining"):
+                        if key in entry:
+                            entry[key] = to_currency(entry[key])
                 out.append(entry)
         return out
 
@@ -295,10 +325,14 @@ _ADVERB = {"hour": "hourly", "day": "daily", "month": "monthly"}
 
 def _exceeded(budget: Any, remaining: int, resets_at: datetime, now: datetime) -> BudgetExceededError:
     retry_after = max(1, math.ceil((resets_at - now).total_seconds()))
-    what = "tokens" if budget["kind"] == "tokens" else "calls"
+    what = {"tokens": "tokens", "requests": "calls", "cost": "money"}[budget["kind"]]
+    if budget["kind"] == "cost":
+        left, limit = f"{to_currency(remaining)}", f"{to_currency(budget['limit'])}"
+    else:
+        left, limit = f"{remaining} {what}", str(budget["limit"])
     return BudgetExceededError(
         f"The {_ADVERB[budget['period']]} {what} budget {budget['id']} of {budget['scope_type']} {budget['scope_id']} "
-        f"is spent: {remaining} {what} remain of {budget['limit']}; it resets at {resets_at.isoformat()}.",
+        f"is spent: {left} remain of {limit}; it resets at {resets_at.isoformat()}.",
         param=budget["id"],
         headers={"Retry-After": str(retry_after)},
     )

@@ -1,16 +1,22 @@
-"""Liveness (``/healthz``) and readiness (``/readyz``: 503 when an engine or the database is down)."""
+"""Liveness (``/healthz``), readiness (``/readyz``: 503 when an engine or the database is down) and
+Prometheus metrics (``/metrics``: platform admins and operators, e.g. a service client with the operator
+role, which Prometheus's ``oauth2`` scrape setting signs in with)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from litestar import Controller, Response, get
+from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from appliance.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from appliance.gateway.upstream import EngineRouter
+from appliance.identity.auth import principal_of
+from appliance.identity.principal import ADMIN, OPERATOR
+from appliance.lib.errors import PermissionDeniedError
 
 
 def _database_ok(engine: Engine) -> bool:
@@ -44,3 +50,13 @@ class HealthController(Controller):
             "engines": engine_rows,
         }
         return Response(content=body, status_code=200 if ready else 503)
+
+    @get("/metrics")
+    async def metrics(
+        self, request: Request[Any, Any, Any], metrics: NamedDependency[GatewayMetrics]
+    ) -> Response[bytes]:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN, OPERATOR)
+        if principal.tenant_id is not None:
+            raise PermissionDeniedError("Metrics cover every tenant: only platform admins and operators read them.")
+        return Response(content=metrics.render(), media_type=CONTENT_TYPE)

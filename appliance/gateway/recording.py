@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import Hold
+from appliance.gateway.metrics import GatewayMetrics
+from appliance.ledger.pricing import Price, ThroughputMeter
 from appliance.ledger.writer import UsageEvent, UsageSlot
 
 
@@ -45,11 +47,13 @@ def audit_event(
             "error_code": event.error_code,
             "prompt_tokens": event.prompt_tokens,
             "completion_tokens": event.completion_tokens,
+            "cost_micros": event.cost_micros,
             "streamed": event.streamed,
             "client_disconnected": event.client_disconnected,
             "workflow_id": event.workflow_id,
             "agent_id": event.agent_id,
             "api_key_id": event.api_key_id,
+            "budget_id": event.budget_id,
         },
         content=content,
     )
@@ -61,17 +65,48 @@ def _reached_engine(event: UsageEvent) -> bool:
 
 
 class RequestRecord:
-    __slots__ = ("_audit", "_done", "_slot", "_source", "_subject_kind", "answer", "hold", "prompt")
+    __slots__ = (
+        "_audit",
+        "_done",
+        "_metrics",
+        "_slot",
+        "_source",
+        "_subject_kind",
+        "answer",
+        "hold",
+        "meter",
+        "price",
+        "prompt",
+    )
 
-    def __init__(self, slot: UsageSlot, audit: AuditWriter | None, source: Source, subject_kind: str | None) -> None:
+    def __init__(
+        self,
+        slot: UsageSlot,
+        audit: AuditWriter | None,
+        source: Source,
+        subject_kind: str | None,
+        metrics: GatewayMetrics | None = None,
+    ) -> None:
         self._slot = slot
         self._audit = audit
         self._source = source
         self._subject_kind = subject_kind
+        self._metrics = metrics
         self._done = False
         self.prompt: str | None = None  # set when the tenant captures content
         self.answer: list[str] = []
         self.hold: Hold | None = None  # the request's budget reservation, settled with its real usage
+        self.price = Price()  # fixed when the request is admitted
+        self.meter: ThroughputMeter | None = None  # set once the request is on its way to an engine
+
+    def _account(self, event: UsageEvent) -> None:
+        """Price the request, and end its share of the node's measured busy time."""
+        event.cost_micros = self.price.cost(event.prompt_tokens, event.completion_tokens)
+        if self.meter is not None:
+            self.meter.end(event.total_tokens)
+            self.meter = None
+        if self._metrics is not None:
+            self._metrics.observe(event)
 
     @property
     def capturing(self) -> bool:
@@ -84,9 +119,10 @@ class RequestRecord:
         if self._done:
             return
         self._done = True
+        self._account(event)
         self._slot.submit(event)
         if self.hold is not None:
-            await self.hold.settle(event.total_tokens, reached_engine=_reached_engine(event))
+            await self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
         if self._audit is not None:
             await self._audit.record(audit_event(event, self._source, self._subject_kind, self._content()))
 
@@ -94,8 +130,9 @@ class RequestRecord:
         if self._done:
             return
         self._done = True
+        self._account(event)
         self._slot.submit(event)
         if self.hold is not None:
-            self.hold.settle_soon(event.total_tokens, reached_engine=_reached_engine(event))
+            self.hold.settle_soon(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
         if self._audit is not None:
             self._audit.record_nowait(audit_event(event, self._source, self._subject_kind, self._content()))

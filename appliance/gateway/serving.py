@@ -18,7 +18,8 @@ import msgspec
 
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
-from appliance.budgets.store import CallLink
+from appliance.budgets.store import BudgetExceededError, CallLink
+from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -33,9 +34,10 @@ from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
+from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import UsageEvent, UsageWriter
 from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
-from appliance.settings import EngineRoute
+from appliance.settings import EngineRoute, PricingSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,7 @@ class Endpoint:
 
 INFERENCE_ROLES = (USER, ADMIN, OPERATOR)  # auditors read the audit trail; they do not run models
 CLIENT_CLOSED_REQUEST = 499  # the client went away before an answer (nginx's convention)
+COST_HEADER = "x-request-cost"  # what a (non-streamed) answer cost, with the currency: "0.000123 EUR"
 
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "generate")
@@ -70,8 +73,12 @@ class OpenAIServing:
         audit: AuditWriter | None = None,
         captures_content: Callable[[str], bool] | None = None,
         budgets: BudgetEnforcer | None = None,
+        pricing: Pricing | None = None,
+        metrics: GatewayMetrics | None = None,
     ) -> None:
         self._budgets = budgets
+        self._pricing = pricing or Pricing(PricingSettings())
+        self._metrics = metrics
         self._router = router
         self._usage = usage
         self._audit = audit
@@ -101,7 +108,8 @@ class OpenAIServing:
                 code="model_not_supported",
             )
         streamed = bool(getattr(request, "stream", False))
-        record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind)
+        record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
+        record.price = self._pricing.price(route.model)
         if self._captures_content is not None and principal.tenant_id is not None:
             if await asyncio.to_thread(self._captures_content, principal.tenant_id):
                 record.prompt = prompt_text(data)
@@ -120,9 +128,13 @@ class OpenAIServing:
         try:
             headers: dict[str, str] = {}
             if self._budgets is not None:
-                admission = await self._budgets.enforce(principal, route, data, request_id, link or CallLink())
+                admission = await self._budgets.enforce(
+                    principal, route, data, request_id, link or CallLink(), record.price
+                )
                 event.retry_attempt, event.depth = admission.attempt, admission.depth
                 record.hold, headers = admission.hold, admission.headers
+            self._pricing.meter.begin()
+            record.meter = self._pricing.meter
             if streamed:
                 assert isinstance(request, ChatCompletionRequest | CompletionRequest)
                 relay = await self._open_stream(endpoint, route, data, request, request_id, record, event, started)
@@ -140,6 +152,8 @@ class OpenAIServing:
             raise
         except Exception as exc:
             # The stream relay owns the record once it is returned; before that, record the failure here.
+            if isinstance(exc, BudgetExceededError):
+                event.budget_id = exc.param
             if isinstance(exc, ApplianceError):
                 event.status_code, event.error_code = exc.status_code, exc.code
             else:
@@ -177,7 +191,7 @@ class OpenAIServing:
         event.status_code = 200
         event.latency_ms = (time.perf_counter() - started) * 1000.0
         await record.commit(event)
-        return JSONResult(raw)
+        return JSONResult(raw, headers={COST_HEADER: f"{to_currency(event.cost_micros)} {self._pricing.currency}"})
 
     async def _open_stream(
         self,

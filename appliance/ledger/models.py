@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from sqlalchemy import BigInteger, Column
 from sqlmodel import Field, SQLModel
 
 
@@ -31,6 +32,12 @@ class UsageRecord(SQLModel, table=True):
     latency_ms: float = 0.0
     status_code: int = Field(index=True)
     error_code: str | None = Field(default=None, max_length=64)
+    budget_id: str | None = Field(default=None, max_length=32, description="the budget that refused the request")
+    cost_micros: int = Field(
+        default=0,
+        sa_column=Column(BigInteger, nullable=False, server_default="0"),
+        description="millionths of currency",
+    )
     retry_attempt: int = Field(default=0, description="0: first try of its logical call")
     depth: int = Field(default=0, description="position in an agent's chain of calls (0: not a sub-call)")
     streamed: bool = False

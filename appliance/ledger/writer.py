@@ -41,6 +41,8 @@ class UsageEvent:
     ttft_ms: float | None = None
     latency_ms: float = 0.0
     error_code: str | None = None
+    budget_id: str | None = None
+    cost_micros: int = 0
     retry_attempt: int = 0
     depth: int = 0
     streamed: bool = False

@@ -12,30 +12,23 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
-from appliance.identity.setup import embedded_issuer
-from appliance.settings import EngineRoute, GatewaySettings, Settings
+from appliance.settings import Settings
 from tests.support.fake_engine import FakeEngine
+from tests.support.gateway import Client, admin_headers, fake_settings, tenant_with_key
 
-Client = AsyncTestClient[Any]
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "plan the next step"}]}
 
 
 @pytest.fixture
 def settings(tmp_path: Path, fake_engine: FakeEngine) -> Settings:
-    return Settings(data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=fake_engine.url)]))
+    return fake_settings(tmp_path, fake_engine)
 
 
 @pytest.fixture
 async def world(settings: Settings) -> AsyncIterator[tuple[Client, dict[str, str], dict[str, str], dict[str, Any]]]:
     async with AsyncTestClient(app=create_app(settings)) as client:
-        admin = {"Authorization": "Bearer " + embedded_issuer(settings).mint("root", client_id="c", roles=["admin"])}
-        keys = {}
-        for name in ("acme", "globex"):
-            tenant = (await client.post("/admin/tenants", json={"name": name}, headers=admin)).json()
-            wf = (
-                await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
-            ).json()
-            keys[name] = (await client.post("/admin/api-keys", json={"workflow_id": wf["id"]}, headers=admin)).json()
+        admin = admin_headers(settings)
+        keys = {name: (await tenant_with_key(client, admin, name))["key"] for name in ("acme", "globex")}
         yield client, admin, {"Authorization": f"Bearer {keys['acme']['key']}"}, keys
 
 

@@ -13,31 +13,28 @@ from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
 from appliance.identity.setup import embedded_issuer
-from appliance.settings import EngineRoute, GatewaySettings, Settings
+from appliance.settings import ModelPrice, PricingSettings, Settings
 from tests.support import fake_engine as fake
 from tests.support.fake_engine import FakeEngine
+from tests.support.gateway import Client, admin_headers, fake_settings, tenant_with_key
 
-Client = AsyncTestClient[Any]
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "one two three four five"}]}  # 8 tokens here
+
+
+PRICE = ModelPrice(prompt_per_million=1000.0, completion_per_million=2000.0)  # 0.001 and 0.002 per token
 
 
 @pytest.fixture
 def settings(tmp_path: Path, fake_engine: FakeEngine) -> Settings:
-    return Settings(data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=fake_engine.url)]))
+    return fake_settings(tmp_path, fake_engine, pricing=PricingSettings(models={"fake": PRICE}))
 
 
 @pytest.fixture
 async def world(settings: Settings) -> AsyncIterator[tuple[Client, dict[str, str], dict[str, Any]]]:
     """A client, admin headers, and a workflow with an inference key."""
     async with AsyncTestClient(app=create_app(settings)) as client:
-        token = embedded_issuer(settings).mint("root", client_id="c", roles=["admin"])
-        admin = {"Authorization": f"Bearer {token}"}
-        tenant = (await client.post("/admin/tenants", json={"name": "acme"}, headers=admin)).json()
-        workflow = (
-            await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
-        ).json()
-        key = (await client.post("/admin/api-keys", json={"workflow_id": workflow["id"]}, headers=admin)).json()
-        yield client, admin, {"tenant": tenant, "workflow": workflow, "key": key}
+        admin = admin_headers(settings)
+        yield client, admin, await tenant_with_key(client, admin, "acme")
 
 
 async def budget(client: Client, admin: dict[str, str], **body: Any) -> dict[str, Any]:
@@ -47,7 +44,7 @@ async def budget(client: Client, admin: dict[str, str], **body: Any) -> dict[str
 
 
 def as_key(ids: dict[str, Any]) -> dict[str, str]:
-    return {"Authorization": f"Bearer {ids['key']['key']}"}
+    return dict(ids["headers"])
 
 
 async def test_without_budgets_nothing_is_clamped(world: Any) -> None:
@@ -133,3 +130,25 @@ async def test_budget_admin_rules(world: Any, settings: Settings) -> None:
     assert foreign.status_code == 404
     user = embedded_issuer(settings).mint("u", client_id="c", roles=["user"])
     assert (await client.get("/admin/budgets/", headers={"Authorization": f"Bearer {user}"})).status_code == 403
+
+
+async def test_money_budget_clamps_charges_the_real_cost_and_refuses(world: Any) -> None:
+    client, admin, ids = world
+    made = await budget(
+        client, admin, scope_type="workflow", scope_id=ids["workflow"]["id"], kind="cost", period="day", limit=0.05
+    )
+    assert made["limit"] == 0.05
+    response = await client.post("/v1/chat/completions", json=CHAT, headers=as_key(ids))
+    assert response.status_code == 200
+    # 8 prompt tokens cost 0.008 of the 0.05; the 0.042 left pays for 21 completion tokens at 0.002.
+    assert response.headers["x-budget-max-tokens"] == "21"
+    assert response.headers["x-request-cost"] == "0.013 EUR"  # the engine reported 5 prompt + 4 completion
+    [row] = (await client.get("/admin/budgets/", headers=admin)).json()["data"]
+    assert (row["used"], row["reserved"], row["remaining"]) == (0.013, 0, 0.037)
+
+    changed = await client.patch(f"/admin/budgets/{made['id']}", json={"limit": 0.02}, headers=admin)
+    assert changed.status_code == 200 and changed.json()["limit"] == 0.02
+    refused = await client.post("/v1/chat/completions", json=CHAT, headers=as_key(ids))
+    assert refused.status_code == 429
+    message = refused.json()["error"]["message"]
+    assert "daily money budget" in message and "0.007 remain of 0.02" in message

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -15,6 +16,7 @@ from appliance.budgets.store import BudgetExceededError, BudgetStore
 from appliance.budgets.windows import window
 from appliance.db.engine import create_schema, make_engine
 from appliance.identity.models import Tenant, Workflow
+from appliance.ledger.pricing import Price
 
 CHAIN = {"api_key": "key_1", "workflow": "wf_1", "tenant": "ten_1"}
 
@@ -32,9 +34,13 @@ def clock() -> Clock:
     return Clock(datetime(2026, 11, 22, 10, 30, tzinfo=UTC))
 
 
-@pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> BudgetStore:
-    url = f"sqlite:///{tmp_path / 'budgets.db'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> BudgetStore:
+    """The same store on SQLite (one gateway process) and on a real PostgreSQL server (several)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'budgets.db'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database(f"budgets_{uuid.uuid4().hex[:12]}")
     create_schema(make_engine(url))
     with Session(make_engine(url)) as session:
         session.add(Tenant(id="ten_1", name="acme"))
@@ -152,3 +158,17 @@ def test_reservations_left_by_a_dead_gateway_are_released(store: BudgetStore, cl
     assert store.sweep(older_than_s=1800) == 1
     [row] = store.status()
     assert (row["reserved"], row["used"], store.dangling()) == (0, 0, 0)
+
+
+def test_money_budget_reserves_the_priced_hold_and_settles_the_real_cost(store: BudgetStore) -> None:
+    add_budget(store, "tenant", "ten_1", "cost", "month", 100_000)  # 0.1 in micro-units
+    price = Price(prompt=1000.0, completion=2000.0)
+    grant = store.reserve("r1", CHAIN, prompt_tokens=20, max_tokens=None, price=price)
+    assert (grant.max_tokens, grant.clamped) == (40, True)  # 0.02 for the prompt, 0.08 buys 40 tokens
+    [row] = store.status()
+    assert (row["reserved"], row["remaining"]) == (0.1, 0.0)
+    store.settle("r1", total_tokens=30, cost_micros=price.cost(20, 10))
+    [row] = store.status()
+    assert (row["used"], row["reserved"], row["remaining"]) == (0.04, 0.0, 0.06)
+    with pytest.raises(BudgetExceededError, match="money budget"):
+        store.reserve("r2", CHAIN, prompt_tokens=60, max_tokens=5, price=price)

@@ -1,0 +1,122 @@
+"""Admin API of usage and cost: grouped reports (JSON or CSV) and single requests.
+
+``GET /admin/usage/?group_by=tenant|workflow|agent|model|key&from=&to=&bucket=hour|day&format=json|csv``
+``GET /admin/usage/requests?from=&to=&limit=&offset=&format=json|csv``
+Periods default to the last 24 hours. A principal bound to a tenant sees only its tenant's usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
+
+from litestar import Controller, Request, Response, get
+from litestar.di import NamedDependency
+from litestar.params import FromQuery, QueryParameter
+from sqlalchemy.engine import Engine
+
+from appliance.identity.auth import principal_of
+from appliance.identity.principal import ADMIN, OPERATOR
+from appliance.ledger.report import COLUMNS, RECORD_COLUMNS, to_csv, usage_records, usage_report
+from appliance.lib.errors import InvalidRequestError
+from appliance.settings import Settings
+
+From = Annotated[datetime | None, QueryParameter(name="from", description="start (ISO 8601), inclusive")]
+To = Annotated[datetime | None, QueryParameter(name="to", description="end (ISO 8601), exclusive")]
+Format = Annotated[Literal["json", "csv"], QueryParameter(name="format")]
+MAX_SPAN = timedelta(days=366)
+
+
+def _period(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
+    end = _aware(end) if end else datetime.now(UTC)
+    start = _aware(start) if start else end - timedelta(days=1)
+    if start >= end:
+        raise InvalidRequestError("`from` must be before `to`.", param="from")
+    if end - start > MAX_SPAN:
+        raise InvalidRequestError("A report covers at most 366 days.", param="from")
+    return start, end
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _csv(body: str, name: str) -> Response[str]:
+    return Response(
+        content=body,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'},
+    )
+
+
+class UsageController(Controller):
+    path = "/admin/usage"
+
+    @get("/")
+    async def report(
+        self,
+        request: Request[Any, Any, Any],
+        db_engine: NamedDependency[Engine],
+        settings: NamedDependency[Settings],
+        group_by: FromQuery[Literal["tenant", "workflow", "agent", "model", "key"]] = "tenant",
+        start: From = None,
+        end: To = None,
+        bucket: FromQuery[Literal["hour", "day"] | None] = None,
+        output: Format = "json",
+    ) -> Response[Any]:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN, OPERATOR)
+        since, until = _period(start, end)
+        rows = await asyncio.to_thread(
+            usage_report,
+            db_engine,
+            group_by=group_by,
+            start=since,
+            end=until,
+            zone=ZoneInfo(settings.budgets.timezone),
+            bucket=bucket,
+            tenant_id=principal.tenant_id,
+        )
+        if output == "csv":
+            return _csv(to_csv(rows, COLUMNS), f"usage-by-{group_by}")
+        return Response(
+            content={
+                "object": "usage_report",
+                "group_by": group_by,
+                "bucket": bucket,
+                "from": since.isoformat(),
+                "to": until.isoformat(),
+                "currency": settings.pricing.currency,
+                "data": rows,
+            }
+        )
+
+    @get("/requests")
+    async def requests(
+        self,
+        request: Request[Any, Any, Any],
+        db_engine: NamedDependency[Engine],
+        settings: NamedDependency[Settings],
+        start: From = None,
+        end: To = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        output: Format = "json",
+    ) -> Response[Any]:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN, OPERATOR)
+        since, until = _period(start, end)
+        rows = await asyncio.to_thread(
+            usage_records,
+            db_engine,
+            start=since,
+            end=until,
+            tenant_id=principal.tenant_id,
+            limit=limit,
+            offset=offset,
+        )
+        if output == "csv":
+            return _csv(to_csv(rows, RECORD_COLUMNS), "usage-requests")
+        return Response(content={"object": "list", "currency": settings.pricing.currency, "data": rows})

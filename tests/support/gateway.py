@@ -1,0 +1,36 @@
+"""Helpers for tests of the gateway app against the fake engine: settings, an admin, a tenant with a key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from litestar.testing import AsyncTestClient
+
+from appliance.identity.setup import embedded_issuer
+from appliance.settings import EngineRoute, GatewaySettings, Settings
+from tests.support.fake_engine import FakeEngine
+
+Client = AsyncTestClient[Any]
+
+
+def fake_settings(data_dir: Path, engine: FakeEngine, **sections: Any) -> Settings:
+    """Settings of an app whose one model, `fake`, is served by the fake engine."""
+    return Settings(
+        data_dir=data_dir, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=engine.url)]), **sections
+    )
+
+
+def admin_headers(settings: Settings, roles: tuple[str, ...] = ("admin",)) -> dict[str, str]:
+    token = embedded_issuer(settings).mint("root", client_id="c", roles=list(roles))
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def tenant_with_key(client: Client, admin: dict[str, str], name: str) -> dict[str, Any]:
+    """A tenant, a workflow in it and an inference key of that workflow; ``headers`` authenticate as the key."""
+    tenant = (await client.post("/admin/tenants", json={"name": name}, headers=admin)).json()
+    workflow = (
+        await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
+    ).json()
+    key = (await client.post("/admin/api-keys", json={"workflow_id": workflow["id"]}, headers=admin)).json()
+    return {"tenant": tenant, "workflow": workflow, "key": key, "headers": {"Authorization": f"Bearer {key['key']}"}}
