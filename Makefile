@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run up down status test test-unit lint bench clean
+.PHONY: setup run up down status test test-unit lint bench clean postgresql
 
 setup: $(VENV)/.installed $(ENGINE_VENV)/.installed-$(ENGINE_PROFILE)
 
@@ -42,10 +42,16 @@ down:
 status:
 	$(VENV)/bin/appliance status
 
-test: setup lint
+test: setup postgresql lint
 	$(VENV)/bin/python -m pytest
 
-test-unit: $(VENV)/.installed
+# The tests of multi-replica behaviour start a private PostgreSQL server from the Debian package's binaries.
+postgresql:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
+	  echo "installing PostgreSQL (Debian package) for the multi-replica tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; }
+
+test-unit: $(VENV)/.installed postgresql
 	$(VENV)/bin/python -m pytest tests/unit
 
 lint: $(VENV)/.installed

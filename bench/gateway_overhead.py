@@ -146,6 +146,17 @@ def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Pope
     return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def spawn_fake(port: int) -> subprocess.Popen[bytes]:
+    """The fake engine in a process of its own (it must not share the benchmark's CPU time slices)."""
+    return spawn([sys.executable, "-c", f"from tests.support.fake_engine import serve_forever; serve_forever({port})"])
+
+
+def spawn_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """One gateway process, as `appliance up` runs it."""
+    command = ["uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port), "--no-access-log"]
+    return spawn([sys.executable, "-m", *command, "--log-level", "warning"], env)
+
+
 async def wait_up(url: str) -> None:
     async with aiohttp.ClientSession() as session:
         for _ in range(200):
@@ -200,29 +211,13 @@ async def part2(rates: list[float], seconds: float) -> None:
     fake_port, gateway_port = free_port(), free_port()
     data_dir = ROOT / "var" / "bench-overhead"
     data_dir.mkdir(parents=True, exist_ok=True)
-    fake = spawn(
-        [sys.executable, "-c", f"from tests.support.fake_engine import serve_forever; serve_forever({fake_port})"]
-    )
+    fake = spawn_fake(fake_port)
     env = dict(
         os.environ,
         APPLIANCE_DATA_DIR=str(data_dir),
         APPLIANCE_GATEWAY__ROUTES=json.dumps([{"model": "fake", "url": f"http://127.0.0.1:{fake_port}"}]),
     )
-    gateway = spawn(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "appliance.asgi:create_app",
-            "--factory",
-            "--port",
-            str(gateway_port),
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ],
-        env,
-    )
+    gateway = spawn_gateway(gateway_port, env)
     try:
         await wait_up(f"http://127.0.0.1:{fake_port}/health")
         await wait_up(f"http://127.0.0.1:{gateway_port}/healthz")

@@ -17,6 +17,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, Reservation
@@ -55,6 +57,7 @@ class Grant:
     max_tokens: int | None  # what the engine may generate (None: no token budget applies)
     clamped: bool  # max_tokens was lowered (or set) to fit the budgets
     reserved: bool  # something was reserved and must be settled
+    prompt_tokens: int = 0  # as counted before generation
 
 
 class BudgetStore:
@@ -203,7 +206,7 @@ class BudgetStore:
                     )
                 )
         clamped = granted is not None and (max_tokens is None or granted < max_tokens)
-        return Grant(granted, clamped=clamped, reserved=bool(holds))
+        return Grant(granted, clamped=clamped, reserved=bool(holds), prompt_tokens=prompt_tokens)
 
     def settle(self, request_id: str, total_tokens: int, cost_micros: int = 0, *, counts_as_call: bool = True) -> None:
         """Turn the request's reservations into usage (its real tokens, its cost, one call) and free the rest."""
@@ -309,14 +312,22 @@ def _chain_budgets(connection: Connection, chain: dict[str, str]) -> list[Any]:
 
 
 def _counter(connection: Connection, budget_id: str, start: datetime) -> tuple[int, int]:
-    found = connection.execute(
+    """The window's (used, reserved), its row locked until the transaction ends; made when first needed.
+    Two gateway processes may both find no row: the insert skips a row the other made, then both lock it."""
+    locked = (
         select(COUNTERS.c.used, COUNTERS.c.reserved)
         .where(COUNTERS.c.budget_id == budget_id, COUNTERS.c.window_start == start)
         .with_for_update()
-    ).first()
+    )
+    found = connection.execute(locked).first()
     if found is None:
-        connection.execute(insert(COUNTERS).values(budget_id=budget_id, window_start=start, used=0, reserved=0))
-        return 0, 0
+        insert_new = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+        connection.execute(
+            insert_new(COUNTERS)
+            .values(budget_id=budget_id, window_start=start, used=0, reserved=0)
+            .on_conflict_do_nothing()
+        )
+        found = connection.execute(locked).one()
     return int(found[0]), int(found[1])
 
 

@@ -147,6 +147,12 @@ class OpenAIServing:
             # The client went away before an answer: record without waiting (nothing may be awaited now).
             event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
             event.client_disconnected = True
+            if record.meter is not None and record.hold is not None:
+                # The engine was working on it and its count is lost with the connection (closing it makes
+                # vLLM abort): charge what was reserved, an upper bound, so budgets never under-count.
+                grant = record.hold.grant
+                event.prompt_tokens, event.completion_tokens = grant.prompt_tokens, grant.max_tokens or 0
+                event.total_tokens = event.prompt_tokens + event.completion_tokens
             event.latency_ms = (time.perf_counter() - started) * 1000.0
             record.finish(event)
             raise

@@ -118,8 +118,11 @@ def test_concurrent_reservations_never_exceed_the_budget(store: BudgetStore) -> 
     granted: list[int] = []
     refused: list[int] = []
     lock = threading.Lock()
+    start = threading.Barrier(20)  # the first of them race to open the window's counter
 
     def request(n: int) -> None:
+        if n < 20:
+            start.wait()
         try:
             grant = store.reserve(f"r{n}", CHAIN, prompt_tokens=20, max_tokens=80)
         except BudgetExceededError:
@@ -135,6 +138,7 @@ def test_concurrent_reservations_never_exceed_the_budget(store: BudgetStore) -> 
         thread.start()
     for thread in threads:
         thread.join()
+    assert len(granted) + len(refused) == 200, "every reservation was either granted or refused, none failed"
     [row] = store.status()
     assert row["used"] <= 10_000 and row["reserved"] == 0 and store.dangling() == 0
     assert row["used"] == sum(20 + g for g in granted)
