@@ -142,8 +142,11 @@ async def part1(gateway: str, engines: dict[str, str], requests: int, key: str) 
 # -- part 2: the gateway's own cost --------------------------------------------------------------------
 
 
-def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None = None) -> subprocess.Popen[bytes]:
+    if log is None:
+        return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("ab") as handle:
+        return subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
 def spawn_fake(port: int) -> subprocess.Popen[bytes]:
@@ -151,10 +154,10 @@ def spawn_fake(port: int) -> subprocess.Popen[bytes]:
     return spawn([sys.executable, "-c", f"from tests.support.fake_engine import serve_forever; serve_forever({port})"])
 
 
-def spawn_gateway(port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def spawn_gateway(port: int, env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
     """One gateway process, as `appliance up` runs it."""
     command = ["uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port), "--no-access-log"]
-    return spawn([sys.executable, "-m", *command, "--log-level", "warning"], env)
+    return spawn([sys.executable, "-m", *command, "--log-level", "warning"], env, log)
 
 
 async def wait_up(url: str) -> None:

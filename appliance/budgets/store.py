@@ -9,28 +9,59 @@ than a budget, whatever their number or the number of gateway processes sharing 
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, Reservation
 from appliance.budgets.windows import window
 from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
 
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
 BUDGETS: Table = Budget.__table__  # type: ignore[attr-defined]
 COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
 CALLS: Table = CallRecord.__table__  # type: ignore[attr-defined]
 PERIODIC = frozenset({"tokens", "requests", "cost"})  # budgets with a period, which reservations draw on
+
+
+_TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})  # PostgreSQL: deadlock detected, serialization failure
+
+
+def _retrying(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a store transaction again when the database gave it up for a transient conflict. Counters are
+    locked in one order (by budget id) so deadlocks should not occur; this is the net under that rule."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        for attempt in range(4):
+            try:
+                return method(*args, **kwargs)
+            except DBAPIError as exc:
+                transient = getattr(exc.orig, "sqlstate", None) in _TRANSIENT_SQLSTATES
+                if attempt == 3 or not (transient or "database is locked" in str(exc.orig)):
+                    raise
+                log.warning("budget transaction retried after %s", type(exc.orig).__name__)
+                time.sleep(0.005 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return wrapper
 
 
 class BudgetExceededError(ApplianceError):
@@ -66,6 +97,7 @@ class BudgetStore:
         self._zone = zone
         self._clock = clock or (lambda: datetime.now(UTC))
 
+    @_retrying
     def admit(
         self,
         request_id: str,
@@ -145,6 +177,7 @@ class BudgetStore:
         with self._engine.connect() as connection:
             return {row["kind"] for row in _chain_budgets(connection, chain)}
 
+    @_retrying
     def reserve(
         self,
         request_id: str,
@@ -208,6 +241,7 @@ class BudgetStore:
         clamped = granted is not None and (max_tokens is None or granted < max_tokens)
         return Grant(granted, clamped=clamped, reserved=bool(holds), prompt_tokens=prompt_tokens)
 
+    @_retrying
     def settle(self, request_id: str, total_tokens: int, cost_micros: int = 0, *, counts_as_call: bool = True) -> None:
         """Turn the request's reservations into usage (its real tokens, its cost, one call) and free the rest."""
         with self._engine.begin() as connection:
@@ -216,6 +250,7 @@ class BudgetStore:
                     select(RESERVATIONS, BUDGETS.c.kind)
                     .join(BUDGETS, BUDGETS.c.id == RESERVATIONS.c.budget_id)
                     .where(RESERVATIONS.c.request_id == request_id)
+                    .order_by(RESERVATIONS.c.budget_id)  # the order reserve locks counters in: no deadlock
                 )
                 .mappings()
                 .all()
@@ -229,12 +264,21 @@ class BudgetStore:
                 )
             connection.execute(delete(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id))
 
+    @_retrying
     def sweep(self, older_than_s: float) -> int:
         """Release reservations older than ``older_than_s`` (their gateway died before settling: a held
         reservation would otherwise eat the budget forever). Returns how many were released."""
         cutoff = self._clock() - timedelta(seconds=older_than_s)
         with self._engine.begin() as connection:
-            stale = connection.execute(select(RESERVATIONS).where(RESERVATIONS.c.created_at < cutoff)).mappings().all()
+            stale = (
+                connection.execute(
+                    select(RESERVATIONS)
+                    .where(RESERVATIONS.c.created_at < cutoff)
+                    .order_by(RESERVATIONS.c.budget_id, RESERVATIONS.c.request_id)
+                )
+                .mappings()
+                .all()
+            )
             for row in stale:
                 connection.execute(
                     update(COUNTERS)

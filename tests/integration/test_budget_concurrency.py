@@ -186,6 +186,7 @@ async def _run(target: Target, tenant: str) -> None:
     outcomes = await _hammer(target, created["key"])
     print(f"\n{tenant}: {dict(outcomes)} in {time.monotonic() - started:.1f}s", file=sys.stderr)
     assert outcomes["200"] > 0 and outcomes["429"] > 0 and outcomes["left"] > 0, outcomes
+    assert set(outcomes) == {"200", "429", "left"}, "answered or refused by a budget; never failed (a 503)"
 
     answered = outcomes["200"] + outcomes["429"]
     ledger: dict[str, int] = {}
