@@ -22,6 +22,7 @@ from appliance.budgets.routes import BudgetController
 from appliance.budgets.store import BudgetStore
 from appliance.console.auth_routes import ConsoleAuthController
 from appliance.db.engine import create_schema, make_engine
+from appliance.gateway.admission import Admission
 from appliance.gateway.health import HealthController
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     )
     pricing = Pricing(settings.pricing)
     metrics = GatewayMetrics(settings.pricing.currency)
+    admission = Admission(settings.admission)
     serving = OpenAIServing(
         router,
         usage,
@@ -88,6 +90,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         budgets=BudgetEnforcer(budgets, router),
         pricing=pricing,
         metrics=metrics,
+        admission=admission,
     )
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)

@@ -136,6 +136,40 @@ class PricingSettings(BaseModel):
         return self
 
 
+class AdmissionSettings(BaseModel):
+    """Queue tiers in front of every generative engine, by the request's real prompt length."""
+
+    enabled: bool = True
+    long_prompt_tokens: int = Field(default=512, ge=1, description="prompts this long or longer go to the long tier")
+    short_concurrency: int = Field(default=32, ge=1, description="short requests in flight per engine")
+    long_concurrency: int = Field(default=1, ge=1, description="long requests in flight per engine")
+    short_queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for a short slot, then 503")
+    long_queue_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for a long slot, then 503")
+    priority_scopes: list[str] = Field(
+        default_factory=list, description="tenant or workflow ids admitted first within their tier"
+    )
+
+
+class TelemetrySettings(BaseModel):
+    """Engine scraping and the concurrency health signal."""
+
+    scrape_interval_s: float = Field(default=1.0, gt=0, description="how often every engine's /metrics is read")
+    window_s: float = Field(default=30.0, ge=5, description="the rolling window the signal is computed over")
+    queue_growth_per_s: float = Field(
+        default=0.2, gt=0, description="waiting requests added per second (trend) that means degrading"
+    )
+    kv_degrading: float = Field(default=0.8, gt=0, le=1, description="KV-cache usage that means degrading")
+    kv_collapsing: float = Field(default=0.95, gt=0, le=1, description="... and collapsing")
+    ttft_divergence_degrading: float = Field(default=4.0, gt=1, description="P99/P50 TTFT that means degrading")
+    ttft_divergence_collapsing: float = Field(default=10.0, gt=1, description="... and collapsing")
+    min_ttft_samples: int = Field(default=20, ge=2, description="TTFTs needed in the window before their P99 counts")
+    slot_cv_degrading: float = Field(
+        default=0.5,
+        gt=0,
+        description="coefficient of variation of running requests (with a queue) that means degrading",
+    )
+
+
 class UsageSettings(BaseModel):
     queue_size: int = Field(
         default=10_000,
@@ -187,6 +221,8 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod

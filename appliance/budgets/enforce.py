@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,19 @@ def chain_of(principal: Principal) -> dict[str, str]:
         "tenant": principal.tenant_id,
     }
     return {scope: ident for scope, ident in scopes.items() if ident}
+
+
+class PromptCount:
+    """The request's prompt tokens, asked of the engine's tokenizer once however many need them."""
+
+    def __init__(self, router: EngineRouter, route: EngineRoute, data: dict[str, Any], request_id: str) -> None:
+        self._router, self._route, self._data, self._request_id = router, route, data, request_id
+        self.value: int | None = None
+
+    async def __call__(self) -> int:
+        if self.value is None:
+            self.value = await self._router.count_prompt_tokens(self._route, self._data, self._request_id)
+        return self.value
 
 
 @dataclass
@@ -85,6 +99,7 @@ class BudgetEnforcer:
         request_id: str,
         link: CallLink,
         price: Price | None = None,
+        count: Callable[[], Awaitable[int]] | None = None,
     ) -> Admission:
         """Admit the request against every budget of its chain before generation. ``data`` is clamped in
         place. One read finds which budgets apply; a chain without budgets costs no write."""
@@ -101,7 +116,7 @@ class BudgetEnforcer:
             if kinds & RESERVING:
                 prompt_tokens = 0
                 if kinds & COUNTS_PROMPT:
-                    prompt_tokens = await self._router.count_prompt_tokens(route, data, request_id)
+                    prompt_tokens = await (count or PromptCount(self._router, route, data, request_id))()
                 asked = 0 if route.runner == "pooling" else _asked_max_tokens(data)  # embeddings generate nothing
                 grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked, price)
                 admission.hold = Hold(self.store, request_id, grant)

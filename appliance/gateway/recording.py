@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import Hold
+from appliance.gateway.admission import Ticket
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.ledger.pricing import Price, ThroughputMeter
 from appliance.ledger.writer import UsageEvent, UsageSlot
@@ -77,6 +78,7 @@ class RequestRecord:
         "meter",
         "price",
         "prompt",
+        "ticket",
     )
 
     def __init__(
@@ -98,10 +100,13 @@ class RequestRecord:
         self.hold: Hold | None = None  # the request's budget reservation, settled with its real usage
         self.price = Price()  # fixed when the request is admitted
         self.meter: ThroughputMeter | None = None  # set once the request is on its way to an engine
+        self.ticket: Ticket | None = None  # its admission slot, freed when it ends
 
     def _account(self, event: UsageEvent) -> None:
         """Price the request, and end its share of the node's measured busy time."""
         event.cost_micros = self.price.cost(event.prompt_tokens, event.completion_tokens)
+        if self.ticket is not None:
+            self.ticket.release()
         if self.meter is not None:
             self.meter.end(event.total_tokens)
             self.meter = None

@@ -17,8 +17,9 @@ import aiohttp
 import msgspec
 
 from appliance.audit.writer import AuditWriter
-from appliance.budgets.enforce import BudgetEnforcer
+from appliance.budgets.enforce import BudgetEnforcer, PromptCount
 from appliance.budgets.store import BudgetExceededError, CallLink
+from appliance.gateway.admission import Admission
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
@@ -75,7 +76,9 @@ class OpenAIServing:
         budgets: BudgetEnforcer | None = None,
         pricing: Pricing | None = None,
         metrics: GatewayMetrics | None = None,
+        admission: Admission | None = None,
     ) -> None:
+        self._admission = admission if admission is not None and admission.settings.enabled else None
         self._budgets = budgets
         self._pricing = pricing or Pricing(PricingSettings())
         self._metrics = metrics
@@ -127,12 +130,16 @@ class OpenAIServing:
         )
         try:
             headers: dict[str, str] = {}
+            count = PromptCount(self._router, route, data, request_id)
             if self._budgets is not None:
                 admission = await self._budgets.enforce(
-                    principal, route, data, request_id, link or CallLink(), record.price
+                    principal, route, data, request_id, link or CallLink(), record.price, count
                 )
                 event.retry_attempt, event.depth = admission.attempt, admission.depth
                 record.hold, headers = admission.hold, admission.headers
+            if self._admission is not None and route.runner == "generate":
+                priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
+                record.ticket = await self._admission.admit(route.model, await count(), priority)
             self._pricing.meter.begin()
             record.meter = self._pricing.meter
             if streamed:
