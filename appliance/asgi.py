@@ -40,6 +40,7 @@ from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
 from appliance.settings import Settings, get_settings
+from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
         make_engine(settings.database_url, serialized_writes=True), ZoneInfo(settings.budgets.timezone)
     )
     pricing = Pricing(settings.pricing)
-    metrics = GatewayMetrics(settings.pricing.currency)
+    monitor = ConcurrencyMonitor(router, settings.telemetry)
+    metrics = GatewayMetrics(settings.pricing.currency, ttft_sink=monitor.observe_ttft)
     admission = Admission(settings.admission)
+    metrics.registry.register(TelemetryCollector(monitor, admission if settings.admission.enabled else None))
     serving = OpenAIServing(
         router,
         usage,
@@ -101,6 +104,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
         create_schema(db_engine)
         await router.start()
+        await monitor.start()
         await usage.start()
         await audit.start()
         sweeper = asyncio.create_task(sweep_reservations(budgets, settings.budgets.reservation_ttl_s))
@@ -110,6 +114,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             sweeper.cancel()
             await audit.stop()
             await usage.stop()
+            await monitor.stop()
             await router.stop()
             db_engine.dispose()
 
@@ -136,6 +141,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
+            "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
         },
         middleware=[audit_middleware(audit), authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,

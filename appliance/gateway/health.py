@@ -17,6 +17,7 @@ from appliance.gateway.upstream import EngineRouter
 from appliance.identity.auth import principal_of
 from appliance.identity.principal import ADMIN, OPERATOR
 from appliance.lib.errors import PermissionDeniedError
+from appliance.telemetry.monitor import ConcurrencyMonitor
 
 
 def _database_ok(engine: Engine) -> bool:
@@ -32,7 +33,10 @@ class HealthController(Controller):
 
     @get("/readyz")
     async def readyz(
-        self, router: NamedDependency[EngineRouter], db_engine: NamedDependency[Engine]
+        self,
+        router: NamedDependency[EngineRouter],
+        db_engine: NamedDependency[Engine],
+        monitor: NamedDependency[ConcurrencyMonitor],
     ) -> Response[dict[str, Any]]:
         engines, database = await asyncio.gather(
             router.health_all(), asyncio.to_thread(_database_ok, db_engine), return_exceptions=True
@@ -48,6 +52,11 @@ class HealthController(Controller):
             "status": "ready" if ready else "unready",
             "database": {"healthy": database_ok},
             "engines": engine_rows,
+            # Overload is not unreadiness (the engines answer); it is reported for whoever balances load.
+            "concurrency": {
+                "state": (report := monitor.report())["state"],
+                "engines": {model: e["state"] for model, e in report["engines"].items()},
+            },
         }
         return Response(content=body, status_code=200 if ready else 503)
 
@@ -60,3 +69,11 @@ class HealthController(Controller):
         if principal.tenant_id is not None:
             raise PermissionDeniedError("Metrics cover every tenant: only platform admins and operators read them.")
         return Response(content=metrics.render(), media_type=CONTENT_TYPE)
+
+    @get("/admin/health/concurrency")
+    async def concurrency(
+        self, request: Request[Any, Any, Any], monitor: NamedDependency[ConcurrencyMonitor]
+    ) -> dict[str, Any]:
+        """The concurrency health signal per engine and overall, with its reasons and inputs."""
+        principal_of(request.scope).require_role(ADMIN, OPERATOR)
+        return monitor.report()

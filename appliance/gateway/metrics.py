@@ -6,6 +6,8 @@ Prometheus adds the processes up. Label values are ids, never names, and ``-`` w
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -23,8 +25,9 @@ def _label(value: str | None) -> str:
 
 
 class GatewayMetrics:
-    def __init__(self, currency: str) -> None:
+    def __init__(self, currency: str, ttft_sink: Callable[[str, float], None] | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._ttft_sink = ttft_sink  # the concurrency monitor's window of gateway-measured TTFT
         self.currency = currency
         scope = ["tenant", "workflow", "model"]
         self.requests = Counter(
@@ -93,6 +96,8 @@ class GatewayMetrics:
             self.latency.labels(event.model, event.endpoint).observe(event.latency_ms / 1000.0)
             if event.ttft_ms is not None:
                 self.ttft.labels(event.model).observe(event.ttft_ms / 1000.0)
+                if self._ttft_sink is not None:
+                    self._ttft_sink(event.model, event.ttft_ms / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +121,51 @@ def client(appliance: Appliance) -> OpenAI:
 
 CHAT_MODEL = "smollm2-135m-instruct"
 EMBED_MODEL = "minilm-l6-v2"
+
+
+def gateway_env(appliance: Appliance, data_dir: Path, **settings: str) -> dict[str, str]:
+    """Environment of an extra gateway process of its own (data dir, settings) in front of the session's
+    engines."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir.mkdir(parents=True)
+    routes = [
+        {"model": e["model"], "url": e["url"], "runner": "pooling" if e["model"] == EMBED_MODEL else "generate"}
+        for e in appliance.status()["engines"]
+    ]
+    return dict(
+        appliance.env, APPLIANCE_DATA_DIR=str(data_dir), APPLIANCE_GATEWAY__ROUTES=json.dumps(routes), **settings
+    )
+
+
+def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
+    """A gateway process as `appliance up` runs it (uvicorn), once it answers /healthz."""
+    command = [sys.executable, "-m", "uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port)]
+    with log.open("ab") as handle:
+        process = subprocess.Popen(
+            [*command, "--no-access-log", "--log-level", "warning"],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"gateway on port {port} exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return process
+        except OSError:
+            time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"gateway on port {port} did not become healthy:\n{log.read_text()[-3000:]}")
+
+
+def stop_gateway(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

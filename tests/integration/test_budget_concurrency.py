@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -17,13 +16,19 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import aiohttp
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.integration.conftest import CHAT_MODEL, TEST_DATA_DIR, Appliance
+from tests.integration.conftest import (
+    CHAT_MODEL,
+    TEST_DATA_DIR,
+    Appliance,
+    gateway_env,
+    start_gateway,
+    stop_gateway,
+)
 from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -32,7 +37,6 @@ REQUESTS = 200
 TOKEN_LIMIT = 2500
 CALL_LIMIT = 120
 REPLICA_PORTS = (18091, 18092)
-GATEWAY = (sys.executable, "-m", "uvicorn", "appliance.asgi:create_app", "--factory")
 
 
 @dataclass
@@ -56,58 +60,18 @@ class Target:
         return result.stdout
 
 
-def _wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"gateway on {url} exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(f"gateway on {url} did not become healthy:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def replicas(appliance: Appliance, postgres: PostgresServer) -> Iterator[Target]:
     """Two gateway processes (uvicorn, as `appliance up` runs it) on one PostgreSQL database, in front of
     the session's real engines."""
     data_dir = TEST_DATA_DIR / "replicas"
-    shutil.rmtree(data_dir, ignore_errors=True)
-    routes = [
-        {"model": e["model"], "url": e["url"], "runner": "pooling" if "minilm" in e["model"] else "generate"}
-        for e in appliance.status()["engines"]
-    ]
-    env = dict(
-        appliance.env,
-        APPLIANCE_DATA_DIR=str(data_dir),
-        APPLIANCE_DATABASE__URL=postgres.create_database("replicas"),
-        APPLIANCE_GATEWAY__ROUTES=json.dumps(routes),
-    )
+    env = gateway_env(appliance, data_dir, APPLIANCE_DATABASE__URL=postgres.create_database("replicas"))
     target = Target([f"http://127.0.0.1:{port}" for port in REPLICA_PORTS], env["APPLIANCE_DATABASE__URL"], env)
     target.cli("admin", "token", "--role", "admin")  # schema and secrets made once, before the processes race
-    processes = []
-    for port in REPLICA_PORTS:
-        log = data_dir / f"gateway-{port}.log"
-        with log.open("ab") as handle:
-            process = subprocess.Popen(
-                [*GATEWAY, "--port", str(port), "--no-access-log", "--log-level", "warning"],
-                env=env,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        processes.append(process)
-        _wait_healthy(f"http://127.0.0.1:{port}", process, log)
+    processes = [start_gateway(env, port, data_dir / f"gateway-{port}.log") for port in REPLICA_PORTS]
     yield target
     for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(timeout=30)
+        stop_gateway(process)
 
 
 @pytest.fixture(scope="module")

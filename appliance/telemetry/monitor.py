@@ -1,0 +1,139 @@
+"""Engine telemetry: every engine's /metrics read on a short interval into a rolling window in memory, the
+gateway's own time-to-first-token measurements beside it, and the concurrency health signal from both."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from appliance.gateway.admission import Admission
+from appliance.gateway.upstream import EngineRouter
+from appliance.settings import TelemetrySettings
+from appliance.telemetry.samples import EngineSample, parse
+from appliance.telemetry.signal import LEVELS, Health, assess, worst
+
+log = logging.getLogger(__name__)
+
+
+class ConcurrencyMonitor:
+    def __init__(
+        self, router: EngineRouter, settings: TelemetrySettings, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._router = router
+        self.settings = settings
+        self._clock = clock
+        self._samples: dict[str, deque[EngineSample]] = {}
+        self._ttfts: dict[str, deque[tuple[float, float]]] = {}
+        self._errors: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-telemetry")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            started = self._clock()
+            await asyncio.gather(*(self.scrape(route.model, route.url) for route in self._router.routes))
+            await asyncio.sleep(max(self.settings.scrape_interval_s - (self._clock() - started), 0.05))
+
+    async def scrape(self, model: str, url: str) -> None:
+        try:
+            timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval_s, 1.0))
+            async with self._router.session.get(url + "/metrics", timeout=timeout) as response:
+                text = await response.text()
+                if response.status != 200:
+                    raise ValueError(f"/metrics answered {response.status}")
+            self.add(model, parse(text, self._clock()))
+            self._errors.pop(model, None)
+        except Exception as exc:  # an engine that is down has no metrics; readiness reports it
+            self._errors[model] = f"{type(exc).__name__}: {exc}"
+
+    def add(self, model: str, sample: EngineSample) -> None:
+        self._samples.setdefault(model, deque()).append(sample)
+
+    def observe_ttft(self, model: str, seconds: float) -> None:
+        self._ttfts.setdefault(model, deque()).append((self._clock(), seconds))
+
+    def health(self, model: str) -> Health:
+        horizon = self._clock() - self.settings.window_s
+        samples = self._samples.setdefault(model, deque())
+        while samples and samples[0].at < horizon:
+            samples.popleft()
+        ttfts = self._ttfts.setdefault(model, deque())
+        while ttfts and ttfts[0][0] < horizon:
+            ttfts.popleft()
+        health = assess(list(samples), [seconds for _, seconds in ttfts], self.settings)
+        if model in self._errors:
+            health.inputs["scrape_error"] = self._errors[model]
+        return health
+
+    def report(self) -> dict[str, Any]:
+        engines = {route.model: self.health(route.model).as_dict() for route in self._router.routes}
+        return {
+            "state": worst([engine["state"] for engine in engines.values()]),
+            "window_s": self.settings.window_s,
+            "engines": engines,
+        }
+
+
+class TelemetryCollector(Collector):
+    """Gauges for /metrics, read when scraped: the signal, its inputs, and the admission tiers."""
+
+    def __init__(self, monitor: ConcurrencyMonitor, admission: Admission | None) -> None:
+        self._monitor = monitor
+        self._admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        report = self._monitor.report()
+        state = GaugeMetricFamily(
+            "appliance_concurrency_state",
+            "Concurrency health per engine: 1 for its current state (healthy, degrading, collapsing).",
+            labels=["model", "state"],
+        )
+        inputs = {
+            "queue_depth": ("appliance_engine_requests_waiting", "Requests waiting in the engine."),
+            "running": ("appliance_engine_requests_running", "Requests the engine is processing."),
+            "kv_cache_usage": ("appliance_engine_kv_cache_usage_ratio", "KV-cache usage of the engine (0-1)."),
+            "queue_trend_per_s": ("appliance_engine_queue_trend", "Slope of the engine's queue, requests/s."),
+            "ttft_divergence": ("appliance_ttft_divergence_ratio", "P99 over P50 time to first token."),
+        }
+        gauges = {key: GaugeMetricFamily(name, text, labels=["model"]) for key, (name, text) in inputs.items()}
+        for model, engine in report["engines"].items():
+            for level in LEVELS:
+                state.add_metric([model, level], 1.0 if engine["state"] == level else 0.0)
+            for key, gauge in gauges.items():
+                if key in engine["inputs"]:
+                    gauge.add_metric([model], float(engine["inputs"][key]))
+        yield state
+        yield from gauges.values()
+        if self._admission is None:
+            return
+        in_flight = GaugeMetricFamily(
+            "appliance_admission_in_flight", "Requests holding a slot of an admission tier.", labels=["model", "tier"]
+        )
+        waiting = GaugeMetricFamily(
+            "appliance_admission_waiting", "Requests waiting for a slot of an admission tier.", labels=["model", "tier"]
+        )
+        for model, tiers in self._admission.snapshot().items():
+            for tier, figures in tiers.items():
+                in_flight.add_metric([model, tier], figures["in_flight"])
+                waiting.add_metric([model, tier], figures["waiting"])
+        yield in_flight
+        yield waiting
