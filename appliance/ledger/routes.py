@@ -8,6 +8,7 @@ Periods default to the last 24 hours. A principal bound to a tenant sees only it
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
@@ -43,6 +44,22 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+async def _read(
+    request: Request[Any, Any, Any],
+    start: datetime | None,
+    end: datetime | None,
+    query: Callable[..., list[dict[str, Any]]],
+    engine: Engine,
+    **options: Any,
+) -> tuple[datetime, datetime, list[dict[str, Any]]]:
+    """Run a ledger query over the asked period, for admins and operators, within the principal's tenant."""
+    principal = principal_of(request.scope)
+    principal.require_role(ADMIN, OPERATOR)
+    since, until = _period(start, end)
+    rows = await asyncio.to_thread(query, engine, start=since, end=until, tenant_id=principal.tenant_id, **options)
+    return since, until, rows
+
+
 def _csv(body: str, name: str) -> Response[str]:
     return Response(
         content=body,
@@ -66,18 +83,9 @@ class UsageController(Controller):
         bucket: FromQuery[Literal["hour", "day"] | None] = None,
         output: Format = "json",
     ) -> Response[Any]:
-        principal = principal_of(request.scope)
-        principal.require_role(ADMIN, OPERATOR)
-        since, until = _period(start, end)
-        rows = await asyncio.to_thread(
-            usage_report,
-            db_engine,
-            group_by=group_by,
-            start=since,
-            end=until,
-            zone=ZoneInfo(settings.budgets.timezone),
-            bucket=bucket,
-            tenant_id=principal.tenant_id,
+        zone = ZoneInfo(settings.budgets.timezone)
+        since, until, rows = await _read(
+            request, start, end, usage_report, db_engine, group_by=group_by, zone=zone, bucket=bucket
         )
         if output == "csv":
             return _csv(to_csv(rows, COLUMNS), f"usage-by-{group_by}")
@@ -105,18 +113,7 @@ class UsageController(Controller):
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
         output: Format = "json",
     ) -> Response[Any]:
-        principal = principal_of(request.scope)
-        principal.require_role(ADMIN, OPERATOR)
-        since, until = _period(start, end)
-        rows = await asyncio.to_thread(
-            usage_records,
-            db_engine,
-            start=since,
-            end=until,
-            tenant_id=principal.tenant_id,
-            limit=limit,
-            offset=offset,
-        )
+        _since, _until, rows = await _read(request, start, end, usage_records, db_engine, limit=limit, offset=offset)
         if output == "csv":
             return _csv(to_csv(rows, RECORD_COLUMNS), "usage-requests")
         return Response(content={"object": "list", "currency": settings.pricing.currency, "data": rows})
