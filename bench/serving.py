@@ -19,6 +19,7 @@ import json
 import random
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def schedule(seconds: float, short_rate: float, long_rate: float, seed: int = 11
     return sorted(arrivals)
 
 
-async def one(session: aiohttp.ClientSession, url: str, kind: str, index: int, result: Result) -> None:
-    text = SHORT_QUESTION if kind == "short" else f"Report {index}. {LONG_DOCUMENT}\nSummarise the report."
+async def one(session: aiohttp.ClientSession, url: str, kind: str, index: int, result: Result, run: str) -> None:
+    # Every prompt of a run starts with the run's id: a later run cannot reuse an earlier run's prefix cache.
+    text = f"[{run}] " + (SHORT_QUESTION if kind == "short" else f"Report {index}. {LONG_DOCUMENT}\nSummarise it.")
     body = {
         "model": CHAT_MODEL,
         "messages": [{"role": "user", "content": text}],
@@ -90,6 +92,7 @@ async def one(session: aiohttp.ClientSession, url: str, kind: str, index: int, r
 
 async def run(url: str, key: str | None, arrivals: list[tuple[float, str]]) -> Result:
     result = Result()
+    run_id = uuid.uuid4().hex[:8]
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = []
@@ -98,7 +101,7 @@ async def run(url: str, key: str | None, arrivals: list[tuple[float, str]]) -> R
             delay = started + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, url, kind, index, result)))
+            tasks.append(asyncio.create_task(one(session, url, kind, index, result, run_id)))
         await asyncio.gather(*tasks)
         result.elapsed = time.perf_counter() - started
     return result
@@ -130,7 +133,7 @@ def main() -> None:
         engine = next(e["url"] for e in status["engines"] if e["model"] == CHAT_MODEL)
         key = api_key(env)
         arrivals = schedule(args.seconds, args.short_rate, args.long_rate)
-        warm = schedule(5.0, args.short_rate, args.long_rate, seed=3)
+        warm = schedule(15.0, args.short_rate, args.long_rate, seed=3)  # compiles the engine's batch shapes
         asyncio.run(run(engine, None, warm))
         asyncio.run(run(status["gateway_url"], key, warm))
         print(
