@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +17,7 @@ from sqlalchemy.engine import Engine
 from appliance.budgets.windows import window
 from appliance.ledger.models import UsageRecord
 from appliance.ledger.pricing import to_currency
+from appliance.lib.stats import nearest_rank
 
 USAGE: Table = UsageRecord.__table__  # type: ignore[attr-defined]
 GROUPS = {
@@ -75,9 +75,7 @@ def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of unsorted values; None when there are none."""
     if not values:
         return None
-    ordered = sorted(values)
-    rank = max(math.ceil(q / 100.0 * len(ordered)), 1)
-    return round(ordered[rank - 1], 3)
+    return round(nearest_rank(values, q / 100.0)[0], 3)
 
 
 @dataclass

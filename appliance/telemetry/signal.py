@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.lib.stats import nearest_rank
 from appliance.settings import TelemetrySettings
 from appliance.telemetry.samples import EngineSample, histogram_quantile
 
@@ -52,16 +53,11 @@ def slope(points: Sequence[tuple[float, float]]) -> float:
     return sum((t - mean_t) * (y - mean_y) for t, y in points) / spread
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(math.ceil(q * len(ordered)) - 1, 0)]
-
-
 def _ttft(samples: Sequence[EngineSample], gateway_ttfts: Sequence[float], minimum: int) -> tuple[float, float, str]:
     """(P50, P99, source) of time to first token in the window, in seconds; zeros when too little is known."""
     if len(gateway_ttfts) >= minimum:
-        values = list(gateway_ttfts)
-        return _quantile(values, 0.5), _quantile(values, 0.99), "gateway"
+        median, tail = nearest_rank(gateway_ttfts, 0.5, 0.99)
+        return median, tail, "gateway"
     if len(samples) >= 2:
         first, last = samples[0].ttft_buckets, samples[-1].ttft_buckets
         delta = {bound: last[bound] - first.get(bound, 0.0) for bound in last}
