@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         usage,
         audit,
         captures_content=lambda tenant: tenant_captures(db_engine, tenant),
-        budgets=BudgetEnforcer(budgets, router),
+        budgets=BudgetEnforcer(budgets),
         pricing=pricing,
         metrics=metrics,
         admission=admission,

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from appliance.budgets.store import BudgetStore, CallLink, Grant
-from appliance.gateway.upstream import EngineRouter
 from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Price
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
@@ -33,19 +32,6 @@ def chain_of(principal: Principal) -> dict[str, str]:
         "tenant": principal.tenant_id,
     }
     return {scope: ident for scope, ident in scopes.items() if ident}
-
-
-class PromptCount:
-    """The request's prompt tokens, asked of the engine's tokenizer once however many need them."""
-
-    def __init__(self, router: EngineRouter, route: EngineRoute, data: dict[str, Any], request_id: str) -> None:
-        self._router, self._route, self._data, self._request_id = router, route, data, request_id
-        self.value: int | None = None
-
-    async def __call__(self) -> int:
-        if self.value is None:
-            self.value = await self._router.count_prompt_tokens(self._route, self._data, self._request_id)
-        return self.value
 
 
 @dataclass
@@ -87,9 +73,8 @@ class Admission:
 
 
 class BudgetEnforcer:
-    def __init__(self, store: BudgetStore, router: EngineRouter) -> None:
+    def __init__(self, store: BudgetStore) -> None:
         self.store = store
-        self._router = router
 
     async def enforce(
         self,
@@ -98,11 +83,12 @@ class BudgetEnforcer:
         data: dict[str, Any],
         request_id: str,
         link: CallLink,
-        price: Price | None = None,
-        count: Callable[[], Awaitable[int]] | None = None,
+        price: Price,
+        count: Callable[[], Awaitable[int]],
     ) -> Admission:
         """Admit the request against every budget of its chain before generation. ``data`` is clamped in
-        place. One read finds which budgets apply; a chain without budgets costs no write."""
+        place; ``count`` gives the prompt's tokens (asked only where a budget needs them). One read finds
+        which budgets apply; a chain without budgets costs no write."""
         chain = chain_of(principal)
         if not chain:
             return Admission()
@@ -116,7 +102,7 @@ class BudgetEnforcer:
             if kinds & RESERVING:
                 prompt_tokens = 0
                 if kinds & COUNTS_PROMPT:
-                    prompt_tokens = await (count or PromptCount(self._router, route, data, request_id))()
+                    prompt_tokens = await count()
                 asked = 0 if route.runner == "pooling" else _asked_max_tokens(data)  # embeddings generate nothing
                 grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked, price)
                 admission.hold = Hold(self.store, request_id, grant)

@@ -17,7 +17,7 @@ import aiohttp
 import msgspec
 
 from appliance.audit.writer import AuditWriter
-from appliance.budgets.enforce import BudgetEnforcer, PromptCount
+from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import BudgetExceededError, CallLink
 from appliance.gateway.admission import Admission
 from appliance.gateway.metrics import GatewayMetrics
@@ -32,7 +32,7 @@ from appliance.gateway.protocol import (
 )
 from appliance.gateway.recording import RequestRecord, Source
 from appliance.gateway.streaming import StreamRelay
-from appliance.gateway.upstream import EngineRouter
+from appliance.gateway.upstream import EngineRouter, PromptCount
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
 from appliance.ledger.pricing import Pricing, to_currency

@@ -131,6 +131,20 @@ class EngineRouter:
         return list(await asyncio.gather(*(self.health(route) for route in self._routes.values())))
 
 
+class PromptCount:
+    """A request's prompt tokens, asked of the engine's tokenizer once however many need them (budgets,
+    admission tiers)."""
+
+    def __init__(self, router: EngineRouter, route: EngineRoute, data: dict[str, Any], request_id: str) -> None:
+        self._router, self._route, self._data, self._request_id = router, route, data, request_id
+        self.value: int | None = None
+
+    async def __call__(self) -> int:
+        if self.value is None:
+            self.value = await self._router.count_prompt_tokens(self._route, self._data, self._request_id)
+        return self.value
+
+
 def engine_error(model: str, status: int, raw: bytes) -> UpstreamError | UpstreamRequestError:
     """Map an engine's non-200 answer: its 4xx are the client's fault (passed on), the rest are 502."""
     message, param = _engine_message(raw)
