@@ -86,20 +86,20 @@ class ThroughputMeter:
         if now - self._window_started >= self._window_s:
             self._roll(now)
 
-    def _roll(self, now: float) -> None:
+    def _current(self, now: float) -> float | None:
+        """This window's figure, once it has enough busy time (the busy spell still open included)."""
         busy = self._busy_s + (now - self._busy_since if self._in_flight else 0.0)
-        if busy >= self._min_busy_s and self._tokens > 0:
-            self._measured = self._tokens / busy
+        return self._tokens / busy if busy >= self._min_busy_s and self._tokens > 0 else None
+
+    def _roll(self, now: float) -> None:
+        self._measured = self._current(now) or self._measured
         self._tokens, self._busy_s, self._window_started = 0, 0.0, now
         if self._in_flight:
             self._busy_since = now
 
     def tokens_per_second(self) -> float | None:
-        """The last full window's figure, or the current window's once it has enough busy time."""
-        busy = self._busy_s + (self._clock() - self._busy_since if self._in_flight else 0.0)
-        if busy >= self._min_busy_s and self._tokens > 0:
-            return self._tokens / busy
-        return self._measured
+        """The current window's figure once it has enough busy time, else the last full window's."""
+        return self._current(self._clock()) or self._measured
 
 
 class Pricing:
