@@ -59,20 +59,22 @@ class Tier:
         try:
             await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except TimeoutError:
-            if future.done() and not future.cancelled():
-                self.release()  # the slot was handed over just as the wait ran out: give it back
-            future.cancel()
+            self._abandon(future)
             self.timed_out += 1
             raise QueueTimeoutError(
                 f"The {self.name}-context queue is full: no slot freed up within {self.timeout_s:g}s. Retry later.",
                 headers={"Retry-After": str(max(1, math.ceil(self.timeout_s / 4)))},
             ) from None
         except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release()
-            future.cancel()
+            self._abandon(future)
             raise
         self.admitted += 1
+
+    def _abandon(self, future: asyncio.Future[None]) -> None:
+        """Leave the line; a slot handed over just as the wait ended is given back."""
+        if future.done() and not future.cancelled():
+            self.release()
+        future.cancel()
 
     def release(self) -> None:
         """Free a slot, handing it straight to the first waiter in line (if any)."""
