@@ -206,13 +206,7 @@ class BudgetStore:
                 start, end = window(budget["period"], now, self._zone)
                 used, reserved = _counter(connection, budget["id"], start)
                 remaining = budget["limit"] - used - reserved
-                if budget["kind"] == "tokens":
-                    need = prompt_tokens + 1
-                elif budget["kind"] == "cost":
-                    need = price.cost(prompt_tokens, 1)
-                else:
-                    need = 1
-                if remaining < need:
+                if remaining < _amount(budget["kind"], prompt_tokens, 1, price):  # not even one token fits
                     raise _exceeded(budget, max(remaining, 0), end, now)
                 if budget["kind"] == "tokens":
                     cap = min(cap, remaining - prompt_tokens)
@@ -222,12 +216,7 @@ class BudgetStore:
                 holds.append((budget, start))
             granted = None if cap == math.inf else int(cap)
             for budget, start in holds:
-                if budget["kind"] == "tokens":
-                    amount = prompt_tokens + (granted or 0)
-                elif budget["kind"] == "cost":
-                    amount = price.cost(prompt_tokens, granted or 0)
-                else:
-                    amount = 1
+                amount = _amount(budget["kind"], prompt_tokens, granted or 0, price)
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == budget["id"], COUNTERS.c.window_start == start)
@@ -353,6 +342,15 @@ def _chain_budgets(connection: Connection, chain: dict[str, str]) -> list[Any]:
         return []
     # Lock in a fixed order (by id) so two requests never wait on each other's rows (no deadlock).
     return list(connection.execute(select(BUDGETS).where(or_(*conditions)).order_by(BUDGETS.c.id)).mappings())
+
+
+def _amount(kind: str, prompt_tokens: int, completion_tokens: int, price: Price) -> int:
+    """What a request of this size takes from a periodic budget of this kind."""
+    if kind == "tokens":
+        return prompt_tokens + completion_tokens
+    if kind == "cost":
+        return price.cost(prompt_tokens, completion_tokens)
+    return 1  # requests: one call
 
 
 def _counter(connection: Connection, budget_id: str, start: datetime) -> tuple[int, int]:
