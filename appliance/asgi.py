@@ -83,8 +83,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     pricing = Pricing(settings.pricing)
     monitor = ConcurrencyMonitor(router, settings.telemetry)
     metrics = GatewayMetrics(settings.pricing.currency, ttft_sink=monitor.observe_ttft)
-    admission = Admission(settings.admission)
-    metrics.registry.register(TelemetryCollector(monitor, admission if settings.admission.enabled else None))
+    admission = Admission(settings.admission) if settings.admission.enabled else None
+    metrics.registry.register(TelemetryCollector(monitor, admission))
     serving = OpenAIServing(
         router,
         usage,

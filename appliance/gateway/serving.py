@@ -78,7 +78,7 @@ class OpenAIServing:
         metrics: GatewayMetrics | None = None,
         admission: Admission | None = None,
     ) -> None:
-        self._admission = admission if admission is not None and admission.settings.enabled else None
+        self._admission = admission
         self._budgets = budgets
         self._pricing = pricing or Pricing(PricingSettings())
         self._metrics = metrics

@@ -4,7 +4,6 @@ gateway's own time-to-first-token measurements beside it, and the concurrency he
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,8 +18,6 @@ from appliance.gateway.upstream import EngineRouter
 from appliance.settings import TelemetrySettings
 from appliance.telemetry.samples import EngineSample, parse
 from appliance.telemetry.signal import LEVELS, Health, assess, worst
-
-log = logging.getLogger(__name__)
 
 
 class ConcurrencyMonitor:
