@@ -73,9 +73,14 @@ RECORD_COLUMNS = (
 
 def percentile(values: list[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of unsorted values; None when there are none."""
+    return percentiles(values, q)[q]
+
+
+def percentiles(values: list[float], *qs: float) -> dict[float, float | None]:
+    """Several nearest-rank percentiles (q in 0..100), sorting the values once; None when there are none."""
     if not values:
-        return None
-    return round(nearest_rank(values, q / 100.0)[0], 3)
+        return dict.fromkeys(qs)
+    return {q: round(value, 3) for q, value in zip(qs, nearest_rank(values, *(q / 100.0 for q in qs)), strict=True)}
 
 
 @dataclass
@@ -111,6 +116,7 @@ class _Group:
         self.retries += int(row.retry_attempt > 0)
 
     def as_row(self, group: str | None, bucket: datetime | None) -> dict[str, Any]:
+        latency, ttft = percentiles(self.latencies, 50, 99), percentiles(self.ttfts, 50, 99)
         return {
             "group": group,
             "bucket": bucket.isoformat() if bucket else None,
@@ -124,10 +130,10 @@ class _Group:
             "cost": to_currency(self.cost_micros),
             "retries": self.retries,
             "retry_rate": round(self.retries / self.requests, 4) if self.requests else 0.0,
-            "latency_p50_ms": percentile(self.latencies, 50),
-            "latency_p99_ms": percentile(self.latencies, 99),
-            "ttft_p50_ms": percentile(self.ttfts, 50),
-            "ttft_p99_ms": percentile(self.ttfts, 99),
+            "latency_p50_ms": latency[50],
+            "latency_p99_ms": latency[99],
+            "ttft_p50_ms": ttft[50],
+            "ttft_p99_ms": ttft[99],
         }
 
 
