@@ -29,6 +29,25 @@ GATEWAY_PORT = 18080
 ENGINE_PORT_BASE = 18101
 
 
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """The `appliance` command, as a user runs it, with ``env``."""
+    return subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cli_output(env: dict[str, str], *args: str) -> str:
+    """What the `appliance` command printed; it must succeed."""
+    result = run_cli(env, *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
 @dataclass
 class Appliance:
     env: dict[str, str]
@@ -41,14 +60,7 @@ class Appliance:
         return {"Authorization": f"Bearer {self.api_key}"}
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return run_cli(self.env, *args, timeout=timeout)
 
     def status(self) -> dict[str, Any]:
         result = self.cli("status", "--json")

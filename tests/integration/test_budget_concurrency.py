@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ from tests.integration.conftest import (
     CHAT_MODEL,
     TEST_DATA_DIR,
     Appliance,
+    cli_output,
     gateway_env,
     start_gateway,
     stop_gateway,
@@ -48,16 +48,7 @@ class Target:
     env: dict[str, str]
 
     def cli(self, *args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
+        return cli_output(self.env, *args)
 
 
 @pytest.fixture(scope="module")
@@ -175,12 +166,4 @@ async def test_one_gateway_on_sqlite_never_overspends(single: Target) -> None:
 
 async def test_two_gateways_on_postgresql_never_overspend(replicas: Target) -> None:
     await _run(replicas, "swarm-postgres")
-    verified = subprocess.run(
-        [sys.executable, "-m", "appliance.cli", "audit", "verify"],
-        env=replicas.env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert verified.returncode == 0, verified.stdout + verified.stderr
+    cli_output(replicas.env, "audit", "verify")  # the chain two processes wrote holds

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from tests.integration.conftest import (
     CHAT_MODEL,
     TEST_DATA_DIR,
     Appliance,
+    cli_output,
     gateway_env,
     start_gateway,
     stop_gateway,
@@ -53,15 +53,9 @@ def governed(appliance: Appliance) -> Iterator[Governed]:
         APPLIANCE_TELEMETRY__SCRAPE_INTERVAL_S="0.5",
     )
 
-    def cli(*args: str) -> str:
-        result = subprocess.run(
-            [sys.executable, "-m", "appliance.cli", *args], env=env, capture_output=True, text=True, check=False
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout
-
-    admin = cli("admin", "token", "--role", "admin").strip()
-    key = json.loads(cli("admin", "create-key", "--tenant", "load", "--workflow", "mixed", "--create"))["key"]
+    admin = cli_output(env, "admin", "token", "--role", "admin").strip()
+    created = cli_output(env, "admin", "create-key", "--tenant", "load", "--workflow", "mixed", "--create")
+    key = json.loads(created)["key"]
     process = start_gateway(env, PORT, data_dir / "gateway.log")
     yield Governed(
         f"http://127.0.0.1:{PORT}",
