@@ -39,6 +39,8 @@ from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
+from appliance.retrieval.routes import rag_controller
+from appliance.retrieval.setup import retrieval_service
 from appliance.settings import Settings, get_settings
 from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
 
@@ -95,6 +97,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         metrics=metrics,
         admission=admission,
     )
+    retrieval = retrieval_service(settings, db_engine, serving, router)
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
@@ -116,10 +119,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await usage.stop()
             await monitor.stop()
             await router.stop()
+            await asyncio.to_thread(retrieval.close)
             db_engine.dispose()
 
     app = Litestar(
         route_handlers=[
+            rag_controller(settings),
             OpenAIController,
             HealthController,
             AdminController,
@@ -142,6 +147,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
+            "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),
         },
         middleware=[audit_middleware(audit), authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -170,6 +170,35 @@ class TelemetrySettings(BaseModel):
     )
 
 
+class RetrievalSettings(BaseModel):
+    """Retrieval next to the model: Qdrant (embedded local mode by default, a server by URL) and ingestion."""
+
+    qdrant_url: str | None = Field(
+        default=None, description="a Qdrant server (https://host:6333); unset: embedded local mode on disk"
+    )
+    qdrant_api_key: SecretStr | None = None
+    qdrant_path: Path | None = Field(default=None, description="local mode's folder (default: <data_dir>/qdrant)")
+    embedding_model: str = Field(default="minilm-l6-v2", description="the served pooling model that embeds")
+    chunk_tokens: int = Field(default=200, ge=16, description="tokens per chunk (the embedding model's tokenizer)")
+    chunk_overlap: int = Field(default=40, ge=0, description="tokens shared by neighbouring chunks")
+    embed_batch: int = Field(default=32, ge=1, description="chunks embedded per engine call while ingesting")
+    max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="larger uploads get 413")
+    max_document_chunks: int = Field(default=20_000, ge=1, description="documents with more chunks are refused")
+    default_top_k: int = Field(default=4, ge=1)
+    max_top_k: int = Field(default=50, ge=1)
+    max_context_tokens: int = Field(
+        default=1500, ge=16, description="retrieved text put into a grounded prompt, at most (chat tokenizer)"
+    )
+    cache_entries: int = Field(default=1024, ge=0, description="retrieval results kept for repeated queries")
+    cache_ttl_s: float = Field(default=300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _overlap_below_size(self) -> RetrievalSettings:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("retrieval.chunk_overlap must be smaller than retrieval.chunk_tokens")
+        return self
+
+
 class UsageSettings(BaseModel):
     queue_size: int = Field(
         default=10_000,
@@ -223,6 +252,7 @@ class Settings(BaseSettings):
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
 
     @classmethod

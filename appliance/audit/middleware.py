@@ -17,10 +17,10 @@ from appliance.identity.principal import Principal
 from appliance.lib.errors import ApplianceError
 from appliance.lib.http import request_id
 
-AUDITED_WRITE_PREFIXES = ("/admin/", "/console/logout")
+AUDITED_WRITE_PREFIXES = ("/admin/", "/console/logout", "/v1/rag/collections")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _ACTIONS = {"POST": "create", "PUT": "replace", "PATCH": "update", "DELETE": "delete"}
-_PATH = re.compile(r"^/(?P<area>admin|console)/(?P<resource>[a-z\-]+)(?:/(?P<id>[^/]+))?")
+_PATH = re.compile(r"^/(?:v1/)?(?P<area>admin|console|rag)/(?P<resource>[a-z\-]+)(?:/(?P<id>[^/]+))?")
 
 
 def _principal(scope: Scope) -> Principal | None:
@@ -66,7 +66,7 @@ def _event(scope: Scope, audited_write: bool, status: int, held: list[Message]) 
         _outcome(status),
         object_type=resource,
         object_id=object_id,
-        detail={"method": method, "status": status},
+        detail={"method": method, "status": status, "path": path[:300]},
     )
 
 

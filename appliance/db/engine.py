@@ -56,7 +56,8 @@ def import_models() -> None:
     import appliance.audit.models
     import appliance.budgets.models
     import appliance.identity.models
-    import appliance.ledger.models  # noqa: F401
+    import appliance.ledger.models
+    import appliance.retrieval.models  # noqa: F401
 
 
 def alembic_config(connection: Any) -> Any:

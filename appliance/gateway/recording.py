@@ -31,8 +31,31 @@ def audit_event(
         outcome = "denied"
     else:
         outcome = "failure"
+    detail = {
+        "endpoint": event.endpoint,
+        "status": event.status_code,
+        "error_code": event.error_code,
+        "prompt_tokens": event.prompt_tokens,
+        "completion_tokens": event.completion_tokens,
+        "cost_micros": event.cost_micros,
+        "streamed": event.streamed,
+        "client_disconnected": event.client_disconnected,
+        "workflow_id": event.workflow_id,
+        "agent_id": event.agent_id,
+        "api_key_id": event.api_key_id,
+        "budget_id": event.budget_id,
+    }
+    if event.embed_ms is not None or event.chunks_injected:
+        detail["retrieval"] = {
+            "embed_ms": event.embed_ms,
+            "search_ms": event.search_ms,
+            "chunks_injected": event.chunks_injected,
+            "injected_tokens": event.injected_tokens,
+            "cached": event.retrieval_cached,
+        }
+    name = event.endpoint.rsplit("/", 1)[-1]
     return AuditEvent(
-        event_type=f"inference.{event.endpoint.rsplit('/', 1)[-1]}",
+        event_type=f"inference.rag.{name}" if event.endpoint.startswith("/v1/rag/") else f"inference.{name}",
         outcome=outcome,
         subject=event.subject,
         subject_kind=subject_kind,
@@ -42,20 +65,7 @@ def audit_event(
         source_ip=source.address,
         user_agent=source.user_agent,
         request_id=event.request_id,
-        detail={
-            "endpoint": event.endpoint,
-            "status": event.status_code,
-            "error_code": event.error_code,
-            "prompt_tokens": event.prompt_tokens,
-            "completion_tokens": event.completion_tokens,
-            "cost_micros": event.cost_micros,
-            "streamed": event.streamed,
-            "client_disconnected": event.client_disconnected,
-            "workflow_id": event.workflow_id,
-            "agent_id": event.agent_id,
-            "api_key_id": event.api_key_id,
-            "budget_id": event.budget_id,
-        },
+        detail=detail,
         content=content,
     )
 

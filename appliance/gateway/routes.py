@@ -12,7 +12,7 @@ from litestar.response import Stream
 
 from appliance.budgets.store import CallLink
 from appliance.gateway.recording import Source
-from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, OpenAIServing
+from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, JSONResult, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
 from appliance.identity.auth import principal_of
 from appliance.lib.errors import InvalidRequestError
@@ -41,13 +41,12 @@ def call_link(headers: Any) -> CallLink:
     return CallLink(**values)
 
 
-async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
-    body = await request.body()
-    source = Source(
-        request.client.host if request.client else None, request.headers.get("user-agent", "")[:300] or None
-    )
-    link = call_link(request.headers)
-    result = await serving.handle(endpoint, body, request_id(request.scope), principal_of(request.scope), source, link)
+def source_of(request: Request[Any, Any, Any]) -> Source:
+    return Source(request.client.host if request.client else None, request.headers.get("user-agent", "")[:300] or None)
+
+
+def answer(result: JSONResult | StreamRelay) -> Response[Any]:
+    """The HTTP response of a served request: its JSON, or its event stream."""
     if isinstance(result, StreamRelay):
         return Stream(
             result,
@@ -58,6 +57,13 @@ async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[An
     return Response(
         content=result.body, status_code=result.status_code, media_type="application/json", headers=result.headers
     )
+
+
+async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
+    body = await request.body()
+    link = call_link(request.headers)
+    principal = principal_of(request.scope)
+    return answer(await serving.handle(endpoint, body, request_id(request.scope), principal, source_of(request), link))
 
 
 class OpenAIController(Controller):

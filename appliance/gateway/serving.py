@@ -36,7 +36,7 @@ from appliance.gateway.upstream import EngineRouter, PromptCount
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
 from appliance.ledger.pricing import Pricing, to_currency
-from appliance.ledger.writer import UsageEvent, UsageWriter
+from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
 from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
 from appliance.settings import EngineRoute, PricingSettings
 
@@ -45,9 +45,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    path: str
+    path: str  # what usage rows, audit records and errors name
     schema: type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest]
     runner: str
+    engine_path: str = ""  # the engine's path, when it is not ``path`` (retrieval calls the engines' own API)
+
+    @property
+    def upstream(self) -> str:
+        return self.engine_path or self.path
 
 
 INFERENCE_ROLES = (USER, ADMIN, OPERATOR)  # auditors read the audit trail; they do not run models
@@ -96,6 +101,7 @@ class OpenAIServing:
         principal: Principal,
         source: Source,
         link: CallLink | None = None,
+        retrieval: RetrievalStats | None = None,
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         principal.require_role(*INFERENCE_ROLES)
@@ -128,6 +134,8 @@ class OpenAIServing:
             api_key_id=principal.api_key_id,
             subject=principal.subject,
         )
+        if retrieval is not None:
+            retrieval.apply(event)
         try:
             headers: dict[str, str] = {}
             count = PromptCount(self._router, route, data, request_id)
@@ -185,7 +193,7 @@ class OpenAIServing:
         event: UsageEvent,
         started: float,
     ) -> JSONResult:
-        response = await self._router.open(route, endpoint.path, msgspec.json.encode(data), request_id)
+        response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(data), request_id)
         try:
             raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -225,7 +233,7 @@ class OpenAIServing:
             answer=record.answer if record.capturing else None,
         )
         upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
-        response = await self._router.open(route, endpoint.path, msgspec.json.encode(upstream_body), request_id)
+        response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(upstream_body), request_id)
         return StreamRelay(route, response, usage, record, event)
 
     async def models(self, principal: Principal) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class StreamRelay:
         self._events: AsyncGenerator[bytes, None] | None = None
         self._closed = False
         self.headers: dict[str, str] = {}
+        self.prelude: list[bytes] = []  # SSE events sent before the engine's (retrieval's citations)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         if self._events is None:
@@ -88,6 +89,8 @@ class StreamRelay:
     async def _relay(self) -> AsyncGenerator[bytes, None]:
         buffer = bytearray()
         try:
+            for event in self.prelude:
+                yield event
             async for chunk in self._response.content.iter_any():
                 buffer += chunk
                 for payload in split_events(buffer):

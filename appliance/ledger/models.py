@@ -42,3 +42,8 @@ class UsageRecord(SQLModel, table=True):
     depth: int = Field(default=0, description="position in an agent's chain of calls (0: not a sub-call)")
     streamed: bool = False
     client_disconnected: bool = False
+    embed_ms: float | None = Field(default=None, description="retrieval: embedding the query")
+    search_ms: float | None = Field(default=None, description="retrieval: the vector search")
+    chunks_injected: int = Field(default=0, description="retrieval: chunks put into the prompt")
+    injected_tokens: int = Field(default=0, description="retrieval: prompt tokens those chunks added")
+    retrieval_cached: bool = Field(default=False, description="retrieval: served from the cache")

@@ -47,7 +47,28 @@ class UsageEvent:
     depth: int = 0
     streamed: bool = False
     client_disconnected: bool = False
+    embed_ms: float | None = None
+    search_ms: float | None = None
+    chunks_injected: int = 0
+    injected_tokens: int = 0
+    retrieval_cached: bool = False
     created_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievalStats:
+    """What retrieval cost a grounded request (its latency floor and its token inflation)."""
+
+    embed_ms: float | None = None
+    search_ms: float | None = None
+    chunks_injected: int = 0
+    injected_tokens: int = 0
+    cached: bool = False
+
+    def apply(self, event: UsageEvent) -> None:
+        event.embed_ms, event.search_ms = self.embed_ms, self.search_ms
+        event.chunks_injected, event.injected_tokens = self.chunks_injected, self.injected_tokens
+        event.retrieval_cached = self.cached
 
 
 class UsageSlot:

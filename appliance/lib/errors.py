@@ -114,3 +114,15 @@ class ConflictError(ApplianceError):
     status_code = 409
     error_type = "invalid_request_error"
     code = "conflict"
+
+
+class PayloadTooLargeError(ApplianceError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaTypeError(ApplianceError):
+    status_code = 415
+    error_type = "invalid_request_error"
+    code = "unsupported_media_type"

@@ -107,6 +107,7 @@ def appliance() -> Iterator[Appliance]:
     (TEST_DATA_DIR / "appliance.db").unlink(missing_ok=True)
     for suffix in ("-wal", "-shm"):
         (TEST_DATA_DIR / f"appliance.db{suffix}").unlink(missing_ok=True)
+    shutil.rmtree(TEST_DATA_DIR / "qdrant", ignore_errors=True)  # its collections belonged to that database
     started = time.monotonic()
     result = handle.cli("up", "--detach", "--timeout", "1500", timeout=1600)
     if result.returncode != 0:

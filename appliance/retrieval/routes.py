@@ -1,0 +1,150 @@
+"""Thin HTTP routes of retrieval under /v1/rag; the work is in :mod:`appliance.retrieval.service`.
+
+A document is uploaded as ``multipart/form-data`` (field ``file``, optional ``name``) or as the raw body with
+its own Content-Type (``?name=`` names it). Its size limit is the retrieval setting, not the API's general
+body limit, so the controller is made from the settings when the app is built.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, QueryParameter
+from msgspec import Meta, Struct
+
+from appliance.gateway.routes import answer, call_link, source_of
+from appliance.identity.auth import principal_of
+from appliance.lib.errors import InvalidRequestError
+from appliance.lib.http import request_id
+from appliance.retrieval.extract import media_type_of
+from appliance.retrieval.service import Caller, Retrieval, Upload
+from appliance.settings import Settings
+
+Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[\w][\w .\-]*$")]
+_MULTIPART_OVERHEAD = 64 * 1024
+
+
+class CollectionCreate(Struct, forbid_unknown_fields=True):
+    name: Name
+    description: Annotated[str, Meta(max_length=1000)] = ""
+    tenant_id: str | None = None  # platform principals only; a tenant's own key always means its tenant
+
+
+class QueryRequest(Struct, forbid_unknown_fields=True):
+    collection_id: Annotated[str, Meta(min_length=1, max_length=32)]
+    query: Annotated[str, Meta(max_length=8000)]
+    top_k: int | None = None
+
+
+def _caller(request: Request[Any, Any, Any]) -> Caller:
+    link = call_link(request.headers)
+    return Caller(principal_of(request.scope), request_id(request.scope), source_of(request), link)
+
+
+async def _upload(request: Request[Any, Any, Any], name: str | None) -> Upload:
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form()
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise InvalidRequestError("The form has no `file` field with the document.", param="file")
+        raw = await file.read()
+        given = form.get("name")
+        filename = (given if isinstance(given, str) and given else None) or name or file.filename or "document"
+        return Upload(raw, filename[:300], media_type_of(file.content_type, file.filename or filename))
+    raw = await request.body()
+    filename = name or "document"
+    return Upload(raw, filename[:300], media_type_of(content_type, filename))
+
+
+def rag_controller(settings: Settings) -> type[Controller]:
+    upload_limit = settings.retrieval.max_document_bytes + _MULTIPART_OVERHEAD
+
+    class RetrievalController(Controller):
+        path = "/v1/rag"
+
+        @post("/collections", status_code=201)
+        async def create_collection(
+            self,
+            request: Request[Any, Any, Any],
+            retrieval: NamedDependency[Retrieval],
+            data: JSONBody[CollectionCreate],
+        ) -> dict[str, Any]:
+            return await retrieval.create_collection(
+                principal_of(request.scope), tenant_id=data.tenant_id, name=data.name, description=data.description
+            )
+
+        @get("/collections")
+        async def list_collections(
+            self,
+            request: Request[Any, Any, Any],
+            retrieval: NamedDependency[Retrieval],
+            tenant_id: Annotated[str | None, QueryParameter()] = None,
+        ) -> dict[str, Any]:
+            return await retrieval.list_collections(principal_of(request.scope), tenant_id)
+
+        @get("/collections/{collection_id:str}")
+        async def get_collection(
+            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
+        ) -> dict[str, Any]:
+            return await retrieval.view(principal_of(request.scope), collection_id)
+
+        @delete("/collections/{collection_id:str}", status_code=204)
+        async def delete_collection(
+            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
+        ) -> None:
+            await retrieval.delete_collection(principal_of(request.scope), collection_id)
+
+        @post("/collections/{collection_id:str}/documents", request_max_body_size=upload_limit)
+        async def add_document(
+            self,
+            request: Request[Any, Any, Any],
+            retrieval: NamedDependency[Retrieval],
+            collection_id: FromPath[str],
+            name: Annotated[str | None, QueryParameter(max_length=300)] = None,
+        ) -> Response[Any]:
+            caller = _caller(request)
+            await retrieval.collection(caller.principal, collection_id)  # refuse before reading a large body
+            document, created = await retrieval.ingest(caller, collection_id, await _upload(request, name))
+            return Response(dict(document, created=created), status_code=201 if created else 200)
+
+        @get("/collections/{collection_id:str}/documents")
+        async def list_documents(
+            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
+        ) -> dict[str, Any]:
+            return await retrieval.documents(principal_of(request.scope), collection_id)
+
+        @get("/collections/{collection_id:str}/documents/{document_id:str}")
+        async def get_document(
+            self,
+            request: Request[Any, Any, Any],
+            retrieval: NamedDependency[Retrieval],
+            collection_id: FromPath[str],
+            document_id: FromPath[str],
+        ) -> dict[str, Any]:
+            return await retrieval.document(principal_of(request.scope), collection_id, document_id)
+
+        @delete("/collections/{collection_id:str}/documents/{document_id:str}", status_code=204)
+        async def delete_document(
+            self,
+            request: Request[Any, Any, Any],
+            retrieval: NamedDependency[Retrieval],
+            collection_id: FromPath[str],
+            document_id: FromPath[str],
+        ) -> None:
+            await retrieval.delete_document(principal_of(request.scope), collection_id, document_id)
+
+        @post("/query", status_code=200)
+        async def query(
+            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], data: JSONBody[QueryRequest]
+        ) -> dict[str, Any]:
+            return await retrieval.query(_caller(request), data.collection_id, data.query, data.top_k)
+
+        @post("/chat", status_code=200)
+        async def chat(self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval]) -> Response[Any]:
+            return answer(await retrieval.chat(_caller(request), await request.body()))
+
+    return RetrievalController

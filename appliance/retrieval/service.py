@@ -1,0 +1,424 @@
+"""Retrieval next to the model: ingestion (extract, chunk, embed, store), search, and grounded chat.
+
+Every engine call goes through the gateway's own serving path, so ingestion, queries and grounded answers
+are authorised, budgeted, admitted, priced, metered and audited like any /v1 request. A grounded chat's usage
+row carries what retrieval cost it: embedding and search time, and the chunks and tokens it injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from appliance.budgets.store import CallLink
+from appliance.gateway.protocol import ChatCompletionRequest, EmbeddingRequest
+from appliance.gateway.recording import Source
+from appliance.gateway.serving import INFERENCE_ROLES, Endpoint, JSONResult, OpenAIServing
+from appliance.gateway.streaming import StreamRelay
+from appliance.gateway.upstream import EngineRouter
+from appliance.gateway.usage import sse
+from appliance.identity.principal import Principal
+from appliance.ledger.writer import RetrievalStats
+from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, UpstreamError
+from appliance.retrieval.cache import RetrievalCache
+from appliance.retrieval.catalog import Catalog, document_view
+from appliance.retrieval.chunking import Chunk, Chunker
+from appliance.retrieval.extract import extract_text
+from appliance.retrieval.models import RagCollection, RagDocument
+from appliance.retrieval.vectors import VectorStore, point_id, qdrant_name
+from appliance.settings import RetrievalSettings
+
+log = logging.getLogger(__name__)
+
+INGEST = Endpoint("/v1/rag/documents", EmbeddingRequest, "pooling", engine_path="/v1/embeddings")
+QUERY = Endpoint("/v1/rag/query", EmbeddingRequest, "pooling", engine_path="/v1/embeddings")
+CHAT = Endpoint("/v1/rag/chat", ChatCompletionRequest, "generate", engine_path="/v1/chat/completions")
+
+GROUNDING = (
+    "Answer the question using only the numbered sources below. Cite the sources you use by their number in "
+    "square brackets, like [1]. If the sources do not contain the answer, say that you do not know.\n\nSources:\n"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    document_id: str
+    document_name: str
+    chunk_index: int
+    text: str
+    score: float
+    tokens: int
+
+    def view(self) -> dict[str, Any]:
+        return {
+            "document_id": self.document_id,
+            "document_name": self.document_name,
+            "chunk_index": self.chunk_index,
+            "score": round(self.score, 6),
+            "text": self.text,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    passages: list[Passage]
+    query_tokens: int
+    embed_ms: float
+    search_ms: float
+    cached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is asking, and what the gateway knows of the request (its id names the engine calls it makes)."""
+
+    principal: Principal
+    request_id: str
+    source: Source
+    link: CallLink
+
+    def sub(self, suffix: str) -> Caller:
+        """The same caller, for one more engine call of this request (its own usage row)."""
+        return Caller(self.principal, f"{self.request_id}.{suffix}", self.source, self.link)
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    raw: bytes
+    name: str
+    media_type: str
+
+
+class Retrieval:
+    def __init__(
+        self,
+        settings: RetrievalSettings,
+        catalog: Catalog,
+        store: VectorStore,
+        serving: OpenAIServing,
+        router: EngineRouter,
+        *,
+        tokenizer_dir: Path,
+        dimensions: int | None,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._store = store
+        self._serving = serving
+        self._router = router
+        self._tokenizer_dir = tokenizer_dir
+        self._dimensions = dimensions
+        self._chunker: Chunker | None = None
+        self.cache: RetrievalCache[Found] = RetrievalCache(settings.cache_entries, settings.cache_ttl_s)
+
+    @property
+    def chunker(self) -> Chunker:
+        if self._chunker is None:
+            self._chunker = Chunker.from_model_dir(
+                self._tokenizer_dir, self._settings.chunk_tokens, self._settings.chunk_overlap
+            )
+        return self._chunker
+
+    def close(self) -> None:
+        self._store.close()
+
+    # collections
+
+    async def create_collection(
+        self, principal: Principal, *, tenant_id: str | None, name: str, description: str
+    ) -> dict[str, Any]:
+        principal.require_role(*INFERENCE_ROLES)
+        model = self._settings.embedding_model
+        self._router.route(model)  # the embedding model must be served here
+        dims = self._dimensions
+        if dims is None:
+            raise InvalidRequestError(f"The embedding model `{model}` does not declare its dimensions.")
+        view = await asyncio.to_thread(
+            self._catalog.create_collection,
+            principal,
+            tenant_id=tenant_id,
+            name=name,
+            description=description,
+            model=model,
+            dims=dims,
+        )
+        await self._store.create(qdrant_name(view["id"]), dims)
+        return view
+
+    async def collection(self, principal: Principal, collection_id: str) -> RagCollection:
+        principal.require_role(*INFERENCE_ROLES)
+        return await asyncio.to_thread(self._catalog.collection, principal, collection_id)
+
+    async def list_collections(self, principal: Principal, tenant_id: str | None) -> dict[str, Any]:
+        principal.require_role(*INFERENCE_ROLES)
+        return await asyncio.to_thread(self._catalog.list_collections, principal, tenant_id)
+
+    async def view(self, principal: Principal, collection_id: str) -> dict[str, Any]:
+        """The collection with its counts: documents and chunks (database) and points (the vector store)."""
+        collection = await self.collection(principal, collection_id)
+        view = await asyncio.to_thread(self._catalog.view, collection)
+        return dict(view, points=await self._store.count(qdrant_name(collection.id)))
+
+    async def documents(self, principal: Principal, collection_id: str) -> dict[str, Any]:
+        return await asyncio.to_thread(self._catalog.documents, await self.collection(principal, collection_id))
+
+    async def document(self, principal: Principal, collection_id: str, document_id: str) -> dict[str, Any]:
+        collection = await self.collection(principal, collection_id)
+        return document_view(await asyncio.to_thread(self._catalog.document, collection, document_id))
+
+    async def delete_collection(self, principal: Principal, collection_id: str) -> None:
+        collection = await self.collection(principal, collection_id)
+        await self._store.drop(qdrant_name(collection.id))  # the points first: nothing is left unreachable
+        await asyncio.to_thread(self._catalog.delete_collection, collection)
+        self.cache.forget(collection.id)
+
+    # documents
+
+    async def ingest(self, caller: Caller, collection_id: str, upload: Upload) -> tuple[dict[str, Any], bool]:
+        """Ingest a document; ``(document, created)``. The same bytes again add nothing. A failure part-way
+        (engine, budget, vector store, the client hanging up) removes every point already written."""
+        collection = await self.collection(caller.principal, collection_id)
+        if len(upload.raw) > self._settings.max_document_bytes:
+            raise PayloadTooLargeError(
+                f"The document is {len(upload.raw)} bytes; at most {self._settings.max_document_bytes} are accepted.",
+                param="file",
+            )
+        text = await asyncio.to_thread(extract_text, upload.raw, upload.media_type)
+        chunks, tokens = await asyncio.to_thread(self.chunker.split, text)
+        if len(chunks) > self._settings.max_document_chunks:
+            raise PayloadTooLargeError(
+                f"The document makes {len(chunks)} chunks; at most {self._settings.max_document_chunks} are accepted.",
+                param="file",
+            )
+        document = RagDocument(
+            collection_id=collection.id,
+            tenant_id=collection.tenant_id,
+            name=upload.name,
+            media_type=upload.media_type,
+            content_hash=hashlib.sha256(upload.raw).hexdigest(),
+            size_bytes=len(upload.raw),
+            chunks=len(chunks),
+            tokens=tokens,
+        )
+        claimed = await asyncio.to_thread(self._catalog.begin_document, collection, document)
+        if claimed is None:
+            existing = await asyncio.to_thread(self._catalog.document, collection, document.id)
+            return document_view(existing), False
+        try:
+            await self._store.delete_document(qdrant_name(collection.id), claimed.id)  # a dead claim's leftovers
+            await self._write_chunks(caller, collection, claimed, chunks)
+            ready = await asyncio.to_thread(self._catalog.finish_document, collection, claimed.id)
+        except BaseException:
+            await asyncio.shield(asyncio.ensure_future(self._discard(collection, claimed.id)))
+            raise
+        self.cache.forget(collection.id)
+        return document_view(ready), True
+
+    async def _write_chunks(
+        self, caller: Caller, collection: RagCollection, document: RagDocument, chunks: list[Chunk]
+    ) -> None:
+        name, batch = qdrant_name(collection.id), self._settings.embed_batch
+        for number, first in enumerate(range(0, len(chunks), batch)):
+            part = chunks[first : first + batch]
+            vectors, _ = await self._embed(INGEST, [chunk.text for chunk in part], caller.sub(str(number)))
+            payloads = [
+                {
+                    "tenant_id": collection.tenant_id,
+                    "document_id": document.id,
+                    "document_name": document.name,
+                    "chunk_index": chunk.index,
+                    "text": chunk.text,
+                    "tokens": chunk.tokens,
+                }
+                for chunk in part
+            ]
+            await self._store.upsert(name, [point_id(document.id, chunk.index) for chunk in part], vectors, payloads)
+            done = first + len(part)
+            await asyncio.to_thread(self._catalog.progress, document.id, done)
+            log.info("ingesting %s into %s: %d of %d chunks", document.id, collection.id, done, len(chunks))
+
+    async def _discard(self, collection: RagCollection, document_id: str) -> None:
+        try:
+            await self._store.delete_document(qdrant_name(collection.id), document_id)
+            await asyncio.to_thread(self._catalog.forget_document, collection, document_id)
+        except Exception:
+            log.exception("could not remove the partly ingested document %s; its row stays `ingesting`", document_id)
+
+    async def delete_document(self, principal: Principal, collection_id: str, document_id: str) -> None:
+        collection = await self.collection(principal, collection_id)
+        document = await asyncio.to_thread(self._catalog.document, collection, document_id)
+        await self._store.delete_document(qdrant_name(collection.id), document.id)
+        await asyncio.to_thread(self._catalog.forget_document, collection, document.id)
+        self.cache.forget(collection.id)
+
+    # retrieval
+
+    async def _embed(self, endpoint: Endpoint, texts: list[str], caller: Caller) -> tuple[list[list[float]], int]:
+        body = msgspec.json.encode({"model": self._settings.embedding_model, "input": texts})
+        result = await self._serving.handle(
+            endpoint, body, caller.request_id, caller.principal, caller.source, caller.link
+        )
+        assert isinstance(result, JSONResult)  # embeddings are never streamed
+        try:
+            answer = msgspec.json.decode(result.body)
+            data = sorted(answer["data"], key=lambda item: item["index"])
+            vectors = [[float(x) for x in item["embedding"]] for item in data]
+            tokens = int(answer.get("usage", {}).get("prompt_tokens") or 0)
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError("The embedding engine answered with something that is not embeddings.") from exc
+        if len(vectors) != len(texts):
+            raise UpstreamError(f"The embedding engine returned {len(vectors)} embeddings for {len(texts)} texts.")
+        return vectors, tokens
+
+    async def search(self, caller: Caller, collection: RagCollection, query: str, top_k: int) -> Found:
+        if not query.strip():
+            raise InvalidRequestError("The query is empty.", param="query")
+        if not 1 <= top_k <= self._settings.max_top_k:
+            raise InvalidRequestError(f"top_k must be between 1 and {self._settings.max_top_k}.", param="top_k")
+        key = (collection.id, collection.version, top_k, query)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return Found(cached.passages, cached.query_tokens, 0.0, 0.0, cached=True)
+        started = time.perf_counter()
+        vectors, query_tokens = await self._embed(QUERY, [query], caller)
+        embedded = time.perf_counter()
+        hits = await self._store.search(qdrant_name(collection.id), vectors[0], top_k)
+        ready = await asyncio.to_thread(
+            self._catalog.ready_documents, collection.id, {str(hit.payload.get("document_id")) for hit in hits}
+        )
+        searched = time.perf_counter()
+        passages = [
+            Passage(
+                document_id=str(hit.payload["document_id"]),
+                document_name=ready[str(hit.payload["document_id"])].name,
+                chunk_index=int(hit.payload.get("chunk_index", 0)),
+                text=str(hit.payload.get("text", "")),
+                score=hit.score,
+                tokens=int(hit.payload.get("tokens", 0)),
+            )
+            for hit in hits
+            if str(hit.payload.get("document_id")) in ready  # never a document still being ingested
+        ]
+        found = Found(passages, query_tokens, (embedded - started) * 1000.0, (searched - embedded) * 1000.0, False)
+        self.cache.put(key, found)
+        return found
+
+    async def query(self, caller: Caller, collection_id: str, query: str, top_k: int | None) -> dict[str, Any]:
+        collection = await self.collection(caller.principal, collection_id)
+        found = await self.search(caller, collection, query, self._settings.default_top_k if top_k is None else top_k)
+        return {
+            "object": "list",
+            "collection_id": collection.id,
+            "data": [passage.view() for passage in found.passages],
+            "usage": {
+                "prompt_tokens": 0 if found.cached else found.query_tokens,
+                "embed_ms": round(found.embed_ms, 3),
+                "search_ms": round(found.search_ms, 3),
+                "cached": found.cached,
+            },
+        }
+
+    async def chat(self, caller: Caller, body: bytes) -> JSONResult | StreamRelay:
+        """Retrieve for the last user message, answer from the sources, and cite them."""
+        try:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidRequestError("The request body must be a JSON object.")
+        collection_id = data.pop("collection_id", None)
+        top_k = data.pop("top_k", None)
+        if not isinstance(collection_id, str) or not collection_id:
+            raise InvalidRequestError("Name the collection to answer from.", param="collection_id")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
+            raise InvalidRequestError("top_k must be a whole number.", param="top_k")
+        question = last_user_text(data.get("messages"))
+        collection = await self.collection(caller.principal, collection_id)
+        route = self._router.route(str(data.get("model") or ""))
+        found = await self.search(
+            caller.sub("q"), collection, question, self._settings.default_top_k if top_k is None else top_k
+        )
+        used = fit(found.passages, self._settings.max_context_tokens)
+        sources = sources_block(used)
+        injected = await self._router.count_prompt_tokens(route, {"prompt": sources}, caller.request_id) if used else 0
+        data["messages"] = [{"role": "system", "content": GROUNDING + sources}, *data["messages"]]
+        stats = RetrievalStats(
+            embed_ms=found.embed_ms,
+            search_ms=found.search_ms,
+            chunks_injected=len(used),
+            injected_tokens=injected,
+            cached=found.cached,
+        )
+        citations = [dict(passage.view(), index=number) for number, passage in enumerate(used, 1)]
+        result = await self._serving.handle(
+            CHAT, msgspec.json.encode(data), caller.request_id, caller.principal, caller.source, caller.link, stats
+        )
+        retrieval = {
+            "collection_id": collection.id,
+            "chunks_injected": len(used),
+            "injected_tokens": injected,
+            "embed_ms": round(found.embed_ms, 3),
+            "search_ms": round(found.search_ms, 3),
+            "cached": found.cached,
+        }
+        if isinstance(result, StreamRelay):
+            prelude = {
+                "id": f"rag-{caller.request_id}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": route.model,
+                "choices": [],
+                "citations": citations,
+                "retrieval": retrieval,
+            }
+            result.prelude.append(sse(msgspec.json.encode(prelude)))
+            return result
+        answer = msgspec.json.decode(result.body)
+        answer["citations"] = mark_cited(citations, answer)
+        answer["retrieval"] = retrieval
+        result.body = msgspec.json.encode(answer)
+        return result
+
+
+def last_user_text(messages: Any) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequestError("`messages` must be a non-empty list.", param="messages")
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                parts = [part for part in content if isinstance(part, dict) and part.get("type") == "text"]
+                content = " ".join(str(part.get("text", "")) for part in parts)
+            if isinstance(content, str) and content.strip():
+                return content
+            break
+    raise InvalidRequestError("The last user message has no text to retrieve for.", param="messages")
+
+
+def fit(passages: list[Passage], budget_tokens: int) -> list[Passage]:
+    """The best-ranked passages whose text fits the context budget (at least the first one)."""
+    used: list[Passage] = []
+    spent = 0
+    for passage in passages:
+        if used and spent + passage.tokens > budget_tokens:
+            break
+        used.append(passage)
+        spent += passage.tokens
+    return used
+
+
+def sources_block(passages: list[Passage]) -> str:
+    return "\n\n".join(f"[{number}] ({p.document_name}) {p.text}" for number, p in enumerate(passages, 1))
+
+
+def mark_cited(citations: list[dict[str, Any]], answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each citation says whether the answer refers to it by its number."""
+    text = " ".join(str((choice.get("message") or {}).get("content") or "") for choice in answer.get("choices") or [])
+    return [dict(citation, cited=f"[{citation['index']}]" in text) for citation in citations]

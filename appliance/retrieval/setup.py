@@ -1,0 +1,43 @@
+"""Building the retrieval service from the settings (called by the app factory, never at import)."""
+
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy.engine import Engine
+
+from appliance.engines.manifest import MANIFEST_FILE, ModelIntegrityError, load_manifest
+from appliance.gateway.serving import OpenAIServing
+from appliance.gateway.upstream import EngineRouter
+from appliance.retrieval.catalog import Catalog
+from appliance.retrieval.service import Retrieval
+from appliance.retrieval.vectors import VectorStore
+from appliance.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def vector_store(settings: Settings) -> VectorStore:
+    retrieval = settings.retrieval
+    if retrieval.qdrant_url:
+        key = retrieval.qdrant_api_key.get_secret_value() if retrieval.qdrant_api_key else None
+        return VectorStore(url=retrieval.qdrant_url, api_key=key)
+    return VectorStore(path=retrieval.qdrant_path or settings.data_dir / "qdrant")
+
+
+def retrieval_service(settings: Settings, db_engine: Engine, serving: OpenAIServing, router: EngineRouter) -> Retrieval:
+    model = settings.retrieval.embedding_model
+    try:
+        dimensions = load_manifest(settings.models_dir / model / MANIFEST_FILE).dimensions
+    except ModelIntegrityError as exc:
+        log.warning("retrieval: the embedding model's manifest cannot be read (%s); collections cannot be made", exc)
+        dimensions = None
+    return Retrieval(
+        settings.retrieval,
+        Catalog(db_engine),
+        vector_store(settings),
+        serving,
+        router,
+        tokenizer_dir=settings.prepared_models_dir / model,
+        dimensions=dimensions,
+    )
