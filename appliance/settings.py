@@ -35,16 +35,21 @@ class DatabaseSettings(BaseModel):
 
 
 class EngineRoute(BaseModel):
-    """Where the gateway finds the engine that serves one model."""
+    """Where the gateway finds one engine, and the model it serves (several engines may serve one model)."""
 
     model: str
     url: str
     runner: Literal["generate", "pooling"] = "generate"
+    name: str = Field(default="", description="the engine's name in telemetry; default: the model, or model@host:port")
 
     @field_validator("url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
         return value.rstrip("/")
+
+    @property
+    def key(self) -> str:
+        return self.name or self.model
 
 
 class GatewaySettings(BaseModel):
@@ -56,6 +61,23 @@ class GatewaySettings(BaseModel):
     read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence allowed from an engine")
     pool_size: int = Field(default=256, ge=1, description="pooled upstream connections per engine")
     health_timeout_s: float = Field(default=2.0, gt=0)
+    session_affinity_ttl_s: float = Field(
+        default=1800.0, gt=0, description="a chat session (X-Session-Id) idle this long may move to another engine"
+    )
+    session_affinity_entries: int = Field(default=100_000, ge=1, description="sessions remembered at most")
+    engine_down_s: float = Field(
+        default=5.0, ge=0, description="an engine that refused a connection is passed over this long"
+    )
+
+    @model_validator(mode="after")
+    def _name_engines(self) -> GatewaySettings:
+        pairs = [(route.model, route.url) for route in self.routes]
+        if len(set(pairs)) != len(pairs):
+            raise ValueError("two gateway routes name the same model at the same engine URL")
+        for route in self.routes:
+            if not route.name and sum(other.model == route.model for other in self.routes) > 1:
+                route.name = f"{route.model}@{route.url.split('://', 1)[-1]}"
+        return self
 
 
 class IdentitySettings(BaseModel):
@@ -215,10 +237,19 @@ class EngineSettings(BaseModel):
         default_factory=lambda: ["smollm2-135m-instruct", "minilm-l6-v2"], description="models to serve"
     )
     host: str = "127.0.0.1"
-    port_base: int = Field(default=8101, ge=1, le=65000, description="first engine port; one port per model")
+    port_base: int = Field(default=8101, ge=1, le=65000, description="first engine port; one port per engine")
+    replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description="engines per model (default 1); the gateway balances them, keeping chat sessions together",
+    )
     kv_cache_gib: int = Field(default=2, ge=1, description="VLLM_CPU_KVCACHE_SPACE on CPU engines")
     startup_timeout_s: float = Field(default=900.0, gt=0)
     extra_args: list[str] = Field(default_factory=list, description="passed to every vLLM server")
+    dtype: str | None = Field(
+        default=None,
+        description="--dtype of every engine; unset: vLLM's choice on a GPU, and on a CPU bfloat16 where the CPU "
+        "computes it natively (AVX-512 BF16 or AMX), else float32",
+    )
     cpu_binding: list[str] = Field(
         default_factory=list,
         description="VLLM_CPU_OMP_THREADS_BIND per engine, in model order (e.g. ['0', '1']); "

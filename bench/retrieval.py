@@ -53,9 +53,10 @@ def document(index: int, paragraphs: int, rng: random.Random) -> str:
 
 
 def queries(count: int, rng: random.Random) -> list[str]:
-    return [
-        f"What did the {rng.choice(TOPICS)} survey of district {rng.randrange(100)} say about {rng.choice(WORDS)}?"
-        for _ in range(count)
+    return [  # all different: the retrieval cache must not answer them
+        f"Question {n}: what did the {rng.choice(TOPICS)} survey of district {rng.randrange(100)} say about "
+        f"{rng.choice(WORDS)}?"
+        for n in range(count)
     ]
 
 
@@ -186,7 +187,7 @@ async def at_scale(engine: str, texts: list[str], asked: list[str], sizes: list[
 async def main_async(args: argparse.Namespace) -> None:
     env, status, started = start_appliance(args.reuse)
     try:
-        gateway = status["gateway"]["url"]
+        gateway = status["gateway_url"]
         engine = next(e["url"] for e in status["engines"] if e["model"] == EMBED_MODEL)
         key = api_key(env)
         rng = random.Random(3)

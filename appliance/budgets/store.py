@@ -77,6 +77,7 @@ class CallLink:
     idempotency_key: str | None = None
     retry_of: str | None = None
     parent_request_id: str | None = None
+    session_id: str | None = None  # a multi-turn chat: routed to the engine its earlier turns went to
 
     @property
     def any(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -53,16 +54,21 @@ def engine_python(settings: Settings) -> Path:
 
 
 def engine_specs(settings: Settings, manifests: list[ModelManifest]) -> list[EngineSpec]:
-    return [
-        EngineSpec(
-            manifest=manifest,
-            model_dir=settings.prepared_models_dir / manifest.name,
-            host=settings.engines.host,
-            port=settings.engines.port_base + index,
-            log_path=settings.data_dir / "logs" / f"engine-{manifest.name}.log",
-        )
-        for index, manifest in enumerate(manifests)
-    ]
+    """One engine per model, or ``engines.replicas[model]`` of them, on consecutive ports."""
+    specs: list[EngineSpec] = []
+    for manifest in manifests:
+        for replica in range(max(1, settings.engines.replicas.get(manifest.name, 1))):
+            suffix = f"-{replica}" if replica else ""
+            specs.append(
+                EngineSpec(
+                    manifest=manifest,
+                    model_dir=settings.prepared_models_dir / manifest.name,
+                    host=settings.engines.host,
+                    port=settings.engines.port_base + len(specs),
+                    log_path=settings.data_dir / "logs" / f"engine-{manifest.name}{suffix}.log",
+                )
+            )
+    return specs
 
 
 def engine_command(spec: EngineSpec, python: Path, settings: Settings) -> list[str]:
@@ -84,7 +90,25 @@ def engine_command(spec: EngineSpec, python: Path, settings: Settings) -> list[s
     ]
     if spec.manifest.runner == "pooling":
         command += ["--runner", "pooling"]
+    dtype = settings.engines.dtype or cpu_dtype()
+    if dtype is not None:
+        command += ["--dtype", dtype]
     return command + list(settings.engines.extra_args)
+
+
+def cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The engines' dtype on a node without a GPU (None with one: vLLM chooses).
+
+    vLLM's CPU backend picked float16 for the embedding model, which x86 CPUs emulate: 32 chunks of 212
+    tokens took 8.2 s on this project's machine, against 1.8 s in float32 and 1.05 s in bfloat16 (the CPU has
+    AVX-512 BF16). So bfloat16 where the CPU computes it, float32 elsewhere."""
+    if shutil.which("nvidia-smi") is not None:
+        return None
+    try:
+        flags = cpuinfo.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return "float32"
+    return "bfloat16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "float32"
 
 
 def cpu_binding(runner: str, index: int, configured: list[str], cpus: int) -> str | None:

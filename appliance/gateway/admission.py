@@ -100,20 +100,20 @@ class Ticket:
 
 
 class Admission:
-    """The tiers of every generative engine (one set per model)."""
+    """The tiers of every generative engine (one set per engine, by its route key)."""
 
     def __init__(self, settings: AdmissionSettings) -> None:
         self.settings = settings
         self._tiers: dict[str, dict[str, Tier]] = {}
 
-    def tiers(self, model: str) -> dict[str, Tier]:
-        if model not in self._tiers:
+    def tiers(self, engine: str) -> dict[str, Tier]:
+        if engine not in self._tiers:
             s = self.settings
-            self._tiers[model] = {
+            self._tiers[engine] = {
                 SHORT: Tier(SHORT, s.short_concurrency, s.short_queue_timeout_s),
                 LONG: Tier(LONG, s.long_concurrency, s.long_queue_timeout_s),
             }
-        return self._tiers[model]
+        return self._tiers[engine]
 
     def tier_of(self, prompt_tokens: int) -> str:
         return LONG if prompt_tokens >= self.settings.long_prompt_tokens else SHORT
@@ -122,8 +122,8 @@ class Admission:
         favoured = self.settings.priority_scopes
         return 0 if (tenant_id in favoured or workflow_id in favoured) else 1
 
-    async def admit(self, model: str, prompt_tokens: int, priority: int = 1) -> Ticket:
-        tier = self.tiers(model)[self.tier_of(prompt_tokens)]
+    async def admit(self, engine: str, prompt_tokens: int, priority: int = 1) -> Ticket:
+        tier = self.tiers(engine)[self.tier_of(prompt_tokens)]
         await tier.acquire(priority)
         return Ticket(tier)
 

@@ -97,7 +97,7 @@ class GatewayMetrics:
             if event.ttft_ms is not None:
                 self.ttft.labels(event.model).observe(event.ttft_ms / 1000.0)
                 if self._ttft_sink is not None:
-                    self._ttft_sink(event.model, event.ttft_ms / 1000.0)
+                    self._ttft_sink(event.engine or event.model, event.ttft_ms / 1000.0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

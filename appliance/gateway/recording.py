@@ -12,6 +12,7 @@ from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import Hold
 from appliance.gateway.admission import Ticket
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.upstream import Lease
 from appliance.ledger.pricing import Price, ThroughputMeter
 from appliance.ledger.writer import UsageEvent, UsageSlot
 
@@ -85,6 +86,7 @@ class RequestRecord:
         "_subject_kind",
         "answer",
         "hold",
+        "lease",
         "meter",
         "price",
         "prompt",
@@ -111,12 +113,15 @@ class RequestRecord:
         self.price = Price()  # fixed when the request is admitted
         self.meter: ThroughputMeter | None = None  # set once the request is on its way to an engine
         self.ticket: Ticket | None = None  # its admission slot, freed when it ends
+        self.lease: Lease | None = None  # its share of the engine's load (for least-loaded routing)
 
     def _account(self, event: UsageEvent) -> None:
         """Price the request, and end its share of the node's measured busy time."""
         event.cost_micros = self.price.cost(event.prompt_tokens, event.completion_tokens)
         if self.ticket is not None:
             self.ticket.release()
+        if self.lease is not None:
+            self.lease.release()
         if self.meter is not None:
             self.meter.end(event.total_tokens)
             self.meter = None

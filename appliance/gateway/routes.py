@@ -32,6 +32,7 @@ def call_link(headers: Any) -> CallLink:
         ("idempotency-key", "idempotency_key"),
         ("x-retry-of", "retry_of"),
         ("x-parent-request-id", "parent_request_id"),
+        ("x-session-id", "session_id"),
     ):
         value = headers.get(header)
         if value is not None:

@@ -105,10 +105,11 @@ class OpenAIServing:
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         principal.require_role(*INFERENCE_ROLES)
+        link = link or CallLink()
         data = decode_json_object(body)
         request = validate(data, endpoint.schema)
         require_inputs(request)
-        route = self._router.route(request.model)
+        route = self._router.route(request.model, link.session_id, principal.tenant_id)
         if route.runner != endpoint.runner:
             kind = "an embedding" if route.runner == "pooling" else "a generative"
             raise InvalidRequestError(
@@ -125,6 +126,7 @@ class OpenAIServing:
         event = UsageEvent(
             request_id=request_id,
             model=route.model,
+            engine=route.key,
             endpoint=endpoint.path,
             status_code=0,
             streamed=streamed,
@@ -140,14 +142,13 @@ class OpenAIServing:
             headers: dict[str, str] = {}
             count = PromptCount(self._router, route, data, request_id)
             if self._budgets is not None:
-                admission = await self._budgets.enforce(
-                    principal, route, data, request_id, link or CallLink(), record.price, count
-                )
+                admission = await self._budgets.enforce(principal, route, data, request_id, link, record.price, count)
                 event.retry_attempt, event.depth = admission.attempt, admission.depth
                 record.hold, headers = admission.hold, admission.headers
             if self._admission is not None and route.runner == "generate":
                 priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
-                record.ticket = await self._admission.admit(route.model, await count(), priority)
+                record.ticket = await self._admission.admit(route.key, await count(), priority)
+            record.lease = self._router.lease(route)
             self._pricing.meter.begin()
             record.meter = self._pricing.meter
             if streamed:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +31,40 @@ class EngineHealth:
     error: str | None = None
 
 
-class EngineRouter:
-    """Knows which engine serves which model, and talks to it over one pooled session."""
+class Lease:
+    """A request's share of an engine's load; released exactly once when the request ends."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    __slots__ = ("_load", "_released", "_url")
+
+    def __init__(self, load: dict[str, int], url: str) -> None:
+        self._load, self._url, self._released = load, url, False
+        load[url] = load.get(url, 0) + 1
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._load[self._url] -= 1
+
+
+class EngineRouter:
+    """Knows which engines serve which model, picks one for each request, and talks to them over one pooled
+    session.
+
+    With several engines for a model, a chat session (``X-Session-Id``) stays on the engine it started on, so
+    its growing prefix is found in that engine's prefix cache; a new session, or one whose engine is passed
+    over (it refused a connection a moment ago), goes to the engine with the fewest requests in flight.
+    """
+
+    def __init__(self, settings: GatewaySettings, clock: Callable[[], float] = time.monotonic) -> None:
         self._settings = settings
-        self._routes: dict[str, EngineRoute] = {route.model: route for route in settings.routes}
+        self._clock = clock
+        self._by_model: dict[str, list[EngineRoute]] = {}
+        for route in settings.routes:
+            self._by_model.setdefault(route.model, []).append(route)
+        self._load: dict[str, int] = {}  # engine url -> requests in flight through this gateway
+        self._down_until: dict[str, float] = {}
+        self._affinity: OrderedDict[tuple[str | None, str, str], tuple[str, float]] = OrderedDict()
+        self._turn = 0
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -56,13 +87,51 @@ class EngineRouter:
 
     @property
     def routes(self) -> list[EngineRoute]:
-        return list(self._routes.values())
+        return [route for routes in self._by_model.values() for route in routes]
 
-    def route(self, model: str) -> EngineRoute:
-        try:
-            return self._routes[model]
-        except KeyError:
-            raise ModelNotFoundError(model) from None
+    @property
+    def models(self) -> list[str]:
+        return list(self._by_model)
+
+    def route(self, model: str, session: str | None = None, tenant_id: str | None = None) -> EngineRoute:
+        """The engine for a request: its session's engine if it has one, else the least loaded."""
+        candidates = self._by_model.get(model)
+        if not candidates:
+            raise ModelNotFoundError(model)
+        if len(candidates) == 1:
+            return candidates[0]
+        now = self._clock()
+        up = [route for route in candidates if self._down_until.get(route.url, 0.0) <= now] or candidates
+        key = (tenant_id, model, session) if session else None
+        if key is not None:
+            remembered = self._affinity.get(key)
+            if remembered is not None and now - remembered[1] <= self._settings.session_affinity_ttl_s:
+                chosen = next((route for route in up if route.url == remembered[0]), None)
+                if chosen is not None:
+                    self._affinity[key] = (chosen.url, now)
+                    self._affinity.move_to_end(key)
+                    return chosen
+        self._turn += 1
+        count = len(up)
+        chosen = min(
+            (up[(self._turn + offset) % count] for offset in range(count)),
+            key=lambda route: self._load.get(route.url, 0),
+        )
+        if key is not None:
+            self._affinity[key] = (chosen.url, now)
+            self._affinity.move_to_end(key)
+            while len(self._affinity) > self._settings.session_affinity_entries:
+                self._affinity.popitem(last=False)
+        return chosen
+
+    def lease(self, route: EngineRoute) -> Lease:
+        return Lease(self._load, route.url)
+
+    def load(self) -> dict[str, int]:
+        return {route.key: self._load.get(route.url, 0) for route in self.routes}
+
+    def _mark_down(self, route: EngineRoute) -> None:
+        self._down_until[route.url] = self._clock() + self._settings.engine_down_s
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -82,6 +151,7 @@ class EngineRouter:
                 headers={"Content-Type": "application/json", "X-Request-Id": request_id},
             )
         except (aiohttp.ClientConnectionError, OSError) as exc:
+            self._mark_down(route)
             raise EngineUnavailableError(
                 f"The engine serving `{route.model}` is unavailable.", code="engine_unavailable"
             ) from exc
@@ -128,7 +198,7 @@ class EngineRouter:
             return EngineHealth(route.model, route.url, False, type(exc).__name__)
 
     async def health_all(self) -> list[EngineHealth]:
-        return list(await asyncio.gather(*(self.health(route) for route in self._routes.values())))
+        return list(await asyncio.gather(*(self.health(route) for route in self.routes)))
 
 
 class PromptCount:

@@ -20,6 +20,7 @@ class UsageRecord(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, index=True)
     model: str = Field(index=True, max_length=128)
     endpoint: str = Field(max_length=64)
+    engine: str | None = Field(default=None, max_length=200, description="the engine that served it (routing)")
     tenant_id: str | None = Field(default=None, index=True, max_length=32)
     workflow_id: str | None = Field(default=None, max_length=32)
     agent_id: str | None = Field(default=None, max_length=32)

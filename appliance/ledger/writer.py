@@ -30,6 +30,7 @@ class UsageEvent:
     model: str
     endpoint: str
     status_code: int
+    engine: str | None = None
     tenant_id: str | None = None
     workflow_id: str | None = None
     agent_id: str | None = None

@@ -47,7 +47,7 @@ class ConcurrencyMonitor:
     async def _run(self) -> None:
         while True:
             started = self._clock()
-            await asyncio.gather(*(self.scrape(route.model, route.url) for route in self._router.routes))
+            await asyncio.gather(*(self.scrape(route.key, route.url) for route in self._router.routes))
             await asyncio.sleep(max(self.settings.scrape_interval_s - (self._clock() - started), 0.05))
 
     async def scrape(self, model: str, url: str) -> None:
@@ -82,7 +82,10 @@ class ConcurrencyMonitor:
         return health
 
     def report(self) -> dict[str, Any]:
-        engines = {route.model: self.health(route.model).as_dict() for route in self._router.routes}
+        engines = {
+            route.key: dict(self.health(route.key).as_dict(), model=route.model, url=route.url)
+            for route in self._router.routes
+        }
         return {
             "state": worst([engine["state"] for engine in engines.values()]),
             "window_s": self.settings.window_s,
@@ -102,7 +105,7 @@ class TelemetryCollector(Collector):
         state = GaugeMetricFamily(
             "appliance_concurrency_state",
             "Concurrency health per engine: 1 for its current state (healthy, degrading, collapsing).",
-            labels=["model", "state"],
+            labels=["engine", "model", "state"],
         )
         inputs = {
             "queue_depth": ("appliance_engine_requests_waiting", "Requests waiting in the engine."),
@@ -111,26 +114,30 @@ class TelemetryCollector(Collector):
             "queue_trend_per_s": ("appliance_engine_queue_trend", "Slope of the engine's queue, requests/s."),
             "ttft_divergence": ("appliance_ttft_divergence_ratio", "P99 over P50 time to first token."),
         }
-        gauges = {key: GaugeMetricFamily(name, text, labels=["model"]) for key, (name, text) in inputs.items()}
-        for model, engine in report["engines"].items():
+        gauges = {
+            key: GaugeMetricFamily(name, text, labels=["engine", "model"]) for key, (name, text) in inputs.items()
+        }
+        for name, engine in report["engines"].items():
             for level in LEVELS:
-                state.add_metric([model, level], 1.0 if engine["state"] == level else 0.0)
+                state.add_metric([name, engine["model"], level], 1.0 if engine["state"] == level else 0.0)
             for key, gauge in gauges.items():
                 if key in engine["inputs"]:
-                    gauge.add_metric([model], float(engine["inputs"][key]))
+                    gauge.add_metric([name, engine["model"]], float(engine["inputs"][key]))
         yield state
         yield from gauges.values()
         if self._admission is None:
             return
         in_flight = GaugeMetricFamily(
-            "appliance_admission_in_flight", "Requests holding a slot of an admission tier.", labels=["model", "tier"]
+            "appliance_admission_in_flight", "Requests holding a slot of an admission tier.", labels=["engine", "tier"]
         )
         waiting = GaugeMetricFamily(
-            "appliance_admission_waiting", "Requests waiting for a slot of an admission tier.", labels=["model", "tier"]
+            "appliance_admission_waiting",
+            "Requests waiting for a slot of an admission tier.",
+            labels=["engine", "tier"],
         )
-        for model, tiers in self._admission.snapshot().items():
+        for engine_name, tiers in self._admission.snapshot().items():
             for tier, figures in tiers.items():
-                in_flight.add_metric([model, tier], figures["in_flight"])
-                waiting.add_metric([model, tier], figures["waiting"])
+                in_flight.add_metric([engine_name, tier], figures["in_flight"])
+                waiting.add_metric([engine_name, tier], figures["waiting"])
         yield in_flight
         yield waiting

@@ -93,8 +93,8 @@ async def test_a_long_request_cannot_starve_short_ones(governed: Governed) -> No
             metrics = await response.text()
         short = await _chat(session, governed.url, governed.key, "Say hi.", 4)
         long_times = await asyncio.gather(*longs)
-    in_flight = f'appliance_admission_in_flight{{model="{CHAT_MODEL}",tier="long"}} 1.0'
-    waiting = f'appliance_admission_waiting{{model="{CHAT_MODEL}",tier="long"}} 2.0'
+    in_flight = f'appliance_admission_in_flight{{engine="{CHAT_MODEL}",tier="long"}} 1.0'
+    waiting = f'appliance_admission_waiting{{engine="{CHAT_MODEL}",tier="long"}} 2.0'
     assert in_flight in metrics and waiting in metrics, "one long request in flight, two queued in their tier"
     assert short < max(long_times), "the short request did not wait for the long queue"
 
