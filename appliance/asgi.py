@@ -43,6 +43,7 @@ from appliance.retrieval.routes import rag_controller
 from appliance.retrieval.setup import retrieval_service
 from appliance.settings import Settings, get_settings
 from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
+from appliance.telemetry.rollup import Rollups, gateway_name
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         make_engine(settings.database_url, serialized_writes=True), ZoneInfo(settings.budgets.timezone)
     )
     pricing = Pricing(settings.pricing)
-    monitor = ConcurrencyMonitor(router, settings.telemetry)
+    rollups = Rollups(db_engine, gateway_name(), settings.telemetry.rollup_retention_days)
+    monitor = ConcurrencyMonitor(router, settings.telemetry, rollups=rollups)
     metrics = GatewayMetrics(settings.pricing.currency, ttft_sink=monitor.observe_ttft)
     admission = Admission(settings.admission) if settings.admission.enabled else None
     metrics.registry.register(TelemetryCollector(monitor, admission))

@@ -167,6 +167,11 @@ class AdmissionSettings(BaseModel):
     long_concurrency: int = Field(default=1, ge=1, description="long requests in flight per engine")
     short_queue_timeout_s: float = Field(default=30.0, gt=0, description="longest wait for a short slot, then 503")
     long_queue_timeout_s: float = Field(default=300.0, gt=0, description="longest wait for a long slot, then 503")
+    slot_until_first_token: bool = Field(
+        default=True,
+        description="a streamed request gives its tier slot back at its first token: tiers bound concurrent "
+        "prefills (what stalls other requests), not decodes, which batch cheaply",
+    )
     priority_scopes: list[str] = Field(
         default_factory=list, description="tenant or workflow ids admitted first within their tier"
     )
@@ -185,6 +190,7 @@ class TelemetrySettings(BaseModel):
     ttft_divergence_degrading: float = Field(default=4.0, gt=1, description="P99/P50 TTFT that means degrading")
     ttft_divergence_collapsing: float = Field(default=10.0, gt=1, description="... and collapsing")
     min_ttft_samples: int = Field(default=20, ge=2, description="TTFTs needed in the window before their P99 counts")
+    rollup_retention_days: int = Field(default=30, ge=1, description="per-minute engine roll-ups kept this long")
     slot_cv_degrading: float = Field(
         default=0.5,
         gt=0,

@@ -57,7 +57,8 @@ def import_models() -> None:
     import appliance.budgets.models
     import appliance.identity.models
     import appliance.ledger.models
-    import appliance.retrieval.models  # noqa: F401
+    import appliance.retrieval.models
+    import appliance.telemetry.models  # noqa: F401
 
 
 def alembic_config(connection: Any) -> Any:

@@ -91,6 +91,7 @@ class Ticket:
     """A request's slot; released exactly once when the request ends."""
 
     tier: Tier
+    until_first_token: bool = False  # give the slot back at the first token of a streamed answer
     released: bool = False
 
     def release(self) -> None:
@@ -125,7 +126,7 @@ class Admission:
     async def admit(self, engine: str, prompt_tokens: int, priority: int = 1) -> Ticket:
         tier = self.tiers(engine)[self.tier_of(prompt_tokens)]
         await tier.acquire(priority)
-        return Ticket(tier)
+        return Ticket(tier, until_first_token=self.settings.slot_until_first_token)
 
     def snapshot(self) -> dict[str, dict[str, dict[str, int]]]:
         return {

@@ -5,10 +5,12 @@ role, which Prometheus's ``oauth2`` scrape setting signs in with)."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from datetime import datetime
+from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
+from litestar.params import QueryParameter
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
@@ -77,3 +79,20 @@ class HealthController(Controller):
         """The concurrency health signal per engine and overall, with its reasons and inputs."""
         principal_of(request.scope).require_role(ADMIN, OPERATOR)
         return monitor.report()
+
+    @get("/admin/health/history")
+    async def history(
+        self,
+        request: Request[Any, Any, Any],
+        monitor: NamedDependency[ConcurrencyMonitor],
+        engine: Annotated[str | None, QueryParameter(max_length=200)] = None,
+        since: Annotated[datetime | None, QueryParameter(name="from")] = None,
+        until: Annotated[datetime | None, QueryParameter(name="to")] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=10_080)] = 1440,
+    ) -> dict[str, Any]:
+        """Per-minute roll-ups of every engine (or one), oldest first: the last ``limit`` minutes of the period."""
+        principal_of(request.scope).require_role(ADMIN, OPERATOR)
+        if monitor.rollups is None:
+            return {"object": "list", "data": []}
+        rows = await asyncio.to_thread(monitor.rollups.history, engine, since, until, limit)
+        return {"object": "list", "data": rows}

@@ -128,6 +128,11 @@ class RequestRecord:
         if self._metrics is not None:
             self._metrics.observe(event)
 
+    def first_token(self) -> None:
+        """The engine has finished this request's prefill: a slot held only for prefills is given back."""
+        if self.ticket is not None and self.ticket.until_first_token:
+            self.ticket.release()
+
     @property
     def capturing(self) -> bool:
         return self.prompt is not None

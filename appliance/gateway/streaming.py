@@ -94,7 +94,10 @@ class StreamRelay:
             async for chunk in self._response.content.iter_any():
                 buffer += chunk
                 for payload in split_events(buffer):
+                    waiting_for_first = self._usage.first_token_at is None
                     out = self._usage.rewrite(payload)
+                    if waiting_for_first and self._usage.first_token_at is not None:
+                        self._record.first_token()
                     if out is None:
                         continue
                     if self._usage.done:

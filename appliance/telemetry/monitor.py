@@ -4,6 +4,7 @@ gateway's own time-to-first-token measurements beside it, and the concurrency he
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -15,16 +16,24 @@ from prometheus_client.registry import Collector
 
 from appliance.gateway.admission import Admission
 from appliance.gateway.upstream import EngineRouter
-from appliance.settings import TelemetrySettings
+from appliance.settings import EngineRoute, TelemetrySettings
+from appliance.telemetry.rollup import Rollups
 from appliance.telemetry.samples import EngineSample, parse
 from appliance.telemetry.signal import LEVELS, Health, assess, worst
+
+log = logging.getLogger(__name__)
 
 
 class ConcurrencyMonitor:
     def __init__(
-        self, router: EngineRouter, settings: TelemetrySettings, clock: Callable[[], float] = time.monotonic
+        self,
+        router: EngineRouter,
+        settings: TelemetrySettings,
+        clock: Callable[[], float] = time.monotonic,
+        rollups: Rollups | None = None,
     ) -> None:
         self._router = router
+        self.rollups = rollups
         self.settings = settings
         self._clock = clock
         self._samples: dict[str, deque[EngineSample]] = {}
@@ -47,26 +56,48 @@ class ConcurrencyMonitor:
     async def _run(self) -> None:
         while True:
             started = self._clock()
-            await asyncio.gather(*(self.scrape(route.key, route.url) for route in self._router.routes))
+            routes = self._router.routes
+            samples = await asyncio.gather(*(self.scrape(route.key, route.url) for route in routes))
+            if self.rollups is not None:
+                await self._roll_up(routes, samples)
             await asyncio.sleep(max(self.settings.scrape_interval_s - (self._clock() - started), 0.05))
 
-    async def scrape(self, model: str, url: str) -> None:
+    async def _roll_up(self, routes: list[EngineRoute], samples: list[EngineSample | None]) -> None:
+        assert self.rollups is not None
+        finished = []
+        for route, sample in zip(routes, samples, strict=True):
+            if sample is not None:
+                row = self.rollups.add(route.key, route.model, sample, self.health(route.key).state)
+                if row is not None:
+                    finished.append(row)
+        if finished:
+            try:
+                await asyncio.to_thread(self.rollups.write, finished)
+            except Exception:
+                log.exception("writing %d telemetry roll-ups failed; they are lost", len(finished))
+
+    async def scrape(self, model: str, url: str) -> EngineSample | None:
         try:
             timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval_s, 1.0))
             async with self._router.session.get(url + "/metrics", timeout=timeout) as response:
                 text = await response.text()
                 if response.status != 200:
                     raise ValueError(f"/metrics answered {response.status}")
-            self.add(model, parse(text, self._clock()))
+            sample = parse(text, self._clock())
+            self.add(model, sample)
             self._errors.pop(model, None)
+            return sample
         except Exception as exc:  # an engine that is down has no metrics; readiness reports it
             self._errors[model] = f"{type(exc).__name__}: {exc}"
+            return None
 
     def add(self, model: str, sample: EngineSample) -> None:
         self._samples.setdefault(model, deque()).append(sample)
 
     def observe_ttft(self, model: str, seconds: float) -> None:
         self._ttfts.setdefault(model, deque()).append((self._clock(), seconds))
+        if self.rollups is not None:
+            self.rollups.observe_ttft(model, seconds)
 
     def health(self, model: str) -> Health:
         horizon = self._clock() - self.settings.window_s

@@ -126,3 +126,16 @@ async def test_health_degrades_under_overload_and_recovers(governed: Governed) -
                 break
             await asyncio.sleep(0.5)
         assert health["state"] == "healthy", health
+
+    # The minutes of that overload are rolled up in the database, for the console's history charts.
+    rows: list[dict[str, object]] = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(70):
+            async with session.get(governed.url + "/admin/health/history", headers=governed.admin) as response:
+                assert response.status == 200, await response.text()
+                rows = [r for r in (await response.json())["data"] if r["engine"] == CHAT_MODEL]
+            if any(r["state"] != "healthy" for r in rows):
+                break
+            await asyncio.sleep(1)
+    assert any(r["state"] != "healthy" and float(str(r["waiting_max"])) > 0 for r in rows), rows
+    assert sum(int(str(r["prompt_tokens"])) for r in rows) > 0
