@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     pricing = Pricing(settings.pricing)
     rollups = Rollups(db_engine, gateway_name(), settings.telemetry.rollup_retention_days)
     monitor = ConcurrencyMonitor(router, settings.telemetry, rollups=rollups)
-    metrics = GatewayMetrics(settings.pricing.currency, ttft_sink=monitor.observe_ttft)
+    metrics = GatewayMetrics(settings.pricing.currency, event_sink=monitor.observe_event)
     admission = Admission(settings.admission) if settings.admission.enabled else None
     metrics.registry.register(TelemetryCollector(monitor, admission))
     serving = OpenAIServing(

@@ -25,9 +25,9 @@ def _label(value: str | None) -> str:
 
 
 class GatewayMetrics:
-    def __init__(self, currency: str, ttft_sink: Callable[[str, float], None] | None = None) -> None:
+    def __init__(self, currency: str, event_sink: Callable[[UsageEvent], None] | None = None) -> None:
         self.registry = CollectorRegistry()
-        self._ttft_sink = ttft_sink  # the concurrency monitor's window of gateway-measured TTFT
+        self._event_sink = event_sink  # the concurrency monitor: gateway-measured TTFT, requests per engine
         self.currency = currency
         scope = ["tenant", "workflow", "model"]
         self.requests = Counter(
@@ -96,8 +96,8 @@ class GatewayMetrics:
             self.latency.labels(event.model, event.endpoint).observe(event.latency_ms / 1000.0)
             if event.ttft_ms is not None:
                 self.ttft.labels(event.model).observe(event.ttft_ms / 1000.0)
-                if self._ttft_sink is not None:
-                    self._ttft_sink(event.engine or event.model, event.ttft_ms / 1000.0)
+        if self._event_sink is not None:
+            self._event_sink(event)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import re
+import secrets
 import sys
 from typing import TypeVar
 
@@ -13,8 +14,9 @@ from sqlmodel import Session, select
 
 from appliance.db.engine import create_schema, make_engine
 from appliance.identity import service
+from appliance.identity.accounts import hash_password
 from appliance.identity.keycloak import KeycloakBootstrap, WorkflowAccount
-from appliance.identity.models import ROLES, Agent, Tenant, Workflow
+from appliance.identity.models import ROLES, Agent, LocalAccount, Tenant, Workflow
 from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.schemas import AgentCreate, ApiKeyCreate, TenantCreate, WorkflowCreate
 from appliance.identity.setup import embedded_issuer, key_hasher
@@ -46,6 +48,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     key.add_argument("--name", default="")
     key.add_argument("--scope", choices=("inference", "admin"), action="append", help="default: inference")
     key.add_argument("--create", action="store_true", help="create the tenant, workflow and agent if missing")
+    user = admin_sub.add_parser(
+        "create-user", help="a local account of the embedded issuer; prints its one-time password once, as JSON"
+    )
+    user.add_argument("username")
+    user.add_argument("--role", choices=ROLES, action="append", required=True)
+    user.add_argument("--tenant", help="bind the account to a tenant (id or name)")
 
 
 def add_identity_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -106,6 +114,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
         if args.admin_command == "token":
             return _token(settings, args)
+        if args.admin_command == "create-user":
+            return _create_user(settings, args)
         return _create_key(settings, args)
     except ApplianceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -129,6 +139,43 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
             ttl_s=args.ttl,
         )
     )
+    return 0
+
+
+def _create_user(settings: Settings, args: argparse.Namespace) -> int:
+    """People sign in to Keycloak on an installed node; the embedded issuer's accounts are for `make run`."""
+    if settings.identity.keycloak_url:
+        print("error: Keycloak holds the accounts here; create the user there", file=sys.stderr)
+        return 1
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._\-]{1,99}", args.username):
+        print("error: a username is 2-100 lowercase letters, digits, dots, dashes or underscores", file=sys.stderr)
+        return 1
+    engine = make_engine(settings.database_url)
+    create_schema(engine)
+    password = secrets.token_urlsafe(18)
+    with Session(engine) as session:
+        tenant_id = None
+        if args.tenant:
+            tenant_id = _find(session, Tenant, args.tenant)
+            if tenant_id is None:
+                print(f"error: no tenant {args.tenant!r}", file=sys.stderr)
+                return 1
+        if session.get(LocalAccount, args.username) is not None:
+            print(f"error: the account {args.username!r} exists", file=sys.stderr)
+            return 1
+        session.add(
+            LocalAccount(
+                username=args.username,
+                password_hash=hash_password(password),
+                roles=sorted(set(args.role)),
+                tenant_id=tenant_id,
+                must_change_password=True,
+            )
+        )
+        session.commit()
+    engine.dispose()
+    print(json.dumps({"username": args.username, "roles": sorted(set(args.role)), "tenant_id": tenant_id,
+                      "one_time_password": password}))  # fmt: skip
     return 0
 
 

@@ -27,6 +27,8 @@ class EngineRollup(SQLModel, table=True):
     preemptions: int = Field(default=0, description="added during the minute")
     prompt_tokens: int = Field(default=0, description="processed by the engine during the minute")
     generation_tokens: int = 0
+    requests: int = Field(default=0, description="requests the gateway finished on this engine")
+    errors: int = Field(default=0, description="... of which failed on the server side (5xx)")
     ttft_count: int = Field(default=0, description="streamed answers whose first token the gateway timed")
     ttft_p50_ms: float | None = None
     ttft_p99_ms: float | None = None

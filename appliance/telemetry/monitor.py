@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 
 from appliance.gateway.admission import Admission
 from appliance.gateway.upstream import EngineRouter
+from appliance.ledger.writer import UsageEvent
 from appliance.settings import EngineRoute, TelemetrySettings
 from appliance.telemetry.rollup import Rollups
 from appliance.telemetry.samples import EngineSample, parse
@@ -98,6 +99,14 @@ class ConcurrencyMonitor:
         self._ttfts.setdefault(model, deque()).append((self._clock(), seconds))
         if self.rollups is not None:
             self.rollups.observe_ttft(model, seconds)
+
+    def observe_event(self, event: UsageEvent) -> None:
+        """A request the gateway finished: its TTFT (streamed answers) and its outcome, per engine."""
+        engine = event.engine or event.model
+        if event.status_code == 200 and event.ttft_ms is not None:
+            self.observe_ttft(engine, event.ttft_ms / 1000.0)
+        if self.rollups is not None:
+            self.rollups.observe_request(engine, event.status_code)
 
     def health(self, model: str) -> Health:
         horizon = self._clock() - self.settings.window_s

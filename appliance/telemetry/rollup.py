@@ -41,6 +41,8 @@ class _Minute:
     model: str
     samples: list[EngineSample] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
+    requests: int = 0
+    errors: int = 0
     state: str = LEVELS[0]
     before: EngineSample | None = None  # the last sample of the minute before: counters are deltas from it
 
@@ -64,6 +66,7 @@ class Rollups:
         self._wall = wall
         self._minutes: dict[str, _Minute] = {}
         self._pending_ttfts: dict[str, list[float]] = {}
+        self._pending_requests: dict[str, list[int]] = {}  # engine -> [requests, server errors]
         self._last_prune: datetime | None = None
 
     def add(self, engine: str, model: str, sample: EngineSample, state: str) -> EngineRollup | None:
@@ -79,12 +82,22 @@ class Rollups:
             current = self._minutes[engine] = _Minute(start, model)
         current.samples.append(sample)
         current.ttfts.extend(self._pending_ttfts.pop(engine, []))
+        requests, errors = self._pending_requests.pop(engine, [0, 0])
+        current.requests += requests
+        current.errors += errors
         if LEVELS.index(state) > LEVELS.index(current.state):
             current.state = state
         return finished
 
     def observe_ttft(self, engine: str, seconds: float) -> None:
         self._pending_ttfts.setdefault(engine, []).append(seconds)
+
+    def observe_request(self, engine: str, status_code: int) -> None:
+        """A finished request; a 5xx (or no answer at all) counts as an error of the engine's minute."""
+        counts = self._pending_requests.setdefault(engine, [0, 0])
+        counts[0] += 1
+        if status_code >= 500:
+            counts[1] += 1
 
     def _row(self, engine: str, minute: _Minute) -> EngineRollup:
         samples = minute.samples
@@ -108,6 +121,8 @@ class Rollups:
             preemptions=_delta(last.preemptions, before.preemptions),
             prompt_tokens=_delta(last.prompt_tokens, before.prompt_tokens),
             generation_tokens=_delta(last.generation_tokens, before.generation_tokens),
+            requests=minute.requests,
+            errors=minute.errors,
             ttft_count=len(minute.ttfts),
             ttft_p50_ms=p50,
             ttft_p99_ms=p99,

@@ -25,6 +25,9 @@ def test_a_minute_is_rolled_up_when_the_next_begins(tmp_path: Path) -> None:
     assert rollups.add("e", "m", sample(1, 0, prompt=100), "healthy") is None
     rollups.observe_ttft("e", 0.05)
     rollups.observe_ttft("e", 0.5)
+    rollups.observe_request("e", 200)
+    rollups.observe_request("e", 502)
+    rollups.observe_request("e", 429)
     now[0] = T0 + timedelta(seconds=30)
     assert rollups.add("e", "m", sample(3, 4, kv=0.9, prompt=400, preempt=2), "degrading") is None
     now[0] = T0 + timedelta(seconds=61)
@@ -35,6 +38,7 @@ def test_a_minute_is_rolled_up_when_the_next_begins(tmp_path: Path) -> None:
     assert row.kv_cache_usage_max == 0.9 and row.state == "degrading"
     assert (row.prompt_tokens, row.preemptions) == (300, 2)
     assert (row.ttft_count, row.ttft_p50_ms, row.ttft_p99_ms) == (2, 50.0, 500.0)
+    assert (row.requests, row.errors) == (3, 1)
     now[0] = T0 + timedelta(seconds=125)
     second = rollups.add("e", "m", sample(0, 0, prompt=20), "healthy")  # the engine restarted: counters reset
     assert second is not None and second.minute == T0 + timedelta(minutes=1)

@@ -2,7 +2,7 @@
 
 Revision ID: 0007
 Revises: 0006
-Create Date: 2026-11-22 20:02:21.763908
+Create Date: 2026-11-22 20:22:18.928522
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def upgrade() -> None:
         sa.Column("preemptions", sa.Integer(), nullable=False),
         sa.Column("prompt_tokens", sa.Integer(), nullable=False),
         sa.Column("generation_tokens", sa.Integer(), nullable=False),
+        sa.Column("requests", sa.Integer(), nullable=False),
+        sa.Column("errors", sa.Integer(), nullable=False),
         sa.Column("ttft_count", sa.Integer(), nullable=False),
         sa.Column("ttft_p50_ms", sa.Float(), nullable=True),
         sa.Column("ttft_p99_ms", sa.Float(), nullable=True),
