@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run up down status test test-unit lint bench clean postgresql
+.PHONY: setup run up down status test test-unit lint bench clean postgresql chromium
 
 setup: $(VENV)/.installed $(ENGINE_VENV)/.installed-$(ENGINE_PROFILE)
 
@@ -42,7 +42,7 @@ down:
 status:
 	$(VENV)/bin/appliance status
 
-test: setup postgresql lint
+test: setup postgresql chromium lint
 	$(VENV)/bin/python -m pytest
 
 # The tests of multi-replica behaviour start a private PostgreSQL server from the Debian package's binaries.
@@ -50,6 +50,12 @@ postgresql:
 	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
 	  echo "installing PostgreSQL (Debian package) for the multi-replica tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; }
+
+# The console's end-to-end tests drive Debian's chromium (Playwright never downloads a browser here).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing chromium (Debian package) for the console's browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
 test-unit: $(VENV)/.installed postgresql
 	$(VENV)/bin/python -m pytest tests/unit

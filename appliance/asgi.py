@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from zoneinfo import ZoneInfo
 
 from litestar import Litestar
@@ -20,7 +21,7 @@ from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.routes import BudgetController
 from appliance.budgets.store import BudgetStore
-from appliance.console.auth_routes import ConsoleAuthController
+from appliance.console.auth_routes import ConsoleAuthController, console_assets
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.admission import Admission
 from appliance.gateway.health import HealthController
@@ -124,9 +125,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await asyncio.to_thread(retrieval.close)
             db_engine.dispose()
 
+    handlers: list[Any] = [rag_controller(settings), console_assets()]
     app = Litestar(
         route_handlers=[
-            rag_controller(settings),
+            *handlers,
             OpenAIController,
             HealthController,
             AdminController,

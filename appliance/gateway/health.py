@@ -44,7 +44,10 @@ class HealthController(Controller):
             router.health_all(), asyncio.to_thread(_database_ok, db_engine), return_exceptions=True
         )
         engine_rows = (
-            [{"model": h.model, "url": h.url, "healthy": h.healthy, "error": h.error} for h in engines]
+            [
+                {"model": h.model, "url": h.url, "runner": h.runner, "healthy": h.healthy, "error": h.error}
+                for h in engines
+            ]
             if isinstance(engines, list)
             else []
         )

@@ -29,6 +29,7 @@ class EngineHealth:
     url: str
     healthy: bool
     error: str | None = None
+    runner: str = "generate"
 
 
 class Lease:
@@ -192,10 +193,10 @@ class EngineRouter:
                 route.url + "/health", timeout=aiohttp.ClientTimeout(total=self._settings.health_timeout_s)
             ) as response:
                 if response.status == 200:
-                    return EngineHealth(route.model, route.url, True)
-                return EngineHealth(route.model, route.url, False, f"health answered {response.status}")
+                    return EngineHealth(route.model, route.url, True, runner=route.runner)
+                return EngineHealth(route.model, route.url, False, f"health answered {response.status}", route.runner)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return EngineHealth(route.model, route.url, False, type(exc).__name__)
+            return EngineHealth(route.model, route.url, False, type(exc).__name__, route.runner)
 
     async def health_all(self) -> list[EngineHealth]:
         return list(await asyncio.gather(*(self.health(route) for route in self.routes)))

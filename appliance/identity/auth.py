@@ -20,7 +20,10 @@ from appliance.lib.errors import AuthenticationError
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = ("/healthz", "/readyz", "/oidc/", "/console/login", "/console/callback")
+# The console's page and its assets are public (they hold no data; the page asks /console/session who is
+# signed in, and every call it makes is authenticated).
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/console", "/console/", "/console/login", "/console/callback"})
+PUBLIC_PREFIXES = ("/oidc/", "/console/assets/")
 _STATE_KEY = "appliance_principal"
 
 
@@ -81,7 +84,7 @@ def _cookie(header: str | None, name: str) -> str | None:
 
 
 def is_public(path: str) -> bool:
-    return path in PUBLIC_PATHS or any(path.startswith(p) for p in PUBLIC_PATHS if p.endswith("/"))
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
 def principal_of(scope: Scope) -> Principal:
