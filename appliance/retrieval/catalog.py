@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import delete, func, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, SQLModel, col, select
 
 from appliance.identity.models import Tenant
 from appliance.identity.principal import Principal
@@ -83,12 +83,7 @@ class Catalog:
             row = RagCollection(
                 tenant_id=owner, name=name, description=description, embedding_model=model, dimensions=dims
             )
-            session.add(row)
-            try:
-                session.commit()
-            except IntegrityError:
-                raise ConflictError("This tenant already has a collection of that name.", param="name") from None
-            session.refresh(row)
+            _add_unique(session, row, "This tenant already has a collection of that name.", "name")
             return collection_view(row)
 
     def collection(self, principal: Principal, collection_id: str) -> RagCollection:
@@ -170,12 +165,7 @@ class Catalog:
                 session.commit()
                 session.refresh(existing)
                 return existing
-            session.add(document)
-            try:
-                session.commit()
-            except IntegrityError:
-                raise ConflictError("The same document is being ingested by another request.", param="file") from None
-            session.refresh(document)
+            _add_unique(session, document, "The same document is being ingested by another request.", "file")
             return document
 
     def progress(self, document_id: str, chunks_done: int) -> None:
@@ -214,6 +204,17 @@ class Catalog:
             .where(col(RagCollection.id) == collection_id)
             .values(version=col(RagCollection.version) + 1)
         )
+
+
+def _add_unique(session: Session, row: SQLModel, conflict: str, param: str) -> None:
+    """Insert ``row``; a unique constraint it breaks is the client's conflict (409), named by ``param``."""
+    session.add(row)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ConflictError(conflict, param=param) from None
+    session.refresh(row)
 
 
 def _aware(moment: Any) -> Any:

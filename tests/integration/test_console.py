@@ -136,6 +136,18 @@ def test_an_admin_runs_the_appliance_from_the_console(appliance: Appliance, brow
     expect(page.get_by_role("cell", name=tenant)).to_be_visible()
     manager.shot("usage")
 
+    page = platform.open("retrieval")
+    page.get_by_label("Tenant", exact=True).select_option(label=tenant)
+    page.get_by_label("Collection name").fill("handbook")
+    page.get_by_role("button", name="Create collection").click()
+    row = page.get_by_role("row").filter(has_text="handbook")
+    row.get_by_label("Text, Markdown, HTML or PDF").set_input_files(
+        files=[{"name": "leave.md", "mimeType": "text/markdown", "buffer": b"# Leave\n\nStaff get 30 days of leave."}]
+    )
+    row.get_by_role("button", name="Upload").click()
+    expect(page.get_by_role("row").filter(has_text="handbook").get_by_role("cell").nth(2)).to_have_text("1")
+    platform.shot("retrieval")
+
     page = platform.open("audit")
     page.get_by_label("Subject").fill(f"local:boss-{RUN}")
     page.get_by_role("button", name="Search").click()
