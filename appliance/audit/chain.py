@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from appliance.identity.signing import write_secret
+from appliance.lib.times import as_utc
 
 GENESIS = "0" * 64
 ORIGIN = "appliance/audit"
@@ -53,8 +54,7 @@ FIELDS = (
 def ts_text(moment: datetime | str) -> str:
     if isinstance(moment, str):  # already canonical text
         return moment
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return as_utc(moment).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def canonical(values: dict[str, Any]) -> bytes:

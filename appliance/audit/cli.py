@@ -11,6 +11,7 @@ from pathlib import Path
 from appliance.audit.export import jsonl, syslog
 from appliance.audit.setup import audit_store
 from appliance.identity.cli import duration_s
+from appliance.lib.times import as_utc
 from appliance.settings import Settings
 
 
@@ -29,8 +30,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _moment(text: str) -> datetime:
     try:
-        moment = datetime.fromisoformat(text)
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return as_utc(datetime.fromisoformat(text))
     except ValueError:
         return datetime.now(UTC) - timedelta(seconds=duration_s(text))
 

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from appliance.audit.chain import FIELDS, GENESIS, NoteKey, open_checkpoint, record_hash, sign_checkpoint, ts_text
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
+from appliance.lib.times import as_utc
 
 RECORDS: Table = AuditRecord.__table__  # type: ignore[attr-defined]
 HEAD: Table = AuditHead.__table__  # type: ignore[attr-defined]
@@ -111,7 +112,7 @@ class AuditStore:
         ).first()
         now = datetime.now(UTC)
         due = last is None or seq - last[0] >= self._every
-        stale = last is not None and seq > last[0] and now - _aware(last[1]) >= self._interval
+        stale = last is not None and seq > last[0] and now - as_utc(last[1]) >= self._interval
         if not (force or due or stale) or seq == 0:
             return None
         note = sign_checkpoint(self.key, seq, head_hash, now)
@@ -313,7 +314,3 @@ def _content_row(event: AuditEvent) -> dict[str, Any]:
 def _bad(result: VerifyResult, seq: int | None, reason: str) -> VerifyResult:
     result.ok, result.first_bad_seq, result.reason = False, seq, reason
     return result
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -20,6 +20,7 @@ from appliance.identity.models import ApiKey
 from appliance.identity.principal import ADMIN, USER, Principal
 from appliance.identity.signing import write_secret
 from appliance.lib.errors import AuthenticationError
+from appliance.lib.times import as_utc
 
 KEY_PATTERN = re.compile(r"^apk_(?P<id>[0-9a-f]{20})_(?P<secret>[A-Za-z0-9_-]{43})$")
 LAST_USED_EVERY_S = 60.0
@@ -86,7 +87,7 @@ class ApiKeyAuthenticator:
             now = datetime.now(UTC)
             if key is None or not valid or key.revoked_at is not None:
                 raise AuthenticationError()
-            if key.expires_at is not None and _aware(key.expires_at) <= now:
+            if key.expires_at is not None and as_utc(key.expires_at) <= now:
                 raise AuthenticationError()
             principal = key_principal(key)
             if time.monotonic() - self._last_used_written.get(key_id, -float("inf")) >= LAST_USED_EVERY_S:
@@ -94,8 +95,3 @@ class ApiKeyAuthenticator:
                 session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))  # type: ignore[arg-type]
                 session.commit()
             return principal
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; they were stored as UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

@@ -18,6 +18,7 @@ from appliance.identity.accounts import check_password, hash_password
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.models import AuthorizationCode, LocalAccount, ServiceClient
+from appliance.lib.times import as_utc
 
 CODE_TTL = timedelta(seconds=60)
 _CHALLENGE = re.compile(r"^[A-Za-z0-9_-]{43}$")  # base64url of a SHA-256 digest
@@ -101,8 +102,7 @@ def exchange_code(session: Session, issuer: EmbeddedIssuer, form: dict[str, str]
         raise OAuthError("invalid_grant", "The code is invalid, expired or already used.")
     session.delete(stored)  # one use only, whatever happens next
     session.commit()
-    expires_at = stored.expires_at if stored.expires_at.tzinfo else stored.expires_at.replace(tzinfo=UTC)
-    if expires_at < datetime.now(UTC):
+    if as_utc(stored.expires_at) < datetime.now(UTC):
         raise OAuthError("invalid_grant", "The code is invalid, expired or already used.")
     if form.get("client_id") != stored.client_id or form.get("redirect_uri") != stored.redirect_uri:
         raise OAuthError("invalid_grant", "The code was issued to another client or redirect URI.")

@@ -27,6 +27,7 @@ from appliance.identity.schemas import (
     WorkflowCreate,
 )
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from appliance.lib.times import as_utc
 
 ModelT = TypeVar("ModelT", bound=SQLModel)
 READERS = (ADMIN, OPERATOR)
@@ -145,7 +146,7 @@ def create_api_key(
     workflow, _agent_id = _workflow_and_agent(session, principal, data.workflow_id, data.agent_id)
     expires_at = data.expires_at
     if expires_at is not None:
-        expires_at = expires_at if expires_at.tzinfo else expires_at.replace(tzinfo=UTC)
+        expires_at = as_utc(expires_at)
         if expires_at <= datetime.now(UTC):
             raise InvalidRequestError("`expires_at` is in the past.", param="expires_at")
     key_id, secret, plaintext = new_key_material()

@@ -16,6 +16,7 @@ from sqlmodel import Session
 from appliance.identity.models import ConsoleSession
 from appliance.identity.principal import Principal
 from appliance.lib.errors import AuthenticationError, PermissionDeniedError
+from appliance.lib.times import as_utc
 
 SESSION_COOKIE = "appliance_session"
 CSRF_HEADER = "x-csrf-token"
@@ -55,8 +56,7 @@ class SessionStore:
             row = db.get(ConsoleSession, _digest(session_id))
         if row is None:
             return None
-        expires_at = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)
-        return row if expires_at > datetime.now(UTC) else None
+        return row if as_utc(row.expires_at) > datetime.now(UTC) else None
 
     def end(self, session_id: str) -> None:
         with Session(self._engine) as db:

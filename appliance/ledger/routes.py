@@ -22,6 +22,7 @@ from appliance.identity.auth import principal_of
 from appliance.identity.principal import ADMIN, OPERATOR
 from appliance.ledger.report import COLUMNS, RECORD_COLUMNS, to_csv, usage_records, usage_report
 from appliance.lib.errors import InvalidRequestError
+from appliance.lib.times import as_utc
 from appliance.settings import Settings
 
 From = Annotated[datetime | None, QueryParameter(name="from", description="start (ISO 8601), inclusive")]
@@ -31,17 +32,13 @@ MAX_SPAN = timedelta(days=366)
 
 
 def _period(start: datetime | None, end: datetime | None) -> tuple[datetime, datetime]:
-    end = _aware(end) if end else datetime.now(UTC)
-    start = _aware(start) if start else end - timedelta(days=1)
+    end = as_utc(end) if end else datetime.now(UTC)
+    start = as_utc(start) if start else end - timedelta(days=1)
     if start >= end:
         raise InvalidRequestError("`from` must be before `to`.", param="from")
     if end - start > MAX_SPAN:
         raise InvalidRequestError("A report covers at most 366 days.", param="from")
     return start, end
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 async def _read(

@@ -17,6 +17,7 @@ from appliance.identity.models import Tenant
 from appliance.identity.principal import Principal
 from appliance.ledger.models import utcnow
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError
+from appliance.lib.times import as_utc
 from appliance.retrieval.models import RagCollection, RagDocument
 
 ABANDONED_AFTER = timedelta(minutes=15)  # an `ingesting` row this old was left by a process that died
@@ -158,7 +159,7 @@ class Catalog:
                 if existing.status == "ready":
                     document.id = existing.id
                     return None
-                if utcnow() - _aware(existing.updated_at) < ABANDONED_AFTER:
+                if utcnow() - as_utc(existing.updated_at) < ABANDONED_AFTER:
                     raise ConflictError("The same document is being ingested by another request.", param="file")
                 existing.updated_at = utcnow()
                 session.add(existing)
@@ -215,10 +216,3 @@ def _add_unique(session: Session, row: SQLModel, conflict: str, param: str) -> N
         session.rollback()
         raise ConflictError(conflict, param=param) from None
     session.refresh(row)
-
-
-def _aware(moment: Any) -> Any:
-    """SQLite hands back naive datetimes of what was stored as UTC."""
-    from datetime import UTC
-
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
