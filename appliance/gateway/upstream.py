@@ -90,10 +90,6 @@ class EngineRouter:
     def routes(self) -> list[EngineRoute]:
         return [route for routes in self._by_model.values() for route in routes]
 
-    @property
-    def models(self) -> list[str]:
-        return list(self._by_model)
-
     def route(self, model: str, session: str | None = None, tenant_id: str | None = None) -> EngineRoute:
         """The engine for a request: its session's engine if it has one, else the least loaded."""
         candidates = self._by_model.get(model)

@@ -145,10 +145,11 @@ class Catalog:
             ).all()
             return {row.id: row for row in rows}
 
-    def begin_document(self, collection: RagCollection, document: RagDocument) -> RagDocument | None:
-        """Claim the document's content hash in the collection: the new row, or ``None`` when the same content
-        is already there (ready). Content being ingested right now by another request is a conflict; a claim
-        abandoned by a dead process is taken over (its row is returned to be cleaned and reused)."""
+    def begin_document(self, collection: RagCollection, document: RagDocument) -> tuple[RagDocument, bool]:
+        """Claim the document's content hash in the collection: ``(row, True)`` for a new claim, ``(row, False)``
+        when the same content is already there (ready). Content being ingested right now by another request is
+        a conflict; a claim abandoned by a dead process is taken over (its row is returned to be cleaned and
+        reused, as a new claim)."""
         with Session(self._engine) as session:
             existing = session.exec(
                 select(RagDocument).where(
@@ -157,17 +158,16 @@ class Catalog:
             ).first()
             if existing is not None:
                 if existing.status == "ready":
-                    document.id = existing.id
-                    return None
+                    return existing, False
                 if utcnow() - as_utc(existing.updated_at) < ABANDONED_AFTER:
                     raise ConflictError("The same document is being ingested by another request.", param="file")
                 existing.updated_at = utcnow()
                 session.add(existing)
                 session.commit()
                 session.refresh(existing)
-                return existing
+                return existing, True
             _add_unique(session, document, "The same document is being ingested by another request.", "file")
-            return document
+            return document, True
 
     def progress(self, document_id: str, chunks_done: int) -> None:
         with Session(self._engine) as session:

@@ -107,8 +107,8 @@ def rag_controller(settings: Settings) -> type[Controller]:
             name: Annotated[str | None, QueryParameter(max_length=300)] = None,
         ) -> Response[Any]:
             caller = _caller(request)
-            await retrieval.collection(caller.principal, collection_id)  # refuse before reading a large body
-            document, created = await retrieval.ingest(caller, collection_id, await _upload(request, name))
+            collection = await retrieval.collection(caller.principal, collection_id)  # before reading the body
+            document, created = await retrieval.ingest(caller, collection, await _upload(request, name))
             return Response(dict(document, created=created), status_code=201 if created else 200)
 
         @get("/collections/{collection_id:str}/documents")

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from appliance.budgets.store import CallLink
-from appliance.gateway.protocol import ChatCompletionRequest, EmbeddingRequest
+from appliance.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, decode_json_object
 from appliance.gateway.recording import Source
 from appliance.gateway.serving import INFERENCE_ROLES, Endpoint, JSONResult, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
@@ -181,10 +181,10 @@ class Retrieval:
 
     # documents
 
-    async def ingest(self, caller: Caller, collection_id: str, upload: Upload) -> tuple[dict[str, Any], bool]:
-        """Ingest a document; ``(document, created)``. The same bytes again add nothing. A failure part-way
-        (engine, budget, vector store, the client hanging up) removes every point already written."""
-        collection = await self.collection(caller.principal, collection_id)
+    async def ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
+        """Ingest a document into a collection the caller may use (:meth:`collection`); ``(document, created)``.
+        The same bytes again add nothing. A failure part-way (engine, budget, vector store, the client hanging
+        up) removes every point already written."""
         if len(upload.raw) > self._settings.max_document_bytes:
             raise PayloadTooLargeError(
                 f"The document is {len(upload.raw)} bytes; at most {self._settings.max_document_bytes} are accepted.",
@@ -207,10 +207,9 @@ class Retrieval:
             chunks=len(chunks),
             tokens=tokens,
         )
-        claimed = await asyncio.to_thread(self._catalog.begin_document, collection, document)
-        if claimed is None:
-            existing = await asyncio.to_thread(self._catalog.document, collection, document.id)
-            return document_view(existing), False
+        claimed, new = await asyncio.to_thread(self._catalog.begin_document, collection, document)
+        if not new:
+            return document_view(claimed), False
         try:
             await self._store.delete_document(qdrant_name(collection.id), claimed.id)  # a dead claim's leftovers
             await self._write_chunks(caller, collection, claimed, chunks)
@@ -244,19 +243,22 @@ class Retrieval:
             await asyncio.to_thread(self._catalog.progress, document.id, done)
             log.info("ingesting %s into %s: %d of %d chunks", document.id, collection.id, done, len(chunks))
 
+    async def _remove(self, collection: RagCollection, document_id: str) -> None:
+        """A document's points, then its row (which bumps the collection's version)."""
+        await self._store.delete_document(qdrant_name(collection.id), document_id)
+        await asyncio.to_thread(self._catalog.forget_document, collection, document_id)
+        self.cache.forget(collection.id)
+
     async def _discard(self, collection: RagCollection, document_id: str) -> None:
         try:
-            await self._store.delete_document(qdrant_name(collection.id), document_id)
-            await asyncio.to_thread(self._catalog.forget_document, collection, document_id)
+            await self._remove(collection, document_id)
         except Exception:
             log.exception("could not remove the partly ingested document %s; its row stays `ingesting`", document_id)
 
     async def delete_document(self, principal: Principal, collection_id: str, document_id: str) -> None:
         collection = await self.collection(principal, collection_id)
         document = await asyncio.to_thread(self._catalog.document, collection, document_id)
-        await self._store.delete_document(qdrant_name(collection.id), document.id)
-        await asyncio.to_thread(self._catalog.forget_document, collection, document.id)
-        self.cache.forget(collection.id)
+        await self._remove(collection, document.id)
 
     # retrieval
 
@@ -277,7 +279,8 @@ class Retrieval:
             raise UpstreamError(f"The embedding engine returned {len(vectors)} embeddings for {len(texts)} texts.")
         return vectors, tokens
 
-    async def search(self, caller: Caller, collection: RagCollection, query: str, top_k: int) -> Found:
+    async def search(self, caller: Caller, collection: RagCollection, query: str, top_k: int | None) -> Found:
+        top_k = self._settings.default_top_k if top_k is None else top_k
         if not query.strip():
             raise InvalidRequestError("The query is empty.", param="query")
         if not 1 <= top_k <= self._settings.max_top_k:
@@ -312,7 +315,7 @@ class Retrieval:
 
     async def query(self, caller: Caller, collection_id: str, query: str, top_k: int | None) -> dict[str, Any]:
         collection = await self.collection(caller.principal, collection_id)
-        found = await self.search(caller, collection, query, self._settings.default_top_k if top_k is None else top_k)
+        found = await self.search(caller, collection, query, top_k)
         return {
             "object": "list",
             "collection_id": collection.id,
@@ -327,12 +330,7 @@ class Retrieval:
 
     async def chat(self, caller: Caller, body: bytes) -> JSONResult | StreamRelay:
         """Retrieve for the last user message, answer from the sources, and cite them."""
-        try:
-            data = msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InvalidRequestError("The request body must be a JSON object.")
+        data = decode_json_object(body)
         collection_id = data.pop("collection_id", None)
         top_k = data.pop("top_k", None)
         if not isinstance(collection_id, str) or not collection_id:
@@ -342,9 +340,7 @@ class Retrieval:
         question = last_user_text(data.get("messages"))
         collection = await self.collection(caller.principal, collection_id)
         route = self._router.route(str(data.get("model") or ""))
-        found = await self.search(
-            caller.sub("q"), collection, question, self._settings.default_top_k if top_k is None else top_k
-        )
+        found = await self.search(caller.sub("q"), collection, question, top_k)
         used = fit(found.passages, self._settings.max_context_tokens)
         sources = sources_block(used)
         injected = await self._router.count_prompt_tokens(route, {"prompt": sources}, caller.request_id) if used else 0

@@ -77,7 +77,7 @@ class ConcurrencyMonitor:
             except Exception:
                 log.exception("writing %d telemetry roll-ups failed; they are lost", len(finished))
 
-    async def scrape(self, model: str, url: str) -> EngineSample | None:
+    async def scrape(self, engine: str, url: str) -> EngineSample | None:
         try:
             timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval_s, 1.0))
             async with self._router.session.get(url + "/metrics", timeout=timeout) as response:
@@ -85,20 +85,20 @@ class ConcurrencyMonitor:
                 if response.status != 200:
                     raise ValueError(f"/metrics answered {response.status}")
             sample = parse(text, self._clock())
-            self.add(model, sample)
-            self._errors.pop(model, None)
+            self.add(engine, sample)
+            self._errors.pop(engine, None)
             return sample
         except Exception as exc:  # an engine that is down has no metrics; readiness reports it
-            self._errors[model] = f"{type(exc).__name__}: {exc}"
+            self._errors[engine] = f"{type(exc).__name__}: {exc}"
             return None
 
-    def add(self, model: str, sample: EngineSample) -> None:
-        self._samples.setdefault(model, deque()).append(sample)
+    def add(self, engine: str, sample: EngineSample) -> None:
+        self._samples.setdefault(engine, deque()).append(sample)
 
-    def observe_ttft(self, model: str, seconds: float) -> None:
-        self._ttfts.setdefault(model, deque()).append((self._clock(), seconds))
+    def observe_ttft(self, engine: str, seconds: float) -> None:
+        self._ttfts.setdefault(engine, deque()).append((self._clock(), seconds))
         if self.rollups is not None:
-            self.rollups.observe_ttft(model, seconds)
+            self.rollups.observe_ttft(engine, seconds)
 
     def observe_event(self, event: UsageEvent) -> None:
         """A request the gateway finished: its TTFT (streamed answers) and its outcome, per engine."""
@@ -108,17 +108,17 @@ class ConcurrencyMonitor:
         if self.rollups is not None:
             self.rollups.observe_request(engine, event.status_code)
 
-    def health(self, model: str) -> Health:
+    def health(self, engine: str) -> Health:
         horizon = self._clock() - self.settings.window_s
-        samples = self._samples.setdefault(model, deque())
+        samples = self._samples.setdefault(engine, deque())
         while samples and samples[0].at < horizon:
             samples.popleft()
-        ttfts = self._ttfts.setdefault(model, deque())
+        ttfts = self._ttfts.setdefault(engine, deque())
         while ttfts and ttfts[0][0] < horizon:
             ttfts.popleft()
         health = assess(list(samples), [seconds for _, seconds in ttfts], self.settings)
-        if model in self._errors:
-            health.inputs["scrape_error"] = self._errors[model]
+        if engine in self._errors:
+            health.inputs["scrape_error"] = self._errors[engine]
         return health
 
     def report(self) -> dict[str, Any]:

@@ -58,8 +58,8 @@ def test_a_content_hash_is_claimed_once_and_an_abandoned_claim_is_taken_over(cat
         return RagDocument(collection_id=collection.id, tenant_id="ten_a", name="d", media_type="text/plain",
                            content_hash="h" * 64, size_bytes=1)  # fmt: skip
 
-    claimed = catalog.begin_document(collection, document())
-    assert claimed is not None and claimed.status == "ingesting"
+    claimed, new = catalog.begin_document(collection, document())
+    assert new and claimed.status == "ingesting"
     with pytest.raises(ConflictError):
         catalog.begin_document(collection, document())  # being ingested right now
     with Session(catalog._engine) as session:
@@ -68,11 +68,11 @@ def test_a_content_hash_is_claimed_once_and_an_abandoned_claim_is_taken_over(cat
         row.updated_at = row.updated_at - timedelta(hours=1)
         session.add(row)
         session.commit()
-    taken = catalog.begin_document(collection, document())
-    assert taken is not None and taken.id == claimed.id, "a claim left by a dead process is taken over"
+    taken, new = catalog.begin_document(collection, document())
+    assert new and taken.id == claimed.id, "a claim left by a dead process is taken over"
     catalog.finish_document(collection, claimed.id)
-    again = document()
-    assert catalog.begin_document(collection, again) is None and again.id == claimed.id, "the same content: nothing new"
+    again, new = catalog.begin_document(collection, document())
+    assert not new and again.id == claimed.id, "the same content: nothing new"
     assert catalog.collection(principal("ten_a"), collection.id).version == 1
     catalog.forget_document(collection, claimed.id)
     assert catalog.documents(collection)["data"] == []
