@@ -32,6 +32,15 @@ async def world(settings: Settings) -> AsyncIterator[tuple[Client, dict[str, str
         yield client, admin, {"Authorization": f"Bearer {keys['acme']['key']}"}, keys
 
 
+async def per_call_limit(
+    client: Client, admin: dict[str, str], scope_type: str, scope_id: str, kind: str, limit: int
+) -> None:
+    """A per-call budget (period `none`): max_depth or max_retries."""
+    body = {"scope_type": scope_type, "scope_id": scope_id, "kind": kind, "period": "none", "limit": limit}
+    response = await client.post("/admin/budgets/", headers=admin, json=body)
+    assert response.status_code == 201, response.text
+
+
 async def ask(client: Client, key: dict[str, str], **headers: str) -> Any:
     return await client.post("/v1/chat/completions", json=CHAT, headers={**key, **headers})
 
@@ -51,17 +60,7 @@ async def usage(settings: Settings, request_id: str) -> tuple[int, int]:
 
 async def test_depth_comes_from_the_parents_record_and_is_limited(world: Any, settings: Settings) -> None:
     client, admin, key, keys = world
-    await client.post(
-        "/admin/budgets/",
-        headers=admin,
-        json={
-            "scope_type": "workflow",
-            "scope_id": keys["acme"]["workflow_id"],
-            "kind": "max_depth",
-            "period": "none",
-            "limit": 1,
-        },
-    )
+    await per_call_limit(client, admin, "workflow", keys["acme"]["workflow_id"], "max_depth", 1)
     root = await ask(client, key)
     child = await ask(client, key, **{"X-Parent-Request-Id": root.headers["x-request-id"]})
     assert child.status_code == 200
@@ -77,17 +76,7 @@ async def test_an_unknown_parent_counts_as_a_root_until_depth_is_limited(world: 
     untracked = await ask(client, key, **{"X-Parent-Request-Id": "req_never_recorded"})
     assert untracked.status_code == 200
     assert await usage(settings, untracked.headers["x-request-id"]) == (0, 1)
-    await client.post(
-        "/admin/budgets/",
-        headers=admin,
-        json={
-            "scope_type": "tenant",
-            "scope_id": keys["acme"]["tenant_id"],
-            "kind": "max_depth",
-            "period": "none",
-            "limit": 5,
-        },
-    )
+    await per_call_limit(client, admin, "tenant", keys["acme"]["tenant_id"], "max_depth", 5)
     unknown = await ask(client, key, **{"X-Parent-Request-Id": "req_made_up"})
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_parent_request"
     foreign = await client.post(
@@ -99,17 +88,7 @@ async def test_an_unknown_parent_counts_as_a_root_until_depth_is_limited(world: 
 
 async def test_retries_are_counted_per_logical_call_and_limited(world: Any, settings: Settings) -> None:
     client, admin, key, keys = world
-    await client.post(
-        "/admin/budgets/",
-        headers=admin,
-        json={
-            "scope_type": "workflow",
-            "scope_id": keys["acme"]["workflow_id"],
-            "kind": "max_retries",
-            "period": "none",
-            "limit": 1,
-        },
-    )
+    await per_call_limit(client, admin, "workflow", keys["acme"]["workflow_id"], "max_retries", 1)
     first = await ask(client, key, **{"Idempotency-Key": "order-42"})
     retry = await ask(client, key, **{"X-Retry-Of": first.headers["x-request-id"]})
     assert (first.status_code, retry.status_code) == (200, 200)
