@@ -24,6 +24,12 @@ class Budget(SQLModel, table=True):
     limit: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_by: str = Field(max_length=300)
     created_at: datetime = Field(default_factory=utcnow)
+    owner: str = Field(
+        default="platform",
+        max_length=10,
+        sa_column_kwargs={"server_default": "platform"},
+        description="platform: set by a platform admin (a tenant's admins cannot raise or delete it) | tenant",
+    )
 
 
 class BudgetCounter(SQLModel, table=True):
@@ -47,6 +53,22 @@ class Reservation(SQLModel, table=True):
     window_start: datetime
     amount: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+    gateway_id: str | None = Field(
+        default=None, max_length=64, index=True, description="the gateway process holding it (liveness, not age)"
+    )
+
+
+class GatewayInstance(SQLModel, table=True):
+    """A running gateway process; its heartbeat says it is alive. Reservations of a gateway whose heartbeat
+    stopped are released by the sweeper; those of live gateways never are, however old."""
+
+    __tablename__ = "gateway_instances"
+
+    id: str = Field(primary_key=True, max_length=64)
+    host: str = Field(max_length=200)
+    pid: int
+    started_at: datetime = Field(default_factory=utcnow)
+    heartbeat_at: datetime = Field(default_factory=utcnow, index=True)
 
 
 class CallRecord(SQLModel, table=True):
