@@ -24,6 +24,7 @@ from appliance.budgets.store import BudgetStore
 from appliance.console.auth_routes import ConsoleAuthController, console_assets
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.admission import Admission
+from appliance.gateway.counting import TokenCounter
 from appliance.gateway.health import HealthController
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     configure_logging(settings.server.log_level)
     db_engine = make_engine(settings.database_url, echo=settings.database.echo)
     router = EngineRouter(settings.gateway)
+    routes = settings.gateway.routes
     usage = UsageWriter(
         db_engine,
         capacity=settings.usage.queue_size,
@@ -99,6 +101,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         pricing=pricing,
         metrics=metrics,
         admission=admission,
+        counter=TokenCounter(router, {route.model: settings.prepared_models_dir / route.model for route in routes}),
+        default_max_tokens=settings.gateway.default_max_tokens,
+        model_max_tokens=settings.gateway.model_max_tokens,
     )
     retrieval = retrieval_service(settings, db_engine, serving, router)
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)

@@ -68,6 +68,14 @@ class GatewaySettings(BaseModel):
     engine_down_s: float = Field(
         default=5.0, ge=0, description="an engine that refused a connection is passed over this long"
     )
+    default_max_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="output cap per sequence of a request that names none (never more than the context leaves)",
+    )
+    model_max_tokens: dict[str, int] = Field(
+        default_factory=dict, description="model -> its own default output cap, instead of default_max_tokens"
+    )
 
     @model_validator(mode="after")
     def _name_engines(self) -> GatewaySettings:

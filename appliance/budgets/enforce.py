@@ -5,16 +5,15 @@ request is refused (503), never served unmetered."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from appliance.budgets.store import BudgetStore, CallLink, Grant
 from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Price
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
-from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,13 @@ class Hold:
 
 @dataclass
 class Admission:
-    """What admission decided: the retry attempt, the depth, the reservation and headers for the answer."""
+    """What admission decided: the retry attempt, the depth, the reservation, the output cap per sequence and
+    headers for the answer."""
 
     attempt: int = 0
     depth: int = 0
     hold: Hold | None = None
+    cap: int | None = None  # per sequence, as clamped by the budgets (None: as asked)
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -79,16 +80,18 @@ class BudgetEnforcer:
     async def enforce(
         self,
         principal: Principal,
-        route: EngineRoute,
-        data: dict[str, Any],
         request_id: str,
         link: CallLink,
         price: Price,
         count: Callable[[], Awaitable[int]],
+        cap: int,
+        sequences: int,
     ) -> Admission:
-        """Admit the request against every budget of its chain before generation. ``data`` is clamped in
-        place; ``count`` gives the prompt's tokens (asked only where a budget needs them). One read finds
-        which budgets apply; a chain without budgets costs no write."""
+        """Admit the request against every budget of its chain before generation. The engine may produce
+        ``sequences`` outputs of ``cap`` tokens each (0 sequences: embeddings); all of it is reserved, and the
+        cap per sequence lowered to what the tightest budget leaves. ``count`` gives the prompt's tokens (asked
+        only where a budget needs them). One read finds which budgets apply; a chain without budgets costs no
+        write."""
         chain = chain_of(principal)
         if not chain:
             return Admission()
@@ -103,13 +106,21 @@ class BudgetEnforcer:
                 prompt_tokens = 0
                 if kinds & COUNTS_PROMPT:
                     prompt_tokens = await count()
-                asked = 0 if route.runner == "pooling" else _asked_max_tokens(data)  # embeddings generate nothing
-                grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked, price)
+                grant = await asyncio.to_thread(
+                    functools.partial(
+                        self.store.reserve,
+                        request_id,
+                        chain,
+                        prompt_tokens,
+                        cap * sequences,
+                        price,
+                        min_output=sequences,
+                    )
+                )
                 admission.hold = Hold(self.store, request_id, grant)
-                if grant.clamped and grant.max_tokens is not None:
-                    data["max_tokens"] = grant.max_tokens
-                    data.pop("max_completion_tokens", None)
-                    admission.headers[CLAMP_HEADER] = str(grant.max_tokens)
+                if sequences and grant.clamped and grant.max_tokens is not None:
+                    admission.cap = grant.max_tokens // sequences
+                    admission.headers[CLAMP_HEADER] = str(admission.cap)
             return admission
         except ApplianceError as exc:
             if exc.status_code < 500:
@@ -125,8 +136,3 @@ def _unavailable() -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "Budgets could not be evaluated; the request was not served.", code="budget_unavailable"
     )
-
-
-def _asked_max_tokens(data: dict[str, Any]) -> int | None:
-    values = [v for v in (data.get("max_tokens"), data.get("max_completion_tokens")) if isinstance(v, int)]
-    return min(values) if values else None

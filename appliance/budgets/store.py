@@ -186,10 +186,13 @@ class BudgetStore:
         prompt_tokens: int,
         max_tokens: int | None,
         price: Price | None = None,
+        *,
+        min_output: int = 1,
     ) -> Grant:
         """Hold what the request may spend on every periodic budget of its chain, or refuse (429): the prompt
-        plus ``max_tokens`` (clamped to what the tightest token or cost budget leaves), one call, and their
-        cost at ``price``."""
+        plus ``max_tokens`` (every sequence's output together, clamped to what the tightest token, cost or
+        per-request budget leaves), one call, and their cost at ``price``. Refused unless ``min_output`` tokens
+        fit beside the prompt (one per sequence the engine may produce; 0 for embeddings)."""
         price = price or Price()
         now = self._clock()
         with self._engine.begin() as connection:
@@ -200,6 +203,12 @@ class BudgetStore:
             holds = []
             for budget in budgets:
                 if budget["kind"] == "max_tokens":
+                    if budget["limit"] < min_output:
+                        raise _limit(
+                            budget,
+                            f"this request may produce {min_output} sequences of a token each",
+                            "max_tokens_exceeded",
+                        )
                     cap = min(cap, budget["limit"])
                     continue
                 if budget["kind"] not in PERIODIC:
@@ -207,7 +216,7 @@ class BudgetStore:
                 start, end = window(budget["period"], now, self._zone)
                 used, reserved = _counter(connection, budget["id"], start)
                 remaining = budget["limit"] - used - reserved
-                if remaining < _amount(budget["kind"], prompt_tokens, 1, price):  # not even one token fits
+                if remaining < _amount(budget["kind"], prompt_tokens, min_output, price):  # the least output too
                     raise _exceeded(budget, max(remaining, 0), end, now)
                 if budget["kind"] == "tokens":
                     cap = min(cap, remaining - prompt_tokens)

@@ -1,7 +1,8 @@
 """Wire protocol of the OpenAI-compatible endpoints: the fields the gateway checks and relies on.
 
-Requests are validated against these structs, then the client's JSON object is forwarded with only the
-gateway's own changes (usage options), so engine-specific sampling parameters pass through untouched.
+Requests are validated against these structs; :mod:`appliance.gateway.shape` then decides which of the client's
+fields the engine gets (the endpoint's OpenAI fields and an allowlist of vLLM extras) and what it may generate.
+An explicit ``null`` is accepted wherever a field is optional, as the official SDK may send one.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ PositiveInt = Annotated[int, Meta(ge=1)]
 
 
 class StreamOptions(Struct, forbid_unknown_fields=True):
-    include_usage: bool = False
-    continuous_usage_stats: bool = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
+    include_obfuscation: bool | None = None  # sent by the SDK; the gateway's SSE carries no obfuscation
 
 
 class ChatMessage(Struct):
@@ -27,30 +29,50 @@ class ChatMessage(Struct):
     content: str | list[dict[str, Any]] | None = None
 
 
+MAX_SEQUENCES = 128  # n (times the prompts of a completions list) at most
+
+
 class _Generation(Struct):
     model: Annotated[str, Meta(min_length=1)]
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] = 1
+    n: Annotated[int, Meta(ge=1, le=MAX_SEQUENCES)] | None = None
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     max_tokens: PositiveInt | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+    add_special_tokens: bool | None = None
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
 
 
 class ChatCompletionRequest(_Generation):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] = msgspec.field(default_factory=list)
     max_completion_tokens: PositiveInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+PromptInput = str | list[Any]  # text, token ids, or a list of either (checked item by item when parsed)
 
 
 class CompletionRequest(_Generation):
-    prompt: str | list[Any] | None = None
+    prompt: PromptInput | None = None
+    best_of: PositiveInt | None = None
 
 
 class EmbeddingRequest(Struct):
     model: Annotated[str, Meta(min_length=1)]
-    input: str | list[Any] | None = None
+    input: PromptInput | None = None
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: PositiveInt | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+    add_special_tokens: bool | None = None
 
 
 class UsageOnly(Struct):

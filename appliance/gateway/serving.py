@@ -20,6 +20,7 @@ from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import BudgetExceededError, CallLink
 from appliance.gateway.admission import Admission
+from appliance.gateway.counting import TokenCounter
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
@@ -27,12 +28,11 @@ from appliance.gateway.protocol import (
     EmbeddingRequest,
     UsageOnly,
     decode_json_object,
-    require_inputs,
-    validate,
 )
 from appliance.gateway.recording import RequestRecord, Source
+from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, parse
 from appliance.gateway.streaming import StreamRelay
-from appliance.gateway.upstream import EngineRouter, PromptCount
+from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
 from appliance.ledger.pricing import Pricing, to_currency
@@ -59,6 +59,8 @@ INFERENCE_ROLES = (USER, ADMIN, OPERATOR)  # auditors read the audit trail; they
 CLIENT_CLOSED_REQUEST = 499  # the client went away before an answer (nginx's convention)
 COST_HEADER = "x-request-cost"  # what a (non-streamed) answer cost, with the currency: "0.000123 EUR"
 
+DEFAULT_MAX_TOKENS = 1024  # output cap per sequence of a request that names none (GatewaySettings)
+
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "generate")
 EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingRequest, "pooling")
@@ -69,6 +71,28 @@ class JSONResult:
     body: bytes
     status_code: int = 200
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Prompt:
+    """A request's prompt tokens, counted once however many stages need them (cap, budgets, admission)."""
+
+    __slots__ = ("_counter", "_request_id", "_route", "_shape", "_tokens")
+
+    def __init__(self, counter: TokenCounter, route: EngineRoute, shape: RequestShape, request_id: str) -> None:
+        self._counter, self._route, self._shape, self._request_id = counter, route, shape, request_id
+        self._tokens: PromptTokens | None = None
+
+    async def tokens(self) -> PromptTokens:
+        if self._tokens is None:
+            self._tokens = await self._counter.count(self._route, self._shape, self._request_id)
+        return self._tokens
+
+    async def total(self) -> int:
+        return (await self.tokens()).total
+
+    @property
+    def known(self) -> int | None:
+        return None if self._tokens is None else self._tokens.total
 
 
 class OpenAIServing:
@@ -82,7 +106,13 @@ class OpenAIServing:
         pricing: Pricing | None = None,
         metrics: GatewayMetrics | None = None,
         admission: Admission | None = None,
+        counter: TokenCounter | None = None,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        model_max_tokens: dict[str, int] | None = None,
     ) -> None:
+        self._counter = counter or TokenCounter(router)
+        self._default_cap = default_max_tokens
+        self._model_caps = model_max_tokens or {}
         self._admission = admission
         self._budgets = budgets
         self._pricing = pricing or Pricing(PricingSettings())
@@ -107,9 +137,8 @@ class OpenAIServing:
         principal.require_role(*INFERENCE_ROLES)
         link = link or CallLink()
         data = decode_json_object(body)
-        request = validate(data, endpoint.schema)
-        require_inputs(request)
-        route = self._router.route(request.model, link.session_id, principal.tenant_id)
+        shape = parse(data, endpoint.schema)
+        route = self._router.route(shape.body["model"], link.session_id, principal.tenant_id)
         if route.runner != endpoint.runner:
             kind = "an embedding" if route.runner == "pooling" else "a generative"
             raise InvalidRequestError(
@@ -117,7 +146,6 @@ class OpenAIServing:
                 param="model",
                 code="model_not_supported",
             )
-        streamed = bool(getattr(request, "stream", False))
         record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         record.price = self._pricing.price(route.model)
         if self._captures_content is not None and principal.tenant_id is not None:
@@ -129,7 +157,7 @@ class OpenAIServing:
             engine=route.key,
             endpoint=endpoint.path,
             status_code=0,
-            streamed=streamed,
+            streamed=shape.streamed,
             tenant_id=principal.tenant_id,
             workflow_id=principal.workflow_id,
             agent_id=principal.agent_id,
@@ -140,23 +168,33 @@ class OpenAIServing:
             retrieval.apply(event)
         try:
             headers: dict[str, str] = {}
-            count = PromptCount(self._router, route, data, request_id)
+            prompt = _Prompt(self._counter, route, shape, request_id)
+            cap = 0
+            if shape.generates:
+                default = self._model_caps.get(route.model, self._default_cap)
+                cap = output_cap(shape, await prompt.tokens(), self._counter.context_length(route), default)
             if self._budgets is not None:
-                admission = await self._budgets.enforce(principal, route, data, request_id, link, record.price, count)
+                admission = await self._budgets.enforce(
+                    principal, request_id, link, record.price, prompt.total, cap, shape.sequences
+                )
                 event.retry_attempt, event.depth = admission.attempt, admission.depth
                 record.hold, headers = admission.hold, admission.headers
+                cap = admission.cap or cap
+            if shape.generates:
+                shape.set_cap(cap)
             if self._admission is not None and route.runner == "generate":
                 priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
-                record.ticket = await self._admission.admit(route.key, await count(), priority)
+                record.ticket = await self._admission.admit(route.key, await prompt.total(), priority)
             record.lease = self._router.lease(route)
             self._pricing.meter.begin()
             record.meter = self._pricing.meter
-            if streamed:
-                assert isinstance(request, ChatCompletionRequest | CompletionRequest)
-                relay = await self._open_stream(endpoint, route, data, request, request_id, record, event, started)
+            if shape.streamed:
+                relay = await self._open_stream(
+                    endpoint, route, shape, prompt.known, request_id, record, event, started
+                )
                 relay.headers.update(headers)
                 return relay
-            result = await self._complete(endpoint, route, data, request_id, record, event, started)
+            result = await self._complete(endpoint, route, shape, request_id, record, event, started)
             result.headers.update(headers)
             return result
         except asyncio.CancelledError:
@@ -188,13 +226,13 @@ class OpenAIServing:
         self,
         endpoint: Endpoint,
         route: EngineRoute,
-        data: dict[str, Any],
+        shape: RequestShape,
         request_id: str,
         record: RequestRecord,
         event: UsageEvent,
         started: float,
     ) -> JSONResult:
-        response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(data), request_id)
+        response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(shape.body), request_id)
         try:
             raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -219,21 +257,22 @@ class OpenAIServing:
         self,
         endpoint: Endpoint,
         route: EngineRoute,
-        data: dict[str, Any],
-        request: ChatCompletionRequest | CompletionRequest,
+        shape: RequestShape,
+        counted_prompt: int | None,
         request_id: str,
         record: RequestRecord,
         event: UsageEvent,
         started: float,
     ) -> StreamRelay:
-        options = request.stream_options or None
         usage = StreamUsage(
-            client_include=bool(options and options.include_usage),
-            client_continuous=bool(options and options.continuous_usage_stats),
+            client_include=shape.include_usage,
+            client_continuous=shape.continuous_usage,
             started_at=started,
             answer=record.answer if record.capturing else None,
+            choices_per_prompt=max(1, shape.sequences // max(1, len(shape.prompts))),
+            counted_prompt=counted_prompt,
         )
-        upstream_body = dict(data, stream_options=UPSTREAM_STREAM_OPTIONS)
+        upstream_body = dict(shape.body, stream_options=UPSTREAM_STREAM_OPTIONS)
         response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(upstream_body), request_id)
         return StreamRelay(route, response, usage, record, event)
 

@@ -17,32 +17,60 @@ DONE = b"[DONE]"
 
 
 class StreamUsage:
-    """Rewrites one SSE stream's ``data:`` payloads for the client and remembers the usage seen."""
+    """Rewrites one SSE stream's ``data:`` payloads for the client and remembers the usage seen.
+
+    With ``continuous_usage_stats`` vLLM puts on each chunk the usage of that chunk's choice alone (its prompt's
+    tokens, that choice's tokens so far), so the usage of a stream cut off before its final usage chunk is the
+    sum over every choice seen: an ``n > 1`` answer or a list of prompts is charged across all its choices."""
 
     __slots__ = (
+        "_choices_per_prompt",
+        "_completion",
+        "_counted_prompt",
+        "_final",
+        "_prompt",
         "answer",
         "client_continuous",
         "client_include",
-        "completion_tokens",
         "done",
         "error",
         "first_token_at",
-        "prompt_tokens",
         "started_at",
     )
 
     def __init__(
-        self, *, client_include: bool, client_continuous: bool, started_at: float, answer: list[str] | None = None
+        self,
+        *,
+        client_include: bool,
+        client_continuous: bool,
+        started_at: float,
+        answer: list[str] | None = None,
+        choices_per_prompt: int = 1,
+        counted_prompt: int | None = None,
     ) -> None:
         self.answer = answer  # when content is captured: the generated text is collected here
         self.client_include = client_include
         self.client_continuous = client_continuous and client_include
         self.started_at = started_at
         self.first_token_at: float | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
         self.done = False
         self.error: str | None = None
+        self._choices_per_prompt = max(1, choices_per_prompt)
+        self._counted_prompt = counted_prompt  # the gateway's count of every prompt, when it made one
+        self._completion: dict[int, int] = {}  # choice index -> its tokens so far
+        self._prompt: dict[int, int] = {}  # prompt index -> its tokens
+        self._final: tuple[int, int] | None = None  # the engine's totals, from the chunk that closes the stream
+
+    @property
+    def prompt_tokens(self) -> int:
+        if self._final is not None:
+            return self._final[0]
+        # Cut off: the engine had every prompt; those not seen yet were being prefilled.
+        return max(sum(self._prompt.values()), self._counted_prompt or 0)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._final[1] if self._final is not None else sum(self._completion.values())
 
     @property
     def total_tokens(self) -> int:
@@ -70,11 +98,12 @@ class StreamUsage:
             self.error = str(error.get("message") if isinstance(error, dict) else error)[:500]
             return payload
         usage = chunk.get("usage")
+        choices = chunk.get("choices")
         if isinstance(usage, dict):
-            self._observe(usage)
+            self._observe(usage, choices)
         if self.answer is not None:
             self.answer.extend(choice_texts(chunk))
-        if not chunk.get("choices") and usage is not None:
+        if not choices and usage is not None:
             # The usage-only chunk that closes the stream.
             return payload if self.client_include else None
         if self.client_continuous:
@@ -85,12 +114,19 @@ class StreamUsage:
             chunk.pop("usage", None)
         return msgspec.json.encode(chunk)
 
-    def _observe(self, usage: dict[str, Any]) -> None:
-        self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    def _observe(self, usage: dict[str, Any], choices: Any) -> None:
+        prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)
+        if not choices:
+            self._final = (prompt, completion)
+            return
+        for choice in choices if isinstance(choices, list) else []:
+            index = choice.get("index", 0) if isinstance(choice, dict) else 0
+            index = index if isinstance(index, int) else 0
+            self._completion[index] = max(self._completion.get(index, 0), completion)
+            self._prompt[index // self._choices_per_prompt] = prompt
         if completion > 0 and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        self.completion_tokens = completion
 
 
 def choice_texts(body: dict[str, Any]) -> list[str]:

@@ -23,21 +23,37 @@ TOKENS = 4
 PROMPT_TOKENS = 5
 
 
-def _usage(completion: int) -> dict[str, int]:
-    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion, "total_tokens": PROMPT_TOKENS + completion}
+def _usage(completion: int, prompt: int = PROMPT_TOKENS) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _behaviour(body: dict[str, Any]) -> str:
     messages = body.get("messages")
     if isinstance(messages, list) and messages and isinstance(messages[0], dict):
         return str(messages[0].get("content", ""))
-    return str(body.get("prompt", ""))
+    prompt = body.get("prompt", "")
+    return str(prompt[0] if isinstance(prompt, list) and prompt and isinstance(prompt[0], str) else prompt)
+
+
+def _prompts(body: dict[str, Any]) -> int:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return len(prompt)
+    return 1
+
+
+def _generated(body: dict[str, Any]) -> int:
+    """Tokens per choice: ``TOKENS``, or the cap when smaller; ``ignore_eos`` generates the whole cap (as vLLM)."""
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+    return int(cap) if body.get("ignore_eos") else min(int(cap), TOKENS)
 
 
 COMPLETIONS_SERVED: list[dict[str, Any]] = []  # every completion request received (tests read it)
 
 
 async def _completion(request: web.Request) -> web.StreamResponse:
+    """Like vLLM: ``n`` choices for each prompt of a list; when streamed with continuous usage, each chunk
+    carries its own choice's usage (that choice's tokens so far, its prompt's tokens)."""
     body = await request.json()
     COMPLETIONS_SERVED.append(body)
     behaviour = _behaviour(body)
@@ -51,47 +67,57 @@ async def _completion(request: web.Request) -> web.StreamResponse:
     if behaviour == "fail:badjson":
         return web.Response(body=b"{not json", content_type="application/json")
     chat = request.path.endswith("/chat/completions")
+    prompts, n, tokens = _prompts(body), int(body.get("n") or 1), _generated(body)
+    choices = prompts * n
+    total = _usage(tokens * choices, PROMPT_TOKENS * prompts)
     if not body.get("stream"):
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": "ok " * TOKENS}
-        else:
-            choice["text"] = "ok " * TOKENS
+        answers = []
+        for index in range(choices):
+            choice: dict[str, Any] = {"index": index, "finish_reason": "length"}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": "ok " * tokens}
+            else:
+                choice["text"] = "ok " * tokens
+            answers.append(choice)
         return web.json_response(
             {
                 "id": "cmpl-fake",
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
                 "model": body.get("model"),
-                "choices": [choice],
-                "usage": _usage(TOKENS),
+                "choices": answers,
+                "usage": total,
             }
         )
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    for index in range(TOKENS):
-        if behaviour == "fail:truncate" and index == 2:
+    for step in range(tokens):
+        if behaviour == "fail:truncate" and step == 2:
             return response  # the connection ends without [DONE]
-        delta = {"delta": {"content": "ok "}} if chat else {"text": "ok "}
-        chunk = {
-            "id": "cmpl-fake",
-            "object": "chat.completion.chunk",
-            "model": body.get("model"),
-            "choices": [{"index": 0, **delta}],
-            "usage": _usage(index + 1),
-        }
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-    final = {"id": "cmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": _usage(TOKENS)}
+        if behaviour == "slow":
+            await asyncio.sleep(0.05)
+        for index in range(choices):
+            delta = {"delta": {"content": "ok "}} if chat else {"text": "ok "}
+            chunk = {
+                "id": "cmpl-fake",
+                "object": "chat.completion.chunk",
+                "model": body.get("model"),
+                "choices": [{"index": index, **delta}],
+                "usage": _usage(step + 1),
+            }
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    final = {"id": "cmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": total}
     await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")
     return response
 
 
 async def _tokenize(request: web.Request) -> web.Response:
-    """A stand-in tokenizer: one token per word, plus 3 per chat message for its template."""
+    """A stand-in tokenizer: one token per word, plus 3 per chat message for its template and 10 per tool."""
     body = await request.json()
     if isinstance(body.get("messages"), list):
         count = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
+        count += 10 * len(body.get("tools") or [])
     else:
         count = len(str(body.get("prompt", "")).split())
     return web.json_response({"count": count, "tokens": list(range(count)), "max_model_len": 8192})

@@ -61,7 +61,8 @@ async def test_max_tokens_is_clamped_to_the_budget_then_usage_settles(world: Any
     response = await client.post("/v1/chat/completions", json=CHAT, headers=as_key(ids))
     assert response.status_code == 200
     assert response.headers["x-budget-max-tokens"] == "42"  # 50 - the 8 prompt tokens
-    assert fake.COMPLETIONS_SERVED[-1]["max_tokens"] == 42
+    served = fake.COMPLETIONS_SERVED[-1]
+    assert served["max_completion_tokens"] == 42 and "max_tokens" not in served  # the one cap vLLM obeys
     [row] = (await client.get("/admin/budgets/", headers=admin)).json()["data"]
     assert (row["used"], row["reserved"], row["remaining"]) == (9, 0, 41)  # the engine reported 5 + 4
 
@@ -78,7 +79,7 @@ async def test_refused_with_429_before_the_engine_is_called(world: Any) -> None:
     assert refused.status_code == 429
     error = refused.json()["error"]
     assert (error["type"], error["code"], error["param"]) == ("budget_exceeded", "budget_exceeded", made["id"])
-    assert "1 tokens remain of 10" in error["message"] and int(refused.headers["retry-after"]) > 0
+    assert "3 tokens remain of 10" in error["message"] and int(refused.headers["retry-after"]) > 0
     assert len(fake.COMPLETIONS_SERVED) == served + 1, "the refused request never reached the engine"
 
 

@@ -1,0 +1,313 @@
+"""The parse stage: what the engine will read of a request, and the most it may generate.
+
+:func:`parse` turns the client's JSON object into a :class:`RequestShape`:
+
+- the body the engine gets: the endpoint's OpenAI fields that the engine obeys and an allowlist of vLLM extras.
+  OpenAI fields the engine ignores are accepted and not forwarded; a field of another endpoint, an extra that
+  would change cost or isolation unchecked (``cache_salt``, ``priority``, ``prompt_logprobs``, beam search...),
+  and any unknown field are refused with 400 naming it, never counted as something they are not;
+- the prompts the engine will tokenize (every item of a completions or embeddings list, token-id prompts too);
+- how many sequences the engine may produce (``n`` for each prompt; none for embeddings);
+- the one output cap it will obey (chat: ``max_completion_tokens`` over ``max_tokens``, as vLLM reads them),
+  which :meth:`RequestShape.set_cap` rewrites as the only cap field forwarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from appliance.gateway.protocol import (
+    MAX_SEQUENCES,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    require_inputs,
+    validate,
+)
+from appliance.lib.errors import InvalidRequestError
+
+Kind = Literal["chat", "completions", "embeddings"]
+Prompt = str | list[int]
+
+# OpenAI fields the engine reads, per endpoint (what the SDK's request types carry).
+_SAMPLING = frozenset(
+    {
+        "model",
+        "n",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "frequency_penalty",
+        "presence_penalty",
+        "logit_bias",
+        "logprobs",
+        "seed",
+        "stop",
+        "response_format",
+    }
+)
+_CHAT_OPENAI = _SAMPLING | {
+    "messages",
+    "max_completion_tokens",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "reasoning_effort",
+}
+_COMPLETIONS_OPENAI = _SAMPLING | {"prompt", "echo"}
+_EMBEDDINGS_OPENAI = frozenset({"model", "input", "encoding_format", "dimensions"})
+
+# OpenAI fields the engines do not act on: accepted (the SDK sends them), not forwarded.
+_IGNORED = frozenset(
+    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity", "modalities"}
+)
+
+# vLLM extras that cannot make a request cost more than the prompt and the reserved output: forwarded.
+# (``ignore_eos`` and ``min_tokens`` make the engine use its cap, which is reserved anyway; ``min_tokens`` is
+# lowered to the cap. ``truncate_prompt_tokens`` only shortens the prompt; it is counted as it is applied.
+# Grammars (``structured_outputs``, ``response_format``) constrain the output, which the cap still bounds.)
+_GENERATION_EXTRAS = frozenset(
+    {
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "stop_token_ids",
+        "include_stop_str_in_output",
+        "ignore_eos",
+        "min_tokens",
+        "skip_special_tokens",
+        "spaces_between_special_tokens",
+        "truncate_prompt_tokens",
+        "allowed_token_ids",
+        "bad_words",
+        "add_special_tokens",
+        "structured_outputs",
+        "return_tokens_as_token_ids",
+        "return_token_ids",
+        "repetition_detection",
+    }
+)
+_CHAT_EXTRAS = _GENERATION_EXTRAS | {
+    "echo",
+    "add_generation_prompt",
+    "continue_final_message",
+    "chat_template_kwargs",
+    "include_reasoning",
+}
+_EMBEDDINGS_EXTRAS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "embed_dtype", "endianness"})
+
+# Refused with the reason, so a client learns why rather than meeting a generic "unknown field".
+_REFUSED = {
+    "cache_salt": "the gateway isolates tenants' prefix caches itself; a client's salt is not accepted",
+    "priority": "scheduling priority is set by the gateway's admission tiers, not by the client",
+    "request_id": "the gateway names requests (x-request-id)",
+    "session_id": "send the X-Session-Id header instead",
+    "use_beam_search": "beam search is not served through the gateway (its cost is not bounded by the cap)",
+    "prompt_logprobs": "prompt logprobs are not served through the gateway (a full-vocabulary pass per prompt token)",
+    "prompt_embeds": "prompt embeddings are not served through the gateway",
+    "padding": "padding to the maximum length is not served through the gateway",
+    "suffix": "`suffix` (fill-in-the-middle) is not supported by the served models",
+    "chat_template": "a client-supplied chat template is not accepted; the model's own template is used",
+    "documents": "`documents` is not accepted; use /v1/rag/chat for grounded answers",
+    "functions": "`functions` is deprecated and not served; use `tools`",
+    "function_call": "`function_call` is deprecated and not served; use `tool_choice`",
+    "audio": "audio output is not served",
+    "prediction": "predicted outputs are not served",
+    "web_search_options": "web search is not available on an air-gapped appliance",
+    "kv_transfer_params": "an engine-internal field",
+    "ec_transfer_params": "an engine-internal field",
+    "vllm_xargs": "an engine-internal field",
+    "mm_processor_kwargs": "an engine-internal field",
+    "media_io_kwargs": "an engine-internal field",
+    "logits_processors": "an engine-internal field",
+}
+
+_OTHER_ENDPOINT = {
+    "messages": "/v1/chat/completions",
+    "prompt": "/v1/completions",
+    "input": "/v1/embeddings",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    total: int  # every prompt together: what the engine reports as prompt_tokens
+    longest: int  # the longest single prompt: what must fit in the context with its output
+
+
+@dataclass(slots=True)
+class RequestShape:
+    kind: Kind
+    body: dict[str, Any]  # what the engine gets (the cap is set by set_cap)
+    prompts: list[Prompt]  # completions and embeddings: every item the engine tokenizes; chat: none
+    sequences: int  # outputs the engine may produce: n for each prompt (0: embeddings generate nothing)
+    asked_cap: int | None  # the client's output cap per sequence, as the engine would read it
+    streamed: bool
+    include_usage: bool = False
+    continuous_usage: bool = False
+
+    @property
+    def generates(self) -> bool:
+        return self.sequences > 0
+
+    @property
+    def truncation(self) -> int | None:
+        value = self.body.get("truncate_prompt_tokens")
+        return value if isinstance(value, int) and value != 0 else None
+
+    def set_cap(self, per_sequence: int) -> None:
+        """Forward one cap, the field the engine obeys; ``min_tokens`` cannot ask for more."""
+        self.body.pop("max_tokens", None)
+        self.body.pop("max_completion_tokens", None)
+        self.body["max_completion_tokens" if self.kind == "chat" else "max_tokens"] = per_sequence
+        if isinstance(self.body.get("min_tokens"), int):
+            self.body["min_tokens"] = min(self.body["min_tokens"], per_sequence)
+
+
+def parse(
+    data: dict[str, Any], schema: type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest]
+) -> RequestShape:
+    """Validate ``data`` for the endpoint whose request struct is ``schema`` and say what the engine gets."""
+    if schema is ChatCompletionRequest:
+        return _chat(data)
+    if schema is CompletionRequest:
+        return _completions(data)
+    return _embeddings(data)
+
+
+def _vet(data: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+    body = {}
+    for name, value in data.items():
+        if name in allowed:
+            if value is not None:  # an explicit null is the field's default
+                body[name] = value
+        elif name in _IGNORED:
+            continue
+        elif name in _REFUSED:
+            raise InvalidRequestError(
+                f"`{name}` is not accepted: {_REFUSED[name]}.", param=name, code="unsupported_field"
+            )
+        elif name in _OTHER_ENDPOINT:
+            raise InvalidRequestError(
+                f"`{name}` is not a field of this endpoint (it belongs to {_OTHER_ENDPOINT[name]}).",
+                param=name,
+                code="unsupported_field",
+            )
+        else:
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: `{name}`.", param=name, code="unsupported_field"
+            )
+    return body
+
+
+def _chat(data: dict[str, Any]) -> RequestShape:
+    body = _vet(data, _CHAT_OPENAI | _CHAT_EXTRAS)
+    request = validate(data, ChatCompletionRequest)
+    require_inputs(request)
+    # vLLM obeys max_completion_tokens when it is set, else max_tokens.
+    cap = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    return _generation(body, "chat", [], request.choices, cap, request)
+
+
+def _completions(data: dict[str, Any]) -> RequestShape:
+    body = _vet(data, _COMPLETIONS_OPENAI | _GENERATION_EXTRAS | {"best_of"})
+    request = validate(data, CompletionRequest)
+    require_inputs(request)
+    best_of = body.pop("best_of", None)
+    if best_of is not None and best_of not in (1, request.choices):
+        raise InvalidRequestError(
+            "`best_of` is not supported by the engines (they return every sequence they generate); use `n`.",
+            param="best_of",
+            code="unsupported_field",
+        )
+    prompts = _prompts(request.prompt, "prompt")
+    if request.choices * len(prompts) > MAX_SEQUENCES:
+        raise InvalidRequestError(
+            f"`n` times the number of prompts is {request.choices * len(prompts)}; at most {MAX_SEQUENCES} "
+            "sequences per request.",
+            param="n",
+        )
+    return _generation(body, "completions", prompts, request.choices * len(prompts), request.max_tokens, request)
+
+
+def _generation(
+    body: dict[str, Any],
+    kind: Kind,
+    prompts: list[Prompt],
+    sequences: int,
+    cap: int | None,
+    request: ChatCompletionRequest | CompletionRequest,
+) -> RequestShape:
+    options = request.stream_options
+    body.pop("stream_options", None)  # the gateway asks the engine for its own (see usage.py)
+    return RequestShape(
+        kind=kind,
+        body=body,
+        prompts=prompts,
+        sequences=sequences,
+        asked_cap=cap,
+        streamed=bool(request.stream),
+        include_usage=bool(options and options.include_usage),
+        continuous_usage=bool(options and options.include_usage and options.continuous_usage_stats),
+    )
+
+
+def _embeddings(data: dict[str, Any]) -> RequestShape:
+    body = _vet(data, _EMBEDDINGS_OPENAI | _EMBEDDINGS_EXTRAS)
+    request = validate(data, EmbeddingRequest)
+    require_inputs(request)
+    prompts = _prompts(request.input, "input")
+    return RequestShape(kind="embeddings", body=body, prompts=prompts, sequences=0, asked_cap=None, streamed=False)
+
+
+def _prompts(value: Any, param: str) -> list[Prompt]:
+    """Every prompt of ``value``: a text, a list of token ids, or a list of either."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise InvalidRequestError(f"`{param}` must be a text, token ids, or a non-empty list of them.", param=param)
+    if all(_is_token(item) for item in value):
+        return [list(value)]
+    prompts: list[Prompt] = []
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            prompts.append(item)
+        elif isinstance(item, list) and item and all(_is_token(token) for token in item):
+            prompts.append(list(item))
+        else:
+            raise InvalidRequestError(
+                f"`{param}[{index}]` must be a text or a non-empty list of token ids.", param=f"{param}[{index}]"
+            )
+    return prompts
+
+
+def _is_token(item: Any) -> bool:
+    return isinstance(item, int) and not isinstance(item, bool) and item >= 0
+
+
+def output_cap(shape: RequestShape, prompt: PromptTokens, context: int | None, default: int) -> int:
+    """The output cap per sequence before budgets: the client's, or the model's default for a request that names
+    none; never more than the model's context leaves after the longest prompt (the engine would refuse it)."""
+    room = None if context is None else context - prompt.longest
+    if room is not None and room < 1:
+        raise InvalidRequestError(
+            f"The prompt has {prompt.longest} tokens and the model's context is {context}: there is no room to "
+            "generate.",
+            param="messages" if shape.kind == "chat" else "prompt",
+            code="context_length_exceeded",
+        )
+    field = "max_completion_tokens" if shape.kind == "chat" and "max_completion_tokens" in shape.body else "max_tokens"
+    if shape.asked_cap is not None:
+        if room is not None and shape.asked_cap > room:
+            raise InvalidRequestError(
+                f"`{field}` is {shape.asked_cap}, but the prompt has {prompt.longest} tokens and the model's context "
+                f"is {context}: at most {room} can be generated.",
+                param=field,
+                code="context_length_exceeded",
+            )
+        return shape.asked_cap
+    return default if room is None else min(default, room)
