@@ -269,7 +269,7 @@ class OpenAIServing:
             client_continuous=shape.continuous_usage,
             started_at=started,
             answer=record.answer if record.capturing else None,
-            choices_per_prompt=max(1, shape.sequences // max(1, len(shape.prompts))),
+            choices_per_prompt=shape.choices_per_prompt,
             counted_prompt=counted_prompt,
         )
         upstream_body = dict(shape.body, stream_options=UPSTREAM_STREAM_OPTIONS)

@@ -151,6 +151,10 @@ class RequestShape:
     continuous_usage: bool = False
 
     @property
+    def choices_per_prompt(self) -> int:
+        return max(1, self.sequences // max(1, len(self.prompts)))
+
+    @property
     def generates(self) -> bool:
         return self.sequences > 0
 

@@ -112,9 +112,13 @@ async def _completion(request: web.Request) -> web.StreamResponse:
     return response
 
 
+TOKENIZE_SERVED: list[dict[str, Any]] = []  # every /tokenize request received
+
+
 async def _tokenize(request: web.Request) -> web.Response:
     """A stand-in tokenizer: one token per word, plus 3 per chat message for its template and 10 per tool."""
     body = await request.json()
+    TOKENIZE_SERVED.append(body)
     if isinstance(body.get("messages"), list):
         count = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
         count += 10 * len(body.get("tools") or [])

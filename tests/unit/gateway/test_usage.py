@@ -81,3 +81,33 @@ def test_split_events_handles_arbitrary_chunk_boundaries(cut: int) -> None:
         payloads += split_events(buffer)
     assert payloads == [b'{"a": 1}', b"[DONE]"]
     assert buffer == b""
+
+
+def choice_chunk(index: int, prompt: int, completion: int) -> bytes:
+    body = {"id": "c", "choices": [{"index": index, "delta": {"content": "x"}}], "usage": usage(prompt, completion)}
+    return json.dumps(body).encode()
+
+
+def test_a_stream_cut_off_is_charged_across_every_choice() -> None:
+    """vLLM's continuous usage is per choice: n=3 cut off after a few tokens is the sum of the three."""
+    capture = StreamUsage(
+        client_include=False, client_continuous=False, started_at=0.0, choices_per_prompt=3, counted_prompt=7
+    )
+    for step in (1, 2, 3):
+        for index in range(3):
+            if index == 2 and step == 3:
+                break
+            capture.rewrite(choice_chunk(index, 7, step))
+    assert (capture.prompt_tokens, capture.completion_tokens) == (7, 3 + 3 + 2)
+
+
+def test_a_list_of_prompts_cut_off_is_charged_every_prompt_counted() -> None:
+    """Choices of prompt i are i*n .. i*n+n-1; a prompt whose choices were not seen yet was being prefilled."""
+    capture = StreamUsage(
+        client_include=False, client_continuous=False, started_at=0.0, choices_per_prompt=2, counted_prompt=30
+    )
+    capture.rewrite(choice_chunk(0, 10, 1))
+    capture.rewrite(choice_chunk(3, 8, 1))
+    assert (capture.prompt_tokens, capture.completion_tokens) == (30, 2)
+    capture.rewrite(json.dumps({"id": "c", "choices": [], "usage": usage(29, 40)}).encode())
+    assert (capture.prompt_tokens, capture.completion_tokens) == (29, 40), "the engine's totals win when they come"
