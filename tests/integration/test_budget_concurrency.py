@@ -1,5 +1,6 @@
-"""Budgets exact under concurrency, with the real engine: 200 concurrent requests against one budget, some
-streamed, some disconnecting mid-stream or before the answer. Once on the session's appliance (one gateway
+"""Budgets exact under concurrency, with the real engine: 200 concurrent requests of mixed shapes (n choices,
+both caps, lists of prompts, token ids) against one budget, some streamed, some disconnecting mid-stream or before
+the answer. Once on the session's appliance (one gateway
 process, SQLite), once on two gateway processes sharing a real PostgreSQL server (the multi-replica case).
 
 After each run: what the budgets recorded never exceeds their limits and equals what the ledger's rows add
@@ -15,6 +16,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -70,18 +72,33 @@ def single(appliance: Appliance) -> Target:
     return Target([appliance.gateway_url], f"sqlite:///{appliance.data_dir / 'appliance.db'}", appliance.env)
 
 
+def _shape(i: int) -> tuple[str, dict[str, Any]]:
+    """The request shapes of #15, in turn: a plain chat, n choices with both caps, a list of prompts, token ids."""
+    question = f"Count from one to {i % 7 + 3}, in words."
+    shape = (i // 4) % 4
+    if shape == 0:
+        return "/v1/chat/completions", {"messages": [{"role": "user", "content": question}], "max_tokens": 8 + i % 17}
+    if shape == 1:
+        return "/v1/chat/completions", {
+            "messages": [{"role": "user", "content": question}],
+            "n": 3,
+            "max_tokens": 1,
+            "max_completion_tokens": 12,
+            "ignore_eos": True,
+        }
+    if shape == 2:
+        return "/v1/completions", {"prompt": [question, "Once upon a time", "The sea"], "max_tokens": 10}
+    return "/v1/completions", {"prompt": [[1, 422, 3303, 314], [1, 422]], "n": 2, "max_tokens": 8, "ignore_eos": True}
+
+
 async def _one(session: aiohttp.ClientSession, url: str, key: str, i: int) -> str:
     mode = ("answer", "stream", "stream-then-leave", "leave-before-answer")[i % 4]
-    body = {
-        "model": CHAT_MODEL,
-        "messages": [{"role": "user", "content": f"Count from one to {i % 7 + 3}, in words."}],
-        "max_tokens": 8 + i % 17,
-        "stream": mode.startswith("stream"),
-    }
+    path, shape = _shape(i)
+    body = {"model": CHAT_MODEL, "stream": mode.startswith("stream"), **shape}
     timeout = aiohttp.ClientTimeout(total=0.1 + (i % 5) * 0.1 if mode == "leave-before-answer" else 300)
     headers = {"Authorization": f"Bearer {key}"}
     try:
-        async with session.post(url + "/v1/chat/completions", json=body, headers=headers, timeout=timeout) as reply:
+        async with session.post(url + path, json=body, headers=headers, timeout=timeout) as reply:
             if mode == "stream-then-leave" and reply.status == 200:
                 await reply.content.readline()  # the first event, then hang up
                 reply.close()
