@@ -167,16 +167,12 @@ class EngineRouter:
         return response
 
     async def count_prompt_tokens(self, route: EngineRoute, data: dict[str, Any], request_id: str) -> int:
-        """The prompt's token count from the engine's own tokenizer, chat template included (vLLM /tokenize):
-        the same number the engine will report as prompt_tokens."""
+        """One text's (``prompt``) or chat's (``messages``) token count from the engine's own tokenizer, chat
+        template included (vLLM /tokenize). Requests are counted by :mod:`appliance.gateway.counting`."""
         if isinstance(data.get("messages"), list):
             body = {"model": route.model, "messages": data["messages"], "add_generation_prompt": True}
         else:
-            prompt = data.get("prompt", data.get("input", ""))
-            if isinstance(prompt, list):  # a batch: tokens of every item
-                counts = [await self.count_prompt_tokens(route, {"prompt": item}, request_id) for item in prompt]
-                return sum(counts)
-            body = {"model": route.model, "prompt": prompt if isinstance(prompt, str) else str(prompt)}
+            body = {"model": route.model, "prompt": str(data.get("prompt", ""))}
         response = await self.open(route, "/tokenize", msgspec.json.encode(body), request_id)
         try:
             return int(msgspec.json.decode(await response.read())["count"])
@@ -196,20 +192,6 @@ class EngineRouter:
 
     async def health_all(self) -> list[EngineHealth]:
         return list(await asyncio.gather(*(self.health(route) for route in self.routes)))
-
-
-class PromptCount:
-    """A request's prompt tokens, asked of the engine's tokenizer once however many need them (budgets,
-    admission tiers)."""
-
-    def __init__(self, router: EngineRouter, route: EngineRoute, data: dict[str, Any], request_id: str) -> None:
-        self._router, self._route, self._data, self._request_id = router, route, data, request_id
-        self.value: int | None = None
-
-    async def __call__(self) -> int:
-        if self.value is None:
-            self.value = await self._router.count_prompt_tokens(self._route, self._data, self._request_id)
-        return self.value
 
 
 def engine_error(model: str, status: int, raw: bytes) -> UpstreamError | UpstreamRequestError:
