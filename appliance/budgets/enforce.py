@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.budgets.ratelimit import ratelimit_headers
 from appliance.budgets.store import BudgetStore, CallLink, Grant
 from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Price
@@ -44,11 +45,12 @@ class Hold:
     settled: bool = False
 
     async def settle(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
+        """Settle now; a settlement the database refuses is journaled and replayed (never dropped)."""
         if self.settled or not self.grant.reserved:
             return
         self.settled = True
         await asyncio.to_thread(
-            self.store.settle, self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
+            self.store.settle_durably, self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
         )
 
     def settle_soon(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
@@ -58,7 +60,9 @@ class Hold:
         self.settled = True
         asyncio.get_running_loop().run_in_executor(
             None,
-            lambda: self.store.settle(self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine),
+            lambda: self.store.settle_durably(
+                self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
+            ),
         )
 
 
@@ -106,6 +110,7 @@ class BudgetEnforcer:
                 asked = 0 if route.runner == "pooling" else _asked_max_tokens(data)  # embeddings generate nothing
                 grant = await asyncio.to_thread(self.store.reserve, request_id, chain, prompt_tokens, asked, price)
                 admission.hold = Hold(self.store, request_id, grant)
+                admission.headers.update(ratelimit_headers(grant))
                 if grant.clamped and grant.max_tokens is not None:
                     data["max_tokens"] = grant.max_tokens
                     data.pop("max_completion_tokens", None)
