@@ -49,7 +49,8 @@ class SettlementJournal:
         self._replaying = threading.Lock()
 
     def claim(self) -> bool:
-        """Hold this journal's lock while the process runs; False when another live process holds it."""
+        """Hold this journal's lock while the process runs; False when another live process holds it. The
+        lock file exists from the claim on: a gateway that dies leaves it, and the journal is found by it."""
         if self._lock_file is not None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,11 +150,13 @@ def orphans(directory: Path, own_id: str) -> list[SettlementJournal]:
     if not directory.is_dir():
         return []
     found = []
-    for path in sorted(directory.glob(f"{PREFIX}*.jsonl")):
-        gateway_id = path.name[len(PREFIX) : -len(".jsonl")]
-        if gateway_id == own_id:
-            continue
+    names = {path.stem[len(PREFIX) :] for pattern in ("*.lock", "*.jsonl") for path in directory.glob(PREFIX + pattern)}
+    for gateway_id in sorted(names - {own_id}):
         journal = SettlementJournal(directory, gateway_id)
-        if journal.claim():
+        if not journal.claim():
+            continue  # its gateway runs
+        if journal.pending():
             found.append(journal)
+        else:
+            journal.release()  # a gateway that died with nothing to replay: only its lock file was left
     return found
