@@ -27,7 +27,7 @@ from tests.support.postgres import PostgresServer
 from tests.unit.budgets.test_journal import CHAIN, seeded, tokens
 
 QUIET = BudgetSettings(heartbeat_interval_s=600, gateway_dead_after_s=1800, sweep_interval_s=600, replay_interval_s=600)
-FAST = BudgetSettings(heartbeat_interval_s=0.2, gateway_dead_after_s=3.0, sweep_interval_s=600, replay_interval_s=0.2)
+FAST = BudgetSettings(heartbeat_interval_s=0.2, gateway_dead_after_s=5.0, sweep_interval_s=600, replay_interval_s=0.2)
 
 
 def gateway(
@@ -118,8 +118,13 @@ def test_two_gateways_on_postgresql_the_sweep_releases_only_the_dead_ones(
         assert tokens(sweeper) == (0, 200) and len(instances(sweeper)) == 2
         processes["crashing"].kill()  # SIGKILL: no settlement, no goodbye
         processes["crashing"].join()
-        time.sleep(4.5)  # past the 3 s it takes to be dead, and older than the age rule would allow
-        assert sweeper.sweep(dead_after_s=FAST.gateway_dead_after_s, unowned_ttl_s=0.5) == 1
+        killed, released = time.monotonic(), 0
+        while not released and time.monotonic() - killed < 60:
+            time.sleep(0.5)  # both reservations are older than the age rule (0.5 s) would allow
+            released = sweeper.sweep(dead_after_s=FAST.gateway_dead_after_s, unowned_ttl_s=0.5)
+        assert released == 1, "only the dead gateway's reservation goes"
+        waited = time.monotonic() - killed
+        assert waited > FAST.gateway_dead_after_s - 0.5, f"released {waited:.1f} s after its last heartbeat"
         assert tokens(sweeper) == (0, 100), "the live gateway's reservation is kept however old"
         assert len(instances(sweeper)) == 1, "the dead gateway's row went"
         events["live"][1].set()
