@@ -48,16 +48,32 @@ class SettlementJournal:
         self._mutex = threading.Lock()  # appends (request threads) against replay's rewrite
         self._replaying = threading.Lock()
 
-    def claim(self) -> bool:
-        """Hold this journal's lock while the process runs; False when another live process holds it. The
-        lock file exists from the claim on: a gateway that dies leaves it, and the journal is found by it."""
+    def claim(self, *, own: bool = False) -> bool:
+        """Hold this journal's lock while the process runs; False when a live process holds it (or, for
+        another gateway's journal, when it has no lock file). ``own``: this gateway's journal, whose lock
+        file appears already locked (made aside, locked, then renamed), so no scan ever takes it for a
+        dead gateway's. A gateway that dies leaves its lock file: the journal is found by it."""
         if self._lock_file is not None:
             return True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = self._lock_path.open("ab")
+        handle: IO[bytes]
+        if own:
+            staged = self._lock_path.with_name(self._lock_path.name + ".tmp")
+            handle = staged.open("wb")
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            os.replace(staged, self._lock_path)
+            self._lock_file = handle
+            return True
+        try:
+            handle = self._lock_path.open("rb")
+        except FileNotFoundError:
+            return False
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            handle.close()
+            return False
+        if not self._lock_path.exists():  # released and removed by its last holder meanwhile
             handle.close()
             return False
         self._lock_file = handle
@@ -150,7 +166,7 @@ def orphans(directory: Path, own_id: str) -> list[SettlementJournal]:
     if not directory.is_dir():
         return []
     found = []
-    names = {path.stem[len(PREFIX) :] for pattern in ("*.lock", "*.jsonl") for path in directory.glob(PREFIX + pattern)}
+    names = {path.stem[len(PREFIX) :] for path in directory.glob(f"{PREFIX}*.lock")}
     for gateway_id in sorted(names - {own_id}):
         journal = SettlementJournal(directory, gateway_id)
         if not journal.claim():

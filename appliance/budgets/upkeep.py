@@ -63,8 +63,7 @@ class BudgetUpkeep:
         await asyncio.to_thread(self._stop)
 
     def _start(self) -> None:
-        if not self._journal.claim():
-            raise RuntimeError(f"the settlement journal {self._journal.path} is held by another process")
+        self._journal.claim(own=True)
         self._adopted = journal.orphans(self._run_dir, self.gateway_id)
         for adopted in self._adopted:
             log.warning("replaying %d settlements left by gateway %s", len(adopted.pending()), adopted.gateway_id)

@@ -119,16 +119,18 @@ def test_without_a_journal_a_refused_settlement_raises(tmp_path: Path) -> None:
 
 def test_a_journal_is_adopted_only_once_its_gateway_is_gone(tmp_path: Path) -> None:
     journal = SettlementJournal(tmp_path, "gw_a")
-    assert journal.claim()
+    assert journal.claim(own=True)
     journal.append(Settlement("r1", 5, 7, False))
     assert orphans(tmp_path, "gw_b") == [], "gw_a holds its journal's lock: it is alive"
+    SettlementJournal(tmp_path, "gw_starting").path.write_text("")  # its lock is not in place yet
+    assert orphans(tmp_path, "gw_b") == [], "a journal is adopted only through its (free) lock file"
     journal.release()  # gw_a stops with a settlement still waiting: the file stays
     [adopted] = orphans(tmp_path, "gw_b")
     assert (adopted.gateway_id, adopted.pending()) == ("gw_a", [Settlement("r1", 5, 7, False)])
     assert orphans(tmp_path, "gw_c") == [], "gw_b holds it now"
     assert adopted.replay(lambda entry: None) == 0
     adopted.release()
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["settlements-gw_starting.jsonl"]
 
 
 def test_a_line_cut_short_by_a_crash_does_not_hide_later_settlements(tmp_path: Path) -> None:
