@@ -234,8 +234,9 @@ class BudgetStore:
                 start, end = window(budget["period"], now, self._zone)
                 used, reserved = _counter(connection, budget["id"], start)
                 remaining = budget["limit"] - used - reserved
-                if remaining < _amount(budget["kind"], prompt_tokens, 1, price):  # not even one token fits
-                    raise _exceeded(budget, max(remaining, 0), end, now)
+                least = _amount(budget["kind"], prompt_tokens, 1, price)
+                if remaining < least:  # not even one token fits
+                    raise _exceeded(budget, max(remaining, 0), end, now, fits_a_window=least <= budget["limit"])
                 if budget["period"] == "minute" and budget["kind"] in ("tokens", "requests"):
                     minute.append((budget["kind"], budget["limit"], remaining, end))
                 if budget["kind"] == "tokens":
@@ -513,17 +514,20 @@ def _counter(connection: Connection, budget_id: str, start: datetime) -> tuple[i
 _ADVERB = {"minute": "per-minute", "hour": "hourly", "day": "daily", "month": "monthly"}
 
 
-def _exceeded(budget: Any, remaining: int, resets_at: datetime, now: datetime) -> BudgetExceededError:
+def _exceeded(
+    budget: Any, remaining: int, resets_at: datetime, now: datetime, *, fits_a_window: bool
+) -> BudgetExceededError:
     retry_after = max(1, math.ceil((resets_at - now).total_seconds()))
     what = {"tokens": "tokens", "requests": "calls", "cost": "money"}[budget["kind"]]
     if budget["kind"] == "cost":
         left, limit = f"{to_currency(remaining)}", f"{to_currency(budget['limit'])}"
     else:
         left, limit = f"{remaining} {what}", str(budget["limit"])
-    # Waiting helps only when the window is a minute; a day, an hour or a month away the client must not
-    # retry by itself (the openai SDK retries every 429 unless `x-should-retry` says otherwise).
+    # Waiting helps only when the window is a minute and the request fits a whole one; a day, an hour or a
+    # month away the client must not retry by itself (the openai SDK retries every 429 unless told not to).
     rate = budget["period"] == "minute"
-    headers = {"Retry-After": str(retry_after), "x-should-retry": "true" if rate else "false"}
+    retry = rate and fits_a_window
+    headers = {"Retry-After": str(retry_after), "x-should-retry": "true" if retry else "false"}
     if rate and budget["kind"] in ("tokens", "requests"):
         reset_s = (resets_at - now).total_seconds()
         headers.update(window_headers(budget["kind"], RateWindow(budget["limit"], remaining, reset_s)))

@@ -69,6 +69,14 @@ def test_a_minute_refusal_says_waiting_helps(store: BudgetStore, clock: Clock) -
     assert store.reserve("r3", CHAIN, prompt_tokens=10, max_tokens=40).reserved
 
 
+def test_a_prompt_larger_than_a_whole_minute_is_not_worth_a_retry(store: BudgetStore) -> None:
+    add_budget(store, "tenant", "ten_1", "tokens", "minute", 100)
+    with pytest.raises(BudgetExceededError) as info:
+        store.reserve("r1", CHAIN, prompt_tokens=100, max_tokens=10)
+    assert info.value.headers["x-should-retry"] == "false"
+    assert info.value.headers["x-ratelimit-remaining-tokens"] == "100"
+
+
 @pytest.mark.parametrize("period", ["hour", "day", "month"])
 def test_a_budget_refusal_says_waiting_does_not_help(store: BudgetStore, period: str) -> None:
     add_budget(store, "tenant", "ten_1", "tokens", period, 30)
