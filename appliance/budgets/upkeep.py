@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +42,7 @@ class BudgetUpkeep:
         self._run_dir = run_dir
         self._adopted: list[journal.SettlementJournal] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._replaying = threading.Lock()  # a cancelled loop's replay may still run in its thread at stop
 
     @property
     def gateway_id(self) -> str:
@@ -94,7 +96,7 @@ class BudgetUpkeep:
         if not self._store.heartbeat(self.gateway_id):
             log.error("this gateway was declared dead (heartbeat too late): its reservations may have been released")
             self._store.register(socket.gethostname(), os.getpid())
-        for adopted in self._adopted:
+        for adopted in list(self._adopted):
             self._store.heartbeat(adopted.gateway_id)
 
     def sweep(self) -> None:
@@ -106,15 +108,16 @@ class BudgetUpkeep:
         self._replay_all()
 
     def _replay_all(self) -> int:
-        left = self._store.replay(self._journal)
-        for adopted in list(self._adopted):
-            waiting = self._store.replay(adopted)
-            left += waiting
-            if not waiting:  # all landed: the dead gateway's other reservations may now be released
-                self._store.deregister(adopted.gateway_id)
-                adopted.release()
-                self._adopted.remove(adopted)
-        return left
+        with self._replaying:
+            left = self._store.replay(self._journal)
+            for adopted in list(self._adopted):
+                waiting = self._store.replay(adopted)
+                left += waiting
+                if not waiting:  # all landed: the dead gateway's other reservations may now be released
+                    self._store.deregister(adopted.gateway_id)
+                    adopted.release()
+                    self._adopted.remove(adopted)
+            return left
 
 
 async def _every(interval_s: float, work: Callable[[], None], what: str) -> None:
