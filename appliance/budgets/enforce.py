@@ -58,10 +58,11 @@ class Hold:
         if self.settled or not self.grant.reserved:
             return
         self.settled = True
+        self.store.announce_settlement()  # a shutdown from now on waits for it
         asyncio.get_running_loop().run_in_executor(
             None,
             lambda: self.store.settle_durably(
-                self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
+                self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine, announced=True
             ),
         )
 

@@ -298,12 +298,19 @@ class BudgetStore:
         return len(taken)
 
     def settle_durably(
-        self, request_id: str, total_tokens: int, cost_micros: int = 0, *, counts_as_call: bool = True
+        self,
+        request_id: str,
+        total_tokens: int,
+        cost_micros: int = 0,
+        *,
+        counts_as_call: bool = True,
+        announced: bool = False,
     ) -> None:
         """:meth:`settle`, or, when the database refuses it, the journal: the settlement is replayed until it
-        lands, and the reservation stays held meanwhile (this gateway is alive), never released free."""
-        with self._settled:
-            self._settling += 1
+        lands, and the reservation stays held meanwhile (this gateway is alive), never released free.
+        ``announced``: counted already by :meth:`announce_settlement`."""
+        if not announced:
+            self.announce_settlement()
         try:
             try:
                 self.settle(request_id, total_tokens, cost_micros, counts_as_call=counts_as_call)
@@ -325,6 +332,11 @@ class BudgetStore:
             with self._settled:
                 self._settling -= 1
                 self._settled.notify_all()
+
+    def announce_settlement(self) -> None:
+        """Count a settlement before it is handed to a worker thread, so a clean shutdown waits for it."""
+        with self._settled:
+            self._settling += 1
 
     def wait_settled(self, timeout_s: float) -> bool:
         """Wait for settlements under way (in worker threads) to finish; False if some still run."""
