@@ -19,8 +19,10 @@ from appliance.audit.middleware import audit_middleware
 from appliance.audit.routes import AuditController
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
+from appliance.budgets.journal import SettlementJournal
 from appliance.budgets.routes import BudgetController
 from appliance.budgets.store import BudgetStore
+from appliance.budgets.upkeep import BudgetUpkeep, new_gateway_id
 from appliance.console.auth_routes import ConsoleAuthController, console_assets
 from appliance.db.engine import create_schema, make_engine
 from appliance.gateway.admission import Admission
@@ -55,17 +57,6 @@ def tenant_captures(engine: Engine, tenant_id: str) -> bool:
         return identity_service.content_capture(session, tenant_id)
 
 
-async def sweep_reservations(store: BudgetStore, ttl_s: float, every_s: float = 60.0) -> None:
-    while True:
-        try:
-            released = await asyncio.to_thread(store.sweep, ttl_s)
-            if released:
-                log.warning("released %d budget reservations left by a gateway that stopped before settling", released)
-        except Exception:
-            log.exception("sweeping stale budget reservations failed")
-        await asyncio.sleep(every_s)
-
-
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
     configure_logging(settings.server.log_level)
@@ -83,9 +74,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         batch_size=settings.audit.batch_size,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
     )
+    gateway_id = new_gateway_id()
     budgets = BudgetStore(
-        make_engine(settings.database_url, serialized_writes=True), ZoneInfo(settings.budgets.timezone)
+        make_engine(settings.database_url, serialized_writes=True),
+        ZoneInfo(settings.budgets.timezone),
+        gateway_id=gateway_id,
+        journal=SettlementJournal(settings.run_dir, gateway_id),
     )
+    upkeep = BudgetUpkeep(budgets, settings.budgets, settings.run_dir)
     pricing = Pricing(settings.pricing)
     rollups = Rollups(db_engine, gateway_name(), settings.telemetry.rollup_retention_days)
     monitor = ConcurrencyMonitor(router, settings.telemetry, rollups=rollups)
@@ -118,11 +114,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await monitor.start()
         await usage.start()
         await audit.start()
-        sweeper = asyncio.create_task(sweep_reservations(budgets, settings.budgets.reservation_ttl_s))
+        await upkeep.start()
         try:
             yield
         finally:
-            sweeper.cancel()
+            await upkeep.stop()  # after the last requests: their settlements land (or wait in the journal)
             await audit.stop()
             await usage.stop()
             await monitor.stop()

@@ -122,9 +122,24 @@ class AuditSettings(BaseModel):
 
 class BudgetSettings(BaseModel):
     timezone: str = Field(default="UTC", description="budget periods reset at this zone's hour/day/month")
-    reservation_ttl_s: float = Field(
-        default=1800.0, gt=0, description="reservations older than this were left by a dead gateway: released"
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, description="each gateway process says it is alive")
+    gateway_dead_after_s: float = Field(
+        default=30.0, gt=0, description="a gateway silent this long is gone: its reservations are released"
     )
+    sweep_interval_s: float = Field(default=15.0, gt=0, description="how often dead gateways' reservations are sought")
+    replay_interval_s: float = Field(default=5.0, gt=0, description="journaled settlements are retried this often")
+    reservation_ttl_s: float = Field(
+        default=1800.0,
+        gt=0,
+        description="only for reservations made before gateways recorded themselves (no gateway id): "
+        "released when older than this; every other reservation is kept while its gateway lives",
+    )
+
+    @model_validator(mode="after")
+    def _heartbeats_before_death(self) -> BudgetSettings:
+        if self.gateway_dead_after_s < 3 * self.heartbeat_interval_s:
+            raise ValueError("gateway_dead_after_s must be at least three heartbeat intervals")
+        return self
 
     @field_validator("timezone")
     @classmethod

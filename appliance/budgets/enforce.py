@@ -10,6 +10,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from appliance.budgets.ratelimit import ratelimit_headers
 from appliance.budgets.store import BudgetStore, CallLink, Grant
 from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Price
@@ -43,11 +44,12 @@ class Hold:
     settled: bool = False
 
     async def settle(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
+        """Settle now; a settlement the database refuses is journaled and replayed (never dropped)."""
         if self.settled or not self.grant.reserved:
             return
         self.settled = True
         await asyncio.to_thread(
-            self.store.settle, self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
+            self.store.settle_durably, self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
         )
 
     def settle_soon(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
@@ -55,9 +57,12 @@ class Hold:
         if self.settled or not self.grant.reserved:
             return
         self.settled = True
+        self.store.announce_settlement()  # a shutdown from now on waits for it
         asyncio.get_running_loop().run_in_executor(
             None,
-            lambda: self.store.settle(self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine),
+            lambda: self.store.settle_durably(
+                self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine, announced=True
+            ),
         )
 
 
@@ -118,6 +123,7 @@ class BudgetEnforcer:
                     )
                 )
                 admission.hold = Hold(self.store, request_id, grant)
+                admission.headers.update(ratelimit_headers(grant))
                 if sequences and grant.clamped and grant.max_tokens is not None:
                     admission.cap = grant.max_tokens // sequences
                     admission.headers[CLAMP_HEADER] = str(admission.cap)

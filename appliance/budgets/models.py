@@ -20,7 +20,7 @@ class Budget(SQLModel, table=True):
     scope_type: str = Field(max_length=20, description="tenant | workflow | agent | api_key")
     scope_id: str = Field(index=True, max_length=32)
     kind: str = Field(max_length=20, description="tokens | requests")
-    period: str = Field(max_length=10, description="hour | day | month")
+    period: str = Field(max_length=10, description="minute (rate limits) | hour | day | month | none")
     limit: int = Field(sa_column=Column(BigInteger, nullable=False))
     created_by: str = Field(max_length=300)
     created_at: datetime = Field(default_factory=utcnow)

@@ -34,7 +34,7 @@ class BudgetCreate(Struct, forbid_unknown_fields=True):
     scope_id: Annotated[str, Meta(min_length=1, max_length=32)]
     kind: Literal["tokens", "requests", "cost", "max_tokens", "max_retries", "max_depth"]
     limit: Annotated[float, Meta(ge=0, le=10**12)]
-    period: Literal["hour", "day", "month", "none"] = "day"
+    period: Literal["minute", "hour", "day", "month", "none"] = "day"
 
 
 class BudgetUpdate(Struct, forbid_unknown_fields=True):

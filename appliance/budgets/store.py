@@ -5,6 +5,12 @@ write lock, the prompt plus the (possibly clamped) ``max_tokens`` from every tok
 and one call from every request budget. After the answer, :meth:`BudgetStore.settle` turns reservations
 into usage with the real token count and frees the rest. Concurrent requests therefore never spend more
 than a budget, whatever their number or the number of gateway processes sharing the database.
+
+Each reservation records the gateway process holding it; :meth:`BudgetStore.sweep` releases only those of
+gateways whose heartbeat stopped (liveness, not age: a stream that lasts an hour is still charged). Settle
+and sweep lock the rows they take and count only the rows they delete, so a reservation is settled or
+released exactly once. A settlement the database refuses goes to the gateway's journal (``journal.py``)
+and is replayed until it lands.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +30,11 @@ from sqlalchemy import Table, and_, delete, func, insert, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from appliance.budgets.models import Budget, BudgetCounter, CallRecord, Reservation
+from appliance.budgets.journal import Settlement, SettlementJournal
+from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation
+from appliance.budgets.ratelimit import RateWindow, window_headers
 from appliance.budgets.windows import window
 from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
@@ -38,6 +47,7 @@ BUDGETS: Table = Budget.__table__  # type: ignore[attr-defined]
 COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
 CALLS: Table = CallRecord.__table__  # type: ignore[attr-defined]
+GATEWAYS: Table = GatewayInstance.__table__  # type: ignore[attr-defined]
 PERIODIC = frozenset({"tokens", "requests", "cost"})  # budgets with a period, which reservations draw on
 
 
@@ -90,13 +100,29 @@ class Grant:
     clamped: bool  # max_tokens was lowered (or set) to fit the budgets
     reserved: bool  # something was reserved and must be settled
     prompt_tokens: int = 0  # as counted before generation
+    minute_requests: RateWindow | None = None  # the tightest per-minute budgets, after this reservation
+    minute_tokens: RateWindow | None = None
 
 
 class BudgetStore:
-    def __init__(self, engine: Engine, zone: ZoneInfo, clock: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        zone: ZoneInfo,
+        clock: Callable[[], datetime] | None = None,
+        *,
+        gateway_id: str | None = None,
+        journal: SettlementJournal | None = None,
+    ) -> None:
+        """``gateway_id``: this process, recorded on its reservations (None: they are swept by age);
+        ``journal``: where settlements the database refuses wait for replay (None: they raise)."""
         self._engine = engine  # made with serialized_writes=True
         self._zone = zone
         self._clock = clock or (lambda: datetime.now(UTC))
+        self.gateway_id = gateway_id
+        self.journal = journal
+        self._settling = 0  # settlements under way, waited for before a clean shutdown
+        self._settled = threading.Condition()
 
     @_retrying
     def admit(
@@ -201,6 +227,7 @@ class BudgetStore:
                 return Grant(max_tokens, clamped=False, reserved=False)
             cap = math.inf if max_tokens is None else max_tokens
             holds = []
+            minute: list[tuple[str, int, int, datetime]] = []  # rate limits: kind, limit, remaining, reset
             for budget in budgets:
                 if budget["kind"] == "max_tokens":
                     if budget["limit"] < min_output:
@@ -216,8 +243,11 @@ class BudgetStore:
                 start, end = window(budget["period"], now, self._zone)
                 used, reserved = _counter(connection, budget["id"], start)
                 remaining = budget["limit"] - used - reserved
-                if remaining < _amount(budget["kind"], prompt_tokens, min_output, price):  # the least output too
-                    raise _exceeded(budget, max(remaining, 0), end, now)
+                least = _amount(budget["kind"], prompt_tokens, min_output, price)
+                if remaining < least:  # not even the prompt and a token per sequence fit
+                    raise _exceeded(budget, max(remaining, 0), end, now, fits_a_window=least <= budget["limit"])
+                if budget["period"] == "minute" and budget["kind"] in ("tokens", "requests"):
+                    minute.append((budget["kind"], budget["limit"], remaining, end))
                 if budget["kind"] == "tokens":
                     cap = min(cap, remaining - prompt_tokens)
                 elif budget["kind"] == "cost":
@@ -234,62 +264,153 @@ class BudgetStore:
                 )
                 connection.execute(
                     insert(RESERVATIONS).values(
-                        request_id=request_id, budget_id=budget["id"], window_start=start, amount=amount, created_at=now
+                        request_id=request_id,
+                        budget_id=budget["id"],
+                        window_start=start,
+                        amount=amount,
+                        created_at=now,
+                        gateway_id=self.gateway_id,
                     )
                 )
         clamped = granted is not None and (max_tokens is None or granted < max_tokens)
-        return Grant(granted, clamped=clamped, reserved=bool(holds), prompt_tokens=prompt_tokens)
+        rates: dict[str, RateWindow] = {}  # the tightest minute budget of each kind, after this reservation
+        for kind, limit, left, end in minute:
+            rate = RateWindow(
+                limit, left - _amount(kind, prompt_tokens, granted or 0, price), (end - now).total_seconds()
+            )
+            if kind not in rates or rate.remaining < rates[kind].remaining:
+                rates[kind] = rate
+        return Grant(
+            granted,
+            clamped=clamped,
+            reserved=bool(holds),
+            prompt_tokens=prompt_tokens,
+            minute_requests=rates.get("requests"),
+            minute_tokens=rates.get("tokens"),
+        )
 
     @_retrying
-    def settle(self, request_id: str, total_tokens: int, cost_micros: int = 0, *, counts_as_call: bool = True) -> None:
-        """Turn the request's reservations into usage (its real tokens, its cost, one call) and free the rest."""
+    def settle(self, request_id: str, total_tokens: int, cost_micros: int = 0, *, counts_as_call: bool = True) -> int:
+        """Turn the request's reservations into usage (its real tokens, its cost, one call) and free the rest.
+        Idempotent: reservations already settled or released (rows gone) change nothing. Returns how many
+        reservation rows (one per budget) it settled."""
         with self._engine.begin() as connection:
-            rows = (
-                connection.execute(
-                    select(RESERVATIONS, BUDGETS.c.kind)
-                    .join(BUDGETS, BUDGETS.c.id == RESERVATIONS.c.budget_id)
-                    .where(RESERVATIONS.c.request_id == request_id)
-                    .order_by(RESERVATIONS.c.budget_id)  # the order reserve locks counters in: no deadlock
-                )
-                .mappings()
-                .all()
-            )
-            for row in rows:
-                spent = {"tokens": total_tokens, "cost": cost_micros}.get(row["kind"], int(counts_as_call))
+            taken = _take(connection, RESERVATIONS.c.request_id == request_id)
+            kinds = _kinds(connection, {row["budget_id"] for row in taken})
+            for row in taken:
+                spent = {"tokens": total_tokens, "cost": cost_micros}.get(kinds[row["budget_id"]], int(counts_as_call))
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
                     .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
                 )
-            connection.execute(delete(RESERVATIONS).where(RESERVATIONS.c.request_id == request_id))
+        return len(taken)
+
+    def settle_durably(
+        self,
+        request_id: str,
+        total_tokens: int,
+        cost_micros: int = 0,
+        *,
+        counts_as_call: bool = True,
+        announced: bool = False,
+    ) -> None:
+        """:meth:`settle`, or, when the database refuses it, the journal: the settlement is replayed until it
+        lands, and the reservation stays held meanwhile (this gateway is alive), never released free.
+        ``announced``: counted already by :meth:`announce_settlement`."""
+        if not announced:
+            self.announce_settlement()
+        try:
+            try:
+                self.settle(request_id, total_tokens, cost_micros, counts_as_call=counts_as_call)
+            except SQLAlchemyError as exc:
+                if self.journal is None:
+                    raise
+                log.warning("settlement of %s journaled for replay, the database refused it: %s", request_id, exc)
+                try:
+                    self.journal.append(Settlement(request_id, total_tokens, cost_micros, counts_as_call))
+                except OSError:
+                    log.critical(
+                        "settlement LOST (database and journal both failed): request %s, %d tokens, cost %d",
+                        request_id,
+                        total_tokens,
+                        cost_micros,
+                        exc_info=True,
+                    )
+        finally:
+            with self._settled:
+                self._settling -= 1
+                self._settled.notify_all()
+
+    def announce_settlement(self) -> None:
+        """Count a settlement before it is handed to a worker thread, so a clean shutdown waits for it."""
+        with self._settled:
+            self._settling += 1
+
+    def wait_settled(self, timeout_s: float) -> bool:
+        """Wait for settlements under way (in worker threads) to finish; False if some still run."""
+        with self._settled:
+            return self._settled.wait_for(lambda: self._settling == 0, timeout_s)
+
+    def replay(self, journal: SettlementJournal) -> int:
+        """Apply the journal's settlements; returns how many are still waiting for the database."""
+        return journal.replay(
+            lambda entry: self.settle(
+                entry.request_id, entry.total_tokens, entry.cost_micros, counts_as_call=entry.counts_as_call
+            )
+        )
 
     @_retrying
-    def sweep(self, older_than_s: float) -> int:
-        """Release reservations older than ``older_than_s`` (their gateway died before settling: a held
-        reservation would otherwise eat the budget forever). Returns how many were released."""
-        cutoff = self._clock() - timedelta(seconds=older_than_s)
+    def register(self, host: str, pid: int) -> None:
+        """Announce this gateway process (its heartbeat starts now)."""
+        assert self.gateway_id is not None, "a gateway that registers has an id"
+        now = self._clock()
         with self._engine.begin() as connection:
-            stale = (
-                connection.execute(
-                    select(RESERVATIONS)
-                    .where(RESERVATIONS.c.created_at < cutoff)
-                    .order_by(RESERVATIONS.c.budget_id, RESERVATIONS.c.request_id)
-                )
-                .mappings()
-                .all()
+            connection.execute(delete(GATEWAYS).where(GATEWAYS.c.id == self.gateway_id))
+            connection.execute(
+                insert(GATEWAYS).values(id=self.gateway_id, host=host[:200], pid=pid, started_at=now, heartbeat_at=now)
             )
-            for row in stale:
+
+    @_retrying
+    def heartbeat(self, gateway_id: str) -> bool:
+        """Say ``gateway_id`` is alive; False when its row is gone (declared dead: register again)."""
+        with self._engine.begin() as connection:
+            beat = connection.execute(
+                update(GATEWAYS).where(GATEWAYS.c.id == gateway_id).values(heartbeat_at=self._clock())
+            )
+        return bool(beat.rowcount)
+
+    @_retrying
+    def deregister(self, gateway_id: str) -> None:
+        """Remove a gateway's row: whatever it still holds is released by the next sweep."""
+        with self._engine.begin() as connection:
+            connection.execute(delete(GATEWAYS).where(GATEWAYS.c.id == gateway_id))
+
+    @_retrying
+    def sweep(self, dead_after_s: float, unowned_ttl_s: float) -> int:
+        """Release the reservations of gateways that are gone (no heartbeat for ``dead_after_s``, or no row):
+        they died before settling, and a held reservation would otherwise eat the budget forever. Those of a
+        live gateway are kept however old. Reservations made before gateways recorded themselves (no gateway
+        id) are released when older than ``unowned_ttl_s``. Returns how many rows were released."""
+        now = self._clock()
+        alive = select(GATEWAYS.c.id).where(GATEWAYS.c.heartbeat_at >= now - timedelta(seconds=dead_after_s))
+        orphaned = or_(
+            and_(RESERVATIONS.c.gateway_id.is_not(None), RESERVATIONS.c.gateway_id.not_in(alive)),
+            and_(
+                RESERVATIONS.c.gateway_id.is_(None),
+                RESERVATIONS.c.created_at < now - timedelta(seconds=unowned_ttl_s),
+            ),
+        )
+        with self._engine.begin() as connection:
+            taken = _take(connection, orphaned)
+            for row in taken:
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
                     .values(reserved=COUNTERS.c.reserved - row["amount"])
                 )
-                connection.execute(
-                    delete(RESERVATIONS).where(
-                        RESERVATIONS.c.request_id == row["request_id"], RESERVATIONS.c.budget_id == row["budget_id"]
-                    )
-                )
-        return len(stale)
+            connection.execute(delete(GATEWAYS).where(GATEWAYS.c.heartbeat_at < now - timedelta(seconds=dead_after_s)))
+        return len(taken)
 
     def status(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
         now = self._clock()
@@ -338,12 +459,40 @@ def _call(connection: Connection, request_id: str, tenant: str | None) -> Any:
     )
 
 
+# Retrying the same call past a retry or depth limit never succeeds. A day is past the openai SDK's 60 s
+# ceiling on Retry-After, so even a client that ignores `x-should-retry` does not retry at once.
+NO_RETRY_AFTER_S = 86_400
+
+
 def _limit(budget: Any, what: str, code: str) -> BudgetExceededError:
     return BudgetExceededError(
         f"Budget {budget['id']} of {budget['scope_type']} {budget['scope_id']} allows {budget['limit']}: {what}.",
         param=budget["id"],
         code=code,
+        headers={"Retry-After": str(NO_RETRY_AFTER_S), "x-should-retry": "false"},
     )
+
+
+def _take(connection: Connection, which: Any) -> list[Any]:
+    """Lock the reservation rows ``which`` selects (in the order reserve locks counters: no deadlock), delete
+    them, and return the rows this transaction deleted: only those may change a counter, so a settlement and
+    a sweep racing for one reservation never both count it. On SQLite the transaction holds the write lock."""
+    order = (RESERVATIONS.c.budget_id, RESERVATIONS.c.request_id)
+    if not connection.execute(select(RESERVATIONS.c.request_id).where(which).order_by(*order).with_for_update()).all():
+        return []
+    deleted = connection.execute(
+        delete(RESERVATIONS)
+        .where(which)
+        .returning(RESERVATIONS.c.budget_id, RESERVATIONS.c.window_start, RESERVATIONS.c.amount)
+    )
+    return sorted(deleted.mappings().all(), key=lambda row: row["budget_id"])
+
+
+def _kinds(connection: Connection, budget_ids: set[str]) -> dict[str, str]:
+    if not budget_ids:
+        return {}
+    rows = connection.execute(select(BUDGETS.c.id, BUDGETS.c.kind).where(BUDGETS.c.id.in_(budget_ids)))
+    return {row[0]: row[1] for row in rows}
 
 
 def _chain_budgets(connection: Connection, chain: dict[str, str]) -> list[Any]:
@@ -383,19 +532,29 @@ def _counter(connection: Connection, budget_id: str, start: datetime) -> tuple[i
     return int(found[0]), int(found[1])
 
 
-_ADVERB = {"hour": "hourly", "day": "daily", "month": "monthly"}
+_ADVERB = {"minute": "per-minute", "hour": "hourly", "day": "daily", "month": "monthly"}
 
 
-def _exceeded(budget: Any, remaining: int, resets_at: datetime, now: datetime) -> BudgetExceededError:
+def _exceeded(
+    budget: Any, remaining: int, resets_at: datetime, now: datetime, *, fits_a_window: bool
+) -> BudgetExceededError:
     retry_after = max(1, math.ceil((resets_at - now).total_seconds()))
     what = {"tokens": "tokens", "requests": "calls", "cost": "money"}[budget["kind"]]
     if budget["kind"] == "cost":
         left, limit = f"{to_currency(remaining)}", f"{to_currency(budget['limit'])}"
     else:
         left, limit = f"{remaining} {what}", str(budget["limit"])
+    # Waiting helps only when the window is a minute and the request fits a whole one; a day, an hour or a
+    # month away the client must not retry by itself (the openai SDK retries every 429 unless told not to).
+    rate = budget["period"] == "minute"
+    retry = rate and fits_a_window
+    headers = {"Retry-After": str(retry_after), "x-should-retry": "true" if retry else "false"}
+    if rate and budget["kind"] in ("tokens", "requests"):
+        reset_s = (resets_at - now).total_seconds()
+        headers.update(window_headers(budget["kind"], RateWindow(budget["limit"], remaining, reset_s)))
     return BudgetExceededError(
         f"The {_ADVERB[budget['period']]} {what} budget {budget['id']} of {budget['scope_type']} {budget['scope_id']} "
         f"is spent: {left} remain of {limit}; it resets at {resets_at.isoformat()}.",
         param=budget["id"],
-        headers={"Retry-After": str(retry_after)},
+        headers=headers,
     )

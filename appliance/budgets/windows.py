@@ -9,7 +9,10 @@ from zoneinfo import ZoneInfo
 def window(period: str, now: datetime, zone: ZoneInfo) -> tuple[datetime, datetime]:
     """(start, end) in UTC of the ``period`` window holding ``now``; periods reset at local boundaries."""
     local = now.astimezone(zone)
-    if period == "hour":
+    if period == "minute":  # a rate limit: requests or tokens per minute
+        start = local.replace(second=0, microsecond=0)
+        end = start + timedelta(minutes=1)
+    elif period == "hour":
         start = local.replace(minute=0, second=0, microsecond=0)
         end = start + timedelta(hours=1)
     elif period == "day":

@@ -3,60 +3,15 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlmodel import Session
 
-from appliance.budgets.models import Budget
 from appliance.budgets.store import BudgetExceededError, BudgetStore
 from appliance.budgets.windows import window
-from appliance.db.engine import create_schema, make_engine
-from appliance.identity.models import Tenant, Workflow
 from appliance.ledger.pricing import Price
-
-CHAIN = {"api_key": "key_1", "workflow": "wf_1", "tenant": "ten_1"}
-
-
-class Clock:
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def __call__(self) -> datetime:
-        return self.moment
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock(datetime(2026, 11, 22, 10, 30, tzinfo=UTC))
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> BudgetStore:
-    """The same store on SQLite (one gateway process) and on a real PostgreSQL server (several)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'budgets.db'}"
-    else:
-        url = request.getfixturevalue("postgres").create_database(f"budgets_{uuid.uuid4().hex[:12]}")
-    create_schema(make_engine(url))
-    with Session(make_engine(url)) as session:
-        session.add(Tenant(id="ten_1", name="acme"))
-        session.add(Workflow(id="wf_1", tenant_id="ten_1", name="w"))
-        session.commit()
-    return BudgetStore(make_engine(url, serialized_writes=True), ZoneInfo("Europe/Paris"), clock)
-
-
-def add_budget(store: BudgetStore, scope: str, ident: str, kind: str, period: str, limit: int) -> str:
-    budget = Budget(
-        tenant_id="ten_1", scope_type=scope, scope_id=ident, kind=kind, period=period, limit=limit, created_by="test"
-    )
-    with Session(store._engine) as session:
-        session.add(budget)
-        session.commit()
-        return budget.id
+from tests.unit.budgets.conftest import CHAIN, Clock, add_budget
 
 
 def test_no_budget_no_reservation(store: BudgetStore) -> None:
@@ -148,21 +103,113 @@ def test_concurrent_reservations_never_exceed_the_budget(store: BudgetStore) -> 
 
 def test_windows_follow_the_zone_across_dst() -> None:
     paris = ZoneInfo("Europe/Paris")
+    start, end = window("minute", datetime(2026, 3, 29, 12, 7, 42, 5, tzinfo=UTC), paris)
+    assert (start, end) == (datetime(2026, 3, 29, 12, 7, tzinfo=UTC), datetime(2026, 3, 29, 12, 8, tzinfo=UTC))
     start, end = window("day", datetime(2026, 3, 29, 12, tzinfo=UTC), paris)  # the spring-forward day
     assert end - start == timedelta(hours=23)
     start, end = window("month", datetime(2026, 2, 10, tzinfo=UTC), paris)
     assert (start, end) == (datetime(2026, 1, 31, 23, tzinfo=UTC), datetime(2026, 2, 28, 23, tzinfo=UTC))
 
 
-def test_reservations_left_by_a_dead_gateway_are_released(store: BudgetStore, clock: Clock) -> None:
+def on_gateway(store: BudgetStore, gateway_id: str, clock: Clock) -> BudgetStore:
+    """The same database seen by the gateway process ``gateway_id`` (registered now)."""
+    gateway = BudgetStore(store._engine, ZoneInfo("Europe/Paris"), clock, gateway_id=gateway_id)
+    gateway.register("host", 1)
+    return gateway
+
+
+def test_a_live_gateways_reservation_survives_any_age_and_is_charged(store: BudgetStore, clock: Clock) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1000)
+    gateway = on_gateway(store, "gw_live", clock)
+    gateway.reserve("long-stream", CHAIN, prompt_tokens=30, max_tokens=600)
+    for _ in range(12):  # an hour-long stream; the gateway beats all along
+        clock.moment += timedelta(minutes=5)
+        assert gateway.heartbeat("gw_live")
+        assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 0
+    assert store.status()[0]["reserved"] == 630
+    assert gateway.settle("long-stream", total_tokens=500) == 1
+    [row] = store.status()
+    assert (row["used"], row["reserved"], store.dangling()) == (500, 0, 0)
+
+
+def test_a_dead_gateways_reservations_are_released_and_its_row_removed(store: BudgetStore, clock: Clock) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1000)
+    live, dead = on_gateway(store, "gw_live", clock), on_gateway(store, "gw_dead", clock)
+    live.reserve("kept", CHAIN, prompt_tokens=10, max_tokens=20)
+    dead.reserve("crashed", CHAIN, prompt_tokens=10, max_tokens=40)
+    clock.moment += timedelta(seconds=20)
+    live.heartbeat("gw_live")
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 0  # silent 20 s: not yet dead
+    clock.moment += timedelta(seconds=20)
+    live.heartbeat("gw_live")
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1  # silent 40 s: its reservation goes
+    assert store.status()[0]["reserved"] == 30 and store.dangling() == 1
+    assert not dead.heartbeat("gw_dead"), "the dead gateway's row is gone: it must register again"
+    assert dead.settle("crashed", total_tokens=50) == 0, "a late settlement of released rows changes nothing"
+    assert store.status()[0]["used"] == 0
+
+
+def test_a_gateway_without_a_row_is_dead(store: BudgetStore, clock: Clock) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1000)
+    ghost = BudgetStore(store._engine, ZoneInfo("Europe/Paris"), clock, gateway_id="gw_never_registered")
+    ghost.reserve("r1", CHAIN, prompt_tokens=10, max_tokens=40)
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1
+    assert store.status()[0]["reserved"] == 0
+
+
+def test_reservations_without_a_gateway_fall_back_to_the_age_rule(store: BudgetStore, clock: Clock) -> None:
     add_budget(store, "workflow", "wf_1", "tokens", "day", 100)  # the same window before and after
-    store.reserve("crashed", CHAIN, prompt_tokens=30, max_tokens=60)  # never settled: its gateway died
-    assert store.sweep(older_than_s=1800) == 0  # still young: it may be streaming
+    store.reserve("before-0008", CHAIN, prompt_tokens=30, max_tokens=60)  # no gateway id: made before liveness
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 0  # still young: it may be streaming
     assert store.status()[0]["reserved"] == 90
     clock.moment += timedelta(minutes=31)
-    assert store.sweep(older_than_s=1800) == 1
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1
     [row] = store.status()
     assert (row["reserved"], row["used"], store.dangling()) == (0, 0, 0)
+
+
+def test_settle_is_idempotent(store: BudgetStore) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1000)
+    add_budget(store, "tenant", "ten_1", "requests", "day", 10)
+    store.reserve("r1", CHAIN, prompt_tokens=10, max_tokens=40)
+    assert store.settle("r1", total_tokens=25) == 2
+    assert store.settle("r1", total_tokens=25) == 0  # a replay of a settlement that landed
+    rows = {row["kind"]: row for row in store.status()}
+    assert (rows["tokens"]["used"], rows["tokens"]["reserved"], rows["requests"]["used"]) == (25, 0, 1)
+
+
+def test_settle_and_sweep_racing_take_each_reservation_once(store: BudgetStore, clock: Clock) -> None:
+    """A gateway declared dead while it still settles: each reservation is either charged by the settlement
+    or released by the sweep, never both (which would leave the counter's reservations negative)."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 100_000)
+    add_budget(store, "tenant", "ten_1", "requests", "day", 1_000)
+    slow = on_gateway(store, "gw_slow", clock)
+    for n in range(60):
+        slow.reserve(f"r{n}", CHAIN, prompt_tokens=10, max_tokens=90)
+    clock.moment += timedelta(minutes=1)  # its heartbeat is a minute old: dead to the sweepers
+    settled: list[int] = []
+    swept: list[int] = []
+    start = threading.Barrier(3)
+
+    def settle() -> None:
+        start.wait()
+        settled.extend(slow.settle(f"r{n}", total_tokens=70) for n in range(60))
+
+    def sweep() -> None:
+        start.wait()
+        for _ in range(20):
+            swept.append(store.sweep(dead_after_s=30, unowned_ttl_s=1800))
+
+    threads = [threading.Thread(target=settle), threading.Thread(target=sweep), threading.Thread(target=sweep)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows = {row["kind"]: row for row in store.status()}
+    charged = sum(settled) // 2  # two reservation rows (tokens, requests) per request
+    assert sum(settled) + sum(swept) == 120, "every reservation row was taken exactly once"
+    assert (rows["tokens"]["reserved"], rows["requests"]["reserved"], store.dangling()) == (0, 0, 0)
+    assert (rows["tokens"]["used"], rows["requests"]["used"]) == (70 * charged, charged)
 
 
 def test_money_budget_reserves_the_priced_hold_and_settles_the_real_cost(store: BudgetStore) -> None:
