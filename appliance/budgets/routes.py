@@ -62,11 +62,12 @@ def _shown(budget: Budget) -> dict[str, Any]:
 
 
 def _audit(request: Request[Any, Any, Any], budget: Budget, old: int | None, new: int | None) -> None:
-    """The budget and its limit before and after the change (None: it did not exist, or no longer does)."""
+    """The budget and its limit before and after the change (None: it did not exist, or no longer does). A new
+    budget's id is the record's object, once it is made."""
     add_audit_detail(
         request.scope,
         budget={
-            "id": budget.id,
+            "id": None if old is None else budget.id,
             "scope_type": budget.scope_type,
             "scope_id": budget.scope_id,
             "kind": budget.kind,
