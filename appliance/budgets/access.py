@@ -95,9 +95,19 @@ def check_ceilings(session: Session, scope: SQLModel, kind: str, period: str, li
 
 
 def check_scope_removal(session: Session, principal: Principal, scope_type: str, scope_id: str) -> None:
-    """A tenant's administrators cannot delete a workflow or agent that carries a platform budget (on itself or
-    on an agent or key under it): that would drop the budget."""
+    """A tenant's administrators cannot delete their tenant, a workflow or an agent that carries a platform
+    budget (on itself or on a scope under it): that would drop the budget."""
     if principal.tenant_id is None:
+        return
+    if scope_type == "tenant":
+        platform = session.exec(
+            select(Budget.id).where(col(Budget.tenant_id) == scope_id, col(Budget.owner) == PLATFORM)
+        ).first()
+        if platform is not None:
+            raise PermissionDeniedError(
+                f"This tenant carries budget {platform}, set by a platform administrator: only a platform "
+                "administrator deletes it."
+            )
         return
     scopes = [(scope_type, scope_id)]
     if scope_type == "workflow":

@@ -65,8 +65,12 @@ class AdminController(Controller):
 
     @delete("/tenants/{item_id:str}", sync_to_thread=True)
     def delete_tenant(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        principal = principal_of(request.scope)
         with Session(db_engine) as session:
-            service.delete(session, principal_of(request.scope), Tenant, item_id)
+            principal.require_role(ADMIN)
+            service.get_owned(session, principal, Tenant, item_id)
+            budget_access.check_scope_removal(session, principal, "tenant", item_id)  # no platform budget dropped
+            service.delete(session, principal, Tenant, item_id)
 
     # -- workflows -----------------------------------------------------------------------------------
 

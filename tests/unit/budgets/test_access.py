@@ -135,6 +135,10 @@ async def test_a_tenant_admin_cannot_drop_a_platform_budget_by_deleting_its_scop
         refused = await client.delete(path, headers=tenant_admin)
         assert refused.status_code == 403 and "set by a platform administrator" in refused.json()["error"]["message"]
     assert (await client.delete(f"/admin/agents/{agent['id']}", headers=admin)).status_code == 204
+    tenant = world["acme"]["tenant"]["id"]
+    refused = await client.delete(f"/admin/tenants/{tenant}", headers=tenant_admin)
+    assert refused.status_code == 403 and "platform administrator" in refused.json()["error"]["message"]
+    assert (await client.get(f"/admin/tenants/{tenant}", headers=admin)).status_code == 200
 
 
 async def test_only_admins_set_budgets(world: dict[str, Any], settings: Settings) -> None:
