@@ -38,6 +38,7 @@ from appliance.identity.accounts import LoginLimiter
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
+from appliance.identity.tenancy import check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
@@ -88,12 +89,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     metrics = GatewayMetrics(settings.pricing.currency, event_sink=monitor.observe_event)
     admission = Admission(settings.admission) if settings.admission.enabled else None
     metrics.registry.register(TelemetryCollector(monitor, admission))
+    enforcer = BudgetEnforcer(budgets)
     serving = OpenAIServing(
         router,
         usage,
         audit,
         captures_content=lambda tenant: tenant_captures(db_engine, tenant),
-        budgets=BudgetEnforcer(budgets),
+        budgets=enforcer,
         pricing=pricing,
         metrics=metrics,
         admission=admission,
@@ -101,7 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         default_max_tokens=settings.gateway.default_max_tokens,
         model_max_tokens=settings.gateway.model_max_tokens,
     )
-    retrieval = retrieval_service(settings, db_engine, serving, router)
+    retrieval = retrieval_service(settings, db_engine, serving, router, usage=usage, audit=audit, budgets=enforcer)
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
@@ -110,6 +112,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
         create_schema(db_engine)
+        check_default_tenant(db_engine, settings.identity.default_tenant)  # refuse to start on a wrong one
         await router.start()
         await monitor.start()
         await usage.start()

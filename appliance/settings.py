@@ -105,6 +105,11 @@ class IdentitySettings(BaseModel):
     jwks_min_refresh_s: float = Field(default=60.0, ge=1)
     token_ttl_s: int = Field(default=600, ge=30, le=86_400)
     console_session_s: int = Field(default=8 * 3600, ge=300, le=7 * 86_400, description="console sign-in lifetime")
+    default_tenant: str | None = Field(
+        default=None,
+        min_length=1,
+        description="tenant (id or name) that `user` credentials without a tenant are bound to; unset: refused",
+    )
 
     @field_validator("keycloak_url", "public_url")
     @classmethod

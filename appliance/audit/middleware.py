@@ -21,6 +21,13 @@ AUDITED_WRITE_PREFIXES = ("/admin/", "/console/logout", "/v1/rag/collections")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _ACTIONS = {"POST": "create", "PUT": "replace", "PATCH": "update", "DELETE": "delete"}
 _PATH = re.compile(r"^/(?:v1/)?(?P<area>admin|console|rag)/(?P<resource>[a-z\-]+)(?:/(?P<id>[^/]+))?")
+_DETAIL_KEY = "appliance_audit_detail"
+
+
+def add_audit_detail(scope: Scope, **fields: Any) -> None:
+    """What a handler adds to the audit record of its request (a budget's old and new limit, say); it is kept
+    whether the request succeeds or is refused."""
+    scope.setdefault("state", {}).setdefault(_DETAIL_KEY, {}).update(fields)
 
 
 def _principal(scope: Scope) -> Principal | None:
@@ -66,7 +73,7 @@ def _event(scope: Scope, audited_write: bool, status: int, held: list[Message]) 
         _outcome(status),
         object_type=resource,
         object_id=object_id,
-        detail={"method": method, "status": status, "path": path[:300]},
+        detail={**scope.get("state", {}).get(_DETAIL_KEY, {}), "method": method, "status": status, "path": path[:300]},
     )
 
 

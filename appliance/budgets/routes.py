@@ -1,6 +1,8 @@
 """Admin API of budgets: create, list with what is used and when it resets, change the limit, delete.
 
 Money (`cost`) budgets take and show their limit in the configured currency; they are kept in millionths.
+Who may set which budget is :mod:`appliance.budgets.access`; every change's audit record holds the budget
+with its old and new limit.
 """
 
 from __future__ import annotations
@@ -16,17 +18,17 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel
 
+from appliance.audit.middleware import add_audit_detail
+from appliance.budgets import access
 from appliance.budgets.models import Budget
 from appliance.budgets.store import BudgetStore
 from appliance.identity import service as identity
 from appliance.identity.auth import principal_of
-from appliance.identity.models import Agent, ApiKey, Tenant, Workflow
+from appliance.identity.models import Tenant
 from appliance.identity.principal import ADMIN, OPERATOR
 from appliance.ledger.pricing import to_currency, to_micros
 from appliance.lib.errors import ConflictError, InvalidRequestError
 from appliance.settings import Settings
-
-_SCOPE_MODELS: dict[str, type[SQLModel]] = {"tenant": Tenant, "workflow": Workflow, "agent": Agent, "api_key": ApiKey}
 
 
 class BudgetCreate(Struct, forbid_unknown_fields=True):
@@ -59,6 +61,24 @@ def _shown(budget: Budget) -> dict[str, Any]:
     return out
 
 
+def _audit(request: Request[Any, Any, Any], budget: Budget, old: int | None, new: int | None) -> None:
+    """The budget and its limit before and after the change (None: it did not exist, or no longer does). A new
+    budget's id is the record's object, once it is made."""
+    add_audit_detail(
+        request.scope,
+        budget={
+            "id": None if old is None else budget.id,
+            "scope_type": budget.scope_type,
+            "scope_id": budget.scope_id,
+            "kind": budget.kind,
+            "period": budget.period,
+            "owner": budget.owner,
+            "old_limit": None if old is None else access.shown_limit(budget.kind, old),
+            "new_limit": None if new is None else access.shown_limit(budget.kind, new),
+        },
+    )
+
+
 class BudgetController(Controller):
     path = "/admin/budgets"
 
@@ -79,7 +99,7 @@ class BudgetController(Controller):
         self, request: Request[Any, Any, Any], db_engine: NamedDependency[Engine], data: JSONBody[BudgetCreate]
     ) -> dict[str, Any]:
         principal = principal_of(request.scope)
-        principal.require_role(ADMIN)
+        owner = access.owner_of(principal)
         per_call = data.kind in ("max_tokens", "max_retries", "max_depth")
         if per_call != (data.period == "none"):
             raise InvalidRequestError(
@@ -88,7 +108,9 @@ class BudgetController(Controller):
             )
         limit = _stored_limit(data.kind, data.limit)
         with Session(db_engine) as session:
-            scope: SQLModel = identity.get_owned(session, principal, _SCOPE_MODELS[data.scope_type], data.scope_id)
+            scope: SQLModel = identity.get_owned(
+                session, principal, access.SCOPE_MODELS[data.scope_type], data.scope_id
+            )
             tenant_id = scope.id if isinstance(scope, Tenant) else str(getattr(scope, "tenant_id"))  # noqa: B009
             budget = Budget(
                 tenant_id=tenant_id,
@@ -98,7 +120,10 @@ class BudgetController(Controller):
                 period=data.period,
                 limit=limit,
                 created_by=principal.subject,
+                owner=owner,
             )
+            _audit(request, budget, None, limit)
+            access.check_create(session, principal, scope, data.kind, data.period, limit)
             session.add(budget)
             try:
                 session.commit()
@@ -120,7 +145,10 @@ class BudgetController(Controller):
         principal.require_role(ADMIN)
         with Session(db_engine) as session:
             budget = identity.get_owned(session, principal, Budget, item_id)
-            budget.limit = _stored_limit(budget.kind, data.limit)
+            old, limit = budget.limit, _stored_limit(budget.kind, data.limit)
+            _audit(request, budget, old, limit)
+            access.check_change(session, principal, budget, limit)
+            budget.limit = limit
             session.add(budget)
             session.commit()
             session.refresh(budget)
@@ -130,5 +158,11 @@ class BudgetController(Controller):
     def delete_budget(
         self, request: Request[Any, Any, Any], db_engine: NamedDependency[Engine], item_id: FromPath[str]
     ) -> None:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN)
         with Session(db_engine) as session:
-            identity.delete(session, principal_of(request.scope), Budget, item_id)
+            budget = identity.get_owned(session, principal, Budget, item_id)
+            _audit(request, budget, budget.limit, None)
+            access.check_change(session, principal, budget, None)
+            session.delete(budget)
+            session.commit()

@@ -88,10 +88,11 @@ class CallLink:
     retry_of: str | None = None
     parent_request_id: str | None = None
     session_id: str | None = None  # a multi-turn chat: routed to the engine its earlier turns went to
+    client_attempt: int = 0  # the SDK's own retry count (x-stainless-retry-count): raises the attempt, never lowers it
 
     @property
     def any(self) -> bool:
-        return bool(self.idempotency_key or self.retry_of or self.parent_request_id)
+        return bool(self.idempotency_key or self.retry_of or self.parent_request_id or self.client_attempt)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ class BudgetStore:
                     )
                 ).scalar_one()
             )
+            # An SDK retry that names no logical call (the openai SDK sends no idempotency key) is still the
+            # n-th attempt of one: the client's count can add to the gateway's, never take from it.
+            attempt = max(attempt, call.client_attempt)
             for budget in _chain_budgets(connection, chain):
                 if budget["kind"] == "max_retries" and attempt > budget["limit"]:
                     raise _limit(budget, f"the call was already retried {attempt - 1} times", "retry_limit_exceeded")
@@ -420,7 +424,10 @@ class BudgetStore:
                 query = query.where(BUDGETS.c.tenant_id == tenant_id)
             out = []
             for budget in connection.execute(query.order_by(BUDGETS.c.created_at)).mappings():
-                entry = {k: budget[k] for k in ("id", "tenant_id", "scope_type", "scope_id", "kind", "period", "limit")}
+                entry = {
+                    k: budget[k]
+                    for k in ("id", "tenant_id", "scope_type", "scope_id", "kind", "period", "limit", "owner")
+                }
                 if budget["period"] != "none":
                     start, end = window(budget["period"], now, self._zone)
                     row = connection.execute(

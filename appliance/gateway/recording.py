@@ -24,8 +24,14 @@ class Source:
 
 
 def audit_event(
-    event: UsageEvent, source: Source, subject_kind: str | None, content: tuple[str, str] | None = None
+    event: UsageEvent,
+    source: Source,
+    subject_kind: str | None,
+    content: tuple[str, str] | None = None,
+    audited_object: tuple[str, str] | None = None,
 ) -> AuditEvent:
+    """The request's audit record; it names the model, or ``audited_object`` (type, id) where the request was
+    about something else (a cached retrieval query names its collection)."""
     if event.status_code < 400:
         outcome = "success"
     elif event.status_code in (401, 403, 404, 429):
@@ -55,14 +61,17 @@ def audit_event(
             "cached": event.retrieval_cached,
         }
     name = event.endpoint.rsplit("/", 1)[-1]
+    object_type, object_id = audited_object or ("model", event.model)
+    if audited_object is not None:
+        detail["model"] = event.model
     return AuditEvent(
         event_type=f"inference.rag.{name}" if event.endpoint.startswith("/v1/rag/") else f"inference.{name}",
         outcome=outcome,
         subject=event.subject,
         subject_kind=subject_kind,
         tenant_id=event.tenant_id,
-        object_type="model",
-        object_id=event.model,
+        object_type=object_type,
+        object_id=object_id,
         source_ip=source.address,
         user_agent=source.user_agent,
         request_id=event.request_id,
@@ -85,6 +94,7 @@ class RequestRecord:
         "_source",
         "_subject_kind",
         "answer",
+        "audited_object",
         "hold",
         "lease",
         "meter",
@@ -114,6 +124,7 @@ class RequestRecord:
         self.meter: ThroughputMeter | None = None  # set once the request is on its way to an engine
         self.ticket: Ticket | None = None  # its admission slot, freed when it ends
         self.lease: Lease | None = None  # its share of the engine's load (for least-loaded routing)
+        self.audited_object: tuple[str, str] | None = None  # what its audit record names, if not the model
 
     def _account(self, event: UsageEvent) -> None:
         """Price the request, and end its share of the node's measured busy time."""
@@ -149,7 +160,9 @@ class RequestRecord:
         if self.hold is not None:
             await self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
         if self._audit is not None:
-            await self._audit.record(audit_event(event, self._source, self._subject_kind, self._content()))
+            await self._audit.record(
+                audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
+            )
 
     def finish(self, event: UsageEvent) -> None:
         if self._done:
@@ -160,4 +173,6 @@ class RequestRecord:
         if self.hold is not None:
             self.hold.settle_soon(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
         if self._audit is not None:
-            self._audit.record_nowait(audit_event(event, self._source, self._subject_kind, self._content()))
+            self._audit.record_nowait(
+                audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
+            )

@@ -22,12 +22,19 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,200}$")
+_RETRY_COUNT = re.compile(r"^[0-9]{1,4}$")
+SDK_RETRY_HEADER = "x-stainless-retry-count"  # the openai SDKs: 0 on the first try, n on the n-th retry
 
 
 def call_link(headers: Any) -> CallLink:
-    """How this request relates to earlier ones: retries (Idempotency-Key, X-Retry-Of) and sub-calls
-    (X-Parent-Request-Id)."""
-    values = {}
+    """How this request relates to earlier ones: retries (Idempotency-Key, X-Retry-Of, and the SDK's own
+    retry count) and sub-calls (X-Parent-Request-Id)."""
+    values: dict[str, Any] = {}
+    retries = headers.get(SDK_RETRY_HEADER)
+    if retries is not None:
+        if not _RETRY_COUNT.match(retries):
+            raise InvalidRequestError(f"Header {SDK_RETRY_HEADER} must be a whole number.", param=SDK_RETRY_HEADER)
+        values["client_attempt"] = int(retries)
     for header, field in (
         ("idempotency-key", "idempotency_key"),
         ("x-retry-of", "retry_of"),

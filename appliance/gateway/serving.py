@@ -134,7 +134,7 @@ class OpenAIServing:
         retrieval: RetrievalStats | None = None,
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
-        principal.require_role(*INFERENCE_ROLES)
+        principal.require_inference()
         link = link or CallLink()
         data = decode_json_object(body)
         shape = parse(data, endpoint.schema)
@@ -277,7 +277,7 @@ class OpenAIServing:
         return StreamRelay(route, response, usage, record, event)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
-        principal.require_role(*INFERENCE_ROLES)
+        principal.require_inference()
         return {
             "object": "list",
             "data": [

@@ -14,6 +14,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.principal import Principal
 from appliance.identity.sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore
+from appliance.identity.tenancy import DefaultTenant
 from appliance.identity.tokens import TokenValidator
 from appliance.identity.users import UserMirror
 from appliance.lib.errors import AuthenticationError
@@ -29,12 +30,18 @@ _STATE_KEY = "appliance_principal"
 
 class Authenticator:
     def __init__(
-        self, tokens: TokenValidator, api_keys: ApiKeyAuthenticator, users: UserMirror, sessions: SessionStore
+        self,
+        tokens: TokenValidator,
+        api_keys: ApiKeyAuthenticator,
+        users: UserMirror,
+        sessions: SessionStore,
+        default_tenant: DefaultTenant | None = None,
     ) -> None:
         self._tokens = tokens
         self._api_keys = api_keys
         self._users = users
         self.sessions = sessions
+        self._default_tenant = default_tenant
 
     async def authenticate(
         self,
@@ -44,7 +51,14 @@ class Authenticator:
         method: str = "GET",
         csrf_token: str | None = None,
     ) -> Principal:
-        """A bearer credential (JWT or API key) or, failing that, a console session cookie."""
+        """A bearer credential (JWT or API key) or, failing that, a console session cookie; a tenant-less
+        `user` is bound to the default tenant where one is configured."""
+        principal = await self._credential(authorization, session_cookie, method, csrf_token)
+        return principal if self._default_tenant is None else await self._default_tenant.bind(principal)
+
+    async def _credential(
+        self, authorization: str | None, session_cookie: str | None, method: str, csrf_token: str | None
+    ) -> Principal:
         if not authorization:
             if session_cookie:
                 return await self.sessions.authenticate(session_cookie, method, csrf_token)

@@ -12,10 +12,12 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.budgets import access as budget_access
 from appliance.identity import service
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.auth import principal_of
 from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
+from appliance.identity.principal import ADMIN
 from appliance.identity.schemas import (
     AgentCreate,
     ApiKeyCreate,
@@ -63,8 +65,12 @@ class AdminController(Controller):
 
     @delete("/tenants/{item_id:str}", sync_to_thread=True)
     def delete_tenant(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        principal = principal_of(request.scope)
         with Session(db_engine) as session:
-            service.delete(session, principal_of(request.scope), Tenant, item_id)
+            principal.require_role(ADMIN)
+            service.get_owned(session, principal, Tenant, item_id)
+            budget_access.check_scope_removal(session, principal, "tenant", item_id)  # no platform budget dropped
+            service.delete(session, principal, Tenant, item_id)
 
     # -- workflows -----------------------------------------------------------------------------------
 
@@ -100,8 +106,12 @@ class AdminController(Controller):
 
     @delete("/workflows/{item_id:str}", sync_to_thread=True)
     def delete_workflow(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        principal = principal_of(request.scope)
         with Session(db_engine) as session:
-            service.delete(session, principal_of(request.scope), Workflow, item_id)
+            principal.require_role(ADMIN)
+            service.get_owned(session, principal, Workflow, item_id)
+            budget_access.check_scope_removal(session, principal, "workflow", item_id)  # no platform budget dropped
+            service.delete(session, principal, Workflow, item_id)
 
     # -- agents --------------------------------------------------------------------------------------
 
@@ -145,8 +155,12 @@ class AdminController(Controller):
 
     @delete("/agents/{item_id:str}", sync_to_thread=True)
     def delete_agent(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+        principal = principal_of(request.scope)
         with Session(db_engine) as session:
-            service.delete(session, principal_of(request.scope), Agent, item_id)
+            principal.require_role(ADMIN)
+            service.get_owned(session, principal, Agent, item_id)
+            budget_access.check_scope_removal(session, principal, "agent", item_id)  # no platform budget dropped
+            service.delete(session, principal, Agent, item_id)
 
     # -- users ---------------------------------------------------------------------------------------
 

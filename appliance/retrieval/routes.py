@@ -107,7 +107,8 @@ def rag_controller(settings: Settings) -> type[Controller]:
             name: Annotated[str | None, QueryParameter(max_length=300)] = None,
         ) -> Response[Any]:
             caller = _caller(request)
-            collection = await retrieval.collection(caller.principal, collection_id)  # before reading the body
+            # Before reading the body: who may write here.
+            collection = await retrieval.collection(caller.principal, collection_id, write=True)
             document, created = await retrieval.ingest(caller, collection, await _upload(request, name))
             return Response(dict(document, created=created), status_code=201 if created else 200)
 

@@ -20,7 +20,7 @@ import msgspec
 from appliance.budgets.store import CallLink
 from appliance.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, decode_json_object
 from appliance.gateway.recording import Source
-from appliance.gateway.serving import INFERENCE_ROLES, Endpoint, JSONResult, OpenAIServing
+from appliance.gateway.serving import Endpoint, JSONResult, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import sse
@@ -31,6 +31,7 @@ from appliance.retrieval.cache import RetrievalCache
 from appliance.retrieval.catalog import Catalog, document_view
 from appliance.retrieval.chunking import Chunk, Chunker
 from appliance.retrieval.extract import extract_text
+from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.models import RagCollection, RagDocument
 from appliance.retrieval.vectors import VectorStore, point_id, qdrant_name
 from appliance.settings import RetrievalSettings
@@ -105,10 +106,12 @@ class Retrieval:
         serving: OpenAIServing,
         router: EngineRouter,
         *,
+        cached_answers: CachedAnswers,
         tokenizer_dir: Path,
         dimensions: int | None,
     ) -> None:
         self._settings = settings
+        self._cached_answers = cached_answers
         self._catalog = catalog
         self._store = store
         self._serving = serving
@@ -134,7 +137,7 @@ class Retrieval:
     async def create_collection(
         self, principal: Principal, *, tenant_id: str | None, name: str, description: str
     ) -> dict[str, Any]:
-        principal.require_role(*INFERENCE_ROLES)
+        principal.require_tenant_data(write=True)
         model = self._settings.embedding_model
         self._router.route(model)  # the embedding model must be served here
         dims = self._dimensions
@@ -152,12 +155,16 @@ class Retrieval:
         await self._store.create(qdrant_name(view["id"]), dims)
         return view
 
-    async def collection(self, principal: Principal, collection_id: str) -> RagCollection:
-        principal.require_role(*INFERENCE_ROLES)
+    async def collection(
+        self, principal: Principal, collection_id: str, *, write: bool = False, content: bool = False
+    ) -> RagCollection:
+        """A collection the principal may use: to change it (``write``), or to read what its documents say
+        (``content``: queries and grounded answers); another tenant's answers 404."""
+        principal.require_tenant_data(write=write, content=content)
         return await asyncio.to_thread(self._catalog.collection, principal, collection_id)
 
     async def list_collections(self, principal: Principal, tenant_id: str | None) -> dict[str, Any]:
-        principal.require_role(*INFERENCE_ROLES)
+        principal.require_tenant_data()
         return await asyncio.to_thread(self._catalog.list_collections, principal, tenant_id)
 
     async def view(self, principal: Principal, collection_id: str) -> dict[str, Any]:
@@ -174,7 +181,7 @@ class Retrieval:
         return document_view(await asyncio.to_thread(self._catalog.document, collection, document_id))
 
     async def delete_collection(self, principal: Principal, collection_id: str) -> None:
-        collection = await self.collection(principal, collection_id)
+        collection = await self.collection(principal, collection_id, write=True)
         await self._store.drop(qdrant_name(collection.id))  # the points first: nothing is left unreachable
         await asyncio.to_thread(self._catalog.delete_collection, collection)
         self.cache.forget(collection.id)
@@ -182,7 +189,8 @@ class Retrieval:
     # documents
 
     async def ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
-        """Ingest a document into a collection the caller may use (:meth:`collection`); ``(document, created)``.
+        """Ingest a document into a collection the caller may change (:meth:`collection` with ``write``);
+        ``(document, created)``.
         The same bytes again add nothing. A failure part-way (engine, budget, vector store, the client hanging
         up) removes every point already written."""
         if len(upload.raw) > self._settings.max_document_bytes:
@@ -256,7 +264,7 @@ class Retrieval:
             log.exception("could not remove the partly ingested document %s; its row stays `ingesting`", document_id)
 
     async def delete_document(self, principal: Principal, collection_id: str, document_id: str) -> None:
-        collection = await self.collection(principal, collection_id)
+        collection = await self.collection(principal, collection_id, write=True)
         document = await asyncio.to_thread(self._catalog.document, collection, document_id)
         await self._remove(collection, document.id)
 
@@ -314,8 +322,19 @@ class Retrieval:
         return found
 
     async def query(self, caller: Caller, collection_id: str, query: str, top_k: int | None) -> dict[str, Any]:
-        collection = await self.collection(caller.principal, collection_id)
+        collection = await self.collection(caller.principal, collection_id, content=True)
         found = await self.search(caller, collection, query, top_k)
+        if found.cached:  # no engine call was made: the answer is admitted and recorded here
+            await self._cached_answers.admit(
+                principal=caller.principal,
+                request_id=caller.request_id,
+                source=caller.source,
+                link=caller.link,
+                route=self._router.route(self._settings.embedding_model),
+                endpoint=QUERY.path,
+                collection_id=collection.id,
+                query=query,
+            )
         return {
             "object": "list",
             "collection_id": collection.id,
@@ -338,7 +357,7 @@ class Retrieval:
         if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool)):
             raise InvalidRequestError("top_k must be a whole number.", param="top_k")
         question = last_user_text(data.get("messages"))
-        collection = await self.collection(caller.principal, collection_id)
+        collection = await self.collection(caller.principal, collection_id, content=True)
         route = self._router.route(str(data.get("model") or ""))
         found = await self.search(caller.sub("q"), collection, question, top_k)
         used = fit(found.passages, self._settings.max_context_tokens)

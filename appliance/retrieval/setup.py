@@ -6,10 +6,14 @@ import logging
 
 from sqlalchemy.engine import Engine
 
+from appliance.audit.writer import AuditWriter
+from appliance.budgets.enforce import BudgetEnforcer
 from appliance.engines.manifest import MANIFEST_FILE, ModelIntegrityError, load_manifest
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
+from appliance.ledger.writer import UsageWriter
 from appliance.retrieval.catalog import Catalog
+from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.service import Retrieval
 from appliance.retrieval.vectors import VectorStore
 from appliance.settings import Settings
@@ -25,7 +29,18 @@ def vector_store(settings: Settings) -> VectorStore:
     return VectorStore(path=retrieval.qdrant_path or settings.data_dir / "qdrant")
 
 
-def retrieval_service(settings: Settings, db_engine: Engine, serving: OpenAIServing, router: EngineRouter) -> Retrieval:
+def retrieval_service(
+    settings: Settings,
+    db_engine: Engine,
+    serving: OpenAIServing,
+    router: EngineRouter,
+    *,
+    usage: UsageWriter,
+    audit: AuditWriter | None,
+    budgets: BudgetEnforcer | None,
+) -> Retrieval:
+    """Retrieval, whose engine calls go through ``serving``; its cached answers are metered with the same
+    usage ledger, audit log and budgets."""
     model = settings.retrieval.embedding_model
     try:
         dimensions = load_manifest(settings.models_dir / model / MANIFEST_FILE).dimensions
@@ -38,6 +53,7 @@ def retrieval_service(settings: Settings, db_engine: Engine, serving: OpenAIServ
         vector_store(settings),
         serving,
         router,
+        cached_answers=CachedAnswers(usage, audit, budgets),
         tokenizer_dir=settings.prepared_models_dir / model,
         dimensions=dimensions,
     )

@@ -102,6 +102,14 @@ def test_an_admin_runs_the_appliance_from_the_console(appliance: Appliance, brow
     page.get_by_role("button", name="Create tenant").click()
     expect(page.get_by_text("already exists")).to_be_visible()
 
+    # The platform admin sets the tenant's budget (a tenant's own admins cannot).
+    page = platform.open("budgets")
+    page.get_by_label("Scope").select_option(label=f"tenant {tenant}")
+    page.get_by_label("Kind").select_option("tokens")
+    page.get_by_label("Limit", exact=True).fill("5000")
+    page.get_by_role("button", name="Create budget").click()
+    expect(page.get_by_text("0 used of 5,000").first).to_be_visible()  # the platform sees every tenant's
+
     # The tenant's own admin runs it: their playground calls are the tenant's, so its budget moves.
     manager = Session(browser, appliance, create_user(appliance, f"boss-{RUN}", "admin", tenant=tenant))
     page = manager.open("identity")
@@ -113,12 +121,12 @@ def test_an_admin_runs_the_appliance_from_the_console(appliance: Appliance, brow
     expect(page.get_by_test_id("new-key")).to_have_text(re.compile(r"^\S{20,}$"))
     manager.shot("identity")
 
-    page = manager.open("budgets")
-    page.get_by_label("Scope").select_option(label=f"tenant {tenant}")
+    page = manager.open("budgets")  # a budget on their workflow, within the platform's ceiling
+    page.get_by_label("Scope").select_option(label="workflow support")
     page.get_by_label("Kind").select_option("tokens")
-    page.get_by_label("Limit", exact=True).fill("5000")
+    page.get_by_label("Limit", exact=True).fill("4000")
     page.get_by_role("button", name="Create budget").click()
-    expect(page.get_by_text("0 used of 5,000")).to_be_visible()
+    expect(page.get_by_text("0 used of 4,000")).to_be_visible()
 
     page = manager.open("playground")
     page.get_by_label("Max tokens").fill("12")

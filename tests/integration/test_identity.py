@@ -25,6 +25,13 @@ def sdk(appliance: Appliance, credential: str) -> OpenAI:
     return OpenAI(base_url=appliance.gateway_url + "/v1", api_key=credential, max_retries=0, timeout=60)
 
 
+def integration_tenant(appliance: Appliance) -> str:
+    """The id of the integration tenant (a `user` token without a tenant is refused on /v1)."""
+    made = appliance.cli("admin", "create-key", "--tenant", "integration", "--workflow", "tests", "--create")
+    assert made.returncode == 0, made.stderr
+    return str(json.loads(made.stdout)["tenant_id"])
+
+
 def cli_token(appliance: Appliance, *args: str) -> str:
     result = appliance.cli("admin", "token", *args)
     assert result.returncode == 0, result.stderr
@@ -72,8 +79,10 @@ async def test_admin_token_from_the_cli_manages_keys_and_revocation_is_immediate
 
 
 async def test_a_user_token_runs_models_but_not_admin_routes(appliance: Appliance) -> None:
-    user = cli_token(appliance, "--role", "user")
+    user = cli_token(appliance, "--role", "user", "--tenant", integration_tenant(appliance))
     assert sdk(appliance, user).models.list().data
+    with pytest.raises(openai.PermissionDeniedError, match="bound to no tenant"):
+        sdk(appliance, cli_token(appliance, "--role", "user")).models.list()  # no tenant, no tenant data
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {user}"}) as session:
         async with session.get(f"{appliance.gateway_url}/admin/tenants") as response:
             assert response.status == 403
@@ -85,7 +94,7 @@ def forged_tokens(appliance: Appliance) -> dict[str, str]:
     (the strongest position short of owning the node) or without it."""
     settings = Settings(data_dir=appliance.data_dir, server={"port": int(appliance.gateway_url.rsplit(":", 1)[1])})
     issuer = embedded_issuer(settings)
-    good = signed(issuer, claims(issuer, realm_access={"roles": ["user"]}))
+    good = signed(issuer, claims(issuer, realm_access={"roles": ["user"]}, tenant=integration_tenant(appliance)))
     header, _, signature = good.split(".")
     edited = base64.urlsafe_b64encode(json.dumps(claims(issuer)).encode()).rstrip(b"=").decode()
     foreign = EmbeddedIssuer(

@@ -5,6 +5,7 @@ tenant isolation, idempotence, deletion, the cache, bad input, and a failure par
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -321,3 +322,79 @@ def test_a_failure_part_way_leaves_no_orphan_points(appliance: Appliance) -> Non
         view = http.get(f"/v1/rag/collections/{collection}").json()
         assert (view["documents"], view["points"]) == (0, 0)
         assert http.get(f"/v1/rag/collections/{collection}/documents").json()["data"] == []
+
+
+def test_a_user_token_without_a_tenant_sees_no_collection(
+    appliance: Appliance, tenant_a: tuple[httpx.Client, str, dict[str, str]]
+) -> None:
+    """No tenant, no tenant data: a `user` token without a `tenant` claim is refused, never shown every tenant's."""
+    _http_a, collection, documents = tenant_a
+    user = appliance.cli("admin", "token", "--role", "user").stdout.strip()
+    with _http(appliance, user) as http:
+        for method, path, body in (
+            ("GET", "/v1/rag/collections", None),
+            ("GET", f"/v1/rag/collections/{collection}", None),
+            ("GET", f"/v1/rag/collections/{collection}/documents/{documents['ferry.md']}", None),
+            ("POST", "/v1/rag/query", {"collection_id": collection, "query": CORPUS["ferry.md"][2]}),
+            ("POST", "/v1/rag/collections", {"name": f"squat-{RUN}"}),
+            ("GET", "/v1/models", None),
+        ):
+            response = http.request(method, path, json=body)
+            assert response.status_code == 403, (method, path, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "permission_error" and "bound to no tenant" in error["message"]
+            assert "Kestrel" not in response.text
+
+
+def _audit_record(appliance: Appliance, request_id: str) -> dict[str, Any]:
+    connection = sqlite3.connect(appliance.data_dir / "appliance.db")
+    connection.row_factory = sqlite3.Row
+    try:
+        row = connection.execute("SELECT * FROM audit_records WHERE request_id = ?", (request_id,)).fetchone()
+    finally:
+        connection.close()
+    assert row is not None, f"no audit record for {request_id}"
+    return dict(row, detail=json.loads(row["detail"]))
+
+
+def test_a_cached_query_is_metered_and_budgeted(appliance: Appliance) -> None:
+    """Every call is metered: a query answered from the cache has its usage row and audit record (naming the
+    collection), and counts against the key's request budget, which refuses it once spent."""
+    key = _key(appliance, f"rag-cached-{RUN}")
+    admin = appliance.cli("admin", "token", "--role", "admin").stdout.strip()
+    with _http(appliance, key["key"]) as http:
+        collection = http.post("/v1/rag/collections", json={"name": "cached"}).json()["id"]
+        added = _upload(http, collection, "note.txt", "text/plain", b"The lighthouse keeper rings the bell at dusk.")
+        assert added.status_code == 201, added.text
+    with _http(appliance, admin) as http:
+        budget = {"scope_type": "api_key", "scope_id": key["id"], "kind": "requests", "period": "day", "limit": 3}
+        made = http.post("/admin/budgets/", json=budget)
+        assert made.status_code == 201, made.text
+    with _http(appliance, key["key"]) as http:
+        query = {"collection_id": collection, "query": "When does the keeper ring the bell?", "top_k": 1}
+        answers = [http.post("/v1/rag/query", json=query) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200], answers[-1].text
+        assert [a.json()["usage"]["cached"] for a in answers] == [False, True, True]
+        assert answers[2].json()["data"] == answers[0].json()["data"]
+        refused = http.post("/v1/rag/query", json=query)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["param"] == made.json()["id"] and "lighthouse" not in refused.text
+    first = appliance.usage_row(answers[0].headers["x-request-id"])
+    cached = appliance.usage_row(answers[1].headers["x-request-id"])
+    assert first["retrieval_cached"] == 0 and first["prompt_tokens"] > 0
+    assert (cached["endpoint"], cached["status_code"], cached["retrieval_cached"], cached["prompt_tokens"]) == (
+        "/v1/rag/query",
+        200,
+        1,
+        0,
+    )
+    assert cached["api_key_id"] == key["id"]
+    assert appliance.usage_row(refused.headers["x-request-id"])["status_code"] == 429
+    record = _audit_record(appliance, answers[2].headers["x-request-id"])
+    assert (record["event_type"], record["object_type"], record["object_id"]) == (
+        "inference.rag.query",
+        "rag.collection",
+        collection,
+    )
+    assert record["detail"]["retrieval"]["cached"] is True and record["outcome"] == "success"
+    assert _audit_record(appliance, refused.headers["x-request-id"])["outcome"] == "denied"

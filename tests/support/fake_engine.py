@@ -11,7 +11,9 @@ The first message's content (or the prompt) picks a behaviour: ``fail:500``, ``f
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import socket
 import threading
 import time
@@ -127,6 +129,25 @@ async def _tokenize(request: web.Request) -> web.Response:
     return web.json_response({"count": count, "tokens": list(range(count)), "max_model_len": 8192})
 
 
+EMBEDDING_DIMENSIONS = 384  # as the bundled embedding model's
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    """Deterministic unit vectors (from each input's hash): the same text always gets the same vector."""
+    body = await request.json()
+    inputs = body.get("input")
+    texts = inputs if isinstance(inputs, list) else [inputs]
+    data = []
+    for index, text in enumerate(texts):
+        seed = int.from_bytes(hashlib.sha256(str(text).encode()).digest()[:8], "big")
+        raw = [((seed >> (i % 60)) & 0xFF) - 127.5 + i % 7 for i in range(EMBEDDING_DIMENSIONS)]
+        norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+        data.append({"object": "embedding", "index": index, "embedding": [x / norm for x in raw]})
+    tokens = sum(len(str(text).split()) for text in texts)
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": usage})
+
+
 async def _health(_request: web.Request) -> web.Response:
     return web.Response(text="")
 
@@ -171,6 +192,7 @@ class FakeEngine:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", _completion)
         app.router.add_post("/v1/completions", _completion)
+        app.router.add_post("/v1/embeddings", _embeddings)
         app.router.add_get("/health", _health)
         app.router.add_post("/tokenize", _tokenize)
         self._runner = web.AppRunner(app, access_log=None)

@@ -73,7 +73,9 @@ async def test_inference_requests_are_recorded_with_their_tokens(client: Client,
     [record] = await records(client, settings, event_type="inference.completions")
     assert record["request_id"] == response.headers["x-request-id"]
     assert (record["tenant_id"], record["object_id"], record["detail"]["completion_tokens"]) == ("t1", "fake", 4)
-    streamed = await client.post("/v1/chat/completions", json={**body, "stream": True}, headers=auth(settings, "user"))
+    streamed = await client.post(
+        "/v1/chat/completions", json={**body, "stream": True}, headers=auth(settings, "user", tenant="t1")
+    )
     assert streamed.status_code == 200 and "[DONE]" in streamed.text
     assert len(await records(client, settings, event_type="inference.completions")) == 2
 

@@ -103,3 +103,40 @@ async def test_malformed_call_headers_are_refused(world: Any) -> None:
     client, _admin, key, _keys = world
     response = await ask(client, key, **{"Idempotency-Key": "x" * 201})
     assert response.status_code == 400 and response.json()["error"]["param"] == "idempotency-key"
+
+
+async def test_the_sdks_own_retries_count_as_retries(world: Any, settings: Settings) -> None:
+    """The openai SDK retries with the same body and `x-stainless-retry-count: n`, but no idempotency key."""
+    client, admin, key, keys = world
+    await per_call_limit(client, admin, "workflow", keys["acme"]["workflow_id"], "max_retries", 1)
+    first = await ask(client, key, **{"x-stainless-retry-count": "0"})
+    retry = await ask(client, key, **{"x-stainless-retry-count": "1"})
+    assert (first.status_code, retry.status_code) == (200, 200)
+    assert await usage(settings, first.headers["x-request-id"]) == (0, 0)
+    assert await usage(settings, retry.headers["x-request-id"]) == (1, 0)
+    second_retry = await ask(client, key, **{"x-stainless-retry-count": "2"})
+    assert second_retry.status_code == 429 and second_retry.json()["error"]["code"] == "retry_limit_exceeded"
+
+
+async def test_the_clients_retry_count_never_lowers_the_gateways(world: Any, settings: Settings) -> None:
+    client, admin, key, keys = world
+    await per_call_limit(client, admin, "workflow", keys["acme"]["workflow_id"], "max_retries", 1)
+    for _ in range(2):
+        assert (await ask(client, key, **{"Idempotency-Key": "order-7"})).status_code == 200
+    claimed_first = await ask(client, key, **{"Idempotency-Key": "order-7", "x-stainless-retry-count": "0"})
+    assert claimed_first.status_code == 429 and claimed_first.json()["error"]["code"] == "retry_limit_exceeded"
+    higher = await ask(client, key, **{"Idempotency-Key": "order-8", "x-stainless-retry-count": "1"})
+    assert higher.status_code == 200 and await usage(settings, higher.headers["x-request-id"]) == (1, 0)
+
+
+async def test_sdk_retries_are_recorded_without_a_retry_budget(world: Any, settings: Settings) -> None:
+    client, _admin, key, _keys = world
+    retry = await ask(client, key, **{"x-stainless-retry-count": "3"})
+    assert retry.status_code == 200 and await usage(settings, retry.headers["x-request-id"]) == (3, 0)
+
+
+async def test_a_malformed_sdk_retry_count_is_refused(world: Any) -> None:
+    client, _admin, key, _keys = world
+    for value in ("-1", "one", "99999"):
+        response = await ask(client, key, **{"x-stainless-retry-count": value})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "x-stainless-retry-count"

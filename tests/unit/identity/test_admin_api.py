@@ -123,7 +123,11 @@ async def test_roles_are_enforced(client: Client, world: dict[str, Any], issuer:
     assert (await client.get("/admin/tenants", headers=operator)).status_code == 200
     assert (await client.post("/admin/tenants", json={"name": "x"}, headers=operator)).status_code == 403
     assert (await client.get("/v1/models", headers=auditor)).status_code == 403
-    assert (await client.get("/v1/models", headers=user)).status_code == 200
+    tenant_user = token(issuer, "user", tenant=world["acme"]["tenant"]["id"])
+    assert (await client.get("/v1/models", headers=tenant_user)).status_code == 200
+    assert (await client.get("/v1/models", headers=operator)).status_code == 200  # platform operators: no tenant
+    refused = await client.get("/v1/models", headers=user)  # a user token without a tenant claim
+    assert refused.status_code == 403 and "bound to no tenant" in refused.json()["error"]["message"]
 
 
 async def test_pagination_conflicts_and_validation(client: Client, world: dict[str, Any]) -> None:

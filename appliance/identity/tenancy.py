@@ -1,0 +1,64 @@
+"""The default tenant of tenant-less users (``identity.default_tenant``): where it is configured, a `user`
+credential without a tenant is bound to it instead of being refused.
+
+Fails closed: the start refuses a default tenant that does not exist, and one deleted while the appliance
+runs binds nobody from then on (within a second), so its users are refused rather than served unbudgeted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from sqlalchemy import or_
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+
+from appliance.identity.models import Tenant
+from appliance.identity.principal import Principal, bind_default_tenant, wants_default_tenant
+
+RECHECK_EVERY_S = 1.0
+
+
+class DefaultTenantMissingError(RuntimeError):
+    """The configured default tenant names no tenant: the appliance does not start."""
+
+
+def find_tenant(engine: Engine, id_or_name: str) -> str | None:
+    """The id of the tenant with this id or name."""
+    with Session(engine) as session:
+        found = session.exec(
+            select(Tenant.id).where(or_(col(Tenant.id) == id_or_name, col(Tenant.name) == id_or_name))
+        ).first()
+        return str(found) if found is not None else None
+
+
+def check_default_tenant(engine: Engine, id_or_name: str | None) -> str | None:
+    """At start: the default tenant's id (None when none is configured); raises when it names no tenant."""
+    if id_or_name is None:
+        return None
+    tenant_id = find_tenant(engine, id_or_name)
+    if tenant_id is None:
+        raise DefaultTenantMissingError(
+            f"identity.default_tenant is {id_or_name!r}, which names no tenant: create the tenant "
+            "(appliance admin create-key --tenant NAME --workflow W --create) or unset the setting."
+        )
+    return tenant_id
+
+
+class DefaultTenant:
+    def __init__(self, engine: Engine, id_or_name: str | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self._engine = engine
+        self._id_or_name = id_or_name
+        self._clock = clock
+        self._found: str | None = None
+        self._checked_at = -float("inf")
+
+    async def bind(self, principal: Principal) -> Principal:
+        if self._id_or_name is None or not wants_default_tenant(principal):
+            return principal
+        if self._clock() - self._checked_at >= RECHECK_EVERY_S:
+            self._found = await asyncio.to_thread(find_tenant, self._engine, self._id_or_name)
+            self._checked_at = self._clock()
+        return bind_default_tenant(principal, self._found)

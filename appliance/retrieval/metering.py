@@ -1,0 +1,93 @@
+"""Answers retrieval gives without an engine call (a repeated query, from the cache) are requests too: each is
+admitted against the caller's budgets (`requests` and the per-call limits; a token or money budget with
+nothing left refuses it as well) and leaves a usage row and an audit record naming its collection, as the
+uncached path's engine call does through the gateway's serving path. It embeds nothing, so it is charged no
+tokens and no money."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from appliance.audit.writer import AuditWriter
+from appliance.budgets.enforce import BudgetEnforcer
+from appliance.budgets.store import BudgetExceededError, CallLink
+from appliance.gateway.recording import RequestRecord, Source
+from appliance.identity.principal import Principal
+from appliance.ledger.writer import UsageEvent, UsageWriter
+from appliance.lib.errors import ApplianceError
+from appliance.settings import EngineRoute
+
+CLIENT_CLOSED_REQUEST = 499
+COLLECTION = "rag.collection"  # the audit record's object type
+
+
+async def _nothing_to_count() -> int:
+    return 0  # a cached answer sends no prompt to an engine
+
+
+class CachedAnswers:
+    def __init__(self, usage: UsageWriter, audit: AuditWriter | None, budgets: BudgetEnforcer | None) -> None:
+        self._usage = usage
+        self._audit = audit
+        self._budgets = budgets
+
+    async def admit(
+        self,
+        *,
+        principal: Principal,
+        request_id: str,
+        source: Source,
+        link: CallLink,
+        route: EngineRoute,
+        endpoint: str,
+        collection_id: str,
+        query: str,
+    ) -> None:
+        """Admit and record one cached answer before it is given; raises (429, 503, ...) when it may not be
+        given, after recording the refusal. ``route`` is the embedding engine the uncached path would use."""
+        started = time.perf_counter()
+        principal.require_inference()
+        record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind)
+        record.audited_object = (COLLECTION, collection_id)
+        event = UsageEvent(
+            request_id=request_id,
+            model=route.model,
+            endpoint=endpoint,
+            status_code=0,
+            tenant_id=principal.tenant_id,
+            workflow_id=principal.workflow_id,
+            agent_id=principal.agent_id,
+            api_key_id=principal.api_key_id,
+            subject=principal.subject,
+            embed_ms=0.0,
+            search_ms=0.0,
+            retrieval_cached=True,
+        )
+        try:
+            if self._budgets is not None:
+                data = {"model": route.model, "input": [query]}
+                admission = await self._budgets.enforce(
+                    principal, route, data, request_id, link, record.price, _nothing_to_count
+                )
+                event.retry_attempt, event.depth = admission.attempt, admission.depth
+                record.hold = admission.hold
+        except asyncio.CancelledError:
+            event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
+            event.client_disconnected = True
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            record.finish(event)
+            raise
+        except Exception as exc:
+            if isinstance(exc, BudgetExceededError):
+                event.budget_id = exc.param
+            if isinstance(exc, ApplianceError):
+                event.status_code, event.error_code = exc.status_code, exc.code
+            else:
+                event.status_code, event.error_code = 500, "internal_error"
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            await record.commit(event)
+            raise
+        event.status_code = 200
+        event.latency_ms = (time.perf_counter() - started) * 1000.0
+        await record.commit(event)
