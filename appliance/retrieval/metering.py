@@ -66,9 +66,8 @@ class CachedAnswers:
         )
         try:
             if self._budgets is not None:
-                data = {"model": route.model, "input": [query]}
                 admission = await self._budgets.enforce(
-                    principal, route, data, request_id, link, record.price, _nothing_to_count
+                    principal, request_id, link, record.price, _nothing_to_count, 0, 0
                 )
                 event.retry_attempt, event.depth = admission.attempt, admission.depth
                 record.hold = admission.hold
