@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import Hold
+from appliance.budgets.store import BudgetExceededError
 from appliance.gateway.admission import Ticket
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.upstream import Lease
 from appliance.ledger.pricing import Price, ThroughputMeter
 from appliance.ledger.writer import UsageEvent, UsageSlot
+from appliance.lib.errors import ApplianceError
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,16 @@ def audit_event(
         detail=detail,
         content=content,
     )
+
+
+def mark_failed(event: UsageEvent, exc: Exception) -> None:
+    """The status of a request that failed before an answer: the error's own, or 500; a refusing budget is named."""
+    if isinstance(exc, BudgetExceededError):
+        event.budget_id = exc.param
+    if isinstance(exc, ApplianceError):
+        event.status_code, event.error_code = exc.status_code, exc.code
+    else:
+        event.status_code, event.error_code = 500, "internal_error"
 
 
 def _reached_engine(event: UsageEvent) -> bool:

@@ -18,7 +18,7 @@ import msgspec
 
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
-from appliance.budgets.store import BudgetExceededError, CallLink
+from appliance.budgets.store import CallLink
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
 from appliance.gateway.metrics import GatewayMetrics
@@ -29,7 +29,7 @@ from appliance.gateway.protocol import (
     UsageOnly,
     decode_json_object,
 )
-from appliance.gateway.recording import RequestRecord, Source
+from appliance.gateway.recording import RequestRecord, Source, mark_failed
 from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, parse
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
@@ -37,7 +37,7 @@ from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice
 from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
 from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
-from appliance.lib.errors import ApplianceError, InvalidRequestError, UpstreamError
+from appliance.lib.errors import InvalidRequestError, UpstreamError
 from appliance.settings import EngineRoute, PricingSettings
 
 log = logging.getLogger(__name__)
@@ -212,12 +212,7 @@ class OpenAIServing:
             raise
         except Exception as exc:
             # The stream relay owns the record once it is returned; before that, record the failure here.
-            if isinstance(exc, BudgetExceededError):
-                event.budget_id = exc.param
-            if isinstance(exc, ApplianceError):
-                event.status_code, event.error_code = exc.status_code, exc.code
-            else:
-                event.status_code, event.error_code = 500, "internal_error"
+            mark_failed(event, exc)
             event.latency_ms = (time.perf_counter() - started) * 1000.0
             await record.commit(event)
             raise

@@ -11,11 +11,10 @@ import time
 
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
-from appliance.budgets.store import BudgetExceededError, CallLink
-from appliance.gateway.recording import RequestRecord, Source
+from appliance.budgets.store import CallLink
+from appliance.gateway.recording import RequestRecord, Source, mark_failed
 from appliance.identity.principal import Principal
 from appliance.ledger.writer import UsageEvent, UsageWriter
-from appliance.lib.errors import ApplianceError
 from appliance.settings import EngineRoute
 
 CLIENT_CLOSED_REQUEST = 499
@@ -78,12 +77,7 @@ class CachedAnswers:
             record.finish(event)
             raise
         except Exception as exc:
-            if isinstance(exc, BudgetExceededError):
-                event.budget_id = exc.param
-            if isinstance(exc, ApplianceError):
-                event.status_code, event.error_code = exc.status_code, exc.code
-            else:
-                event.status_code, event.error_code = 500, "internal_error"
+            mark_failed(event, exc)
             event.latency_ms = (time.perf_counter() - started) * 1000.0
             await record.commit(event)
             raise
