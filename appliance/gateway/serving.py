@@ -34,7 +34,7 @@ from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, pars
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
-from appliance.identity.principal import ADMIN, OPERATOR, USER, Principal
+from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
 from appliance.lib.errors import InvalidRequestError, UpstreamError
@@ -55,7 +55,6 @@ class Endpoint:
         return self.engine_path or self.path
 
 
-INFERENCE_ROLES = (USER, ADMIN, OPERATOR)  # auditors read the audit trail; they do not run models
 CLIENT_CLOSED_REQUEST = 499  # the client went away before an answer (nginx's convention)
 COST_HEADER = "x-request-cost"  # what a (non-streamed) answer cost, with the currency: "0.000123 EUR"
 
