@@ -25,6 +25,7 @@ from appliance.budgets.store import BudgetStore
 from appliance.budgets.upkeep import BudgetUpkeep, new_gateway_id
 from appliance.console.auth_routes import ConsoleAuthController, console_assets
 from appliance.db.engine import create_schema, make_engine
+from appliance.engines.runner import engine_routes
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
 from appliance.gateway.health import HealthController
@@ -46,7 +47,7 @@ from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
 from appliance.retrieval.routes import rag_controller
 from appliance.retrieval.setup import retrieval_service
-from appliance.settings import Settings, get_settings
+from appliance.settings import GatewaySettings, Settings, get_settings
 from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
 from appliance.telemetry.rollup import Rollups, gateway_name
 
@@ -62,6 +63,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
     configure_logging(settings.server.log_level)
     db_engine = make_engine(settings.database_url, echo=settings.database.echo)
+    if not settings.gateway.routes and settings.server.service_manager == "systemd":
+        routes_of_units = [route.model_dump() for route in engine_routes(settings)]
+        derived = GatewaySettings.model_validate({**settings.gateway.model_dump(), "routes": routes_of_units})
+        settings = settings.model_copy(update={"gateway": derived})
     router = EngineRouter(settings.gateway)
     routes = settings.gateway.routes
     usage = UsageWriter(

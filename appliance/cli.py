@@ -1,4 +1,5 @@
-"""The ``appliance`` command: ``up`` (foreground, or ``--detach``), ``status [--json]``, ``down``."""
+"""The ``appliance`` command: ``up`` (foreground, or ``--detach``), ``status [--json]``, ``down``, ``serve``, and
+each domain's own commands (admin, identity, audit, media, install, node, engines)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from appliance.audit import cli as audit_cli
+from appliance.engines import cli as engines_cli
 from appliance.engines.runner import pid_alive, stop_group
 from appliance.engines.state import dumps, read_state, status_report
 from appliance.identity import cli as identity_cli
 from appliance.identity.setup import bootstrap_password_file
+from appliance.lib.errors import ApplianceError
 from appliance.lib.logging import configure_logging
 from appliance.media import cli as media_cli
-from appliance.settings import Settings, get_settings
+from appliance.settings import NODE_CONFIG, Settings, config_file, get_settings, is_checkout
 
 EXIT_OK, EXIT_FAILED, EXIT_UNHEALTHY, EXIT_NOT_RUNNING = 0, 1, 1, 3
 
@@ -76,20 +80,69 @@ def _up_detached(settings: Settings, timeout_s: float) -> int:
     return EXIT_FAILED
 
 
-def cmd_status(settings: Settings, as_json: bool) -> int:
-    report = status_report(
-        read_state(settings.run_dir),
-        data_dir=settings.data_dir,
-        gateway_url=settings.gateway_url,
-        bootstrap_password_file=bootstrap_password_file(settings),
+def cmd_serve(settings: Settings) -> int:
+    """The gateway in this process (a node's appliance.service; ``appliance up`` starts it the same way)."""
+    import uvicorn
+
+    server = settings.server
+    uvicorn.run(
+        "appliance.asgi:create_app",
+        factory=True,
+        host=server.host,
+        port=server.port,
+        ssl_certfile=str(server.tls_certfile) if server.tls_certfile else None,
+        ssl_keyfile=str(server.tls_keyfile) if server.tls_keyfile else None,
+        log_level=server.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=30,
     )
+    return EXIT_OK
+
+
+def cmd_status(settings: Settings, as_json: bool, wait_s: float = 0.0) -> int:
+    """What runs and whether it is healthy: from systemd on a node, from ``appliance up``'s state file otherwise.
+    With ``wait_s``, probe until healthy or that many seconds passed, then report once."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            report = _status_report(settings)
+        except ApplianceError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return EXIT_FAILED
+        if report["healthy"] or time.monotonic() >= deadline:
+            break
+        time.sleep(2.0)
+    if bootstrap_password_file(settings).exists():
+        report["bootstrap_password_file"] = str(bootstrap_password_file(settings))
     if as_json:
         print(dumps(report))
+    elif report.get("manager") == "systemd":
+        _print_node_status(report)
     else:
         _print_status(report)
     if not report["running"]:
         return EXIT_NOT_RUNNING
     return EXIT_OK if report["healthy"] else EXIT_UNHEALTHY
+
+
+def _status_report(settings: Settings) -> dict[str, Any]:
+    if settings.server.service_manager == "systemd":
+        from appliance.engines.systemd import node_report
+
+        return node_report(settings)
+    return status_report(read_state(settings.run_dir), data_dir=settings.data_dir, gateway_url=settings.gateway_url)
+
+
+def _print_node_status(report: dict[str, Any]) -> None:
+    state = "healthy" if report["healthy"] else ("running, NOT healthy" if report["running"] else "stopped")
+    print(f"appliance: {state} (systemd)")
+    gateway = report["gateway"]
+    ready = "ready" if gateway["ready"] else f"NOT ready: {gateway['error']}"
+    print(f"  gateway  {report['gateway_url']}  {ready}")
+    if report.get("bootstrap_password_file"):
+        print(f"  sign-in  user `admin`, one-time password in {report['bootstrap_password_file']}")
+    for row in report["units"]:
+        print(f"  {row['unit']:<40} {row['active']}/{row['sub']}  pid {row['pid'] or '-'}  restarts {row['restarts']}")
 
 
 def cmd_down(settings: Settings, timeout_s: float) -> int:
@@ -144,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for health with --detach")
     status = sub.add_parser("status", help="what runs and whether it is healthy")
     status.add_argument("--json", action="store_true", help="one JSON object (stable keys)")
+    status.add_argument("--wait", type=float, default=0.0, metavar="SECONDS", help="wait this long for health")
+    sub.add_parser("serve", help="run the gateway in this process (what a node's appliance.service runs)")
     down = sub.add_parser("down", help="stop everything `up` started")
     down.add_argument("--timeout", type=float, default=60.0)
     identity_cli.add_parsers(sub)
@@ -151,18 +206,35 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.add_parsers(sub)
     media_cli.add_parsers(sub)
     media_cli.add_install_parser(sub)
+    media_cli.add_node_parsers(sub)
+    engines_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    local = args.command not in ("media", "install")  # those two run on the installer, not on a node
+    if local and config_file() is None and not is_checkout() and "APPLIANCE_DATA_DIR" not in os.environ:
+        # An installed package with no configuration would open a new database inside site-packages.
+        print(
+            f"error: no configuration: neither APPLIANCE_CONFIG, ./appliance.toml nor {NODE_CONFIG} exists",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     settings = get_settings()
     configure_logging(settings.server.log_level)
     logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # no migration lines on every command
     if args.command == "up":
         return cmd_up(settings, args.detach, args.timeout)
     if args.command == "status":
-        return cmd_status(settings, args.json)
+        return cmd_status(settings, args.json, args.wait)
+    if args.command == "serve":
+        return cmd_serve(settings)
+    if args.command == "engines":
+        return engines_cli.run(settings, args)
+    if args.command == "node":
+        return media_cli.run_node(settings, args)
     if args.command == "admin":
         return identity_cli.run(settings, args)
     if args.command == "identity":

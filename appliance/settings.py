@@ -2,6 +2,11 @@
 ``appliance.toml``. Nothing is read at import time; :func:`get_settings` reads once and caches.
 
 Nested fields use ``__``: ``APPLIANCE_SERVER__PORT=9000``, ``APPLIANCE_ENGINES__KV_CACHE_GIB=4``.
+
+Where the file is (:func:`config_file`): ``APPLIANCE_CONFIG``; else ``./appliance.toml``; else, on an installed
+node, ``/etc/appliance/appliance.toml``. Beside the file, the ``*.env`` files the caller can read (the node keeps
+its secrets and its database URL there, for the services' ``EnvironmentFile=``) are read too, below the
+environment, so the CLI sees what the services see.
 """
 
 from __future__ import annotations
@@ -14,12 +19,30 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+NODE_CONFIG = Path("/etc/appliance/appliance.toml")
+
+
+def config_file() -> Path | None:
+    """The TOML file settings are read from, or None when there is none."""
+    named = os.environ.get("APPLIANCE_CONFIG")
+    if named:
+        return Path(named)
+    for candidate in (Path("appliance.toml"), NODE_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def is_checkout() -> bool:
+    """Whether the package runs from the project's source tree (the development layout), not an installed wheel."""
+    return (REPO_ROOT / "pyproject.toml").is_file()
 
 
 class ServerSettings(BaseModel):
@@ -27,6 +50,25 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger requests get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    service_manager: Literal["supervisor", "systemd"] = Field(
+        default="supervisor",
+        description="who runs the gateway and the engines: `appliance up` (development) or systemd units (a node)",
+    )
+    tls_certfile: Path | None = Field(default=None, description="serve HTTPS with this certificate (PEM chain)")
+    tls_keyfile: Path | None = Field(default=None, description="... and this private key")
+    tls_cafile: Path | None = Field(
+        default=None, description="the CA that signed the gateway's certificate; the CLI trusts it when probing"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("server.tls_certfile and server.tls_keyfile go together")
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_certfile is not None else "http"
 
 
 class DatabaseSettings(BaseModel):
@@ -334,9 +376,16 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Read when settings are built, not at import: APPLIANCE_CONFIG names the file.
-        toml_file = Path(os.environ.get("APPLIANCE_CONFIG", "appliance.toml"))
-        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        # Read when settings are built, not at import.
+        toml_file = config_file()
+        if toml_file is None:
+            return (init_settings, env_settings)
+        return (
+            init_settings,
+            env_settings,
+            _EnvFilesSource(settings_cls, toml_file.parent),
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
 
     @property
     def database_url(self) -> str:
@@ -344,7 +393,9 @@ class Settings(BaseSettings):
 
     @property
     def gateway_url(self) -> str:
-        return f"http://{self.server.host}:{self.server.port}"
+        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "") else self.server.host  # noqa: S104 (a bind address)
+        host = "[::1]" if host == "::" else host
+        return f"{self.server.scheme}://{host}:{self.server.port}"
 
     @property
     def issuer_url(self) -> str:
@@ -370,6 +421,27 @@ class Settings(BaseSettings):
     @property
     def prepared_models_dir(self) -> Path:
         return self.models_cache_dir or self.data_dir / "models"
+
+
+class _EnvFilesSource(EnvSettingsSource):
+    """The ``APPLIANCE_*`` lines of the readable ``*.env`` files in the configuration's folder (other lines are
+    for other programs and are ignored, as are files this user may not read)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], folder: Path) -> None:
+        self._folder = folder
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> dict[str, str | None]:
+        from dotenv import dotenv_values
+
+        values: dict[str, str | None] = {}
+        for path in sorted(self._folder.glob("*.env")):
+            if not os.access(path, os.R_OK):
+                continue
+            for key, value in dotenv_values(path).items():
+                if key.upper().startswith("APPLIANCE_"):
+                    values[key.lower()] = value
+        return values
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.engines.manifest import ModelManifest
+from appliance.engines.manifest import ModelManifest, load_manifests
 from appliance.lib.errors import ApplianceError
 from appliance.settings import REPO_ROOT, EngineRoute, Settings
 
@@ -30,11 +30,15 @@ class EngineStartError(ApplianceError):
 
 @dataclass(frozen=True, slots=True)
 class EngineSpec:
+    """One engine process; ``name`` is the model, with ``-N`` for its N-th extra replica (the unit's name on a
+    node is ``vllm-<name>.service``)."""
+
     manifest: ModelManifest
     model_dir: Path
     host: str
     port: int
     log_path: Path
+    name: str = ""
 
     @property
     def url(self) -> str:
@@ -43,6 +47,13 @@ class EngineSpec:
     @property
     def route(self) -> EngineRoute:
         return EngineRoute(model=self.manifest.name, url=self.url, runner=self.manifest.runner)
+
+
+def engine_routes(settings: Settings) -> list[EngineRoute]:
+    """The gateway's routes on a node whose engines systemd runs: one per engine of ``[engines]``, on the ports
+    :func:`engine_specs` gives them (the same function the engine units start from)."""
+    manifests = load_manifests(settings.models_dir, settings.engines.models)
+    return [spec.route for spec in engine_specs(settings, manifests)]
 
 
 def engine_python(settings: Settings) -> Path:
@@ -66,6 +77,7 @@ def engine_specs(settings: Settings, manifests: list[ModelManifest]) -> list[Eng
                     host=settings.engines.host,
                     port=settings.engines.port_base + len(specs),
                     log_path=settings.data_dir / "logs" / f"engine-{manifest.name}{suffix}.log",
+                    name=f"{manifest.name}{suffix}",
                 )
             )
     return specs
@@ -138,6 +150,10 @@ def offline_env() -> dict[str, str]:
 def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, str]:
     env = offline_env()
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engines.kv_cache_gib))
+    # vLLM finds its own address by connecting a UDP socket to 8.8.8.8 (and Google's IPv6 resolver) unless told;
+    # torch's gloo picks an interface the same way. Both stay on the engine's own address (seen with strace).
+    env["VLLM_HOST_IP"] = spec.host
+    env["GLOO_SOCKET_IFNAME"] = "lo"
     binding = cpu_binding(spec.manifest.runner, index, settings.engines.cpu_binding, len(os.sched_getaffinity(0)))
     if binding is not None:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)

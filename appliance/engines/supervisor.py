@@ -120,22 +120,7 @@ class Supervisor:
         env = dict(os.environ)
         env["APPLIANCE_DATA_DIR"] = str(settings.data_dir)
         env["APPLIANCE_GATEWAY__ROUTES"] = json.dumps([e.spec.route.model_dump() for e in self.engines])
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "appliance.asgi:create_app",
-            "--factory",
-            "--host",
-            settings.server.host,
-            "--port",
-            str(settings.server.port),
-            "--no-access-log",
-            "--log-level",
-            settings.server.log_level,
-            "--timeout-graceful-shutdown",
-            "30",
-        ]
+        command = [sys.executable, "-m", "appliance.cli", "serve"]  # as a node's appliance.service does
         with log_path.open("ab") as handle:
             return subprocess.Popen(
                 command,

@@ -19,7 +19,7 @@ from appliance.identity.keycloak import KeycloakBootstrap, WorkflowAccount
 from appliance.identity.models import ROLES, Agent, LocalAccount, Tenant, Workflow
 from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.schemas import AgentCreate, ApiKeyCreate, TenantCreate, WorkflowCreate
-from appliance.identity.setup import embedded_issuer, key_hasher
+from appliance.identity.setup import bootstrap, bootstrap_password_file, embedded_issuer, key_hasher
 from appliance.lib.errors import ApplianceError
 from appliance.settings import Settings
 
@@ -48,6 +48,10 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     key.add_argument("--name", default="")
     key.add_argument("--scope", choices=("inference", "admin"), action="append", help="default: inference")
     key.add_argument("--create", action="store_true", help="create the tenant, workflow and agent if missing")
+    admin_sub.add_parser(
+        "bootstrap",
+        help="create the schema and the bootstrap admin `admin` if missing (a node's installer runs this); JSON",
+    )
     user = admin_sub.add_parser(
         "create-user", help="a local account of the embedded issuer; prints its one-time password once, as JSON"
     )
@@ -116,6 +120,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             return _token(settings, args)
         if args.admin_command == "create-user":
             return _create_user(settings, args)
+        if args.admin_command == "bootstrap":
+            created = bootstrap(settings)
+            password_file = bootstrap_password_file(settings)
+            shown = str(password_file) if password_file.exists() else None  # gone once the admin changed it
+            print(json.dumps({"created": created, "password_file": shown}))
+            return 0
         return _create_key(settings, args)
     except ApplianceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

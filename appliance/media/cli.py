@@ -48,6 +48,23 @@ def add_install_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     install.add_argument("--json", action="store_true", help="print the play recap as JSON at the end")
 
 
+def add_node_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = sub.add_parser("node", help="this node's own record of what was installed on it")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    record = node_sub.add_parser(
+        "record-install", help="audit the media just installed (the playbooks' last task); JSON {changed}"
+    )
+    record.add_argument("--version", required=True, help="the media's appliance version")
+    record.add_argument("--manifest-sha256", required=True, help="sha256 of the media's manifest.json")
+
+
+def run_node(settings: Settings, args: argparse.Namespace) -> int:
+    from appliance.media.node import record_install
+
+    print(json.dumps(record_install(settings, args.version, args.manifest_sha256)))
+    return 0
+
+
 def run_install(args: argparse.Namespace) -> int:
     from appliance.media.install import install
 

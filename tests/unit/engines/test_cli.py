@@ -1,0 +1,87 @@
+"""``appliance engines list|exec``: the one way an engine starts on a node, from the development runner's code."""
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from appliance.engines import cli
+from appliance.engines.manifest import MANIFEST_FILE, PREPARED_MARKER, load_manifest, sha256_file
+from appliance.engines.runner import engine_routes
+from appliance.settings import REPO_ROOT, EngineSettings, Settings
+
+
+def node_settings(tmp_path: Path, weights: bytes = b"weights") -> Settings:
+    """A node's layout: manifests and prepared weights in one folder, an engine venv with a python in it."""
+    models = tmp_path / "models"
+    for name in ("smollm2-135m-instruct", "minilm-l6-v2"):
+        folder = models / name
+        folder.mkdir(parents=True)
+        (folder / "weights.bin").write_bytes(weights + name.encode())
+        manifest = load_manifest(REPO_ROOT / "models" / name / MANIFEST_FILE)
+        data = manifest.model_dump(mode="json")
+        data["weights"] = {"weights.bin": sha256_file(folder / "weights.bin")}
+        (folder / MANIFEST_FILE).write_text(yaml.safe_dump(data))
+        (folder / PREPARED_MARKER).write_text("")
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    return Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models,
+        models_cache_dir=models,
+        engines=EngineSettings(models=["smollm2-135m-instruct", "minilm-l6-v2"], port_base=8201, venv=venv),
+    )
+
+
+def run(settings: Settings, *argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_parsers(parser.add_subparsers(dest="command"))
+    return cli.run(settings, parser.parse_args(["engines", *argv]))
+
+
+def test_exec_prints_the_runner_command_with_the_offline_and_no_egress_environment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = node_settings(tmp_path)
+    assert run(settings, "exec", "minilm-l6-v2", "--print") == 0
+    printed = json.loads(capsys.readouterr().out)
+    command, env = printed["command"], printed["env"]
+    assert command[0] == str(tmp_path / "venv" / "bin" / "python")
+    assert command[command.index("--port") + 1] == "8202" and command[command.index("--runner") + 1] == "pooling"
+    assert command[command.index("--max-model-len") + 1].isdigit() and "--dtype" in command
+    for name, value in {
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "GLOO_SOCKET_IFNAME": "lo",
+        "VLLM_CPU_KVCACHE_SPACE": "2",
+    }.items():
+        assert env[name] == value, name
+
+
+def test_exec_refuses_an_unknown_engine_and_altered_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = node_settings(tmp_path)
+    assert run(settings, "exec", "no-such-model", "--print") == 2
+    assert "known: smollm2-135m-instruct, minilm-l6-v2" in capsys.readouterr().err
+    (settings.prepared_models_dir / "minilm-l6-v2" / "weights.bin").write_bytes(b"tampered")
+    assert run(settings, "exec", "minilm-l6-v2", "--print") == 1
+    assert "minilm-l6-v2" in capsys.readouterr().err
+
+
+def test_list_and_the_gateway_routes_agree_with_the_units(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = node_settings(tmp_path)
+    assert run(settings, "list") == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(row["name"], row["url"]) for row in listed] == [
+        ("smollm2-135m-instruct", "http://127.0.0.1:8201"),
+        ("minilm-l6-v2", "http://127.0.0.1:8202"),
+    ]
+    routes = engine_routes(settings)
+    assert [(r.model, r.url, r.runner) for r in routes] == [
+        ("smollm2-135m-instruct", "http://127.0.0.1:8201", "generate"),
+        ("minilm-l6-v2", "http://127.0.0.1:8202", "pooling"),
+    ]
