@@ -8,6 +8,7 @@ from typing import Any
 from litestar import Controller, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from appliance.budgets.store import CallLink
@@ -82,6 +83,12 @@ class OpenAIController(Controller):
         self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
     ) -> dict[str, Any]:
         return await serving.models(principal_of(request.scope))
+
+    @get("/models/{model_id:str}")
+    async def retrieve_model(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], model_id: FromPath[str]
+    ) -> dict[str, Any]:
+        return await serving.model(principal_of(request.scope), model_id)
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(

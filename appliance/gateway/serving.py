@@ -37,7 +37,7 @@ from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice
 from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
-from appliance.lib.errors import InvalidRequestError, UpstreamError
+from appliance.lib.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
 from appliance.settings import EngineRoute, PricingSettings
 
 log = logging.getLogger(__name__)
@@ -272,10 +272,14 @@ class OpenAIServing:
 
     async def models(self, principal: Principal) -> dict[str, Any]:
         principal.require_inference()
-        return {
-            "object": "list",
-            "data": [
-                {"id": route.model, "object": "model", "owned_by": "appliance", "created": self._created}
-                for route in self._router.routes
-            ],
-        }
+        served = dict.fromkeys(route.model for route in self._router.routes)  # several engines may serve one model
+        return {"object": "list", "data": [self._model(name) for name in served]}
+
+    async def model(self, principal: Principal, model_id: str) -> dict[str, Any]:
+        principal.require_inference()
+        if not any(route.model == model_id for route in self._router.routes):
+            raise ModelNotFoundError(model_id)
+        return self._model(model_id)
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "owned_by": "appliance", "created": self._created}

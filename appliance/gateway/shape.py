@@ -63,7 +63,18 @@ _EMBEDDINGS_OPENAI = frozenset({"model", "input", "encoding_format", "dimensions
 
 # OpenAI fields the engines do not act on: accepted (the SDK sends them), not forwarded.
 _IGNORED = frozenset(
-    {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "verbosity", "modalities"}
+    {
+        "user",
+        "metadata",
+        "store",
+        "service_tier",
+        "prompt_cache_key",
+        "prompt_cache_options",  # caching hints: vLLM's prefix cache is automatic (and salted per tenant)
+        "prompt_cache_retention",
+        "safety_identifier",
+        "verbosity",
+        "modalities",
+    }
 )
 
 # vLLM extras that cannot make a request cost more than the prompt and the reserved output: forwarded.
@@ -118,6 +129,7 @@ _REFUSED = {
     "audio": "audio output is not served",
     "prediction": "predicted outputs are not served",
     "web_search_options": "web search is not available on an air-gapped appliance",
+    "moderation": "the appliance runs no moderation model; a request that asks for moderation is not served without it",
     "kv_transfer_params": "an engine-internal field",
     "ec_transfer_params": "an engine-internal field",
     "vllm_xargs": "an engine-internal field",
@@ -183,19 +195,43 @@ def parse(
     return _embeddings(data)
 
 
-def _vet(data: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
+_ALLOWED: dict[Kind, frozenset[str]] = {
+    "chat": _CHAT_OPENAI | _CHAT_EXTRAS,
+    "completions": _COMPLETIONS_OPENAI | _GENERATION_EXTRAS | {"best_of"},
+    "embeddings": _EMBEDDINGS_OPENAI | _EMBEDDINGS_EXTRAS,
+}
+
+Verdict = Literal["forwarded", "ignored", "refused", "other_endpoint", "unknown"]
+
+
+def field_verdict(kind: Kind, name: str) -> Verdict:
+    """What the parse stage does with a top-level field of ``kind``'s request: forward it to the engine, accept and
+    drop it, or refuse it with its reason (another endpoint's field, a refused one, or an unknown one)."""
+    if name in _ALLOWED[kind]:
+        return "forwarded"
+    if name in _IGNORED:
+        return "ignored"
+    if name in _REFUSED:
+        return "refused"
+    return "other_endpoint" if name in _OTHER_ENDPOINT else "unknown"
+
+
+def _vet(data: dict[str, Any], kind: Kind) -> dict[str, Any]:
+    """The body the engine gets. An explicit null is the field's absence, for every field the gateway knows (frameworks
+    send null for what they leave unset, refused fields included); an unknown name is refused even when null."""
     body = {}
     for name, value in data.items():
-        if name in allowed:
-            if value is not None:  # an explicit null is the field's default
+        verdict = field_verdict(kind, name)
+        if verdict == "forwarded":
+            if value is not None:
                 body[name] = value
-        elif name in _IGNORED:
+        elif verdict == "ignored" or (value is None and verdict != "unknown"):
             continue
-        elif name in _REFUSED:
+        elif verdict == "refused":
             raise InvalidRequestError(
                 f"`{name}` is not accepted: {_REFUSED[name]}.", param=name, code="unsupported_field"
             )
-        elif name in _OTHER_ENDPOINT:
+        elif verdict == "other_endpoint":
             raise InvalidRequestError(
                 f"`{name}` is not a field of this endpoint (it belongs to {_OTHER_ENDPOINT[name]}).",
                 param=name,
@@ -209,7 +245,7 @@ def _vet(data: dict[str, Any], allowed: frozenset[str]) -> dict[str, Any]:
 
 
 def _chat(data: dict[str, Any]) -> RequestShape:
-    body = _vet(data, _CHAT_OPENAI | _CHAT_EXTRAS)
+    body = _vet(data, "chat")
     request = validate(data, ChatCompletionRequest)
     require_inputs(request)
     # vLLM obeys max_completion_tokens when it is set, else max_tokens.
@@ -218,7 +254,7 @@ def _chat(data: dict[str, Any]) -> RequestShape:
 
 
 def _completions(data: dict[str, Any]) -> RequestShape:
-    body = _vet(data, _COMPLETIONS_OPENAI | _GENERATION_EXTRAS | {"best_of"})
+    body = _vet(data, "completions")
     request = validate(data, CompletionRequest)
     require_inputs(request)
     best_of = body.pop("best_of", None)
@@ -261,7 +297,7 @@ def _generation(
 
 
 def _embeddings(data: dict[str, Any]) -> RequestShape:
-    body = _vet(data, _EMBEDDINGS_OPENAI | _EMBEDDINGS_EXTRAS)
+    body = _vet(data, "embeddings")
     request = validate(data, EmbeddingRequest)
     require_inputs(request)
     prompts = _prompts(request.input, "input")

@@ -8,7 +8,7 @@ from typing import Any
 
 from litestar import Request, Response
 from litestar.datastructures import MutableScopeHeaders
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.types import Message, Scope
 
 from appliance.lib.errors import ApplianceError, error_envelope
@@ -56,7 +56,7 @@ def appliance_error_handler(_request: Request[Any, Any, Any], exc: ApplianceErro
     return envelope_response(exc.status_code, exc.envelope(), exc.headers)
 
 
-def http_exception_handler(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
     error_type, code = _HTTP_ERROR_TYPES.get(
         status, ("server_error" if status >= 500 else "invalid_request_error", None)
@@ -64,6 +64,11 @@ def http_exception_handler(_request: Request[Any, Any, Any], exc: HTTPException)
     message = exc.detail or "Request failed."
     if status == 413:
         message = "The request body is too large."
+    elif isinstance(exc, NotFoundException) and exc.detail in ("", "Not Found"):  # no route matched
+        message = f"Invalid URL ({request.method} {request.url.path}): the appliance does not serve this route."
+        code = "unknown_route"
+    elif status == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}."
     param = None
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]

@@ -83,13 +83,26 @@ async def test_every_response_carries_a_request_id(client: AsyncTestClient[Any])
     assert len(ids) == 4
 
 
-async def test_unknown_route_and_method_get_the_envelope(client: AsyncTestClient[Any]) -> None:
-    response = await client.get("/v1/nope")
+async def test_unknown_route_and_method_get_the_envelope_naming_them(client: AsyncTestClient[Any]) -> None:
+    response = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
     assert response.status_code == 404
-    assert_envelope(response.json(), type_="invalid_request_error", code="not_found")
+    assert_envelope(response.json(), type_="invalid_request_error", code="unknown_route")
+    assert "POST /v1/responses" in response.json()["error"]["message"]
     response = await client.get("/v1/chat/completions")
     assert response.status_code == 405
     assert_envelope(response.json(), type_="invalid_request_error", code="method_not_allowed")
+    assert response.json()["error"]["message"] == "Method GET is not allowed on /v1/chat/completions."
+
+
+async def test_a_model_is_retrieved_by_id_and_an_unknown_one_is_404(client: AsyncTestClient[Any]) -> None:
+    listed = (await client.get("/v1/models")).json()["data"]
+    assert [row["id"] for row in listed] == ["fake", "down", "embed"]
+    response = await client.get("/v1/models/embed")
+    assert response.status_code == 200 and response.json() == listed[2]
+    response = await client.get("/v1/models/no-such-model")
+    assert response.status_code == 404
+    assert_envelope(response.json(), type_="invalid_request_error", code="model_not_found")
+    assert (await client.get("/v1/models/embed", headers={"Authorization": "Bearer nope"})).status_code == 401
 
 
 async def test_body_over_the_limit_is_413(client: AsyncTestClient[Any], tmp_path: Path) -> None:
