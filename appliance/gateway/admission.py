@@ -63,7 +63,7 @@ class Tier:
             self.timed_out += 1
             raise QueueTimeoutError(
                 f"The {self.name}-context queue is full: no slot freed up within {self.timeout_s:g}s. Retry later.",
-                headers={"Retry-After": str(max(1, math.ceil(self.timeout_s / 4)))},
+                headers={"Retry-After": str(max(1, math.ceil(self.timeout_s / 4))), "x-should-retry": "true"},
             ) from None
         except asyncio.CancelledError:
             self._abandon(future)

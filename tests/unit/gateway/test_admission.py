@@ -57,6 +57,7 @@ async def test_a_request_that_waits_past_the_timeout_gets_503_with_retry_after()
         await tier.acquire()
     assert refused.value.status_code == 503 and refused.value.code == "admission_timeout"
     assert int(refused.value.headers["Retry-After"]) >= 1
+    assert refused.value.headers["x-should-retry"] == "true"  # the openai SDK retries it, after Retry-After
     assert (tier.in_flight, tier.waiting, tier.timed_out) == (1, 0, 1)
     tier.release()
     await tier.acquire()  # the slot is free again: nothing leaked
