@@ -45,9 +45,11 @@ from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
 from appliance.lib.logging import configure_logging
+from appliance.placement.routes import PlacementController
 from appliance.retrieval.routes import rag_controller
 from appliance.retrieval.setup import retrieval_service
 from appliance.settings import GatewaySettings, Settings, get_settings
+from appliance.telemetry.gpu import GpuUtilization
 from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
 from appliance.telemetry.rollup import Rollups, gateway_name
 
@@ -90,7 +92,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     upkeep = BudgetUpkeep(budgets, settings.budgets, settings.run_dir)
     pricing = Pricing(settings.pricing)
     rollups = Rollups(db_engine, gateway_name(), settings.telemetry.rollup_retention_days)
-    monitor = ConcurrencyMonitor(router, settings.telemetry, rollups=rollups)
+    monitor = ConcurrencyMonitor(router, settings.telemetry, rollups=rollups, gpu=GpuUtilization())
     metrics = GatewayMetrics(settings.pricing.currency, event_sink=monitor.observe_event)
     admission = Admission(settings.admission) if settings.admission.enabled else None
     metrics.registry.register(TelemetryCollector(monitor, admission))
@@ -145,6 +147,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             AuditController,
             BudgetController,
             UsageController,
+            PlacementController,
         ]
         + ([OidcController] if issuer is not None else []),
         dependencies={

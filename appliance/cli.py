@@ -145,6 +145,20 @@ def _print_node_status(report: dict[str, Any]) -> None:
         print(f"  {row['unit']:<40} {row['active']}/{row['sub']}  pid {row['pid'] or '-'}  restarts {row['restarts']}")
 
 
+def cmd_placement(settings: Settings, as_json: bool) -> int:
+    from appliance.db.engine import create_schema, make_engine
+    from appliance.placement.service import build_report, render
+
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+        report = build_report(engine, settings)
+    finally:
+        engine.dispose()
+    print(dumps(report) if as_json else render(report))
+    return EXIT_OK
+
+
 def cmd_down(settings: Settings, timeout_s: float) -> int:
     state = read_state(settings.run_dir)
     if state is None:
@@ -208,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     media_cli.add_install_parser(sub)
     media_cli.add_node_parsers(sub)
     engines_cli.add_parsers(sub)
+    placement = sub.add_parser("placement", help="where this workload is cheapest to run, from the node's history")
+    placement_sub = placement.add_subparsers(dest="placement_command", required=True)
+    placement_report = placement_sub.add_parser("report", help="the verdict, its variables and its triggers")
+    placement_report.add_argument("--json", action="store_true")
     return parser
 
 
@@ -235,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         return engines_cli.run(settings, args)
     if args.command == "node":
         return media_cli.run_node(settings, args)
+    if args.command == "placement":
+        return cmd_placement(settings, args.json)
     if args.command == "admin":
         return identity_cli.run(settings, args)
     if args.command == "identity":

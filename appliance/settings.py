@@ -207,6 +207,28 @@ class ModelPrice(BaseModel):
     completion_per_million: float = Field(ge=0)
 
 
+HOURS_PER_MONTH = 730.0  # 8,760 hours a year / 12
+
+
+class NodeCost(BaseModel):
+    """What owning and running the node costs, as the installer records it (in the pricing currency). Its hourly
+    figure is what requests are charged when no model has a configured price, and what placement compares."""
+
+    hardware_price: float = Field(ge=0, description="purchase price of the node: servers, accelerators, network")
+    amortisation_months: int = Field(default=36, ge=1, le=120, description="months the purchase is spread over")
+    power_watts: float = Field(default=0.0, ge=0, description="the node's average electrical draw, cooling included")
+    power_price_per_kwh: float = Field(default=0.0, ge=0)
+    operations_per_month: float = Field(default=0.0, ge=0, description="staff time, space, support contracts")
+
+    @property
+    def hourly(self) -> float:
+        return (
+            self.hardware_price / (self.amortisation_months * HOURS_PER_MONTH)
+            + self.power_watts / 1000.0 * self.power_price_per_kwh
+            + self.operations_per_month / HOURS_PER_MONTH
+        )
+
+
 class PricingSettings(BaseModel):
     """What a request costs. A model with a configured price uses it; any other model is charged the node's
     amortised cost: ``gpu_hour_cost`` spread over the tokens per second the gateway measures while the engines
@@ -215,6 +237,7 @@ class PricingSettings(BaseModel):
     currency: str = Field(default="EUR", min_length=1, max_length=8)
     models: dict[str, ModelPrice] = Field(default_factory=dict, description="model name -> price")
     gpu_hour_cost: float | None = Field(default=None, ge=0, description="amortised cost of the node per hour")
+    node: NodeCost | None = Field(default=None, description="the node's own costs, from which its hourly cost follows")
     tokens_per_second: float | None = Field(
         default=None, gt=0, description="the node's throughput until measured (tokens processed per busy second)"
     )
@@ -223,8 +246,43 @@ class PricingSettings(BaseModel):
 
     @model_validator(mode="after")
     def _throughput_known(self) -> PricingSettings:
-        if self.gpu_hour_cost is not None and self.tokens_per_second is None:
-            raise ValueError("`gpu_hour_cost` needs `tokens_per_second` (the throughput to assume until measured)")
+        if self.gpu_hour_cost is not None and self.node is not None:
+            raise ValueError("set `gpu_hour_cost` or `node`, not both (the node's costs give its hourly cost)")
+        if self.hour_cost is not None and self.tokens_per_second is None:
+            raise ValueError("a node cost needs `tokens_per_second` (the throughput to assume until measured)")
+        return self
+
+    @property
+    def hour_cost(self) -> float | None:
+        """The node's cost per hour: configured directly, or from its costs."""
+        return self.node.hourly if self.node is not None else self.gpu_hour_cost
+
+
+class AlternativePrice(BaseModel):
+    """What another placement (a cloud API, a rented GPU) would charge per million tokens, in the pricing currency."""
+
+    prompt_per_million: float = Field(ge=0)
+    completion_per_million: float = Field(ge=0)
+
+
+class PlacementSettings(BaseModel):
+    """The placement report: where this workload is cheapest to run, from the node's own history."""
+
+    alternatives: dict[str, AlternativePrice] = Field(
+        default_factory=dict, description="name -> price per million tokens of each alternative placement"
+    )
+    low_utilisation: float = Field(default=0.40, gt=0, lt=1, description="below: another placement is cheaper")
+    high_utilisation: float = Field(default=0.60, gt=0, lt=1, description="above, sustained: owned hardware wins")
+    sustained_days: int = Field(default=90, ge=1, description="how long high utilisation must last")
+    consistent_share: float = Field(
+        default=0.75, gt=0, le=1, description="'consistent': the utilisation reached in at least this share of hours"
+    )
+    growth_trigger: float = Field(default=0.25, gt=0, description="token volume change per 30 days that triggers")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlacementSettings:
+        if self.low_utilisation >= self.high_utilisation:
+            raise ValueError("placement.low_utilisation must be below placement.high_utilisation")
         return self
 
 
@@ -265,7 +323,7 @@ class TelemetrySettings(BaseModel):
     ttft_divergence_degrading: float = Field(default=4.0, gt=1, description="P99/P50 TTFT that means degrading")
     ttft_divergence_collapsing: float = Field(default=10.0, gt=1, description="... and collapsing")
     min_ttft_samples: int = Field(default=20, ge=2, description="TTFTs needed in the window before their P99 counts")
-    rollup_retention_days: int = Field(default=30, ge=1, description="per-minute engine roll-ups kept this long")
+    rollup_retention_days: int = Field(default=100, ge=1, description="per-minute engine roll-ups kept this long")
     slot_cv_degrading: float = Field(
         default=0.5,
         gt=0,
@@ -362,6 +420,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)

@@ -117,9 +117,10 @@ class Pricing:
             return Price(
                 configured.prompt_per_million, configured.completion_per_million, source="configured"
             )  # per million tokens in currency = micro-units per token
-        if self.settings.gpu_hour_cost is None:
+        hour_cost = self.settings.hour_cost
+        if hour_cost is None:
             return Price()
         throughput = self.meter.tokens_per_second() or self.settings.tokens_per_second
-        assert throughput is not None  # the settings require a starting figure with gpu_hour_cost
-        per_token = self.settings.gpu_hour_cost * MICROS / 3600.0 / throughput
+        assert throughput is not None  # the settings require a starting figure with a node cost
+        per_token = hour_cost * MICROS / 3600.0 / throughput
         return Price(per_token, per_token, source="amortised")

@@ -33,3 +33,9 @@ class EngineRollup(SQLModel, table=True):
     ttft_p50_ms: float | None = None
     ttft_p99_ms: float | None = None
     state: str = Field(default="healthy", max_length=16, description="the worst health state seen in the minute")
+    busy_fraction: float | None = Field(
+        default=None, description="share of the minute's samples with a request running (None: rows before 0009)"
+    )
+    gpu_utilization: float | None = Field(
+        default=None, description="mean utilisation (0..1) of the node's GPUs over the minute, where nvidia-smi is"
+    )

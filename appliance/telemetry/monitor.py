@@ -18,6 +18,7 @@ from appliance.gateway.admission import Admission
 from appliance.gateway.upstream import EngineRouter
 from appliance.ledger.writer import UsageEvent
 from appliance.settings import EngineRoute, TelemetrySettings
+from appliance.telemetry.gpu import GpuUtilization
 from appliance.telemetry.rollup import Rollups
 from appliance.telemetry.samples import EngineSample, parse
 from appliance.telemetry.signal import LEVELS, Health, assess, worst
@@ -32,9 +33,12 @@ class ConcurrencyMonitor:
         settings: TelemetrySettings,
         clock: Callable[[], float] = time.monotonic,
         rollups: Rollups | None = None,
+        gpu: GpuUtilization | None = None,
     ) -> None:
         self._router = router
         self.rollups = rollups
+        self._gpu = gpu or GpuUtilization(binary="")  # none: no readings
+        self._gpu_read_at: float | None = None
         self.settings = settings
         self._clock = clock
         self._samples: dict[str, deque[EngineSample]] = {}
@@ -60,8 +64,19 @@ class ConcurrencyMonitor:
             routes = self._router.routes
             samples = await asyncio.gather(*(self.scrape(route.key, route.url) for route in routes))
             if self.rollups is not None:
+                await self._read_gpu(started)
                 await self._roll_up(routes, samples)
             await asyncio.sleep(max(self.settings.scrape_interval_s - (self._clock() - started), 0.05))
+
+    async def _read_gpu(self, now: float) -> None:
+        if not self._gpu.available or (
+            self._gpu_read_at is not None and now - self._gpu_read_at < self._gpu.interval_s
+        ):
+            return
+        self._gpu_read_at = now
+        reading = await self._gpu.read()
+        if reading is not None and self.rollups is not None:
+            self.rollups.observe_gpu(reading)
 
     async def _roll_up(self, routes: list[EngineRoute], samples: list[EngineSample | None]) -> None:
         assert self.rollups is not None

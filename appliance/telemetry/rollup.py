@@ -45,6 +45,11 @@ class _Minute:
     errors: int = 0
     state: str = LEVELS[0]
     before: EngineSample | None = None  # the last sample of the minute before: counters are deltas from it
+    gpu_readings: list[float] = field(default_factory=list)
+
+    @property
+    def gpu_utilization(self) -> float | None:
+        return sum(self.gpu_readings) / len(self.gpu_readings) if self.gpu_readings else None
 
 
 def _delta(after: float, before: float) -> int:
@@ -89,6 +94,11 @@ class Rollups:
             current.state = state
         return finished
 
+    def observe_gpu(self, utilization: float) -> None:
+        """The node's GPU utilisation now (0..1): counted in every engine's current minute."""
+        for minute in self._minutes.values():
+            minute.gpu_readings.append(utilization)
+
     def observe_ttft(self, engine: str, seconds: float) -> None:
         self._pending_ttfts.setdefault(engine, []).append(seconds)
 
@@ -127,6 +137,8 @@ class Rollups:
             ttft_p50_ms=p50,
             ttft_p99_ms=p99,
             state=minute.state,
+            busy_fraction=sum(1 for s in samples if s.running > 0) / count,
+            gpu_utilization=minute.gpu_utilization,
         )
 
     def write(self, rows: list[EngineRollup]) -> None:
