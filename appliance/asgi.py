@@ -25,6 +25,7 @@ from appliance.budgets.store import BudgetStore
 from appliance.budgets.upkeep import BudgetUpkeep, new_gateway_id
 from appliance.console.auth_routes import ConsoleAuthController, console_assets
 from appliance.db.engine import create_schema, make_engine
+from appliance.drift.routes import DriftController
 from appliance.engines.runner import engine_routes
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
@@ -148,6 +149,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             BudgetController,
             UsageController,
             PlacementController,
+            DriftController,
         ]
         + ([OidcController] if issuer is not None else []),
         dependencies={

@@ -159,6 +159,25 @@ def cmd_placement(settings: Settings, as_json: bool) -> int:
     return EXIT_OK
 
 
+def cmd_drift(settings: Settings, window: str, baseline_days: int, as_json: bool) -> int:
+    from appliance.db.engine import create_schema, make_engine
+    from appliance.drift.report import drift_report
+
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+        report = drift_report(engine, window=window, baseline_days=baseline_days)
+    finally:
+        engine.dispose()
+    if as_json:
+        print(dumps(report))
+    else:
+        print(f"drift, last {window} against the {baseline_days} days before: {len(report['findings'])} finding(s)")
+        for finding in report["findings"]:
+            print(f"  {finding['summary']}")
+    return EXIT_OK
+
+
 def cmd_down(settings: Settings, timeout_s: float) -> int:
     state = read_state(settings.run_dir)
     if state is None:
@@ -226,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     placement_sub = placement.add_subparsers(dest="placement_command", required=True)
     placement_report = placement_sub.add_parser("report", help="the verdict, its variables and its triggers")
     placement_report.add_argument("--json", action="store_true")
+    drift = sub.add_parser("drift", help="behavioural drift per workflow, agent and model")
+    drift_sub = drift.add_subparsers(dest="drift_command", required=True)
+    drift_report = drift_sub.add_parser("report", help="the recent window against its baseline: findings")
+    drift_report.add_argument("--window", choices=("hour", "day"), default="day")
+    drift_report.add_argument("--baseline-days", type=int, default=7)
+    drift_report.add_argument("--json", action="store_true")
     return parser
 
 
@@ -255,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return media_cli.run_node(settings, args)
     if args.command == "placement":
         return cmd_placement(settings, args.json)
+    if args.command == "drift":
+        return cmd_drift(settings, args.window, args.baseline_days, args.json)
     if args.command == "admin":
         return identity_cli.run(settings, args)
     if args.command == "identity":

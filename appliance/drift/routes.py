@@ -1,0 +1,40 @@
+"""``GET /admin/drift/?window=hour|day&baseline_days=7``: behavioural drift findings per workflow, agent and
+model (admins and operators; a principal bound to a tenant sees only its tenant's groups)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, get
+from litestar.di import NamedDependency
+from litestar.params import QueryParameter
+from sqlalchemy.engine import Engine
+
+from appliance.drift.report import drift_report
+from appliance.identity.auth import principal_of
+from appliance.identity.principal import ADMIN, OPERATOR
+
+
+class DriftController(Controller):
+    path = "/admin/drift"
+
+    @get("/")
+    async def findings(
+        self,
+        request: Request[Any, Any, Any],
+        db_engine: NamedDependency[Engine],
+        window: Annotated[Literal["hour", "day"], QueryParameter()] = "day",
+        baseline_days: Annotated[int, QueryParameter(ge=1, le=60)] = 7,
+        min_samples: Annotated[int, QueryParameter(ge=5, le=100_000)] = 30,
+    ) -> dict[str, Any]:
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN, OPERATOR)
+        return await asyncio.to_thread(
+            drift_report,
+            db_engine,
+            window=window,
+            baseline_days=baseline_days,
+            min_samples=min_samples,
+            tenant_id=principal.tenant_id,
+        )
