@@ -26,6 +26,7 @@ from appliance.budgets.upkeep import BudgetUpkeep, new_gateway_id
 from appliance.console.auth_routes import ConsoleAuthController, console_assets
 from appliance.db.engine import create_schema, make_engine
 from appliance.drift.routes import DriftController
+from appliance.drift.watch import DriftWatcher
 from appliance.engines.runner import engine_routes
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
@@ -97,6 +98,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     metrics = GatewayMetrics(settings.pricing.currency, event_sink=monitor.observe_event)
     admission = Admission(settings.admission) if settings.admission.enabled else None
     metrics.registry.register(TelemetryCollector(monitor, admission))
+    drift = DriftWatcher(db_engine, settings.telemetry.drift_interval_s)
+    metrics.registry.register(drift)
     enforcer = BudgetEnforcer(budgets)
     serving = OpenAIServing(
         router,
@@ -126,9 +129,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await usage.start()
         await audit.start()
         await upkeep.start()
+        await drift.start()
         try:
             yield
         finally:
+            await drift.stop()
             await upkeep.stop()  # after the last requests: their settlements land (or wait in the journal)
             await audit.stop()
             await usage.stop()

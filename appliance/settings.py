@@ -323,6 +323,9 @@ class TelemetrySettings(BaseModel):
     ttft_divergence_degrading: float = Field(default=4.0, gt=1, description="P99/P50 TTFT that means degrading")
     ttft_divergence_collapsing: float = Field(default=10.0, gt=1, description="... and collapsing")
     min_ttft_samples: int = Field(default=20, ge=2, description="TTFTs needed in the window before their P99 counts")
+    drift_interval_s: float = Field(
+        default=600.0, ge=0, description="how often drift findings are recomputed for /metrics (0: never)"
+    )
     rollup_retention_days: int = Field(default=100, ge=1, description="per-minute engine roll-ups kept this long")
     slot_cv_degrading: float = Field(
         default=0.5,

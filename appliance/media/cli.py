@@ -129,6 +129,7 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
     for name in names:
         builder.add_model(settings.models_dir / name / MANIFEST_FILE, settings.prepared_models_dir / name)
     builder.add_tree(REPO_ROOT / "playbooks", "playbooks", "playbooks", version("appliance"), "repository")
+    builder.add_tree(REPO_ROOT / "deploy", "deploy", "operator-kit", version("appliance"), "repository")
     for text in args.component:
         builder.add_component(parse_component(text))
     manifest = builder.finish(args.signing_key, version("appliance"))
