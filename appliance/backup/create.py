@@ -26,7 +26,7 @@ from typing import IO, Any, BinaryIO
 
 from appliance import __version__
 from appliance.backup import database
-from appliance.backup.archive import EncryptingWriter
+from appliance.backup.archive import FRAME_SIZE, EncryptingWriter
 from appliance.backup.layout import Layout
 from appliance.lib.progress import Progress, Stage
 
@@ -108,7 +108,9 @@ class _Hashing(io.RawIOBase):
         return data
 
 
-def create_backup(layout: Layout, out: Path, passphrase: bytes, progress: Progress) -> dict[str, Any]:
+def create_backup(
+    layout: Layout, out: Path, passphrase: bytes, progress: Progress, *, frame_size: int = FRAME_SIZE
+) -> dict[str, Any]:
     """Write the backup to ``out`` (0600, through a temporary file renamed into place: ``out`` is either the
     complete backup or untouched). Returns the summary."""
     started = time.monotonic()
@@ -120,7 +122,7 @@ def create_backup(layout: Layout, out: Path, passphrase: bytes, progress: Progre
     try:
         with os.fdopen(descriptor, "wb") as sink, tempfile.TemporaryDirectory(dir=out.parent) as scratch_name:
             os.fchmod(sink.fileno(), 0o600)
-            manifest = _write(layout, sink, Path(scratch_name), passphrase, progress)
+            manifest = _write(layout, sink, Path(scratch_name), passphrase, progress, frame_size)
             sink.flush()
             os.fsync(sink.fileno())
         os.replace(partial, out)
@@ -141,9 +143,11 @@ def create_backup(layout: Layout, out: Path, passphrase: bytes, progress: Progre
     }
 
 
-def _write(layout: Layout, sink: BinaryIO, scratch: Path, passphrase: bytes, progress: Progress) -> dict[str, Any]:
+def _write(
+    layout: Layout, sink: BinaryIO, scratch: Path, passphrase: bytes, progress: Progress, frame_size: int
+) -> dict[str, Any]:
     with progress.stage("deriving the key (scrypt)"):
-        writer = EncryptingWriter(sink, passphrase)
+        writer = EncryptingWriter(sink, passphrase, frame_size=frame_size)
     with tarfile.open(fileobj=writer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         collect = _Collector(tar, scratch)
         parts: dict[str, Any] = {}

@@ -46,6 +46,7 @@ class _Swap:
     staged: Path | None  # None: the target is only moved aside (a SQLite WAL file)
     aside: Path | None = None
     placed: bool = False
+    copied: bool = False  # staged is a copy made next to the target (another file system)
 
 
 def restore_backup(
@@ -67,15 +68,16 @@ def restore_backup(
         if verify_only:
             return _summary(backup, manifest, [], [], started, verified_only=True)
         plan, skipped = _plan(layout, manifest, staging, restore_config)
-        _own(layout, staging)
+        owner = _owner(layout)
+        _own(owner, staging)
         with progress.stage("putting the restored files in place"):
-            swaps = _swap_all(plan, staging)
+            swaps = _swap_all(plan, owner)
         try:
             if manifest["database"]["kind"] == "postgresql":
                 with progress.stage("restoring the PostgreSQL database (one transaction)"):
                     database.postgres_restore(layout.database_url, staging / POSTGRES_MEMBER, staging)
         except database.DatabaseError as exc:
-            _roll_back(swaps, staging)
+            _roll_back(swaps)
             raise RestoreError(f"{exc}; the files were put back as they were: nothing changed") from exc
         _discard_asides(swaps)
         restored = [{"part": name, "to": str(swap.target)} for name, swap in plan if swap.staged is not None]
@@ -238,37 +240,48 @@ def _plan(
     return plan, skipped
 
 
-def _own(layout: Layout, staging: Path) -> None:
+def _owner(layout: Layout) -> tuple[int, int] | None:
     """As root, the restored files belong to the data directory's owner (the appliance's user)."""
     if os.geteuid() != 0:
+        return None
+    status = layout.data_dir.stat()
+    return status.st_uid, status.st_gid
+
+
+def _own(owner: tuple[int, int] | None, root: Path) -> None:
+    if owner is None:
         return
-    owner = layout.data_dir.stat()
-    for folder, dirs, files in os.walk(staging):
+    os.chown(root, *owner, follow_symlinks=False)
+    for folder, dirs, files in os.walk(root):
         for name in [*dirs, *files]:
-            os.chown(Path(folder) / name, owner.st_uid, owner.st_gid, follow_symlinks=False)
+            os.chown(Path(folder) / name, *owner, follow_symlinks=False)
 
 
-def _swap_all(plan: list[tuple[str, _Swap]], staging: Path) -> list[_Swap]:
+def _swap_all(plan: list[tuple[str, _Swap]], owner: tuple[int, int] | None) -> list[_Swap]:
     stamp = f"pre-restore-{secrets.token_hex(4)}"
     done: list[_Swap] = []
     try:
         for _name, swap in plan:
+            done.append(swap)
             staged = swap.staged
             if staged is not None and os.stat(staged.parent).st_dev != _device_of(swap.target):
                 # Another file system: copy next to the target first, so the swap itself is a rename.
                 near = swap.target.parent / f".{swap.target.name}.{stamp}.new"
+                swap.target.parent.mkdir(parents=True, exist_ok=True)
+                swap.copied, swap.staged = True, near
                 _copy(staged, near)
-                staged = swap.staged = near
-            done.append(swap)
+                _own(owner, near)
+                staged = near
             if swap.target.exists() or swap.target.is_symlink():
-                swap.aside = swap.target.with_name(f".{swap.target.name}.{stamp}")
-                os.rename(swap.target, swap.aside)
+                aside = swap.target.with_name(f".{swap.target.name}.{stamp}")
+                os.rename(swap.target, aside)
+                swap.aside = aside
             if staged is not None:
                 swap.target.parent.mkdir(parents=True, exist_ok=True)
                 os.rename(staged, swap.target)
                 swap.placed = True
     except OSError as exc:
-        _roll_back(done, staging)
+        _roll_back(done)
         raise RestoreError(
             f"restoring {swap.target} failed ({exc.strerror or exc}); everything was put back as it was"
         ) from exc
@@ -289,28 +302,40 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _roll_back(done: list[_Swap], staging: Path) -> None:
-    problems = []
+def _roll_back(done: list[_Swap]) -> None:
+    problems, discards = [], []
     for swap in reversed(done):
         try:
+            if swap.copied and not swap.placed and swap.staged is not None:
+                _remove(swap.staged)
             if swap.placed:
-                os.rename(swap.target, staging / f"undone-{secrets.token_hex(4)}")
+                discard = swap.target.with_name(f".{swap.target.name}.undone-{secrets.token_hex(4)}")
+                os.rename(swap.target, discard)
+                discards.append(discard)
             if swap.aside is not None:
                 os.rename(swap.aside, swap.target)
         except OSError as exc:
             problems.append(f"{swap.target} (its previous copy is {swap.aside}): {exc.strerror or exc}")
+    for discard in discards:
+        _remove(discard)
     if problems:
         raise RestoreError("the restore failed AND putting back the previous files failed for: " + "; ".join(problems))
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _discard_asides(done: list[_Swap]) -> None:
     for swap in done:
-        if swap.aside is None:
-            continue
-        if swap.aside.is_dir() and not swap.aside.is_symlink():
-            shutil.rmtree(swap.aside, ignore_errors=True)
-        else:
-            swap.aside.unlink(missing_ok=True)
+        if swap.aside is not None:
+            try:
+                _remove(swap.aside)
+            except OSError:
+                pass  # the restore is complete; a leftover old copy is only disk space
 
 
 def _summary(
