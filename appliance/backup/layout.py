@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -15,21 +14,9 @@ from appliance.audit.setup import audit_dir
 from appliance.engines.runner import pid_alive
 from appliance.engines.state import read_state
 from appliance.retrieval.setup import qdrant_local_path
-from appliance.settings import Settings
+from appliance.settings import NODE_CONFIG, Settings, config_file
 
-NODE_CONFIG_DIR = Path("/etc/appliance")
-
-
-def config_file() -> Path | None:
-    """The TOML file the settings come from (the same search as the settings: ``APPLIANCE_CONFIG``, then
-    ``./appliance.toml``, then the node's ``/etc/appliance/appliance.toml``), or None."""
-    named = os.environ.get("APPLIANCE_CONFIG")
-    if named:
-        return Path(named)
-    for candidate in (Path("appliance.toml"), NODE_CONFIG_DIR / "appliance.toml"):
-        if candidate.is_file():
-            return candidate
-    return None
+NODE_CONFIG_DIR = NODE_CONFIG.parent
 
 
 @dataclass(frozen=True)
@@ -79,7 +66,7 @@ def running_reason(settings: Settings, layout: Layout) -> str | None:
     state = read_state(settings.run_dir)
     if state is not None and pid_alive(state.supervisor_pid):
         return f"the appliance is running (supervisor pid {state.supervisor_pid}); stop it with `appliance down`"
-    if getattr(settings.server, "service_manager", "supervisor") == "systemd" and shutil.which("systemctl"):
+    if settings.server.service_manager == "systemd" and shutil.which("systemctl"):
         active = subprocess.run(
             ["systemctl", "is-active", "--quiet", "appliance"], check=False, capture_output=True, timeout=30
         )
