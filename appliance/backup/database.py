@@ -10,6 +10,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from functools import lru_cache
 from pathlib import Path
 
 from sqlalchemy.engine import URL
@@ -21,7 +22,8 @@ class DatabaseError(Exception):
     """A dump or a restore of the database failed (the message says which tool and why)."""
 
 
-def known_revisions() -> tuple[str, set[str]]:
+@lru_cache(maxsize=1)
+def known_revisions() -> tuple[str, frozenset[str]]:
     """This appliance's newest schema revision and every revision it knows."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
@@ -31,7 +33,7 @@ def known_revisions() -> tuple[str, set[str]]:
     script = ScriptDirectory.from_config(config)
     head = script.get_current_head()
     assert head is not None
-    return head, {revision.revision for revision in script.walk_revisions()}
+    return head, frozenset(revision.revision for revision in script.walk_revisions())
 
 
 # -- SQLite ------------------------------------------------------------------------------------------------

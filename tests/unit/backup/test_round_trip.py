@@ -19,7 +19,7 @@ from appliance.backup.layout import Layout
 from appliance.backup.restore import restore_backup
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.progress import Progress
-from appliance.retrieval.vectors import VectorStore
+from appliance.retrieval.vectors import VectorStore, point_id
 from appliance.settings import Settings
 from tests.unit.backup.conftest import PASSPHRASE, add_collection, key_tenant, populate, tenant_names, unit
 
@@ -134,3 +134,64 @@ def test_a_backup_taken_while_the_chain_grows_restores_a_chain_that_verifies(tmp
         restore_backup(Layout.of(target), tmp_path / f"b{attempt}", PASSPHRASE, Progress(enabled=False))
         result = audit_store(target).verify()
         assert result.ok and result.records > node.audit_records, result
+
+
+def test_an_older_schema_is_restored_and_migrated_when_the_appliance_starts(tmp_path: Path) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from appliance.backup.database import known_revisions
+    from appliance.db.engine import alembic_config, create_schema, make_engine
+
+    old = Settings(data_dir=tmp_path / "old")
+    engine = make_engine(old.database_url)
+    with engine.connect() as connection:
+        command.upgrade(alembic_config(connection), "0007")
+        connection.commit()
+    engine.dispose()
+    create_backup(Layout.of(old), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
+
+    node = populate(Settings(data_dir=tmp_path / "node"))
+    result = restore_backup(Layout.of(node.settings), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
+    assert result["schema_revision"] == "0007" and result["migrates_on_next_start"] is True
+    engine = make_engine(node.settings.database_url)
+    create_schema(engine)  # what the gateway does when it starts
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar() == known_revisions()[0]
+    engine.dispose()
+
+
+async def test_a_backup_while_the_gateway_holds_the_vector_store_and_a_check_that_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(data_dir=tmp_path / "node")
+    populate(settings)
+    store = VectorStore(path=settings.data_dir / "qdrant")  # open and locked, as in a running gateway
+    await store.create("live", 8)
+    await store.upsert("live", [point_id("d", 0)], [unit(3)], [{"document_id": "d"}])
+    try:
+        create_backup(Layout.of(settings), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
+    finally:
+        store.close()
+    target = Settings(data_dir=tmp_path / "fresh")
+    target.data_dir.mkdir()
+    checked = cli(target.data_dir, "restore", str(tmp_path / "b"), "--verify-only", passphrase=PASSPHRASE.decode())
+    assert checked.returncode == 0 and "backup OK" in checked.stdout, checked.stderr
+    assert list(target.data_dir.iterdir()) == []
+    restore_backup(Layout.of(target), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
+    restored = VectorStore(path=target.data_dir / "qdrant")
+    assert (await restored.search("live", unit(3), 1))[0].payload == {"document_id": "d"}
+    restored.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files to another user")
+def test_as_root_the_restored_files_belong_to_the_data_directorys_owner(tmp_path: Path) -> None:
+    node = populate(Settings(data_dir=tmp_path / "old"))
+    create_backup(Layout.of(node.settings), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
+    target = Settings(data_dir=tmp_path / "node")
+    target.data_dir.mkdir()
+    os.chown(target.data_dir, 4321, 4321)
+    restore_backup(Layout.of(target), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
+    owners = {(p.stat().st_uid, p.stat().st_gid) for p in target.data_dir.rglob("*")}
+    assert owners == {(4321, 4321)}
+    assert stat.S_IMODE((target.secrets_dir / "api-key-pepper").stat().st_mode) == 0o600
