@@ -208,7 +208,7 @@ def _database(layout: Layout, collect: _Collector, scratch: Path, stage: Stage) 
     if layout.database_kind == "postgresql":
         dump = scratch / "postgresql.sql"
         try:
-            revision = database.postgres_dump(layout.database_url, dump)
+            revision = database.postgres_dump(layout.database_url, dump, layout.database_user)
         except database.DatabaseError as exc:
             raise BackupError(str(exc)) from exc
         collect.add_dir("database", 0o700)

@@ -10,8 +10,11 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy.engine import URL
 
@@ -96,68 +99,76 @@ def libpq_env(url: URL) -> dict[str, str]:
     return env
 
 
-def _tool(name: str, env: dict[str, str]) -> str:
-    """The PostgreSQL client tool of the server's major version where installed (a newer ``pg_dump`` writes SQL
-    an older server refuses), else the newest one there is."""
-    major = _server_major(env)
-    versioned = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[-3]))
-    for path in versioned:
-        if major is not None and int(Path(path).parts[-3]) == major:
-            return path
-    newer = [p for p in versioned if major is None or int(Path(p).parts[-3]) >= major]
-    found = newer[-1] if newer else shutil.which(name)
-    if not found:
-        raise DatabaseError(f"`{name}` is not installed (Debian package postgresql-client)")
-    return found
+class PostgresTools:
+    """``psql`` and ``pg_dump`` against ``url``, as ``run_as`` when given (root on a node whose database lets
+    the appliance's OS user in by peer authentication runs them as that user, through ``runuser``)."""
+
+    def __init__(self, url: URL, run_as: str | None = None) -> None:
+        self._env = libpq_env(url)
+        self._prefix = ["runuser", "-u", run_as, "--"] if run_as else []
+        self._major: int | None = None
+        self._major_known = False
+
+    def tool(self, name: str) -> str:
+        """The client tool of the server's major version where installed (a newer ``pg_dump`` writes SQL an
+        older server refuses), else the newest one there is."""
+        versioned = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[-3]))
+        if name != "psql" and not self._major_known:
+            self._major_known = True
+            answer = self.run([self.tool("psql"), "-XAtqc", "SHOW server_version_num"], "asking the server's version")
+            self._major = int(answer.strip()) // 10000 if answer.strip().isdigit() else None
+        major = self._major
+        for path in versioned:
+            if major is not None and int(Path(path).parts[-3]) == major:
+                return path
+        newer = [p for p in versioned if major is None or int(Path(p).parts[-3]) >= major]
+        found = newer[-1] if newer else shutil.which(name)
+        if not found:
+            raise DatabaseError(f"`{name}` is not installed (Debian package postgresql-client)")
+        return found
+
+    def run(
+        self, command: list[str], what: str, *, stdin: BinaryIO | None = None, stdout: BinaryIO | None = None
+    ) -> str:
+        result = subprocess.run(
+            [*self._prefix, *command],
+            env=self._env,
+            stdin=stdin,
+            stdout=stdout if stdout is not None else subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=6 * 3600,
+            check=False,
+        )
+        if result.returncode != 0:
+            lines = result.stderr.decode(errors="replace").strip().splitlines()[-5:]
+            raise DatabaseError(
+                f"{what} failed ({Path(command[0]).name} exit {result.returncode}): " + " | ".join(lines)
+            )
+        return result.stdout.decode(errors="replace") if stdout is None else ""
 
 
-def _server_major(env: dict[str, str]) -> int | None:
-    psql = shutil.which("psql") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/psql"))), None)
-    if psql is None:
-        return None
-    result = subprocess.run(
-        [psql, "-XAtqc", "SHOW server_version_num"], env=env, capture_output=True, text=True, timeout=60, check=False
-    )
-    return int(result.stdout.strip()) // 10000 if result.returncode == 0 and result.stdout.strip() else None
-
-
-def _run(command: list[str], env: dict[str, str], what: str, timeout_s: float = 6 * 3600) -> str:
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s, check=False)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        raise DatabaseError(f"{what} failed ({Path(command[0]).name} exit {result.returncode}): " + " | ".join(detail))
-    return result.stdout
-
-
-def postgres_dump(url: URL, target: Path) -> str | None:
-    """Dump the database into ``target`` (plain SQL); returns its schema revision (read in the dump's snapshot
-    would need a second session on the same snapshot; read just before, which migrations at start cannot race
-    while the appliance runs, since it migrated when it started)."""
-    env = libpq_env(url)
-    revision = _run(
-        [_tool("psql", env), "-XAtq", "-c", "SELECT version_num FROM alembic_version"],
-        env,
-        "reading the schema revision",
-    ).strip()
-    _run(
-        [_tool("pg_dump", env), "--format=plain", "--no-owner", "--no-privileges", "--file", str(target)],
-        env,
-        "pg_dump",
-    )
+def postgres_dump(url: URL, target: Path, run_as: str | None = None) -> str | None:
+    """Dump the database into ``target`` (plain SQL, written by this process: the tool may run as another
+    user); returns its schema revision, read just before the dump (the running gateway migrated when it started,
+    so the revision does not move meanwhile)."""
+    tools = PostgresTools(url, run_as)
+    revision = tools.run([tools.tool("psql"), "-XAtq", "-c", "SELECT version_num FROM alembic_version"],
+                         "reading the schema revision").strip()  # fmt: skip
+    with target.open("wb") as handle:
+        tools.run([tools.tool("pg_dump"), "--format=plain", "--no-owner", "--no-privileges"], "pg_dump", stdout=handle)
     return revision or None
 
 
-_EMPTY_SCHEMA = """
+_EMPTY_SCHEMA = b"""
 DO $$
 DECLARE item record;
 BEGIN
-  FOR item IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f') LOOP
-    EXECUTE format('DROP TABLE IF EXISTS public.%I CASCADE', item.relname);
-  END LOOP;
-  FOR item IN SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname = 'public' AND c.relkind = 'S' LOOP
-    EXECUTE format('DROP SEQUENCE IF EXISTS public.%I CASCADE', item.relname);
+  FOR item IN SELECT c.relname, CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                 WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END AS kind
+              FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+              ORDER BY c.relkind = 'S' LOOP
+    EXECUTE format('DROP %s IF EXISTS public.%I CASCADE', item.kind, item.relname);
   END LOOP;
   FOR item IN SELECT t.typname FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
               WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd', 'c')
@@ -168,24 +179,30 @@ END $$;
 """
 
 
-def postgres_restore(url: URL, dump: Path, scratch: Path) -> None:
-    """Replace the database's tables with the dump's, in one transaction: all of it, or nothing changed."""
-    env = libpq_env(url)
-    prelude = scratch / "empty-schema.sql"
-    prelude.write_text(_EMPTY_SCHEMA, encoding="utf-8")
-    _run(
-        [
-            _tool("psql", env),
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "--single-transaction",
-            "-f",
-            str(prelude),
-            "-f",
-            str(dump),
-        ],
-        env,
-        "restoring the database (psql, one transaction: the database is unchanged)",
-    )
+def postgres_restore(url: URL, dump: Path, run_as: str | None = None) -> None:
+    """Replace the database's tables with the dump's, in one transaction (``psql -1``, the SQL on its standard
+    input: emptying the schema, then the dump): all of it, or nothing changed."""
+    tools = PostgresTools(url, run_as)
+    command = [tools.tool("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f", "-"]
+    with tempfile.TemporaryFile() as prelude, dump.open("rb") as body:
+        # psql reads one stream: the prelude, then the dump (a pipe fed by a thread, not a copy of the dump).
+        prelude.write(_EMPTY_SCHEMA)
+        prelude.seek(0)
+        read_end, write_end = os.pipe()
+        feeder = threading.Thread(target=_feed, args=(write_end, [prelude, body]), daemon=True)
+        feeder.start()
+        try:
+            with os.fdopen(read_end, "rb") as stdin:
+                tools.run(command, "restoring the database (psql, one transaction: the database is unchanged)",
+                          stdin=stdin)  # fmt: skip
+        finally:
+            feeder.join()
+
+
+def _feed(descriptor: int, sources: list[BinaryIO]) -> None:
+    try:
+        with os.fdopen(descriptor, "wb") as sink:
+            for source in sources:
+                shutil.copyfileobj(source, sink, 1 << 20)
+    except BrokenPipeError:
+        pass  # psql stopped early (an error): it says why

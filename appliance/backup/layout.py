@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -53,6 +55,20 @@ class Layout:
         if self.database_kind != "sqlite" or not database or database == ":memory:":
             raise ValueError("the database is not a SQLite file")
         return Path(database)
+
+    @property
+    def database_user(self) -> str | None:
+        """The OS user PostgreSQL's tools run as: as root, the data directory's owner (a node's database lets the
+        appliance's user in by peer authentication, not root); otherwise this user (None)."""
+        if os.geteuid() != 0 or not self.data_dir.exists():
+            return None
+        uid = self.data_dir.stat().st_uid
+        if uid == 0:
+            return None
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return None
 
     def config_files(self) -> list[Path]:
         """The configuration file and the ``*.env`` files beside it (the node keeps its database URL there)."""

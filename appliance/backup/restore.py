@@ -75,7 +75,7 @@ def restore_backup(
         try:
             if manifest["database"]["kind"] == "postgresql":
                 with progress.stage("restoring the PostgreSQL database (one transaction)"):
-                    database.postgres_restore(layout.database_url, staging / POSTGRES_MEMBER, staging)
+                    database.postgres_restore(layout.database_url, staging / POSTGRES_MEMBER, layout.database_user)
         except database.DatabaseError as exc:
             _roll_back(swaps)
             raise RestoreError(f"{exc}; the files were put back as they were: nothing changed") from exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import psycopg
@@ -37,6 +39,10 @@ async def test_a_postgresql_node_restores_onto_a_used_and_onto_an_empty_database
 ) -> None:
     old = populate(pg_node(tmp_path / "old", postgres.create_database("backup_alpha")), tenant="acme")
     await add_collection(old.settings)
+    as_postgres = os.geteuid() == 0  # root runs the tools as the data directory's owner (peer authentication)
+    if as_postgres:
+        shutil.chown(old.settings.data_dir, "postgres")
+        assert Layout.of(old.settings).database_user == "postgres"
     summary = create_backup(Layout.of(old.settings), tmp_path / "pg.backup", PASSPHRASE, QUIET)
     assert summary["database"] == "postgresql" and summary["schema_revision"]
 
@@ -44,6 +50,9 @@ async def test_a_postgresql_node_restores_onto_a_used_and_onto_an_empty_database
         settings = pg_node(tmp_path / name, postgres.create_database(name))
         if used:
             populate(settings, tenant="current", records=50)  # more records than the backup: all must go
+        elif as_postgres:
+            settings.data_dir.mkdir()
+            shutil.chown(settings.data_dir, "postgres")
         result = restore_backup(Layout.of(settings), tmp_path / "pg.backup", PASSPHRASE, QUIET)
         assert "database" in {item["part"] for item in result["restored"]}
         assert tenant_names(settings) == ["acme"]
