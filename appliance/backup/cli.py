@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     except (BackupError, RestoreError, ArchiveError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except (OSError, sqlite3.Error) as exc:
+        print(f"error: {exc}; nothing was {'written' if args.command == 'backup' else 'restored'}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -108,6 +112,10 @@ def _print(command: str, summary: dict[str, object], verify_only: bool) -> None:
     assert isinstance(restored, list)
     for item in restored:
         print(f"restored {item['part']:<9} -> {item['to']}")
+    removed = summary.get("removed", [])
+    assert isinstance(removed, list)
+    for item in removed:
+        print(f"removed  {item['part']:<9} {item['path']} (the backed-up node had none)")
     skipped = summary["skipped"]
     assert isinstance(skipped, list)
     for item in skipped:

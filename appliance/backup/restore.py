@@ -81,9 +81,14 @@ def restore_backup(
             raise RestoreError(f"{exc}; the files were put back as they were: nothing changed") from exc
         _discard_asides(swaps)
         restored = [{"part": name, "to": str(swap.target)} for name, swap in plan if swap.staged is not None]
+        removed = [
+            {"part": name, "path": str(swap.target)}
+            for name, swap in plan
+            if swap.staged is None and swap.aside is not None and name != "database"
+        ]
         if manifest["database"]["kind"] == "postgresql":
             restored.append({"part": "database", "to": layout.database_url.render_as_string(hide_password=True)})
-        return _summary(backup, manifest, restored, skipped, started, verified_only=False)
+        return _summary(backup, manifest, restored, skipped, started, verified_only=False) | {"removed": removed}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -213,23 +218,26 @@ def _plan(
     plan: list[tuple[str, _Swap]] = []
     skipped: list[dict[str, str]] = []
     parts = manifest.get("parts", {})
-    if "secrets" in parts:
-        plan.append(("secrets", _Swap(layout.secrets_dir, staging / "secrets")))
-    if "audit" in parts:
-        plan.append(("audit", _Swap(layout.audit_dir, staging / "audit")))
+    # The node's state becomes the backup's: a part the backup does not have is moved away too (a fresh
+    # node's own audit checkpoint would otherwise contradict the restored chain).
+    plan.append(("secrets", _Swap(layout.secrets_dir, staging / "secrets" if "secrets" in parts else None)))
+    plan.append(("audit", _Swap(layout.audit_dir, staging / "audit" if "audit" in parts else None)))
     if manifest["database"]["kind"] == "sqlite":
         target = layout.sqlite_path
         plan.append(("database", _Swap(target, staging / SQLITE_MEMBER)))
         for suffix in ("-wal", "-shm", "-journal"):
             plan.append(("database", _Swap(target.with_name(target.name + suffix), None)))
-    if "qdrant" in parts:
-        if layout.qdrant_path is None:
-            skipped.append({"part": "qdrant", "why": "this node uses a Qdrant server; the backup's local vectors "
-                            "were not restored"})  # fmt: skip
-        else:
-            plan.append(("qdrant", _Swap(layout.qdrant_path, staging / "qdrant")))
-    elif not manifest["vector_store"].get("included"):
-        skipped.append({"part": "qdrant", "why": manifest["vector_store"].get("note", "not in the backup")})
+    vectors = manifest["vector_store"]
+    if layout.qdrant_path is None:
+        if "qdrant" in parts:
+            why = "this node uses a Qdrant server; the backup's local vector store was not restored"
+            skipped.append({"part": "qdrant", "why": why})
+    elif "qdrant" in parts:
+        plan.append(("qdrant", _Swap(layout.qdrant_path, staging / "qdrant")))
+    elif vectors.get("kind") == "local":
+        plan.append(("qdrant", _Swap(layout.qdrant_path, None)))  # the backed-up node had no collections yet
+    else:
+        skipped.append({"part": "qdrant", "why": vectors.get("note", "not in the backup")})
     if "config" in parts:
         if restore_config:
             folder = layout.config_file.parent if layout.config_file is not None else NODE_CONFIG_DIR

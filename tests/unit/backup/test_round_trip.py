@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import stat
@@ -152,8 +153,12 @@ def test_an_older_schema_is_restored_and_migrated_when_the_appliance_starts(tmp_
     create_backup(Layout.of(old), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
 
     node = populate(Settings(data_dir=tmp_path / "node"))
+    asyncio.run(add_collection(node.settings))
     result = restore_backup(Layout.of(node.settings), tmp_path / "b", PASSPHRASE, Progress(enabled=False))
     assert result["schema_revision"] == "0007" and result["migrates_on_next_start"] is True
+    # The backed-up node had no secrets, audit files or collections yet: this node's own are gone too.
+    assert {item["part"] for item in result["removed"]} == {"secrets", "audit", "qdrant"}
+    assert not node.settings.secrets_dir.exists() and not (node.settings.data_dir / "audit").exists()
     engine = make_engine(node.settings.database_url)
     create_schema(engine)  # what the gateway does when it starts
     with engine.connect() as connection:
