@@ -43,12 +43,13 @@ def known_revisions() -> tuple[str, frozenset[str]]:
 
 
 def sqlite_snapshot(source: Path, target: Path) -> None:
-    """A consistent copy of a live SQLite database (WAL and all), page by page, without blocking writers long."""
+    """A consistent copy of a live SQLite database (WAL and all). In one step: a single read transaction sees
+    one snapshot while writers go on (WAL mode); a stepwise copy would restart at every write of the gateway."""
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
     try:
         dst = sqlite3.connect(target)
         try:
-            src.backup(dst, pages=4096)
+            src.backup(dst)
             dst.execute("PRAGMA journal_mode=DELETE")  # one self-contained file; the appliance sets WAL again
         finally:
             dst.close()

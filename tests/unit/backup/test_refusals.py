@@ -210,3 +210,20 @@ def test_a_failed_backup_leaves_no_file_and_keeps_the_previous_one(tmp_path: Pat
     with pytest.raises(BackupError, match="does not exist: nothing to back up"):
         create_backup(Layout.of(node.settings), out, PASSPHRASE, QUIET)
     assert [p.name for p in out.parent.iterdir()] == ["node.backup"]
+
+
+def test_on_a_systemd_node_an_active_appliance_service_refuses_the_restore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FAKE systemctl: no systemd runs as PID 1 here, so the one answer needed (`is-active appliance` says
+    active) comes from a stand-in script; the booted-node test covers the real one."""
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "is-active --quiet appliance" ] && exit "${ACTIVE:-0}"\nexit 4\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    settings = Settings(data_dir=tmp_path / "node", server={"service_manager": "systemd"})
+    reason = running_reason(settings, Layout.of(settings))
+    assert reason == "the appliance service is active; stop it with `systemctl stop appliance`"
+    monkeypatch.setenv("ACTIVE", "3")
+    assert running_reason(settings, Layout.of(settings)) is None
