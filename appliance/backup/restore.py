@@ -59,8 +59,10 @@ def restore_backup(
     verify_only: bool = False,
 ) -> dict[str, Any]:
     started = time.monotonic()
+    created = not layout.data_dir.exists()
     layout.data_dir.mkdir(parents=True, exist_ok=True)
     staging = layout.data_dir / f".restore-{secrets.token_hex(4)}"
+    finished = False
     try:
         staging.mkdir(mode=0o700)
         manifest = _unpack(backup, passphrase, staging, progress)
@@ -88,9 +90,12 @@ def restore_backup(
         ]
         if manifest["database"]["kind"] == "postgresql":
             restored.append({"part": "database", "to": layout.database_url.render_as_string(hide_password=True)})
+        finished = True
         return _summary(backup, manifest, restored, skipped, started, verified_only=False) | {"removed": removed}
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not finished:
+            shutil.rmtree(layout.data_dir, ignore_errors=True)  # made only to stage into: nothing left behind
 
 
 # -- verify ---------------------------------------------------------------------------------------------------
