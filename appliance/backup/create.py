@@ -115,6 +115,8 @@ def create_backup(
     complete backup or untouched). Returns the summary."""
     started = time.monotonic()
     out = out.absolute()
+    if out.is_dir():
+        raise BackupError(f"{out} is a folder: give the backup file's name")
     if not out.parent.is_dir():
         raise BackupError(f"the folder {out.parent} does not exist")
     descriptor, partial_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
