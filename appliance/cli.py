@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import cli as audit_cli
+from appliance.backup import cli as backup_cli
 from appliance.engines import cli as engines_cli
 from appliance.engines.runner import pid_alive, stop_group
 from appliance.engines.state import dumps, read_state, status_report
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     drift_report.add_argument("--window", choices=("hour", "day"), default="day")
     drift_report.add_argument("--baseline-days", type=int, default=7)
     drift_report.add_argument("--json", action="store_true")
+    backup_cli.add_parsers(sub)
     return parser
 
 
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         return media_cli.run(settings, args)
     if args.command == "install":
         return media_cli.run_install(args)
+    if args.command in ("backup", "restore"):
+        return backup_cli.run(settings, args)
     return cmd_down(settings, args.timeout)
 
 

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from appliance.audit.chain import NoteKey
 from appliance.audit.store import AuditStore
 from appliance.db.engine import create_schema, make_engine
 from appliance.settings import Settings
+
+
+def audit_dir(settings: Settings) -> Path:
+    """The audit files outside the database: the public key, and the latest checkpoint (which shows a rollback
+    of the database)."""
+    return settings.data_dir / "audit"
 
 
 def audit_store(settings: Settings) -> AuditStore:
@@ -13,14 +21,14 @@ def audit_store(settings: Settings) -> AuditStore:
     engine = make_engine(settings.database_url, serialized_writes=True)
     create_schema(engine)
     key = NoteKey.load_or_create(settings.secrets_dir / "audit-signing-key", settings.audit.node or "appliance")
-    public = settings.data_dir / "audit" / "audit-public-key.pem"
+    public = audit_dir(settings) / "audit-public-key.pem"
     if not public.exists():
         public.parent.mkdir(parents=True, exist_ok=True)
         public.write_bytes(key.public_pem())
     return AuditStore(
         engine,
         key,
-        latest_checkpoint_file=settings.data_dir / "audit" / "latest-checkpoint",
+        latest_checkpoint_file=audit_dir(settings) / "latest-checkpoint",
         checkpoint_every=settings.audit.checkpoint_every,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
         node=settings.audit.node,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from sqlalchemy.engine import Engine
 
@@ -21,12 +22,18 @@ from appliance.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def qdrant_local_path(settings: Settings) -> Path | None:
+    """Local mode's folder, or None when a Qdrant server holds the vectors."""
+    retrieval = settings.retrieval
+    return None if retrieval.qdrant_url else retrieval.qdrant_path or settings.data_dir / "qdrant"
+
+
 def vector_store(settings: Settings) -> VectorStore:
     retrieval = settings.retrieval
     if retrieval.qdrant_url:
         key = retrieval.qdrant_api_key.get_secret_value() if retrieval.qdrant_api_key else None
         return VectorStore(url=retrieval.qdrant_url, api_key=key)
-    return VectorStore(path=retrieval.qdrant_path or settings.data_dir / "qdrant")
+    return VectorStore(path=qdrant_local_path(settings))
 
 
 def retrieval_service(
