@@ -45,7 +45,7 @@ from appliance.identity.tenancy import check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
-from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id
+from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
 from appliance.lib.logging import configure_logging
 from appliance.placement.routes import PlacementController
 from appliance.retrieval.routes import rag_controller
@@ -65,7 +65,7 @@ def tenant_captures(engine: Engine, tenant_id: str) -> bool:
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
-    configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level, settings.server.log_format)
     db_engine = make_engine(settings.database_url, echo=settings.database.echo)
     if not settings.gateway.routes and settings.server.service_manager == "systemd":
         routes_of_units = [route.model_dump() for route in engine_routes(settings)]
@@ -172,7 +172,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
             "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),
         },
-        middleware=[audit_middleware(audit), authentication_middleware(authenticator)],
+        middleware=[request_context_middleware, audit_middleware(audit), authentication_middleware(authenticator)],
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[add_request_id],
         lifespan=[lifespan],

@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_FAILED
     settings = get_settings()
-    configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level, settings.server.log_format)
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)  # no migration lines on every command
     if args.command == "up":

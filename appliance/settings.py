@@ -50,6 +50,9 @@ class ServerSettings(BaseModel):
     port: int = Field(default=8080, ge=1, le=65535)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger requests get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one object per line with request id, route, trace, tenant, workflow"
+    )
     service_manager: Literal["supervisor", "systemd"] = Field(
         default="supervisor",
         description="who runs the gateway and the engines: `appliance up` (development) or systemd units (a node)",

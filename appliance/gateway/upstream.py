@@ -18,6 +18,7 @@ from appliance.lib.errors import (
     UpstreamError,
     UpstreamRequestError,
 )
+from appliance.lib.tracing import outgoing_traceparent
 from appliance.settings import EngineRoute, GatewaySettings
 
 _MAX_ENGINE_MESSAGE = 2000
@@ -136,6 +137,14 @@ class EngineRouter:
             raise EngineUnavailableError("The gateway is not started.")
         return self._session
 
+    @staticmethod
+    def _headers(request_id: str) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+        traceparent = outgoing_traceparent()
+        if traceparent is not None:
+            headers["traceparent"] = traceparent
+        return headers
+
     async def open(self, route: EngineRoute, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
         """POST ``body`` to the engine; return the open response once its status is 200.
 
@@ -145,7 +154,7 @@ class EngineRouter:
             response = await self.session.post(
                 route.url + path,
                 data=body,
-                headers={"Content-Type": "application/json", "X-Request-Id": request_id},
+                headers=self._headers(request_id),
             )
         except (aiohttp.ClientConnectionError, OSError) as exc:
             self._mark_down(route)

@@ -18,6 +18,7 @@ from appliance.identity.tenancy import DefaultTenant
 from appliance.identity.tokens import TokenValidator
 from appliance.identity.users import UserMirror
 from appliance.lib.errors import AuthenticationError
+from appliance.lib.logging import bind
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def authentication_middleware(authenticator: Authenticator) -> Any:
                     csrf_token=headers.get(CSRF_HEADER),
                 )
                 scope.setdefault("state", {})[_STATE_KEY] = principal
+                bind(tenant=principal.tenant_id, workflow=principal.workflow_id)
             await app(scope, receive, send)
 
         return middleware

@@ -7,11 +7,14 @@ import uuid
 from typing import Any
 
 from litestar import Request, Response
-from litestar.datastructures import MutableScopeHeaders
+from litestar.datastructures import Headers, MutableScopeHeaders
+from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
-from litestar.types import Message, Scope
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.lib.errors import ApplianceError, error_envelope
+from appliance.lib.logging import bind, reset_context, restore_context
+from appliance.lib.tracing import bind_trace
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,25 @@ async def add_request_id(message: Message, scope: Scope) -> None:
     """``before_send`` hook: stamp ``x-request-id`` on every HTTP response, errors and 404s included."""
     if message["type"] == "http.response.start":
         MutableScopeHeaders.from_message(message)[REQUEST_ID_HEADER] = request_id(scope)
+
+
+def request_context_middleware(app: ASGIApp) -> ASGIApp:
+    """The outermost middleware: every HTTP request's log lines carry its request id, route and trace id from
+    here on (and its tenant and workflow once authenticated)."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == ScopeType.HTTP:
+            token = reset_context()
+            bind(request_id=request_id(scope), route=f"{scope['method']} {scope['path']}")
+            bind_trace(Headers.from_scope(scope).get("traceparent"))
+            try:
+                await app(scope, receive, send)
+            finally:
+                restore_context(token)
+            return
+        await app(scope, receive, send)
+
+    return middleware
 
 
 def envelope_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response[Any]:

@@ -51,6 +51,7 @@ def _generated(body: dict[str, Any]) -> int:
 
 
 COMPLETIONS_SERVED: list[dict[str, Any]] = []  # every completion request received (tests read it)
+TRACEPARENTS_SERVED: list[str | None] = []  # ... and the traceparent header each carried
 
 
 async def _completion(request: web.Request) -> web.StreamResponse:
@@ -58,6 +59,7 @@ async def _completion(request: web.Request) -> web.StreamResponse:
     carries its own choice's usage (that choice's tokens so far, its prompt's tokens)."""
     body = await request.json()
     COMPLETIONS_SERVED.append(body)
+    TRACEPARENTS_SERVED.append(request.headers.get("traceparent"))
     behaviour = _behaviour(body)
     if behaviour == "fail:500":
         return web.json_response({"error": {"message": "engine exploded", "type": "InternalServerError"}}, status=500)
