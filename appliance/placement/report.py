@@ -229,10 +229,19 @@ def triggers(
     return found
 
 
+def utilisation_per_day(hours: list[Hour]) -> list[list[Any]]:
+    """[day, mean utilisation of its observed hours] for the console's chart."""
+    days: dict[str, list[float]] = {}
+    for hour in hours:
+        days.setdefault(hour.start.date().isoformat(), []).append(hour.utilisation)
+    return [[day, round(sum(values) / len(values), 4)] for day, values in sorted(days.items())]
+
+
 def window_figures(window: Window, settings: PlacementSettings) -> dict[str, Any]:
     return {
         "days": window.days,
         "utilisation": utilisation_figures(window.hours, settings),
+        "utilisation_per_day": utilisation_per_day(window.hours),
         "tokens": token_trend(window.hours),
         "requests": sum(hour.requests for hour in window.hours),
         "mix": window.mix,

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 ARTIFACTS = REPO_ROOT / "var" / "test-artifacts" / "console"
 RUN = uuid.uuid4().hex[:6]
-PAGES = ["overview", "models", "identity", "budgets", "usage", "audit", "retrieval", "playground"]
+PAGES = ["overview", "models", "identity", "budgets", "usage", "audit", "retrieval", "placement", "drift", "playground"]
 
 
 def chromium_path() -> str:

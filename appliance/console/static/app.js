@@ -12,6 +12,8 @@ const SECTIONS = [
   { path: "usage", title: "Usage & cost", roles: READERS, render: pages.usage },
   { path: "audit", title: "Audit", roles: ["admin", "auditor"], render: pages.audit },
   { path: "retrieval", title: "Retrieval", roles: READERS, render: pages.retrieval },
+  { path: "placement", title: "Placement", roles: READERS, platform: true, render: pages.placement },
+  { path: "drift", title: "Drift", roles: READERS, render: pages.drift },
   { path: "playground", title: "Playground", roles: ["admin", "operator", "user"], render: pages.playground },
 ];
 
@@ -21,6 +23,7 @@ const who = document.getElementById("who");
 let session = null;
 
 function allowed(section) {
+  if (section.platform && session.tenant_id) return false; // about the whole node: platform principals only
   return section.roles.some((role) => session.roles.includes(role));
 }
 

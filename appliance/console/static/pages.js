@@ -350,3 +350,64 @@ export async function playground(main) {
       : `request ${requestId}`;
   }, { inline: false }) : empty("No chat model is served."), h("h2", {}, "Answer"), output, figures);
 }
+
+// ---- Placement ---------------------------------------------------------------------------------------------
+const pct = (value) => (value === null || value === undefined ? "-" : `${fmt(value * 100, 1)} %`);
+const columns = (labels) => labels.map((label, index) => ({ label, value: (row) => row[index] }));
+const dayPoints = (rows, scale = 1) => rows.map(([d, value]) => [Date.parse(`${d}T00:00:00Z`), value * scale]);
+
+export async function placement(main) {
+  const report = await api("/admin/placement/");
+  const long = report.windows["90d"];
+  const short = report.windows["30d"];
+  const util = (w) => w.utilisation;
+  const figures = (name, w) => [name, pct(util(w).mean), pct(util(w).consistent), util(w).pattern ?? "-",
+    pct(util(w).share_at_or_above_high), fmt(w.tokens.total, 0),
+    w.tokens.change_per_30_days === null ? "-" : `${fmt(w.tokens.change_per_30_days * 100, 1)} %`,
+    w.cost.on_prem_per_million === null || w.cost.on_prem_per_million === undefined ? "-"
+      : `${fmt(w.cost.on_prem_per_million, 4)} ${report.currency}`];
+  const alternatives = Object.entries(long.cost.alternatives || {}).map(([name, price]) =>
+    ({ label: name, value: price.per_million }));
+  if (long.cost.on_prem_per_million !== null && long.cost.on_prem_per_million !== undefined) {
+    alternatives.unshift({ label: "this node", value: long.cost.on_prem_per_million });
+  }
+  main.append(
+    h("h1", {}, "Placement"),
+    section(`Verdict: ${report.verdict}`, h("p", { "data-testid": "placement-verdict" }, report.reason),
+      h("p", { class: "muted" }, `Utilisation from ${report.utilisation_source}; ${report.observed_days} days observed. `
+        + `Thresholds: ${pct(report.thresholds.low_utilisation)} / ${pct(report.thresholds.high_utilisation)}, `
+        + `consistent = reached in ${pct(report.thresholds.consistent_share)} of hours, sustained ${report.thresholds.sustained_days} days.`)),
+    section("Variables", table(columns(["window", "mean", "consistent", "pattern", "hours >= high", "tokens",
+      "trend / 30 d", "on-prem per 1M tokens"]), [figures("30 days", short), figures("90 days", long)], "No telemetry yet.")),
+    h("div", { class: "grid" },
+      lineChart("Utilisation per day", [{ name: "utilisation", color: "#1f5fbf", points: dayPoints(long.utilisation_per_day, 100) }], "%"),
+      lineChart("Tokens per day", [{ name: "tokens", color: "#1f7a3d", points: dayPoints(long.tokens.per_day) }], "tokens"),
+      barChart(`Cost per 1M tokens (${report.currency})`, alternatives, report.currency)),
+    section("Reassessment triggers", table(columns(["trigger", "what", "now", "threshold", "fired"]),
+      report.triggers.map((t) => [t.name, t.description, JSON.stringify(t.value), JSON.stringify(t.threshold),
+        t.fired ? h("strong", { class: "state-degrading" }, "fired") : "no"]), "None.")),
+  );
+}
+
+// ---- Drift -------------------------------------------------------------------------------------------------
+export async function drift(main) {
+  const show = async (window) => {
+    const report = await api(`/admin/drift/?window=${window}`);
+    const rows = report.findings.map((f) => [f.scope, f.id, f.signal, f.test, fmt(f.statistic, 3),
+      String(f.baseline), String(f.recent), f.summary]);
+    return [
+      h("p", { class: "muted" }, `The last ${window} (${report.recent[0]} to ${report.recent[1]}) against the week before; `
+        + `${report.groups.length} groups compared, ${report.rows_read} requests read.`),
+      table(columns(["scope", "id", "signal", "test", "statistic", "baseline", "recent", "finding"]), rows,
+        "No drift: every compared group behaves as in its baseline."),
+      barChart("Test statistic of each finding", report.findings.map((f) =>
+        ({ label: `${f.scope} ${f.id} ${f.signal}`, value: Math.abs(f.statistic) })), ""),
+    ];
+  };
+  const body = h("div", { "data-testid": "drift-findings" }, ...(await show("day")));
+  main.append(h("h1", {}, "Behavioural drift"),
+    form([{ name: "window", label: "Window", type: "select", options: [["day", "day"], ["hour", "hour"]] }], "Compare", async (values) => {
+      body.replaceChildren(...(await show(values.window)));
+    }),
+    section("Findings", body));
+}
