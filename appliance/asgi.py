@@ -29,6 +29,7 @@ from appliance.engines.runner import engine_routes
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
 from appliance.gateway.health import HealthController
+from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
@@ -107,6 +108,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         counter=TokenCounter(router, {route.model: settings.prepared_models_dir / route.model for route in routes}),
         default_max_tokens=settings.gateway.default_max_tokens,
         model_max_tokens=settings.gateway.model_max_tokens,
+        cache_salts=CacheSalts.load_or_create(settings.secrets_dir / "cache-salt-key"),
     )
     retrieval = retrieval_service(settings, db_engine, serving, router, usage=usage, audit=audit, budgets=enforcer)
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import CallLink
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
+from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
@@ -108,7 +110,11 @@ class OpenAIServing:
         counter: TokenCounter | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         model_max_tokens: dict[str, int] | None = None,
+        cache_salts: CacheSalts | None = None,
     ) -> None:
+        # Without the node's key (tests that build the class alone), a key of this process: still one salt
+        # per tenant, never a shared cache.
+        self._salts = cache_salts or CacheSalts(secrets.token_bytes(32))
         self._counter = counter or TokenCounter(router)
         self._default_cap = default_max_tokens
         self._model_caps = model_max_tokens or {}
@@ -181,6 +187,7 @@ class OpenAIServing:
                 cap = admission.cap or cap
             if shape.generates:
                 shape.set_cap(cap)
+            shape.body["cache_salt"] = self._salts.salt(principal.tenant_id)  # the tenant's own prefix cache
             if self._admission is not None and route.runner == "generate":
                 priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
                 record.ticket = await self._admission.admit(route.key, await prompt.total(), priority)

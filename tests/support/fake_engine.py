@@ -130,11 +130,13 @@ async def _tokenize(request: web.Request) -> web.Response:
 
 
 EMBEDDING_DIMENSIONS = 384  # as the bundled embedding model's
+EMBEDDINGS_SERVED: list[dict[str, Any]] = []  # every embeddings request received
 
 
 async def _embeddings(request: web.Request) -> web.Response:
     """Deterministic unit vectors (from each input's hash): the same text always gets the same vector."""
     body = await request.json()
+    EMBEDDINGS_SERVED.append(body)
     inputs = body.get("input")
     texts = inputs if isinstance(inputs, list) else [inputs]
     data = []
