@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from appliance.audit import setup as audit_setup
 from appliance.audit.middleware import audit_middleware
+from appliance.audit.retention import ContentRetention
 from appliance.audit.routes import AuditController
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         batch_size=settings.audit.batch_size,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
     )
+    retention = ContentRetention(audit.store, settings.audit.content_retention_days)
     gateway_id = new_gateway_id()
     budgets = BudgetStore(
         make_engine(settings.database_url, serialized_writes=True),
@@ -125,9 +127,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await usage.start()
         await audit.start()
         await upkeep.start()
+        await retention.start()
         try:
             yield
         finally:
+            await retention.stop()
             await upkeep.stop()  # after the last requests: their settlements land (or wait in the journal)
             await audit.stop()
             await usage.stop()

@@ -165,6 +165,9 @@ class AuditSettings(BaseModel):
     batch_size: int = Field(default=1000, ge=1, description="records appended per transaction at most")
     node: str | None = Field(default=None, description="the node name in records (default: host name)")
     retention_days: int | None = Field(default=None, ge=1, description="`appliance audit prune` default age")
+    content_retention_days: int = Field(
+        default=30, ge=1, description="captured prompts and answers kept this long (the gateway prunes hourly)"
+    )
 
 
 class BudgetSettings(BaseModel):
