@@ -186,6 +186,16 @@ class Retrieval:
         await asyncio.to_thread(self._catalog.delete_collection, collection)
         self.cache.forget(collection.id)
 
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Delete every collection of a tenant that is being deleted: its points (the files on disk in local
+        mode), then its catalog rows; the number of collections."""
+        ids = await asyncio.to_thread(self._catalog.tenant_collection_ids, tenant_id)
+        for collection_id in ids:
+            await self._store.drop(qdrant_name(collection_id))
+            self.cache.forget(collection_id)
+        await asyncio.to_thread(self._catalog.delete_tenant_collections, tenant_id)
+        return len(ids)
+
     # documents
 
     async def ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
