@@ -207,11 +207,14 @@ class OpenAIServing:
             # The client went away before an answer: record without waiting (nothing may be awaited now).
             event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
             event.client_disconnected = True
-            if record.meter is not None and record.hold is not None:
+            if record.meter is not None:
                 # The engine was working on it and its count is lost with the connection (closing it makes
-                # vLLM abort): charge what was reserved, an upper bound, so budgets never under-count.
-                grant = record.hold.grant
-                event.prompt_tokens, event.completion_tokens = grant.prompt_tokens, grant.max_tokens or 0
+                # vLLM abort): charge what was reserved (or, without a budget, what would have been), an upper
+                # bound, so neither budgets nor the ledger under-count.
+                grant = record.hold.grant if record.hold is not None else None
+                event.prompt_tokens = (grant.prompt_tokens if grant is not None else 0) or prompt.known or 0
+                reserved = grant.max_tokens if grant is not None else None
+                event.completion_tokens = reserved or cap * shape.sequences
                 event.total_tokens = event.prompt_tokens + event.completion_tokens
             event.latency_ms = (time.perf_counter() - started) * 1000.0
             record.finish(event)
@@ -238,6 +241,9 @@ class OpenAIServing:
             raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
+        except asyncio.CancelledError:
+            response.close()  # the client left: the connection goes, and vLLM aborts the request
+            raise
         finally:
             response.release()
         try:
