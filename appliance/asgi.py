@@ -16,6 +16,7 @@ from sqlmodel import Session
 
 from appliance.audit import setup as audit_setup
 from appliance.audit.middleware import audit_middleware
+from appliance.audit.retention import ContentRetention
 from appliance.audit.routes import AuditController
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
@@ -31,6 +32,7 @@ from appliance.engines.runner import engine_routes
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
 from appliance.gateway.health import HealthController
+from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
@@ -84,6 +86,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         batch_size=settings.audit.batch_size,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
     )
+    retention = ContentRetention(audit.store, settings.audit.content_retention_days)
     gateway_id = new_gateway_id()
     budgets = BudgetStore(
         make_engine(settings.database_url, serialized_writes=True),
@@ -113,6 +116,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         counter=TokenCounter(router, {route.model: settings.prepared_models_dir / route.model for route in routes}),
         default_max_tokens=settings.gateway.default_max_tokens,
         model_max_tokens=settings.gateway.model_max_tokens,
+        cache_salts=CacheSalts.load_or_create(settings.secrets_dir / "cache-salt-key"),
     )
     retrieval = retrieval_service(settings, db_engine, serving, router, usage=usage, audit=audit, budgets=enforcer)
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
@@ -130,9 +134,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await audit.start()
         await upkeep.start()
         await drift.start()
+        await retention.start()
         try:
             yield
         finally:
+            await retention.stop()
             await drift.stop()
             await upkeep.stop()  # after the last requests: their settlements land (or wait in the journal)
             await audit.stop()

@@ -15,7 +15,7 @@ from typing import Any
 from appliance.audit import cli as audit_cli
 from appliance.backup import cli as backup_cli
 from appliance.engines import cli as engines_cli
-from appliance.engines.runner import pid_alive, stop_group
+from appliance.engines.runner import pid_alive, stop_group, stop_process
 from appliance.engines.state import dumps, read_state, status_report
 from appliance.identity import cli as identity_cli
 from appliance.identity.setup import bootstrap_password_file
@@ -185,8 +185,13 @@ def cmd_down(settings: Settings, timeout_s: float) -> int:
         print("the appliance is not running")
         return EXIT_OK
     if pid_alive(state.supervisor_pid):
-        # The supervisor stops the gateway and the engines itself; wait for it, then make sure.
-        stop_group(state.supervisor_pid, timeout_s=timeout_s)
+        # The supervisor first: it stops the gateway and the engines itself, and must not restart them. It is
+        # signalled as a process, not as a group: in the foreground (`make run`) it leads no group of its own.
+        try:
+            stop_process(state.supervisor_pid, timeout_s=timeout_s)
+        except PermissionError:
+            print(f"error: not allowed to stop the supervisor (pid {state.supervisor_pid})", file=sys.stderr)
+            return EXIT_FAILED
     for pid in [e.pid for e in state.engines] + [state.gateway.pid if state.gateway else None]:
         if pid and pid_alive(pid):
             stop_group(pid, timeout_s=10)

@@ -168,6 +168,9 @@ class AuditSettings(BaseModel):
     batch_size: int = Field(default=1000, ge=1, description="records appended per transaction at most")
     node: str | None = Field(default=None, description="the node name in records (default: host name)")
     retention_days: int | None = Field(default=None, ge=1, description="`appliance audit prune` default age")
+    content_retention_days: int = Field(
+        default=30, ge=1, description="captured prompts and answers kept this long (the gateway prunes hourly)"
+    )
 
 
 class BudgetSettings(BaseModel):
@@ -358,6 +361,14 @@ class RetrievalSettings(BaseModel):
     )
     cache_entries: int = Field(default=1024, ge=0, description="retrieval results kept for repeated queries")
     cache_ttl_s: float = Field(default=300.0, gt=0)
+    max_document_pages: int = Field(default=2000, ge=1, description="PDFs with more pages get 413")
+    max_document_characters: int = Field(default=8_000_000, ge=1, description="more extracted text gets 413")
+    max_pdf_stream_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, description="one PDF stream decompressed, at most (past it: 400)"
+    )
+    max_pdf_content_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, description="a PDF's page contents decompressed together (past: 413)"
+    )
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RetrievalSettings:

@@ -23,7 +23,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     export = audit_sub.add_parser("export", help="write records to standard output for a SIEM")
     export.add_argument("--since", type=_moment, help="ISO 8601 time, or an age such as 24h")
     export.add_argument("--format", choices=("jsonl", "syslog"), default="jsonl")
-    prune = audit_sub.add_parser("prune", help="archive and delete old records (an anchor keeps the rest valid)")
+    prune = audit_sub.add_parser(
+        "prune",
+        help="archive and delete old records (an anchor keeps the rest valid); delete captured content past "
+        "audit.content_retention_days",
+    )
     prune.add_argument("--older-than", type=duration_s, help="age such as 90d (default: audit.retention_days)")
     prune.add_argument("--archive", required=True, help="JSON lines file the pruned records are appended to")
 
@@ -54,10 +58,13 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         for record in store.export(args.since):
             sys.stdout.write(render(record) + "\n")
         return 0
+    now = datetime.now(UTC)
+    content = store.prune_content(now - timedelta(days=settings.audit.content_retention_days))
+    print(f"deleted {content} captured prompts and answers older than {settings.audit.content_retention_days} days")
     age = args.older_than or (settings.audit.retention_days or 0) * 86400
     if not age:
-        print("error: give --older-than or set APPLIANCE_AUDIT__RETENTION_DAYS", file=sys.stderr)
-        return 1
-    pruned = store.prune(datetime.now(UTC) - timedelta(seconds=age), Path(args.archive))
+        print("audit records kept: give --older-than or set APPLIANCE_AUDIT__RETENTION_DAYS to prune them")
+        return 0
+    pruned = store.prune(now - timedelta(seconds=age), Path(args.archive))
     print(f"pruned {pruned} records into {args.archive}")
     return 0

@@ -281,6 +281,19 @@ class AuditStore:
             count = connection.execute(delete(RECORDS).where(RECORDS.c.seq <= last)).rowcount
         return int(count or 0)
 
+    def prune_content(self, older_than: datetime) -> int:
+        """Delete captured prompts and answers older than ``older_than`` (they are not chained: the chain stays
+        whole); the number deleted."""
+        with self._engine.begin() as connection:
+            count = connection.execute(delete(CONTENT).where(CONTENT.c.created_at < older_than)).rowcount
+        return int(count or 0)
+
+    def forget_tenant_content(self, tenant_id: str) -> int:
+        """Delete every captured prompt and answer of a tenant (when the tenant is deleted)."""
+        with self._engine.begin() as connection:
+            count = connection.execute(delete(CONTENT).where(CONTENT.c.tenant_id == tenant_id)).rowcount
+        return int(count or 0)
+
 
 _VALUE_FIELDS = tuple(name for name in FIELDS if name != "seq")  # the chained fields, in canonical order
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,10 +183,17 @@ def http_ok(url: str, timeout: float = 2.0) -> bool:
 
 
 def wait_healthy(
-    url: str, timeout_s: float, process: subprocess.Popen[bytes] | None = None, what: str = "engine"
+    url: str,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+    what: str = "engine",
+    cancelled: Callable[[], bool] | None = None,
 ) -> None:
+    """Until ``url`` answers 200; returns early (healthy or not) once ``cancelled()`` is true."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if cancelled is not None and cancelled():
+            return
         if process is not None and process.poll() is not None:
             raise EngineStartError(f"{what} exited with status {process.returncode} while starting")
         if http_ok(url):
@@ -220,6 +228,24 @@ def stop_group(pid: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5.0)
         while time.monotonic() < deadline:
             if not _group_alive(pid):
+                return
+            time.sleep(0.2)
+
+
+def stop_process(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGTERM one process (whatever its group), wait until it has ended, SIGKILL it after ``timeout_s``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + (timeout_s if sig == signal.SIGTERM else 5.0)
+        while time.monotonic() < deadline:
+            try:  # our own child is reaped, or it would stay a zombie
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if not pid_alive(pid):
                 return
             time.sleep(0.2)
 

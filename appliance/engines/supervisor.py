@@ -108,10 +108,15 @@ class Supervisor:
                 max(1.0, deadline - time.monotonic()),
                 engine.process,
                 what=f"engine {engine.spec.manifest.name} (log: {engine.spec.log_path})",
+                cancelled=self._stopping,
             )
+        if self._stop_requested:
+            return
         self.gateway = self._start_gateway()
         self._publish("starting", "waiting for the gateway")
-        wait_healthy(self.settings.gateway_url + "/healthz", 60.0, self.gateway, what="gateway")
+        wait_healthy(
+            self.settings.gateway_url + "/healthz", 60.0, self.gateway, what="gateway", cancelled=self._stopping
+        )
 
     def _start_gateway(self) -> subprocess.Popen[bytes]:
         settings = self.settings
@@ -134,10 +139,14 @@ class Supervisor:
     # -- watch -------------------------------------------------------------------------------------
 
     def _watch(self) -> None:
+        """Restart what crashed, never what is being stopped: asked to stop, it returns before restarting
+        anything (`appliance down` stops the engines and the gateway only once the supervisor has ended)."""
         while not self._stop_requested:
             time.sleep(POLL_S)
             now = time.monotonic()
             for engine in self.engines:
+                if self._stop_requested:
+                    return
                 process = engine.process
                 if process is None or process.poll() is None:
                     continue
@@ -159,6 +168,8 @@ class Supervisor:
                     )
                     log.warning("engine %s restarted (restart %d)", engine.spec.manifest.name, engine.restarts)
                     self._publish("running", f"engine {engine.spec.manifest.name} restarting")
+            if self._stop_requested:
+                return
             if self.gateway is not None and self.gateway.poll() is not None:
                 log.error("gateway exited with status %s; restarting it", self.gateway.returncode)
                 self.gateway = self._start_gateway()
@@ -169,6 +180,9 @@ class Supervisor:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         self._stop_requested = True
+
+    def _stopping(self) -> bool:
+        return self._stop_requested
 
     def _audit(self, event_type: str) -> None:
         """Lifecycle actions go into the audit trail too (who started or stopped the appliance)."""

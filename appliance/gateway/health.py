@@ -16,8 +16,9 @@ from sqlalchemy.engine import Engine
 
 from appliance.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from appliance.gateway.upstream import EngineRouter
-from appliance.identity.auth import principal_of
-from appliance.identity.principal import ADMIN, OPERATOR
+from appliance.identity.auth import Authenticator, principal_of
+from appliance.identity.principal import ADMIN, OPERATOR, Principal
+from appliance.identity.sessions import SESSION_COOKIE
 from appliance.lib.errors import PermissionDeniedError
 from appliance.telemetry.monitor import ConcurrencyMonitor
 
@@ -28,6 +29,15 @@ def _database_ok(engine: Engine) -> bool:
     return True
 
 
+async def _optional_principal(request: Request[Any, Any, Any], authenticator: Authenticator) -> Principal | None:
+    """The caller of a public path, when it sent a credential (checked as on protected paths)."""
+    authorization = request.headers.get("authorization")
+    session = request.cookies.get(SESSION_COOKIE)
+    if not authorization and not session:
+        return None
+    return await authenticator.authenticate(authorization, session_cookie=session, method=request.method)
+
+
 class HealthController(Controller):
     @get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -36,10 +46,17 @@ class HealthController(Controller):
     @get("/readyz")
     async def readyz(
         self,
+        request: Request[Any, Any, Any],
+        authenticator: NamedDependency[Authenticator],
         router: NamedDependency[EngineRouter],
         db_engine: NamedDependency[Engine],
         monitor: NamedDependency[ConcurrencyMonitor],
     ) -> Response[dict[str, Any]]:
+        """The status code for anyone (200 ready, 503 not: what probes read). Platform admins and operators also
+        get the detail (engines, their URLs and errors, the database, concurrency); other signed-in callers the
+        served models and whether each is up (the console's playground picks its models so), no URL, no error.
+        A credential that is sent must be valid (401)."""
+        principal = await _optional_principal(request, authenticator)
         engines, database = await asyncio.gather(
             router.health_all(), asyncio.to_thread(_database_ok, db_engine), return_exceptions=True
         )
@@ -53,8 +70,15 @@ class HealthController(Controller):
         )
         database_ok = database is True
         ready = database_ok and bool(engine_rows) and all(row["healthy"] for row in engine_rows)
+        status = "ready" if ready else "unready"
+        code = 200 if ready else 503
+        if principal is None:
+            return Response(content={"status": status}, status_code=code)
+        if not principal.is_platform:
+            models = [{key: row[key] for key in ("model", "runner", "healthy")} for row in engine_rows]
+            return Response(content={"status": status, "engines": models}, status_code=code)
         body = {
-            "status": "ready" if ready else "unready",
+            "status": status,
             "database": {"healthy": database_ok},
             "engines": engine_rows,
             # Overload is not unreadiness (the engines answer); it is reported for whoever balances load.
@@ -63,7 +87,7 @@ class HealthController(Controller):
                 "engines": {model: e["state"] for model, e in report["engines"].items()},
             },
         }
-        return Response(content=body, status_code=200 if ready else 503)
+        return Response(content=body, status_code=code)
 
     @get("/metrics")
     async def metrics(

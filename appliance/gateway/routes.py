@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from litestar import Controller, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 from litestar.response import Stream
+from litestar.types import Receive
 
 from appliance.budgets.store import CallLink
 from appliance.gateway.recording import Source
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, JSONResult, OpenAIServing
 from appliance.gateway.streaming import StreamRelay
 from appliance.identity.auth import principal_of
-from appliance.lib.errors import InvalidRequestError
+from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError
 from appliance.lib.http import request_id
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -68,11 +72,41 @@ def answer(result: JSONResult | StreamRelay) -> Response[Any]:
     )
 
 
+T = TypeVar("T")
+
+
+async def _disconnect(receive: Receive) -> None:
+    """Returns when the client has gone (the body has been read: the next message is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """``work``'s result; if the client goes away first, ``work`` is cancelled (serving then closes the engine
+    connection, which makes vLLM abort the request, and records the request as the client's leaving) and
+    :class:`ClientDisconnectedError` is raised. A stream is returned as soon as it opens; its relay watches
+    for the client's leaving from then on."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientDisconnectedError("The client closed the connection before the answer.")
+    return task.result()
+
+
 async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
     body = await request.body()
     link = call_link(request.headers)
     principal = principal_of(request.scope)
-    return answer(await serving.handle(endpoint, body, request_id(request.scope), principal, source_of(request), link))
+    work = serving.handle(endpoint, body, request_id(request.scope), principal, source_of(request), link)
+    return answer(await unless_client_leaves(request, work))
 
 
 class OpenAIController(Controller):

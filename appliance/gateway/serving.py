@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import CallLink
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
+from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
@@ -108,7 +110,11 @@ class OpenAIServing:
         counter: TokenCounter | None = None,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         model_max_tokens: dict[str, int] | None = None,
+        cache_salts: CacheSalts | None = None,
     ) -> None:
+        # Without the node's key (tests that build the class alone), a key of this process: still one salt
+        # per tenant, never a shared cache.
+        self._salts = cache_salts or CacheSalts(secrets.token_bytes(32))
         self._counter = counter or TokenCounter(router)
         self._default_cap = default_max_tokens
         self._model_caps = model_max_tokens or {}
@@ -181,6 +187,7 @@ class OpenAIServing:
                 cap = admission.cap or cap
             if shape.generates:
                 shape.set_cap(cap)
+            shape.body["cache_salt"] = self._salts.salt(principal.tenant_id)  # the tenant's own prefix cache
             if self._admission is not None and route.runner == "generate":
                 priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
                 record.ticket = await self._admission.admit(route.key, await prompt.total(), priority)
@@ -200,11 +207,14 @@ class OpenAIServing:
             # The client went away before an answer: record without waiting (nothing may be awaited now).
             event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
             event.client_disconnected = True
-            if record.meter is not None and record.hold is not None:
+            if record.meter is not None:
                 # The engine was working on it and its count is lost with the connection (closing it makes
-                # vLLM abort): charge what was reserved, an upper bound, so budgets never under-count.
-                grant = record.hold.grant
-                event.prompt_tokens, event.completion_tokens = grant.prompt_tokens, grant.max_tokens or 0
+                # vLLM abort): charge what was reserved (or, without a budget, what would have been), an upper
+                # bound, so neither budgets nor the ledger under-count.
+                grant = record.hold.grant if record.hold is not None else None
+                event.prompt_tokens = (grant.prompt_tokens if grant is not None else 0) or prompt.known or 0
+                reserved = grant.max_tokens if grant is not None else None
+                event.completion_tokens = reserved or cap * shape.sequences
                 event.total_tokens = event.prompt_tokens + event.completion_tokens
             event.latency_ms = (time.perf_counter() - started) * 1000.0
             record.finish(event)
@@ -231,6 +241,9 @@ class OpenAIServing:
             raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
+        except asyncio.CancelledError:
+            response.close()  # the client left: the connection goes, and vLLM aborts the request
+            raise
         finally:
             response.release()
         try:

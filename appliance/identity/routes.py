@@ -4,6 +4,7 @@ Thin routes: the rules (roles, tenant isolation) live in :mod:`appliance.identit
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any
 
 from litestar import Controller, Request, delete, get, patch, post
@@ -12,6 +13,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.audit.writer import AuditWriter
 from appliance.budgets import access as budget_access
 from appliance.identity import service
 from appliance.identity.apikeys import KeyHasher
@@ -27,6 +29,7 @@ from appliance.identity.schemas import (
     TenantUpdate,
     WorkflowCreate,
 )
+from appliance.retrieval.service import Retrieval
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
 Offset = Annotated[int, QueryParameter(ge=0)]
@@ -63,14 +66,33 @@ class AdminController(Controller):
         with Session(db_engine) as session:
             return service.rename(session, principal_of(request.scope), Tenant, item_id, data)
 
-    @delete("/tenants/{item_id:str}", sync_to_thread=True)
-    def delete_tenant(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+    @delete("/tenants/{item_id:str}")
+    async def delete_tenant(
+        self,
+        request: Req,
+        db_engine: Db,
+        retrieval: NamedDependency[Retrieval],
+        audit: NamedDependency[AuditWriter],
+        item_id: FromPath[str],
+    ) -> None:
+        """The tenant and what it stored: its vector collections (points first), its rows (cascade), and its
+        captured prompts and answers."""
         principal = principal_of(request.scope)
-        with Session(db_engine) as session:
-            principal.require_role(ADMIN)
-            service.get_owned(session, principal, Tenant, item_id)
-            budget_access.check_scope_removal(session, principal, "tenant", item_id)  # no platform budget dropped
-            service.delete(session, principal, Tenant, item_id)
+
+        def check() -> None:
+            with Session(db_engine) as session:
+                principal.require_role(ADMIN)
+                service.get_owned(session, principal, Tenant, item_id)
+                budget_access.check_scope_removal(session, principal, "tenant", item_id)  # no platform budget dropped
+
+        def remove() -> None:
+            with Session(db_engine) as session:
+                service.delete(session, principal, Tenant, item_id)
+
+        await asyncio.to_thread(check)
+        await retrieval.forget_tenant(item_id)
+        await asyncio.to_thread(remove)
+        await asyncio.to_thread(audit.store.forget_tenant_content, item_id)
 
     # -- workflows -----------------------------------------------------------------------------------
 

@@ -122,6 +122,14 @@ class PayloadTooLargeError(ApplianceError):
     code = "request_too_large"
 
 
+class ClientDisconnectedError(ApplianceError):
+    """The client went away before its answer (nobody reads this response; nginx's 499 names it in logs)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_disconnected"
+
+
 class UnsupportedMediaTypeError(ApplianceError):
     status_code = 415
     error_type = "invalid_request_error"

@@ -114,6 +114,16 @@ class Catalog:
             session.execute(delete(RagCollection).where(col(RagCollection.id) == collection.id))
             session.commit()
 
+    def tenant_collection_ids(self, tenant_id: str) -> list[str]:
+        with Session(self._engine) as session:
+            return list(session.exec(select(RagCollection.id).where(col(RagCollection.tenant_id) == tenant_id)))
+
+    def delete_tenant_collections(self, tenant_id: str) -> None:
+        with Session(self._engine) as session:
+            session.execute(delete(RagDocument).where(col(RagDocument.tenant_id) == tenant_id))
+            session.execute(delete(RagCollection).where(col(RagCollection.tenant_id) == tenant_id))
+            session.commit()
+
     # documents
 
     def documents(self, collection: RagCollection) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from msgspec import Meta, Struct
 
-from appliance.gateway.routes import answer, call_link, source_of
+from appliance.gateway.routes import answer, call_link, source_of, unless_client_leaves
 from appliance.identity.auth import principal_of
 from appliance.lib.errors import InvalidRequestError
 from appliance.lib.http import request_id
@@ -146,6 +146,7 @@ def rag_controller(settings: Settings) -> type[Controller]:
 
         @post("/chat", status_code=200)
         async def chat(self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval]) -> Response[Any]:
-            return answer(await retrieval.chat(_caller(request), await request.body()))
+            body = await request.body()
+            return answer(await unless_client_leaves(request, retrieval.chat(_caller(request), body)))
 
     return RetrievalController

@@ -30,7 +30,7 @@ from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, Upst
 from appliance.retrieval.cache import RetrievalCache
 from appliance.retrieval.catalog import Catalog, document_view
 from appliance.retrieval.chunking import Chunk, Chunker
-from appliance.retrieval.extract import extract_text
+from appliance.retrieval.extract import ExtractionLimits, extract_text
 from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.models import RagCollection, RagDocument
 from appliance.retrieval.vectors import VectorStore, point_id, qdrant_name
@@ -186,6 +186,16 @@ class Retrieval:
         await asyncio.to_thread(self._catalog.delete_collection, collection)
         self.cache.forget(collection.id)
 
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Delete every collection of a tenant that is being deleted: its points (the files on disk in local
+        mode), then its catalog rows; the number of collections."""
+        ids = await asyncio.to_thread(self._catalog.tenant_collection_ids, tenant_id)
+        for collection_id in ids:
+            await self._store.drop(qdrant_name(collection_id))
+            self.cache.forget(collection_id)
+        await asyncio.to_thread(self._catalog.delete_tenant_collections, tenant_id)
+        return len(ids)
+
     # documents
 
     async def ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
@@ -198,7 +208,13 @@ class Retrieval:
                 f"The document is {len(upload.raw)} bytes; at most {self._settings.max_document_bytes} are accepted.",
                 param="file",
             )
-        text = await asyncio.to_thread(extract_text, upload.raw, upload.media_type)
+        limits = ExtractionLimits(
+            max_pages=self._settings.max_document_pages,
+            max_characters=self._settings.max_document_characters,
+            max_stream_bytes=self._settings.max_pdf_stream_bytes,
+            max_content_bytes=self._settings.max_pdf_content_bytes,
+        )
+        text = await asyncio.to_thread(extract_text, upload.raw, upload.media_type, limits)
         chunks, tokens = await asyncio.to_thread(self.chunker.split, text)
         if len(chunks) > self._settings.max_document_chunks:
             raise PayloadTooLargeError(

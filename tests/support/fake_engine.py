@@ -5,7 +5,9 @@ off mid-way) and by the gateway-overhead benchmark as an upstream that costs nex
 **fake**: nothing here checks the gateway against vLLM's behaviour; the integration tests do that.
 
 The first message's content (or the prompt) picks a behaviour: ``fail:500``, ``fail:400``,
-``fail:badjson``, ``fail:truncate``; anything else gets a normal answer of ``TOKENS`` tokens.
+``fail:badjson``, ``fail:truncate``, ``hang`` (a non-streamed answer that takes ``HANG_S`` seconds, given up
+as soon as the gateway closes the connection, as vLLM aborts a request then); anything else gets a normal
+answer of ``TOKENS`` tokens.
 """
 
 from __future__ import annotations
@@ -52,6 +54,21 @@ def _generated(body: dict[str, Any]) -> int:
 
 COMPLETIONS_SERVED: list[dict[str, Any]] = []  # every completion request received (tests read it)
 TRACEPARENTS_SERVED: list[str | None] = []  # ... and the traceparent header each carried
+HANG_S = 10.0
+HANGING: list[str] = []  # request ids of `hang` requests received
+ABANDONED: list[str] = []  # ... whose connection the gateway closed before the answer
+
+
+async def _hang(request: web.Request) -> web.Response:
+    request_id = request.headers.get("X-Request-Id", "")
+    HANGING.append(request_id)
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline:
+        if request.transport is None or request.transport.is_closing():
+            ABANDONED.append(request_id)
+            return web.Response(status=499)
+        await asyncio.sleep(0.01)
+    return web.json_response({"error": {"message": "hung for nobody", "type": "InternalServerError"}}, status=500)
 
 
 async def _completion(request: web.Request) -> web.StreamResponse:
@@ -70,6 +87,8 @@ async def _completion(request: web.Request) -> web.StreamResponse:
         )
     if behaviour == "fail:badjson":
         return web.Response(body=b"{not json", content_type="application/json")
+    if behaviour == "hang" and not body.get("stream"):
+        return await _hang(request)
     chat = request.path.endswith("/chat/completions")
     prompts, n, tokens = _prompts(body), int(body.get("n") or 1), _generated(body)
     choices = prompts * n
@@ -132,11 +151,13 @@ async def _tokenize(request: web.Request) -> web.Response:
 
 
 EMBEDDING_DIMENSIONS = 384  # as the bundled embedding model's
+EMBEDDINGS_SERVED: list[dict[str, Any]] = []  # every embeddings request received
 
 
 async def _embeddings(request: web.Request) -> web.Response:
     """Deterministic unit vectors (from each input's hash): the same text always gets the same vector."""
     body = await request.json()
+    EMBEDDINGS_SERVED.append(body)
     inputs = body.get("input")
     texts = inputs if isinstance(inputs, list) else [inputs]
     data = []

@@ -161,8 +161,9 @@ async def test_embedding_model_refuses_chat(client: AsyncTestClient[Any]) -> Non
     assert response.json()["error"]["code"] == "model_not_supported"
 
 
-async def test_readyz_is_503_while_an_engine_is_down(client: AsyncTestClient[Any]) -> None:
-    response = await client.get("/readyz")
+async def test_readyz_is_503_while_an_engine_is_down(client: AsyncTestClient[Any], tmp_path: Path) -> None:
+    admin = embedded_issuer(Settings(data_dir=tmp_path)).mint("root", client_id="c", roles=["operator"])
+    response = await client.get("/readyz", headers={"Authorization": f"Bearer {admin}"})
     assert response.status_code == 503
     engines = {row["model"]: row["healthy"] for row in response.json()["engines"]}
     assert engines == {"fake": True, "down": False, "embed": True}

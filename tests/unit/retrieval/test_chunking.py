@@ -54,3 +54,30 @@ def test_overlap_must_be_below_the_size_and_a_missing_tokenizer_is_named(tmp_pat
         Chunker(word_tokenizer(["a"]), size=10, overlap=10)
     with pytest.raises(ServiceUnavailableError, match="tokenizer"):
         Chunker.from_model_dir(tmp_path, 10, 2)
+
+
+def test_a_long_text_is_chunked_in_segments_with_the_same_result() -> None:
+    paragraphs = [" ".join(f"p{p}w{n}" + ("." if n % 9 == 8 else "") for n in range(37)) for p in range(60)]
+    text = "\n\n".join(paragraphs)
+    tokenizer = word_tokenizer(text.replace(".", " .").split())
+    whole = Chunker(tokenizer, size=50, overlap=10).split(text)
+    for segment in (120, 500, 3000):  # characters encoded at a time
+        assert Chunker(tokenizer, size=50, overlap=10, segment_chars=segment).split(text) == whole
+
+
+def test_chunking_memory_follows_the_chunks_not_the_tokens() -> None:
+    import tracemalloc
+
+    words = [f"w{n}" for n in range(1000)]
+    text = "\n".join(" ".join(words[(line * 7) % 900 : (line * 7) % 900 + 80]) for line in range(6000))
+    chunker = Chunker(word_tokenizer(words), size=200, overlap=40)
+    tracemalloc.start()
+    try:
+        chunks, total = chunker.split(text)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert total == 6000 * 80
+    output = sum(len(chunk.text) + 150 for chunk in chunks)  # the chunks' text and their objects
+    # One tuple per token (480,000 of them, ~40 MB) is what this refuses; a segment's worth is allowed.
+    assert peak < output + 8 * 1024 * 1024, (peak, output)
