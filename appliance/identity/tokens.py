@@ -121,14 +121,14 @@ class TokenValidator:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise AuthenticationError() from None
-        kid = header.get("kid")
-        if not isinstance(kid, str) or header.get("alg") not in ALLOWED_ALGORITHMS:
+        kid, alg = header.get("kid"), header.get("alg")
+        if not isinstance(kid, str) or not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             raise AuthenticationError()
         found = await self._jwks.key(kid)
         if found is None:
             raise AuthenticationError()
         key, algorithm = found
-        if header["alg"] != algorithm:
+        if alg != algorithm:
             raise AuthenticationError()
         try:
             claims: dict[str, Any] = jwt.decode(
