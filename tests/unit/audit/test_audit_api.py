@@ -14,6 +14,7 @@ from appliance.asgi import create_app
 from appliance.identity.setup import bootstrap, bootstrap_password_file, embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
+from tests.support.gateway import add_tenant
 
 Client = AsyncTestClient[Any]
 
@@ -67,6 +68,7 @@ async def test_refusals_are_recorded(client: Client, settings: Settings) -> None
 
 
 async def test_inference_requests_are_recorded_with_their_tokens(client: Client, settings: Settings) -> None:
+    add_tenant(settings, "t1")
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
     response = await client.post("/v1/chat/completions", json=body, headers=auth(settings, "user", tenant="t1"))
     assert response.status_code == 200
