@@ -37,7 +37,7 @@ from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity import service as identity_service
 from appliance.identity import setup as identity_setup
-from appliance.identity.accounts import LoginLimiter
+from appliance.identity.accounts import LoginLimiter, PasswordWork
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
@@ -119,6 +119,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
     login_limiter = LoginLimiter()
+    password_work = PasswordWork()
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -140,6 +141,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await monitor.stop()
             await router.stop()
             await asyncio.to_thread(retrieval.close)
+            password_work.close()
             db_engine.dispose()
 
     handlers: list[Any] = [rag_controller(settings), console_assets()]
@@ -165,6 +167,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "issuer": Provide(lambda: issuer, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "login_limiter": Provide(lambda: login_limiter, use_cache=True, sync_to_thread=False),
+            "password_work": Provide(lambda: password_work, use_cache=True, sync_to_thread=False),
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
