@@ -37,6 +37,7 @@ from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity import service as identity_service
 from appliance.identity import setup as identity_setup
+from appliance.identity.account_routes import LocalAccountController
 from appliance.identity.accounts import LoginLimiter, PasswordWork
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
@@ -158,7 +159,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             PlacementController,
             DriftController,
         ]
-        + ([OidcController] if issuer is not None else []),
+        + ([OidcController, LocalAccountController] if issuer is not None else []),
         dependencies={
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
             "router": Provide(lambda: router, use_cache=True, sync_to_thread=False),

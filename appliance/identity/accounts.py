@@ -43,6 +43,8 @@ def check_password(session: Session, username: str, password: str) -> LocalAccou
         _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return None
+    if account is not None and account.disabled:  # told apart from a wrong password by no one
+        return None
     return account
 
 

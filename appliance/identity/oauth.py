@@ -18,7 +18,7 @@ from sqlmodel import Session, col
 from appliance.identity.accounts import check_password, hash_password
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
-from appliance.identity.models import AuthorizationCode, LocalAccount, ServiceClient
+from appliance.identity.models import LOCAL_SUBJECT, AuthorizationCode, LocalAccount, ServiceClient
 from appliance.lib.times import as_utc
 
 CODE_TTL = timedelta(seconds=60)
@@ -120,10 +120,10 @@ def exchange_code(session: Session, issuer: EmbeddedIssuer, form: dict[str, str]
     if not _VERIFIER.match(verifier) or not hmac.compare_digest(computed, stored.code_challenge):
         raise OAuthError("invalid_grant", "The PKCE code verifier does not match.")
     account = session.get(LocalAccount, stored.username)
-    if account is None:
-        raise OAuthError("invalid_grant", "The account no longer exists.")
+    if account is None or account.disabled:
+        raise OAuthError("invalid_grant", "The account no longer exists or is disabled.")
     token = issuer.mint(
-        f"local:{account.username}",
+        f"{LOCAL_SUBJECT}{account.username}",
         client_id=stored.client_id,
         roles=account.roles,
         tenant_id=account.tenant_id,
