@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,10 +21,10 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from appliance.identity.models import LocalAccount
-from appliance.identity.principal import ADMIN
+from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
+from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.signing import write_secret
-from appliance.lib.errors import RateLimitedError
+from appliance.lib.errors import AuthenticationError, RateLimitedError
 
 T = TypeVar("T")
 
@@ -190,3 +191,44 @@ class PasswordWork:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class AccountCheck:
+    """An embedded-issuer token of a local account (``sub`` ``local:<username>``) follows its account, like a
+    console session: a disabled or deleted account's tokens are refused (401) and a demoted account's carry
+    only the roles it still has, within ``recheck_s`` (tokens live ``identity.token_ttl_s``, 10 minutes by
+    default). A promotion needs a new token."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        recheck_s: float = 1.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._recheck_s = recheck_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._seen: OrderedDict[str, tuple[frozenset[str] | None, float]] = OrderedDict()
+
+    async def apply(self, principal: Principal) -> Principal:
+        if principal.kind != "token" or not principal.subject.startswith(LOCAL_SUBJECT):
+            return principal
+        username = principal.subject.removeprefix(LOCAL_SUBJECT)
+        seen = self._seen.get(username)
+        if seen is None or self._clock() - seen[1] >= self._recheck_s:
+            roles = await asyncio.to_thread(self._roles, username)
+            self._seen.pop(username, None)
+            while len(self._seen) >= self._max_entries:
+                self._seen.popitem(last=False)
+            seen = self._seen[username] = (roles, self._clock())
+        if seen[0] is None:
+            raise AuthenticationError()
+        return replace(principal, roles=principal.roles & seen[0])
+
+    def _roles(self, username: str) -> frozenset[str] | None:
+        with Session(self._engine) as session:
+            account = session.get(LocalAccount, username)
+            return None if account is None or account.disabled else frozenset(account.roles)

@@ -11,6 +11,7 @@ from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from appliance.identity.accounts import AccountCheck
 from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.principal import Principal
 from appliance.identity.sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore
@@ -38,6 +39,7 @@ class Authenticator:
         sessions: SessionStore,
         default_tenant: DefaultTenant | None = None,
         tenants: TenantCheck | None = None,
+        accounts: AccountCheck | None = None,
     ) -> None:
         self._tokens = tokens
         self._api_keys = api_keys
@@ -45,6 +47,7 @@ class Authenticator:
         self.sessions = sessions
         self._default_tenant = default_tenant
         self._tenants = tenants
+        self._accounts = accounts
 
     async def authenticate(
         self,
@@ -80,6 +83,8 @@ class Authenticator:
 
     async def from_token(self, token: str) -> Principal:
         principal, claims = await self._tokens.validate(token)
+        if self._accounts is not None:
+            principal = await self._accounts.apply(principal)
         user_id = await self._users.mirror(principal, claims)
         return Principal(**{**_fields(principal), "user_id": user_id, "username": _username(claims, principal)})
 

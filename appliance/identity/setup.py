@@ -10,7 +10,7 @@ import aiohttp
 from sqlalchemy.engine import Engine
 
 from appliance.db.engine import create_schema, make_engine
-from appliance.identity.accounts import bootstrap_admin
+from appliance.identity.accounts import AccountCheck, bootstrap_admin
 from appliance.identity.apikeys import ApiKeyAuthenticator, KeyHasher
 from appliance.identity.auth import Authenticator
 from appliance.identity.issuer import EmbeddedIssuer
@@ -78,6 +78,7 @@ def authenticator(
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,
         TenantCheck(engine),
+        AccountCheck(engine) if issuer is not None else None,
     )
 
 

@@ -4,6 +4,7 @@ change the roles, sign out everywhere), and console sessions follow their accoun
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,17 @@ async def test_any_users_console_sessions_can_be_ended_by_user_id(client: Client
     assert (await client.get("/admin/tenants", headers=session)).status_code == 401
     nobody = await client.post("/admin/users/usr_nope/sign-out", headers=admin)
     assert nobody.status_code == 404
+
+
+async def test_a_local_accounts_access_tokens_follow_the_account_too(client: Client, settings: Settings) -> None:
+    """Tokens of the embedded issuer live 10 minutes: a disabled or demoted account's are refused within a second."""
+    bearer = {
+        "Authorization": f"Bearer {embedded_issuer(settings).mint('local:alice', client_id='c', roles=['admin'])}"
+    }
+    assert (await client.get("/admin/tenants", headers=bearer)).status_code == 200
+    change_account(settings, roles=["auditor"])
+    await asyncio.sleep(1.1)
+    assert (await client.get("/admin/tenants", headers=bearer)).status_code == 403
+    change_account(settings, disabled=True)
+    await asyncio.sleep(1.1)
+    assert (await client.get("/admin/tenants", headers=bearer)).status_code == 401
