@@ -39,7 +39,8 @@ from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity import service as identity_service
 from appliance.identity import setup as identity_setup
-from appliance.identity.accounts import LoginLimiter
+from appliance.identity.account_routes import LocalAccountController
+from appliance.identity.accounts import LoginLimiter, PasswordWork
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
     login_limiter = LoginLimiter()
+    password_work = PasswordWork()
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -146,6 +148,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await monitor.stop()
             await router.stop()
             await asyncio.to_thread(retrieval.close)
+            password_work.close()
             db_engine.dispose()
 
     handlers: list[Any] = [rag_controller(settings), console_assets()]
@@ -162,7 +165,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             PlacementController,
             DriftController,
         ]
-        + ([OidcController] if issuer is not None else []),
+        + ([OidcController, LocalAccountController] if issuer is not None else []),
         dependencies={
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
             "router": Provide(lambda: router, use_cache=True, sync_to_thread=False),
@@ -171,6 +174,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "issuer": Provide(lambda: issuer, use_cache=True, sync_to_thread=False),
             "settings": Provide(lambda: settings, use_cache=True, sync_to_thread=False),
             "login_limiter": Provide(lambda: login_limiter, use_cache=True, sync_to_thread=False),
+            "password_work": Provide(lambda: password_work, use_cache=True, sync_to_thread=False),
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),

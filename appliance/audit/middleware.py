@@ -62,8 +62,11 @@ def _event(scope: Scope, audited_write: bool, status: int, held: list[Message]) 
     path, method = scope["path"], str(scope.get("method", ""))
     match = _PATH.match(path)
     resource = match["resource"] if match else "unknown"
+    detail = scope.get("state", {}).get(_DETAIL_KEY, {})
     if audited_write and match:
-        event_type = f"{match['area']}.{resource}.{_ACTIONS[method]}"
+        # A handler names an action that is not plain CRUD (reset_password, sign_out) in its audit detail.
+        action = detail.get("action") if isinstance(detail.get("action"), str) else _ACTIONS[method]
+        event_type = f"{match['area']}.{resource}.{action}"
     else:
         event_type = "access.refused"
     object_id = (match["id"] if match else None) or _created_id(held) or path[:300]
@@ -73,7 +76,7 @@ def _event(scope: Scope, audited_write: bool, status: int, held: list[Message]) 
         _outcome(status),
         object_type=resource,
         object_id=object_id,
-        detail={**scope.get("state", {}).get(_DETAIL_KEY, {}), "method": method, "status": status, "path": path[:300]},
+        detail={**detail, "method": method, "status": status, "path": path[:300]},
     )
 
 

@@ -13,7 +13,7 @@ from litestar.params import FromQuery, QueryParameter
 from appliance.audit.writer import AuditWriter
 from appliance.identity.auth import principal_of
 from appliance.identity.principal import ADMIN, AUDITOR
-from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.errors import InvalidRequestError, PermissionDeniedError
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 Offset = Annotated[int, QueryParameter(ge=0)]
@@ -37,6 +37,13 @@ class AuditController(Controller):
     ) -> dict[str, Any]:
         principal = principal_of(request.scope)
         principal.require_role(AUDITOR, ADMIN)
+        for name, moment in (("since", since), ("until", until)):
+            if moment is not None and moment.utcoffset() is None:
+                raise InvalidRequestError(
+                    f"`{name}` needs a time zone (for example 2026-01-01T00:00:00Z): the audit trail is in UTC, "
+                    "and a time without one is ambiguous.",
+                    param=name,
+                )
         return await asyncio.to_thread(
             audit.store.search,
             since=since,

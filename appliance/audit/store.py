@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 from appliance.audit.chain import FIELDS, GENESIS, NoteKey, open_checkpoint, record_hash, sign_checkpoint, ts_text
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
+from appliance.lib.bounded import bounded, bounded_detail
 from appliance.lib.times import as_utc
 
 RECORDS: Table = AuditRecord.__table__  # type: ignore[attr-defined]
@@ -41,6 +42,15 @@ class AuditEvent:
     detail: dict[str, Any] = field(default_factory=dict)
     ts: datetime = field(default_factory=lambda: datetime.now(UTC))
     content: tuple[str, str] | None = None  # (prompt, answer) of a tenant with content capture; not chained
+
+    def __post_init__(self) -> None:
+        """Every text field fits its column (cut with a marker and a hash of the whole value) and the detail is
+        bounded: what a client sends can make a record neither unwritable nor megabytes long."""
+        for name, limit in _TEXT_LIMITS.items():
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, bounded(value if isinstance(value, str) else str(value), limit))
+        self.detail = bounded_detail(self.detail)
 
 
 @dataclass
@@ -295,6 +305,11 @@ class AuditStore:
         return int(count or 0)
 
 
+_TEXT_LIMITS = {
+    column.name: int(column.type.length)  # type: ignore[attr-defined]
+    for column in RECORDS.columns
+    if column.name in AuditEvent.__dataclass_fields__ and getattr(column.type, "length", None)
+}
 _VALUE_FIELDS = tuple(name for name in FIELDS if name != "seq")  # the chained fields, in canonical order
 
 

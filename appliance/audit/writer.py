@@ -1,14 +1,22 @@
 """Group commit of audit events: callers that must not answer before their record is durable await
 :meth:`AuditWriter.record`; many such callers share one transaction. :meth:`record_nowait` queues an
-event without waiting (for events whose request is not answered, such as a client that went away)."""
+event without waiting (for events whose request is not answered, such as a client that went away).
+
+A batch that fails because of the database (down, locked, full) is retried as it is. A batch that fails
+because of its data is split until the one record the database refuses is found; that record is replaced by
+a well-formed ``audit.record_rejected`` record in its place in the chain (so the chain still accounts for it)
+and the rest are written: one bad record never holds up the others."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from datetime import UTC, datetime
 
 from appliance.audit.store import AuditEvent, AuditStore
+from appliance.db.faults import is_transient
 from appliance.lib.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -70,20 +78,64 @@ class AuditWriter:
                 continue
             batch = self._pending[: self._batch_size]
             try:
-                seqs = await asyncio.to_thread(self.store.append, [event for event, _ in batch])
+                await self._append(batch)
             except Exception:
                 log.exception("appending %d audit records failed; retrying", len(batch))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
-            del self._pending[: len(batch)]
-            for (_, future), seq in zip(batch, seqs, strict=True):
-                if future is not None and not future.done():
-                    future.set_result(seq)
+
+    async def _append(self, batch: list[tuple[AuditEvent, asyncio.Future[int] | None]]) -> None:
+        """Append ``batch`` (the head of the queue), isolating a record the database refuses. What is committed
+        leaves the queue at once, so a failure part-way (raised to be retried) never writes a record twice."""
+        try:
+            seqs = await asyncio.to_thread(self.store.append, [event for event, _ in batch])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                await self._append(batch[:middle])
+                await self._append(batch[middle:])
+                return
+            log.error(
+                "an audit record was refused (%s: %s); it is replaced by a record saying so", type(exc).__name__, exc
+            )
+            seqs = await asyncio.to_thread(self.store.append, [rejected(batch[0][0], exc)])  # raises: retried
+        del self._pending[: len(batch)]
+        for (_, future), seq in zip(batch, seqs, strict=True):
+            if future is not None and not future.done():
+                future.set_result(seq)
 
     async def _checkpoint(self) -> None:
         try:
             await asyncio.to_thread(self.store.checkpoint)
         except Exception:
             log.exception("signing an audit checkpoint failed")
+
+
+def rejected(event: AuditEvent, exc: BaseException) -> AuditEvent:
+    """The record that takes the place of one the database refused: who, when and what (as far as those are
+    text), the error, and a fingerprint of the refused record."""
+
+    def text(value: object) -> str | None:
+        return value if isinstance(value, str) else None
+
+    return AuditEvent(
+        event_type="audit.record_rejected",
+        outcome="failure",
+        component="audit",
+        subject=text(event.subject),
+        subject_kind=text(event.subject_kind),
+        tenant_id=text(event.tenant_id),
+        source_ip=text(event.source_ip),
+        request_id=text(event.request_id),
+        ts=event.ts if isinstance(event.ts, datetime) else datetime.now(UTC),
+        detail={
+            "event_type": text(event.event_type),
+            "outcome": text(event.outcome),
+            "error": type(exc).__name__,
+            "record_sha256": hashlib.sha256(repr(event).encode("utf-8", "replace")).hexdigest(),
+        },
+    )

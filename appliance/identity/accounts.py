@@ -1,11 +1,19 @@
-"""Local accounts of the embedded issuer: argon2id passwords, the bootstrap admin, login rate limiting."""
+"""Local accounts of the embedded issuer: argon2id passwords (hashed on their own bounded pool), the bootstrap
+admin, sign-in rate limiting."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import math
 import secrets
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -13,9 +21,12 @@ from sqlalchemy import func
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from appliance.identity.models import LocalAccount
-from appliance.identity.principal import ADMIN
+from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
+from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.signing import write_secret
+from appliance.lib.errors import AuthenticationError, RateLimitedError
+
+T = TypeVar("T")
 
 BOOTSTRAP_USERNAME = "admin"
 _hasher = PasswordHasher()  # argon2id with the library's current recommended parameters
@@ -32,6 +43,8 @@ def check_password(session: Session, username: str, password: str) -> LocalAccou
         # Verify against a dummy hash for unknown users too: the time taken does not reveal who exists.
         _hasher.verify(account.password_hash if account else _DUMMY_HASH, password)
     except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return None
+    if account is not None and account.disabled:  # told apart from a wrong password by no one
         return None
     return account
 
@@ -58,28 +71,164 @@ def bootstrap_admin(engine: Engine, password_file: Path) -> bool:
 
 
 class LoginLimiter:
-    """At most ``attempts`` failed sign-ins per (username, client address) in ``window_s`` seconds."""
+    """Limits on sign-in attempts, all checked before a password is hashed (:meth:`admit`):
 
-    def __init__(self, attempts: int = 5, window_s: float = 300.0) -> None:
+    - at most ``attempts`` failed sign-ins per (username, client address) in ``window_s`` seconds;
+    - at most ``per_address`` attempts per client address in ``address_window_s`` seconds, whatever the
+      usernames (a flood with random usernames);
+    - at most ``global_rate_per_s`` attempts per second from all addresses together (bursts of
+      ``global_burst``).
+
+    Its memory is bounded: each table keeps at most ``max_entries`` keys, dropping the least recently used.
+    """
+
+    def __init__(
+        self,
+        attempts: int = 5,
+        window_s: float = 300.0,
+        *,
+        per_address: int = 30,
+        address_window_s: float = 60.0,
+        global_rate_per_s: float = 10.0,
+        global_burst: float = 30.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._attempts = attempts
         self._window_s = window_s
-        self._failures: dict[tuple[str, str], deque[float]] = {}
+        self._per_address = per_address
+        self._address_window_s = address_window_s
+        self._rate = global_rate_per_s
+        self._burst = global_burst
+        self._tokens = global_burst
+        self._refilled = clock()
+        self._max_entries = max_entries
+        self._clock = clock
+        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._by_address: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def admit(self, username: str, address: str) -> int:
+        """Before hashing: 0 to go ahead (the attempt is counted), else the seconds to wait."""
+        wait = self.retry_after(username, address)
+        if wait:
+            return wait
+        now = self._clock()
+        recent = self._recent(self._by_address, address, self._address_window_s)
+        if recent is not None and len(recent) >= self._per_address:
+            return max(1, int(recent[0] + self._address_window_s - now) + 1)
+        self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return max(1, math.ceil((1 - self._tokens) / self._rate))
+        self._tokens -= 1
+        self._append(self._by_address, address, now, self._per_address)
+        return 0
 
     def retry_after(self, username: str, address: str) -> int:
-        """Seconds to wait before another attempt is accepted (0: go ahead)."""
-        failures = self._recent(username, address)
-        if len(failures) < self._attempts:
+        """Seconds to wait before another attempt with this username is accepted (0: go ahead)."""
+        failures = self._recent(self._failures, (username, address), self._window_s)
+        if failures is None or len(failures) < self._attempts:
             return 0
-        return max(1, int(failures[0] + self._window_s - time.monotonic()) + 1)
+        return max(1, int(failures[0] + self._window_s - self._clock()) + 1)
 
     def failed(self, username: str, address: str) -> None:
-        self._recent(username, address).append(time.monotonic())
+        self._recent(self._failures, (username, address), self._window_s)
+        self._append(self._failures, (username, address), self._clock(), self._attempts)
 
     def succeeded(self, username: str, address: str) -> None:
         self._failures.pop((username, address), None)
 
-    def _recent(self, username: str, address: str) -> deque[float]:
-        failures = self._failures.setdefault((username, address), deque())
-        while failures and failures[0] < time.monotonic() - self._window_s:
-            failures.popleft()
-        return failures
+    def entries(self) -> int:
+        """Keys held, all tables together (bounded by twice ``max_entries``)."""
+        return len(self._failures) + len(self._by_address)
+
+    def _recent(self, table: OrderedDict[Any, deque[float]], key: Any, window_s: float) -> deque[float] | None:
+        """The key's times within the window (None: none; an emptied key is dropped). Never adds a key."""
+        times = table.get(key)
+        if times is None:
+            return None
+        cutoff = self._clock() - window_s
+        while times and times[0] < cutoff:
+            times.popleft()
+        if not times:
+            del table[key]
+            return None
+        return times
+
+    def _append(self, table: OrderedDict[Any, deque[float]], key: Any, moment: float, keep: int) -> None:
+        times = table.get(key)
+        if times is None:
+            while len(table) >= self._max_entries:
+                table.popitem(last=False)
+            times = table[key] = deque(maxlen=keep)
+        else:
+            table.move_to_end(key)
+        times.append(moment)
+
+
+class PasswordWork:
+    """Password hashing (argon2id: costly in memory and time by design) on its own small pool of threads, so
+    sign-ins cannot take the threads that database work runs on. At most ``workers`` run and ``queue`` wait;
+    more are refused at once (429) rather than queued without bound."""
+
+    def __init__(self, workers: int = 2, queue: int = 8) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="password-hashing")
+        self._capacity = workers + queue
+        self._in_flight = 0
+
+    @property
+    def full(self) -> bool:
+        return self._in_flight >= self._capacity
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        if self.full:
+            raise RateLimitedError("Too many sign-ins at this moment; try again in a few seconds.", retry_after=2)
+        self._in_flight += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
+        finally:
+            self._in_flight -= 1
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class AccountCheck:
+    """An embedded-issuer token of a local account (``sub`` ``local:<username>``) follows its account, like a
+    console session: a disabled or deleted account's tokens are refused (401) and a demoted account's carry
+    only the roles it still has, within ``recheck_s`` (tokens live ``identity.token_ttl_s``, 10 minutes by
+    default). A promotion needs a new token."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        recheck_s: float = 1.0,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._recheck_s = recheck_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._seen: OrderedDict[str, tuple[frozenset[str] | None, float]] = OrderedDict()
+
+    async def apply(self, principal: Principal) -> Principal:
+        if principal.kind != "token" or not principal.subject.startswith(LOCAL_SUBJECT):
+            return principal
+        username = principal.subject.removeprefix(LOCAL_SUBJECT)
+        seen = self._seen.get(username)
+        if seen is None or self._clock() - seen[1] >= self._recheck_s:
+            roles = await asyncio.to_thread(self._roles, username)
+            self._seen.pop(username, None)
+            while len(self._seen) >= self._max_entries:
+                self._seen.popitem(last=False)
+            seen = self._seen[username] = (roles, self._clock())
+        if seen[0] is None:
+            raise AuthenticationError()
+        return replace(principal, roles=principal.roles & seen[0])
+
+    def _roles(self, username: str) -> frozenset[str] | None:
+        with Session(self._engine) as session:
+            account = session.get(LocalAccount, username)
+            return None if account is None or account.disabled else frozenset(account.roles)

@@ -11,10 +11,11 @@ from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Receive, Scope, Send
 
+from appliance.identity.accounts import AccountCheck
 from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.principal import Principal
 from appliance.identity.sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore
-from appliance.identity.tenancy import DefaultTenant
+from appliance.identity.tenancy import DefaultTenant, TenantCheck
 from appliance.identity.tokens import TokenValidator
 from appliance.identity.users import UserMirror
 from appliance.lib.errors import AuthenticationError
@@ -37,12 +38,16 @@ class Authenticator:
         users: UserMirror,
         sessions: SessionStore,
         default_tenant: DefaultTenant | None = None,
+        tenants: TenantCheck | None = None,
+        accounts: AccountCheck | None = None,
     ) -> None:
         self._tokens = tokens
         self._api_keys = api_keys
         self._users = users
         self.sessions = sessions
         self._default_tenant = default_tenant
+        self._tenants = tenants
+        self._accounts = accounts
 
     async def authenticate(
         self,
@@ -53,9 +58,13 @@ class Authenticator:
         csrf_token: str | None = None,
     ) -> Principal:
         """A bearer credential (JWT or API key) or, failing that, a console session cookie; a tenant-less
-        `user` is bound to the default tenant where one is configured."""
+        `user` is bound to the default tenant where one is configured; a tenant that does not exist is refused."""
         principal = await self._credential(authorization, session_cookie, method, csrf_token)
-        return principal if self._default_tenant is None else await self._default_tenant.bind(principal)
+        if self._default_tenant is not None:
+            principal = await self._default_tenant.bind(principal)
+        if self._tenants is not None:
+            await self._tenants.check(principal)
+        return principal
 
     async def _credential(
         self, authorization: str | None, session_cookie: str | None, method: str, csrf_token: str | None
@@ -74,6 +83,8 @@ class Authenticator:
 
     async def from_token(self, token: str) -> Principal:
         principal, claims = await self._tokens.validate(token)
+        if self._accounts is not None:
+            principal = await self._accounts.apply(principal)
         user_id = await self._users.mirror(principal, claims)
         return Principal(**{**_fields(principal), "user_id": user_id, "username": _username(claims, principal)})
 

@@ -11,6 +11,7 @@ from sqlmodel import Field, SQLModel
 from appliance.ledger.models import utcnow
 
 ROLES = ("admin", "operator", "auditor", "user")
+LOCAL_SUBJECT = "local:"  # the `sub` of a local account's tokens and console sessions: "local:<username>"
 
 
 def new_id(prefix: str) -> str:
@@ -95,6 +96,7 @@ class LocalAccount(SQLModel, table=True):
     roles: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     tenant_id: str | None = Field(default=None, foreign_key="tenants.id", max_length=32, ondelete="CASCADE")
     must_change_password: bool = False
+    disabled: bool = Field(default=False, description="refused at sign-in; its console sessions end")
     created_at: datetime = Field(default_factory=utcnow)
 
 

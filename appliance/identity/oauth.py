@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlmodel import Session
+from sqlalchemy import CursorResult, delete
+from sqlmodel import Session, col
 
 from appliance.identity.accounts import check_password, hash_password
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
-from appliance.identity.models import AuthorizationCode, LocalAccount, ServiceClient
+from appliance.identity.models import LOCAL_SUBJECT, AuthorizationCode, LocalAccount, ServiceClient
 from appliance.lib.times import as_utc
 
 CODE_TTL = timedelta(seconds=60)
@@ -97,11 +98,19 @@ def change_password(session: Session, account: LocalAccount, new_password: str) 
 
 
 def exchange_code(session: Session, issuer: EmbeddedIssuer, form: dict[str, str]) -> dict[str, Any]:
-    stored = session.get(AuthorizationCode, _digest(form.get("code", "")))
+    code_hash = _digest(form.get("code", ""))
+    stored = session.get(AuthorizationCode, code_hash)
     if stored is None:
         raise OAuthError("invalid_grant", "The code is invalid, expired or already used.")
-    session.delete(stored)  # one use only, whatever happens next
+    session.expunge(stored)
+    # One use only, whatever happens next: the one DELETE that removes the row redeems the code; a racing
+    # request that read the same row deletes nothing and is refused.
+    result: CursorResult[Any] = session.execute(  # type: ignore[assignment]
+        delete(AuthorizationCode).where(col(AuthorizationCode.code_hash) == code_hash)
+    )
     session.commit()
+    if result.rowcount != 1:
+        raise OAuthError("invalid_grant", "The code is invalid, expired or already used.")
     if as_utc(stored.expires_at) < datetime.now(UTC):
         raise OAuthError("invalid_grant", "The code is invalid, expired or already used.")
     if form.get("client_id") != stored.client_id or form.get("redirect_uri") != stored.redirect_uri:
@@ -111,10 +120,10 @@ def exchange_code(session: Session, issuer: EmbeddedIssuer, form: dict[str, str]
     if not _VERIFIER.match(verifier) or not hmac.compare_digest(computed, stored.code_challenge):
         raise OAuthError("invalid_grant", "The PKCE code verifier does not match.")
     account = session.get(LocalAccount, stored.username)
-    if account is None:
-        raise OAuthError("invalid_grant", "The account no longer exists.")
+    if account is None or account.disabled:
+        raise OAuthError("invalid_grant", "The account no longer exists or is disabled.")
     token = issuer.mint(
-        f"local:{account.username}",
+        f"{LOCAL_SUBJECT}{account.username}",
         client_id=stored.client_id,
         roles=account.roles,
         tenant_id=account.tenant_id,

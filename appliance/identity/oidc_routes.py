@@ -22,10 +22,11 @@ from sqlmodel import Session
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.identity import oauth
-from appliance.identity.accounts import LoginLimiter, check_password
+from appliance.identity.accounts import LoginLimiter, PasswordWork, check_password
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.setup import bootstrap_password_file
+from appliance.lib.errors import RateLimitedError
 from appliance.lib.http import request_id
 from appliance.settings import Settings
 
@@ -102,6 +103,7 @@ class OidcController(Controller):
         settings: NamedDependency[Settings],
         db_engine: NamedDependency[Engine],
         login_limiter: NamedDependency[LoginLimiter],
+        password_work: NamedDependency[PasswordWork],
         audit: NamedDependency[AuditWriter],
     ) -> Response[Any]:
         form = {key: str(value) for key, value in (await request.form()).items()}
@@ -112,15 +114,16 @@ class OidcController(Controller):
         except oauth.OAuthError as exc:
             return _oauth_error(exc)
         username, address = form.get("username", "")[:100], request.client.host if request.client else "-"
-        wait = login_limiter.retry_after(username, address)
+        # Every limit is checked before the password is hashed; hashing runs on its own bounded pool.
+        wait = login_limiter.admit(username, address) or (2 if password_work.full else 0)
         if wait:
-            await audit.record(_sign_in_event(request, username, "denied", "rate_limited"))
-            response = _login_page(parsed, "Too many failed attempts. Try again later.", status_code=429)
-            response.headers["Retry-After"] = str(wait)
-            return response
-        outcome = await asyncio.to_thread(
-            _sign_in, db_engine, parsed, username, form, bootstrap_password_file(settings)
-        )
+            return await _too_many(request, audit, parsed, username, wait)
+        try:
+            outcome = await password_work.run(
+                _sign_in, db_engine, parsed, username, form, bootstrap_password_file(settings)
+            )
+        except RateLimitedError as exc:
+            return await _too_many(request, audit, parsed, username, exc.retry_after)
         if isinstance(outcome, Response) and outcome.status_code == 401:
             login_limiter.failed(username, address)
             await audit.record(_sign_in_event(request, username, "failure", "wrong_credentials"))
@@ -155,6 +158,15 @@ class OidcController(Controller):
             _sign_in_event(request, client[0] or None, "success", "issued", event_type=f"auth.token.{grant}")
         )
         return Response(content=body, status_code=200, headers=_NO_STORE)
+
+
+async def _too_many(
+    request: Req, audit: AuditWriter, parsed: oauth.AuthorizeRequest, username: str, wait: int
+) -> Response[Any]:
+    await audit.record(_sign_in_event(request, username, "denied", "rate_limited"))
+    response = _login_page(parsed, "Too many sign-in attempts. Try again later.", status_code=429)
+    response.headers["Retry-After"] = str(wait)
+    return response
 
 
 def _sign_in_event(

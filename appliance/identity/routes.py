@@ -13,11 +13,12 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.audit.middleware import add_audit_detail
 from appliance.audit.writer import AuditWriter
 from appliance.budgets import access as budget_access
 from appliance.identity import service
 from appliance.identity.apikeys import KeyHasher
-from appliance.identity.auth import principal_of
+from appliance.identity.auth import Authenticator, principal_of
 from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
 from appliance.identity.principal import ADMIN
 from appliance.identity.schemas import (
@@ -203,6 +204,18 @@ class AdminController(Controller):
     def get_user(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
         with Session(db_engine) as session:
             return service.read(session, principal_of(request.scope), User, item_id)
+
+    @post("/users/{item_id:str}/sign-out", status_code=200, sync_to_thread=True)
+    def sign_out_user(
+        self, request: Req, db_engine: Db, authenticator: NamedDependency[Authenticator], item_id: FromPath[str]
+    ) -> dict[str, Any]:
+        """End every console session of this user, whichever identity provider it signed in with."""
+        add_audit_detail(request.scope, action="sign_out")
+        principal = principal_of(request.scope)
+        principal.require_role(ADMIN)
+        with Session(db_engine) as session:
+            service.get_owned(session, principal, User, item_id)
+        return {"id": item_id, "signed_out": authenticator.sessions.end_all(user_id=item_id)}
 
     @delete("/users/{item_id:str}", sync_to_thread=True)
     def delete_user(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:

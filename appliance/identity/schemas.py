@@ -55,3 +55,8 @@ class ServiceClientCreate(Struct, forbid_unknown_fields=True):
     roles: Annotated[list[Literal["user", "operator"]], Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["user"]
     )
+
+
+class LocalAccountUpdate(Struct, forbid_unknown_fields=True):
+    roles: Annotated[list[Literal["admin", "operator", "auditor", "user"]], Meta(min_length=1)] | None = None
+    disabled: bool | None = None

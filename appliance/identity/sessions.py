@@ -1,5 +1,9 @@
 """Console sessions: an HttpOnly, Secure, SameSite=Strict cookie naming a server-side session, and a CSRF
-token that every state-changing request made with that cookie must echo in ``X-CSRF-Token``."""
+token that every state-changing request made with that cookie must echo in ``X-CSRF-Token``.
+
+A session of a local account follows its account at every request (in the same look-up as the session): a
+disabled or deleted account ends it, changed roles or tenant apply at once. Sessions can be ended for one
+subject or user everywhere (an administrator's "sign out everywhere")."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from sqlalchemy import delete
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from appliance.identity.models import ConsoleSession
+from appliance.identity.models import LOCAL_SUBJECT, ConsoleSession, LocalAccount
 from appliance.identity.principal import Principal
 from appliance.lib.errors import AuthenticationError, PermissionDeniedError
 from appliance.lib.times import as_utc
@@ -52,11 +56,35 @@ class SessionStore:
         return session_id
 
     def get(self, session_id: str) -> ConsoleSession | None:
+        """The live session, its roles and tenant those of its account now (a local account's)."""
         with Session(self._engine) as db:
             row = db.get(ConsoleSession, _digest(session_id))
-        if row is None:
-            return None
-        return row if as_utc(row.expires_at) > datetime.now(UTC) else None
+            if row is None or as_utc(row.expires_at) <= datetime.now(UTC):
+                return None
+            if row.subject.startswith(LOCAL_SUBJECT):
+                account = db.get(LocalAccount, row.subject.removeprefix(LOCAL_SUBJECT))
+                if account is None or account.disabled:
+                    db.delete(row)
+                    db.commit()
+                    return None
+                roles = sorted(account.roles)
+                if row.roles != roles or row.tenant_id != account.tenant_id:
+                    row.roles, row.tenant_id = roles, account.tenant_id
+                    db.add(row)
+                    db.commit()
+                    db.refresh(row)
+            db.expunge(row)
+        return row
+
+    def end_all(self, *, subject: str | None = None, user_id: str | None = None) -> int:
+        """End every session of ``subject`` (or of the mirrored user ``user_id``); returns how many."""
+        if subject is None and user_id is None:
+            raise ValueError("end_all needs a subject or a user id")
+        condition = ConsoleSession.subject == subject if subject is not None else ConsoleSession.user_id == user_id
+        with Session(self._engine) as db:
+            result = db.execute(delete(ConsoleSession).where(condition))  # type: ignore[arg-type]
+            db.commit()
+        return int(getattr(result, "rowcount", 0) or 0)
 
     def end(self, session_id: str) -> None:
         with Session(self._engine) as db:

@@ -10,13 +10,13 @@ import aiohttp
 from sqlalchemy.engine import Engine
 
 from appliance.db.engine import create_schema, make_engine
-from appliance.identity.accounts import bootstrap_admin
+from appliance.identity.accounts import AccountCheck, bootstrap_admin
 from appliance.identity.apikeys import ApiKeyAuthenticator, KeyHasher
 from appliance.identity.auth import Authenticator
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.sessions import SessionStore
 from appliance.identity.signing import SigningKey
-from appliance.identity.tenancy import DefaultTenant
+from appliance.identity.tenancy import DefaultTenant, TenantCheck
 from appliance.identity.tokens import FetchJwks, JwksCache, TokenValidator
 from appliance.identity.users import UserMirror
 from appliance.settings import Settings
@@ -77,6 +77,8 @@ def authenticator(
         UserMirror(engine, settings.issuer_url),
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,
+        TenantCheck(engine),
+        AccountCheck(engine) if issuer is not None else None,
     )
 
 

@@ -17,6 +17,7 @@ from sqlmodel import Session, col, select
 
 from appliance.identity.models import Tenant
 from appliance.identity.principal import Principal, bind_default_tenant, wants_default_tenant
+from appliance.lib.errors import PermissionDeniedError
 
 RECHECK_EVERY_S = 1.0
 
@@ -62,3 +63,45 @@ class DefaultTenant:
             self._found = await asyncio.to_thread(find_tenant, self._engine, self._id_or_name)
             self._checked_at = self._clock()
         return bind_default_tenant(principal, self._found)
+
+
+UNKNOWN_TENANT = "The tenant this credential is bound to does not exist (any more) on this appliance."
+
+
+class TenantCheck:
+    """Every tenant-bound principal's tenant exists: a token whose `tenant` claim names no tenant (a typo in
+    the identity provider, a deleted tenant) is refused with 403, never served without budgets. A tenant seen
+    to exist is trusted for ``recheck_s``, so a deleted one is refused within that time; a missing one is
+    looked up on every request (a signed token is needed to make one)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        recheck_s: float = RECHECK_EVERY_S,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._recheck_s = recheck_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._seen: dict[str, float] = {}  # tenant id -> when it was last seen to exist
+
+    async def check(self, principal: Principal) -> None:
+        tenant_id = principal.tenant_id
+        if tenant_id is None:
+            return
+        seen = self._seen.get(tenant_id)
+        if seen is not None and self._clock() - seen < self._recheck_s:
+            return
+        self._seen.pop(tenant_id, None)
+        if not await asyncio.to_thread(self._exists, tenant_id):
+            raise PermissionDeniedError(UNKNOWN_TENANT)
+        while len(self._seen) >= self._max_entries:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[tenant_id] = self._clock()
+
+    def _exists(self, tenant_id: str) -> bool:
+        with Session(self._engine) as session:
+            return session.get(Tenant, tenant_id) is not None

@@ -44,14 +44,20 @@ def key_algorithm(jwk: dict[str, Any]) -> str | None:
     return derived
 
 
+REFRESH_EVERY = 5  # known keys are re-fetched every REFRESH_EVERY x min_refresh_s
+
+
 class JwksCache:
     """The issuer's signing keys by ``kid``: cached on disk for restarts, refreshed on an unknown ``kid``
-    at most once per ``min_refresh_s`` (so a flood of forged kids cannot hammer the issuer)."""
+    at most once per ``min_refresh_s`` (so a flood of forged kids cannot hammer the issuer), and re-fetched
+    on a schedule, every ``REFRESH_EVERY`` x ``min_refresh_s``, so a key the issuer withdrew stops being
+    trusted within that time (5 minutes by default). While the issuer is unreachable the cached keys stay."""
 
     def __init__(self, fetch: FetchJwks, cache_file: Path | None, min_refresh_s: float = 60.0) -> None:
         self._fetch = fetch
         self._cache_file = cache_file
         self._min_refresh_s = min_refresh_s
+        self._refresh_every_s = REFRESH_EVERY * min_refresh_s
         self._keys: dict[str, tuple[PyJWK, str]] = {}
         self._last_refresh = -float("inf")
         self._lock = asyncio.Lock()
@@ -74,6 +80,10 @@ class JwksCache:
         self._keys = keys
 
     async def key(self, kid: str) -> tuple[PyJWK, str] | None:
+        if time.monotonic() - self._last_refresh >= self._refresh_every_s:
+            async with self._lock:
+                if time.monotonic() - self._last_refresh >= self._refresh_every_s:
+                    await self._refresh()
         found = self._keys.get(kid)
         if found is not None:
             return found
@@ -121,14 +131,14 @@ class TokenValidator:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise AuthenticationError() from None
-        kid = header.get("kid")
-        if not isinstance(kid, str) or header.get("alg") not in ALLOWED_ALGORITHMS:
+        kid, alg = header.get("kid"), header.get("alg")
+        if not isinstance(kid, str) or not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             raise AuthenticationError()
         found = await self._jwks.key(kid)
         if found is None:
             raise AuthenticationError()
         key, algorithm = found
-        if header["alg"] != algorithm:
+        if alg != algorithm:
             raise AuthenticationError()
         try:
             claims: dict[str, Any] = jwt.decode(

@@ -5,20 +5,32 @@ slot when it ends. The slot is freed only once the record is committed, so the q
 in-flight requests plus unwritten records: when the database falls behind, new requests wait (and, past
 ``acquire_timeout_s``, are refused with 503) instead of records being dropped. Handing a record over never
 awaits, so it is safe in cleanup code that runs while a request is being cancelled.
+
+Text a client controls (a token's claims, say) is bounded to its column when the record is handed over. A
+batch that fails because of the database is retried as it is; one that fails because of its data is split
+until the row the database refuses is found, and that row is replaced by one with the same request id and
+attribution, its figures clamped, and ``error_code`` ``usage_record_rejected``: the rest are written, and
+nothing is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
+import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import BigInteger, Table, insert
 from sqlalchemy.engine import Engine
 
+from appliance.db.faults import is_transient
 from appliance.ledger.models import UsageRecord, utcnow
+from appliance.lib.bounded import bounded
 from appliance.lib.errors import ServiceUnavailableError
 
 log = logging.getLogger(__name__)
@@ -139,6 +151,10 @@ class UsageWriter:
         return len(self._pending)
 
     def _enqueue(self, event: UsageEvent) -> None:
+        for name, limit in _TEXT_LIMITS.items():
+            value = getattr(event, name)
+            if value is not None:
+                setattr(event, name, bounded(value if isinstance(value, str) else str(value), limit))
         self._pending.append(event)
         if len(self._pending) >= self._batch_size:
             self._wakeup.set()
@@ -157,19 +173,76 @@ class UsageWriter:
                 continue
             batch = [self._pending[i] for i in range(min(self._batch_size, len(self._pending)))]
             try:
-                await asyncio.to_thread(self._write, batch)
+                await self._write_isolating(batch)
             except Exception:
                 log.exception("writing %d usage records failed; retrying in %.1fs", len(batch), backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            for _ in batch:
-                self._pending.popleft()
-                self._slots.release()
-            self.written += len(batch)
+
+    async def _write_isolating(self, batch: list[UsageEvent]) -> None:
+        """Write ``batch`` (the head of the queue), isolating a row the database refuses. What is committed
+        leaves the queue at once, so a failure part-way (raised to be retried) never writes a row twice."""
+        try:
+            await asyncio.to_thread(self._write, batch)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            if len(batch) > 1:
+                middle = len(batch) // 2
+                await self._write_isolating(batch[:middle])
+                await self._write_isolating(batch[middle:])
+                return
+            log.error("a usage row was refused (%s): %.2000r; it is replaced by a row saying so", exc, batch[0])
+            replacement = rejected(batch[0])
+            try:
+                await asyncio.to_thread(self._write, [replacement])
+            except Exception as again:  # its request id is taken (a duplicate): keep both, told apart
+                if is_transient(again):
+                    raise
+                replacement.request_id = f"{replacement.request_id[:46]}~dup{uuid.uuid4().hex[:12]}"
+                await asyncio.to_thread(self._write, [replacement])  # raises: retried
+        for _ in batch:
+            self._pending.popleft()
+            self._slots.release()
+        self.written += len(batch)
 
     def _write(self, batch: list[UsageEvent]) -> None:
         rows = [asdict(event) for event in batch]
         with self._engine.begin() as connection:
             connection.execute(insert(UsageRecord), rows)
+
+
+_TABLE: Table = UsageRecord.__table__  # type: ignore[attr-defined]
+_TEXT_LIMITS = {
+    column.name: int(column.type.length)  # type: ignore[attr-defined]
+    for column in _TABLE.columns
+    if column.name in UsageEvent.__dataclass_fields__ and getattr(column.type, "length", None)
+}
+_INT_MAX = {
+    column.name: 2**63 - 1 if isinstance(column.type, BigInteger) else 2**31 - 1
+    for column in _TABLE.columns
+    if column.name in UsageEvent.__dataclass_fields__ and column.type.python_type is int
+}
+
+
+def rejected(event: UsageEvent) -> UsageEvent:
+    """The row that takes the place of one the database refused: its request id and attribution as text that
+    fits, its figures clamped to what the columns hold, and ``error_code`` saying so."""
+    values: dict[str, Any] = {}
+    for item in dataclasses.fields(UsageEvent):
+        value, default = getattr(event, item.name), item.default
+        if item.name in _TEXT_LIMITS:
+            value = bounded(str(value), _TEXT_LIMITS[item.name]) if value is not None else None
+        elif item.name in _INT_MAX:
+            value = min(max(int(value), 0), _INT_MAX[item.name]) if isinstance(value, int | float) else 0
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = default if isinstance(default, float) else None
+        elif isinstance(default, bool):
+            value = bool(value)
+        elif item.name == "created_at" and not isinstance(value, datetime):
+            value = utcnow()
+        values[item.name] = value
+    values["error_code"] = "usage_record_rejected"
+    return UsageEvent(**values)

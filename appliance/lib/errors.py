@@ -134,3 +134,15 @@ class UnsupportedMediaTypeError(ApplianceError):
     status_code = 415
     error_type = "invalid_request_error"
     code = "unsupported_media_type"
+
+
+class RateLimitedError(ApplianceError):
+    """Too many requests of one kind right now (sign-in attempts, say); ``Retry-After`` says when to retry."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+        self.retry_after = max(1, retry_after)

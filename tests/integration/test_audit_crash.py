@@ -19,6 +19,7 @@ from appliance.audit.setup import audit_store
 from appliance.identity.setup import embedded_issuer
 from appliance.settings import Settings
 from tests.support.fake_engine import FakeEngine, free_port
+from tests.support.gateway import add_tenant
 
 pytestmark = pytest.mark.integration
 
@@ -44,6 +45,7 @@ async def test_sigkill_under_load(tmp_path: Path) -> None:
     engine.start()
     port = free_port()
     settings = Settings(data_dir=tmp_path)
+    add_tenant(settings, "t1")  # a token's tenant must exist
     token = embedded_issuer(settings).mint("loader", client_id="c", roles=["user"], tenant_id="t1", ttl_s=600)
     env = dict(
         os.environ,

@@ -6,7 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from litestar.testing import AsyncTestClient
+from sqlmodel import Session
 
+from appliance.db.engine import create_schema, make_engine
+from appliance.identity.models import Tenant
 from appliance.identity.setup import embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
@@ -34,3 +37,15 @@ async def tenant_with_key(client: Client, admin: dict[str, str], name: str) -> d
     ).json()
     key = (await client.post("/admin/api-keys", json={"workflow_id": workflow["id"]}, headers=admin)).json()
     return {"tenant": tenant, "workflow": workflow, "key": key, "headers": {"Authorization": f"Bearer {key['key']}"}}
+
+
+def add_tenant(settings: Settings, tenant_id: str, name: str | None = None) -> None:
+    """A tenant with a fixed id, for tests whose tokens name it (a token's tenant must exist)."""
+    engine = make_engine(settings.database_url)
+    try:
+        create_schema(engine)
+        with Session(engine) as session:
+            session.add(Tenant(id=tenant_id, name=name or tenant_id))
+            session.commit()
+    finally:
+        engine.dispose()

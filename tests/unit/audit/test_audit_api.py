@@ -14,6 +14,7 @@ from appliance.asgi import create_app
 from appliance.identity.setup import bootstrap, bootstrap_password_file, embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
+from tests.support.gateway import add_tenant
 
 Client = AsyncTestClient[Any]
 
@@ -67,6 +68,7 @@ async def test_refusals_are_recorded(client: Client, settings: Settings) -> None
 
 
 async def test_inference_requests_are_recorded_with_their_tokens(client: Client, settings: Settings) -> None:
+    add_tenant(settings, "t1")
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
     response = await client.post("/v1/chat/completions", json=body, headers=auth(settings, "user", tenant="t1"))
     assert response.status_code == 200
@@ -155,3 +157,17 @@ async def test_content_is_captured_only_for_tenants_that_enable_it_and_redacted(
     for _rid, prompt, answer, redactions in rows:
         assert "hunter2" not in prompt and keys["private"] not in prompt and redactions == 2
         assert prompt.startswith("user: my password: [REDACTED]") and answer == "ok ok ok ok "
+
+
+async def test_a_search_time_without_a_zone_is_a_clear_400_not_a_500(client: Client, settings: Settings) -> None:
+    for name in ("since", "until"):
+        response = await client.get(
+            "/admin/audit/", params={name: "2026-01-01T00:00:00"}, headers=auth(settings, "auditor")
+        )
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == name and "time zone" in error["message"]
+    zoned = await client.get(
+        "/admin/audit/", params={"since": "2026-01-01T00:00:00Z"}, headers=auth(settings, "auditor")
+    )
+    assert zoned.status_code == 200

@@ -122,7 +122,8 @@ async def test_budget_admin_rules(world: Any, settings: Settings) -> None:
         headers=admin,
     )
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "period"
-    other = embedded_issuer(settings).mint("x", client_id="c", roles=["admin"], tenant_id="ten_other")
+    other_tenant = (await client.post("/admin/tenants", json={"name": "other"}, headers=admin)).json()["id"]
+    other = embedded_issuer(settings).mint("x", client_id="c", roles=["admin"], tenant_id=other_tenant)
     foreign = await client.post(
         "/admin/budgets/",
         json={"scope_type": "workflow", "scope_id": ids["workflow"]["id"], "kind": "tokens", "limit": 5},

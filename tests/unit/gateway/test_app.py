@@ -16,6 +16,7 @@ from appliance.asgi import create_app
 from appliance.identity.setup import embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, ServerSettings, Settings
 from tests.support.fake_engine import FakeEngine, free_port
+from tests.support.gateway import add_tenant
 
 
 @pytest.fixture
@@ -31,6 +32,7 @@ async def client(tmp_path: Path, fake_engine: FakeEngine) -> AsyncIterator[Async
             ]
         ),
     )
+    add_tenant(settings, "t1")
     async with AsyncTestClient(app=create_app(settings)) as test_client:
         test_client.headers["Authorization"] = f"Bearer {user_token(settings)}"
         yield test_client
@@ -175,6 +177,7 @@ async def test_usage_rows_are_flushed_on_shutdown(tmp_path: Path, fake_engine: F
         data_dir=tmp_path, gateway=GatewaySettings(routes=[EngineRoute(model="fake", url=fake_engine.url)])
     )
     settings.usage.flush_interval_s = 60.0  # nothing is written before shutdown unless shutdown flushes
+    add_tenant(settings, "t1")
     async with AsyncTestClient(app=create_app(settings)) as test_client:
         test_client.headers["Authorization"] = f"Bearer {user_token(settings)}"
         for _ in range(5):

@@ -14,6 +14,7 @@ from appliance.asgi import create_app
 from appliance.lib.errors import ModelNotFoundError
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine, free_port
+from tests.support.gateway import add_tenant
 from tests.unit.gateway.test_app import chat, user_token, wait_rows
 
 
@@ -85,6 +86,7 @@ async def test_sessions_through_the_gateway_and_an_engine_that_goes_away(
 ) -> None:
     down = f"http://127.0.0.1:{free_port()}"
     settings = Settings(data_dir=tmp_path, gateway=gateway(two_engines[0].url, two_engines[1].url, down))
+    add_tenant(settings, "t1")  # the tenant of the token
     async with AsyncTestClient(app=create_app(settings)) as client:
         client.headers["Authorization"] = f"Bearer {user_token(settings)}"
         statuses = []

@@ -88,3 +88,13 @@ async def test_public_endpoints_need_no_credentials(client: AsyncTestClient[Any]
     jwks = (await client.get("/oidc/jwks")).json()
     assert [key["kid"] for key in jwks["keys"]] == [issuer.key.kid]
     assert "d" not in jwks["keys"][0], "the private part never leaves the node"
+
+
+@pytest.mark.parametrize("alg", [["ES256"], {"a": 1}, 7, None], ids=["list", "object", "number", "null"])
+async def test_an_alg_header_that_is_not_a_string_is_the_same_401(
+    client: AsyncTestClient[Any], issuer: EmbeddedIssuer, alg: Any
+) -> None:
+    token = hand_made({"alg": alg, "typ": "JWT", "kid": issuer.key.kid}, claims(issuer), b"x")
+    await assert_refused(client, bearer(token))
+    kid = hand_made({"alg": "ES256", "typ": "JWT", "kid": [issuer.key.kid]}, claims(issuer), b"x")
+    await assert_refused(client, bearer(kid))

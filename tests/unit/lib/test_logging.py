@@ -18,6 +18,7 @@ from appliance.lib.tracing import parse_traceparent
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support import fake_engine as fake
 from tests.support.fake_engine import FakeEngine, free_port
+from tests.support.gateway import add_tenant
 
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
@@ -66,6 +67,7 @@ async def test_a_request_logs_its_context_and_forwards_its_trace(
             ]
         ),
     )
+    add_tenant(settings, "t1")  # a token's tenant must exist
     token = embedded_issuer(settings).mint("app", client_id="appliance-console", roles=["user"], tenant_id="t1")
     headers = {"Authorization": f"Bearer {token}", "traceparent": TRACE}
     async with AsyncTestClient(app=create_app(settings)) as client:

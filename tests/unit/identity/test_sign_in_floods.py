@@ -1,0 +1,129 @@
+"""A flood of sign-in attempts cannot stall the appliance (issue #21): limits per address and overall are
+checked before any password is hashed, the limiter's memory is bounded, and password hashing runs on its own
+small pool, so other requests are still answered while a flood runs."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from appliance.asgi import create_app
+from appliance.identity.accounts import LoginLimiter, PasswordWork, hash_password
+from appliance.identity.setup import bootstrap
+from appliance.lib.errors import RateLimitedError
+from appliance.settings import Settings
+from tests.support.fake_engine import free_port
+from tests.support.gateway import admin_headers
+from tests.unit.identity.test_oidc_flows import authorize_params, pkce
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_limiters_memory_is_bounded_whatever_the_usernames_and_addresses() -> None:
+    limiter = LoginLimiter(max_entries=500, per_address=10**9, global_rate_per_s=10**9, global_burst=10**9)
+    for n in range(20_000):
+        user, address = secrets.token_hex(8), f"10.{n // 65536}.{n // 256 % 256}.{n % 256}"
+        assert limiter.admit(user, address) == 0
+        limiter.failed(user, address)
+    assert limiter.entries() <= 2 * 500
+
+
+def test_one_address_is_limited_whatever_usernames_it_tries() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(per_address=20, address_window_s=60, clock=clock)
+    admitted = [limiter.admit(secrets.token_hex(6), "203.0.113.9") for _ in range(50)]
+    assert admitted.count(0) == 20 and all(wait > 0 for wait in admitted[20:])
+    assert limiter.admit("someone", "198.51.100.1") == 0, "other addresses are not held up"
+    clock.now += 61
+    assert limiter.admit("again", "203.0.113.9") == 0
+
+
+def test_all_addresses_together_are_limited() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(global_rate_per_s=5, global_burst=10, clock=clock)
+    admitted = [limiter.admit("u", f"192.0.2.{n}") for n in range(30)]
+    assert admitted.count(0) == 10 and all(wait >= 1 for wait in admitted[10:])
+    clock.now += 1
+    assert [limiter.admit("u", f"198.51.100.{n}") for n in range(6)].count(0) == 5
+
+
+async def test_password_work_is_bounded_and_refused_at_once_when_full() -> None:
+    work = PasswordWork(workers=1, queue=2)
+    try:
+        jobs = [asyncio.ensure_future(work.run(hash_password, "p" * 20)) for _ in range(3)]
+        await asyncio.sleep(0)
+        with pytest.raises(RateLimitedError):
+            await work.run(hash_password, "refused")
+        assert all(digest.startswith("$argon2id$") for digest in await asyncio.gather(*jobs))
+        # Database work (the default pool) is not queued behind password hashing.
+        busy = [asyncio.ensure_future(work.run(hash_password, "p" * 20)) for _ in range(3)]
+        started = time.perf_counter()
+        await asyncio.to_thread(time.sleep, 0.01)
+        assert time.perf_counter() - started < 0.5
+        await asyncio.gather(*busy)
+    finally:
+        work.close()
+
+
+@asynccontextmanager
+async def served(settings: Settings) -> AsyncIterator[str]:
+    """The app behind a real HTTP server (the test client runs one request at a time: no flood)."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.ensure_future(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.timeout(240)
+async def test_a_sign_in_flood_with_random_usernames_does_not_stall_other_requests(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert bootstrap(settings)
+    admin = admin_headers(settings)
+    _verifier, challenge = pkce()
+    limits = httpx.Limits(max_connections=200)
+    async with served(settings) as url, httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def attempt() -> int:
+            form = {**authorize_params(challenge), "username": secrets.token_hex(8), "password": "guess-guess-guess"}
+            return (await client.post("/oidc/authorize", data=form)).status_code
+
+        async def cheap() -> float:
+            """An audited admin change: its audit record is written (by a worker thread) before it is answered."""
+            started = time.perf_counter()
+            response = await client.post("/admin/tenants", json={"name": secrets.token_hex(4)}, headers=admin)
+            assert response.status_code == 201, response.text
+            return time.perf_counter() - started
+
+        assert await cheap() < 2.0  # warm
+        flood = [asyncio.ensure_future(attempt()) for _ in range(60)]
+        await asyncio.sleep(0.5)  # the flood has reached the appliance
+        latencies: list[float] = []
+        for _ in range(5):
+            latencies.append(await cheap())
+            await asyncio.sleep(0.05)
+        statuses: list[Any] = await asyncio.gather(*flood)
+    # Generous: a cheap request normally takes milliseconds; before, it queued behind the flood's hashing.
+    assert max(latencies) < 2.0, latencies
+    assert statuses.count(429) >= 30, statuses
+    assert set(statuses) <= {401, 429}
