@@ -14,6 +14,7 @@ from appliance.asgi import create_app
 from appliance.identity.setup import embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine, free_port
+from tests.support.gateway import add_tenant
 
 
 def _settings(tmp_path: Path, fake_engine: FakeEngine, down: bool) -> Settings:
@@ -44,6 +45,7 @@ async def test_readyz_without_credentials_gives_only_the_status(app: tuple[Setti
 
 async def test_readyz_for_a_tenant_user_names_models_not_urls(app: tuple[Settings, Any, bool]) -> None:
     settings, client, down = app
+    add_tenant(settings, "t1")  # a token's tenant must exist
     response = await client.get("/readyz", headers=_bearer(settings, ["user"], tenant_id="t1"))
     assert response.status_code == (503 if down else 200)
     engines = {row["model"]: row for row in response.json()["engines"]}
