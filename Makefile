@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export DO_NOT_TRACK := 1
 
-.PHONY: setup run up down status test test-unit lint bench clean postgresql chromium debootstrap
+.PHONY: setup run up down status test test-unit lint bench clean postgresql chromium node-tools
 
 setup: $(VENV)/.installed $(ENGINE_VENV)/.installed-$(ENGINE_PROFILE)
 
@@ -42,7 +42,7 @@ down:
 status:
 	$(VENV)/bin/appliance status
 
-test: setup postgresql chromium debootstrap lint
+test: setup postgresql chromium node-tools lint
 	$(VENV)/bin/python -m pytest
 
 # The tests of multi-replica behaviour start a private PostgreSQL server from the Debian package's binaries.
@@ -57,11 +57,13 @@ chromium:
 	  echo "installing chromium (Debian package) for the console's browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
-# The provisioning tests converge the playbooks into a Debian root made with debootstrap.
-debootstrap:
-	@command -v debootstrap >/dev/null 2>&1 || { \
-	  echo "installing debootstrap (Debian package) for the provisioning tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap; }
+# The node tests (tests/node) boot a Debian root made with debootstrap under systemd-nspawn (systemd-container)
+# and trace every connect() its processes make (strace).
+node-tools:
+	@{ command -v debootstrap && command -v systemd-nspawn && command -v strace; } >/dev/null 2>&1 || { \
+	  echo "installing debootstrap, systemd-container and strace (Debian packages) for the node tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    debootstrap systemd-container strace; }
 
 test-unit: $(VENV)/.installed postgresql
 	$(VENV)/bin/python -m pytest tests/unit

@@ -107,8 +107,20 @@ def wheelhouse() -> Path:
     requirements.write_text(_appliance_dependencies() + "\n")
     started = time.monotonic()
     result = run(
-        [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-q", "-d", str(folder),
-         "-r", str(requirements), "-r", str(ENGINE_REQUIREMENTS)],  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(folder),
+            "-r",
+            str(requirements),
+            "-r",
+            str(ENGINE_REQUIREMENTS),
+        ],
         timeout=3600,
     )
     if result.returncode != 0:
@@ -123,12 +135,12 @@ def wheelhouse() -> Path:
 
 
 def prepared_models() -> Path:
-    """The bundled models, prepared (converted and verified) in the repository's models cache."""
+    """The bundled models, prepared (converted and verified) once in this harness's own cache folder."""
     from appliance.engines.manifest import MANIFEST_FILE, load_manifest
     from appliance.engines.models import ensure_prepared
     from appliance.settings import Settings
 
-    settings = Settings()
+    settings = Settings(models_dir=REPO / "models", models_cache_dir=WORK / "models")
     python = REPO / ".venv-engine" / "bin" / "python"
     for name in MODELS:
         ensure_prepared(load_manifest(settings.models_dir / name / MANIFEST_FILE), settings, python)
@@ -144,8 +156,17 @@ def build_media(out: Path) -> tuple[Path, Path, float]:
     if result.returncode != 0:
         raise RuntimeError(result.stderr)
     started = time.monotonic()
-    args = [*CLI, "media", "build", "--out", str(out / "media"), "--signing-key", str(keys / "media-signing-key.pem"),
-            "--wheels", str(wheels)]  # fmt: skip
+    args = [
+        *CLI,
+        "media",
+        "build",
+        "--out",
+        str(out / "media"),
+        "--signing-key",
+        str(keys / "media-signing-key.pem"),
+        "--wheels",
+        str(wheels),
+    ]
     for name in MODELS:
         args += ["--model", name]
     env = dict(os.environ, APPLIANCE_MODELS_CACHE_DIR=str(models))
@@ -191,8 +212,14 @@ class Node:
         )
         for command in (
             ["systemctl", f"--root={self.root}", "enable", "systemd-networkd.service"],
-            ["systemctl", f"--root={self.root}", "mask", "systemd-networkd-wait-online.service",
-             "console-getty.service", "getty@tty1.service", "systemd-timesyncd.service"],  # fmt: skip
+            [
+                "systemctl",
+                f"--root={self.root}",
+                "mask",
+                "systemd-networkd-wait-online.service",
+                "console-getty.service",
+                "getty@tty1.service",
+            ],
         ):
             result = run(command)
             if result.returncode != 0:
@@ -207,10 +234,30 @@ class Node:
         self.traces.append(trace)
         console = (self.logs / f"console-{self.boots}.txt").open("wb")
         self.process = subprocess.Popen(
-            ["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=connect", "-e", "signal=none", "-o", str(trace),
-             "systemd-nspawn", "-D", str(self.root), f"--machine={MACHINE}", "--register=no", "--keep-unit",
-             "--network-veth", "--resolv-conf=off", "--timezone=off", "--link-journal=no", "--console=read-only",
-             "--boot"],  # fmt: skip
+            [
+                "strace",
+                "-f",
+                "--seccomp-bpf",
+                "-qq",
+                "-e",
+                "trace=connect",
+                "-e",
+                "signal=none",
+                "-o",
+                str(trace),
+                "systemd-nspawn",
+                "-D",
+                str(self.root),
+                f"--machine={MACHINE}",
+                "--register=no",
+                "--keep-unit",
+                "--network-veth",
+                "--resolv-conf=off",
+                "--timezone=off",
+                "--link-journal=no",
+                "--console=read-only",
+                "--boot",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=console,
             stderr=subprocess.STDOUT,
@@ -347,8 +394,20 @@ class Node:
     def install(self, media: Path, pubkey: Path, folder: Path, **extra: Any) -> Install:
         """`appliance install` of ``media`` onto the running node, from a network namespace with no network."""
         inventory = self.inventory(folder, **extra)
-        command = ["unshare", "--net", "--", *CLI, "install", "--media", str(media), "-i", str(inventory),
-                   "--pubkey", str(pubkey), "--json"]  # fmt: skip
+        command = [
+            "unshare",
+            "--net",
+            "--",
+            *CLI,
+            "install",
+            "--media",
+            str(media),
+            "-i",
+            str(inventory),
+            "--pubkey",
+            str(pubkey),
+            "--json",
+        ]
         env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG", "TMPDIR") if key in os.environ}
         started = time.monotonic()
         result = run(command, timeout=2400, cwd=REPO, env=env)
@@ -412,3 +471,58 @@ def outside_connects(trace: Path, allowed: str = SUBNET) -> list[str]:
 
 def connects(trace: Path) -> int:
     return sum(1 for line in trace.read_text(errors="replace").splitlines() if CONNECT.match(line))
+
+
+def http_client(cafile: Path, timeout: float = 120) -> Any:
+    """An httpx client that reaches https://node1.test:PORT at NODE_IP (no /etc/hosts entry: the name is mapped in
+    the connection pool) and trusts only the node's CA; TLS checks the certificate against the name node1.test."""
+    import ssl
+
+    import httpcore
+    import httpx
+
+    class NodeNames(httpcore.SyncBackend):
+        def connect_tcp(self, host: str, port: int, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+            return super().connect_tcp(NODE_IP if host == HOSTNAME else host, port, *args, **kwargs)
+
+    class Transport(httpx.HTTPTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self._pool = httpcore.ConnectionPool(
+                ssl_context=ssl.create_default_context(cafile=str(cafile)), network_backend=NodeNames()
+            )
+
+    return httpx.Client(transport=Transport(), timeout=timeout)
+
+
+def node_ca(node: Node, folder: Path) -> Path:
+    """The node's CA certificate, copied out to the host (a client machine trusts it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "node-ca.crt"
+    path.write_text(node.read("/etc/appliance/pki/ca.crt"))
+    return path
+
+
+def create_key(node: Node, tenant: str = "acme", workflow: str = "support") -> str:
+    result = node.cli("admin", "create-key", "--tenant", tenant, "--workflow", workflow, "--create", user="appliance")
+    if result.returncode != 0:
+        raise RuntimeError(f"create-key on the node failed: {result.stderr}")
+    return str(json.loads(result.stdout.strip().splitlines()[-1])["key"])
+
+
+def first_chat(cafile: Path, key: str, deadline_s: float) -> float:
+    """Seconds until a chat completion through the gateway answers (for bench/install.py)."""
+    import openai
+
+    started = time.monotonic()
+    client = openai.OpenAI(base_url=f"https://{HOSTNAME}:{PORT}/v1", api_key=key, http_client=http_client(cafile))
+    while True:
+        try:
+            client.chat.completions.create(
+                model=MODELS[0], messages=[{"role": "user", "content": "Say hi."}], max_tokens=4
+            )
+            return time.monotonic() - started
+        except openai.APIError:
+            if time.monotonic() - started > deadline_s:
+                raise
+            time.sleep(2)
