@@ -326,12 +326,14 @@ def test_a_second_converge_changes_nothing(node: Node, media: Media, tmp_path: P
     assert second.changed == 0, f"a second converge changed: {second.changed_tasks()}"
 
 
-def test_after_a_reboot_everything_is_back(node: Node, sdk: openai.OpenAI) -> None:
+def test_after_a_reboot_everything_is_back(node: Node, cafile: Path, api_key: str) -> None:
     node.poweroff()
     node.boot()
     status = node.cli("status", "--json", "--wait", "900", timeout=960)
     assert status.returncode == 0, status.stdout + status.stderr
-    chat = sdk.chat.completions.create(model=MODELS[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    with nodelib.http_client(cafile) as http:  # a new client: the node's old connections are gone
+        sdk = openai.OpenAI(base_url=f"https://{HOSTNAME}:{PORT}/v1", api_key=api_key, http_client=http, max_retries=0)
+        chat = sdk.chat.completions.create(model=MODELS[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
     assert chat.choices[0].message.content
     verify = node.cli("audit", "verify", user="appliance")
     assert verify.returncode == 0, verify.stdout + verify.stderr
