@@ -60,17 +60,17 @@ def main() -> None:
                     or not (node.root / "var/lib/appliance/secrets").exists()
                 ):
                     time.sleep(2)
-                while True:
+                key = ""
+                while time.monotonic() - install_started < 2400:
                     try:
-                        nodelib.node_ca(node, cafile.parent)
-                        key = nodelib.create_key(node)
+                        if not key:
+                            nodelib.node_ca(node, cafile.parent)
+                            key = nodelib.create_key(node)
                         nodelib.first_chat(cafile, key, deadline_s=2400)
                         first_chat.append(time.monotonic() - install_started)
                         return
                     except Exception:  # not installed far enough yet: try again
-                        if time.monotonic() - install_started > 2400:
-                            return
-                        time.sleep(5)
+                        time.sleep(3)
 
             watcher = threading.Thread(target=chat_when_ready, daemon=True)
             watcher.start()
