@@ -59,10 +59,14 @@ def _document_filter(document_id: str) -> qe.Filter:
     return qe.Filter(must=[qe.FieldCondition(key="document_id", match=qe.MatchValue(value=document_id))])
 
 
-def _config(dimensions: int) -> qe.EdgeConfig:
+def _config(dimensions: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
+    """Cosine dense vectors and BM25 sparse ones (IDF computed by the engine); segments past the indexing
+    threshold (Qdrant's default: 10,000 KB, about 6,500 vectors of 384 dimensions) get an HNSW index when built,
+    smaller ones are searched exhaustively, which is as fast at that size."""
     return qe.EdgeConfig(
         vectors={DENSE: qe.EdgeVectorParams(size=dimensions, distance=qe.Distance.Cosine)},
         sparse_vectors={SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb),
     )
 
 
@@ -90,6 +94,7 @@ class EdgeStore:
         optimize_after: int = 20_000,
         lock: bool = True,
         build_timeout_s: float = 3600.0,
+        indexing_threshold_kb: int | None = None,
     ) -> None:
         self._root = root
         self._folder = root / "edge"
@@ -97,6 +102,7 @@ class EdgeStore:
         self._optimize_after = optimize_after
         self._take_lock = lock
         self._build_timeout_s = build_timeout_s
+        self._indexing_threshold_kb = indexing_threshold_kb
         self._lock_file: IO[bytes] | None = None
         self._shards: dict[str, _Shard] = {}
         self._open_lock = threading.Lock()
@@ -155,7 +161,7 @@ class EdgeStore:
                 shard = _Shard(qe.EdgeShard.load(str(path)))
             elif dimensions is not None:
                 staging = self._path(name, ".new")  # created aside, renamed: never half a shard under its name
-                made = qe.EdgeShard.create(str(staging), _config(dimensions))
+                made = qe.EdgeShard.create(str(staging), _config(dimensions, self._indexing_threshold_kb))
                 made.update(qe.UpdateOperation.create_field_index("document_id", qe.PayloadSchemaType.Keyword))
                 made.flush()
                 made.close()

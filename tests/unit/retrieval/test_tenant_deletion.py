@@ -1,5 +1,5 @@
-"""Deleting a tenant deletes what it stored: its vector collections (their Qdrant Edge shards on disk, not only their catalog rows)
-and its captured prompts and answers."""
+"""Deleting a tenant deletes what it stored: its vector collections (their Qdrant Edge shards on disk, not only
+their catalog rows) and its captured prompts and answers."""
 
 from __future__ import annotations
 
