@@ -108,6 +108,8 @@ class EdgeStore:
         self._open_lock = threading.Lock()
         self._bm25: qe.Bm25 | None = None
         self._builds: list[threading.Thread] = []
+        self._children: set[subprocess.Popen[str]] = set()
+        self._closing = False
 
     @property
     def where(self) -> str:
@@ -191,7 +193,12 @@ class EdgeStore:
             thread.join(timeout_s)
 
     def close(self) -> None:
-        self.wait_for_builds(self._build_timeout_s)
+        """Close every shard (flushed). A build under way is stopped: its copy is discarded, the shard stays as it
+        was (searched without the new index until the next build)."""
+        self._closing = True
+        for child in list(self._children):
+            child.kill()
+        self.wait_for_builds(60)
         with self._open_lock:
             for shard in self._shards.values():
                 with shard.write, shard.swap:
@@ -201,6 +208,7 @@ class EdgeStore:
             if self._lock_file is not None:
                 self._lock_file.close()
                 self._lock_file = None
+            self._closing = False
 
     # the store's operations
 
@@ -337,15 +345,21 @@ class EdgeStore:
                 shutil.copytree(self._path(name), copy)
                 shard.pending = []
                 shard.written = 0
-            done = subprocess.run(
-                [sys.executable, str(Path(__file__).with_name("edge_build.py")), str(copy)],
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=self._build_timeout_s,
-            )
-            measured: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+            if self._closing:
+                raise RuntimeError("the store is closing")
+            command = [sys.executable, str(Path(__file__).with_name("edge_build.py")), str(copy)]
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            self._children.add(child)
+            try:
+                out, err = child.communicate(timeout=self._build_timeout_s)
+            finally:
+                self._children.discard(child)
+            if child.returncode != 0:
+                raise RuntimeError(f"the index build exited with {child.returncode}: {err.strip()[-500:]}")
+            measured: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
             with shard.write, shard.swap:
+                if self._closing:
+                    raise RuntimeError("the store is closing")
                 self._swap(name, shard)
             log.info("vector index of %s built in %.1f s", name, measured["seconds"])
             return measured
