@@ -379,6 +379,7 @@ class RetrievalSettings(BaseModel):
     optimize_after: int = Field(
         default=20_000, ge=1, description="edge: points written to a collection before its HNSW index is rebuilt"
     )
+    hnsw_ef: int = Field(default=128, ge=4, description="edge: HNSW candidates per search (recall against speed)")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RetrievalSettings:

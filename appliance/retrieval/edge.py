@@ -95,6 +95,7 @@ class EdgeStore:
         lock: bool = True,
         build_timeout_s: float = 3600.0,
         indexing_threshold_kb: int | None = None,
+        hnsw_ef: int = 128,
     ) -> None:
         self._root = root
         self._folder = root / "edge"
@@ -103,6 +104,7 @@ class EdgeStore:
         self._take_lock = lock
         self._build_timeout_s = build_timeout_s
         self._indexing_threshold_kb = indexing_threshold_kb
+        self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
         self._lock_file: IO[bytes] | None = None
         self._shards: dict[str, _Shard] = {}
         self._open_lock = threading.Lock()
@@ -270,14 +272,16 @@ class EdgeStore:
                 request = qe.QueryRequest(
                     limit=limit,
                     prefetches=[
-                        qe.Prefetch(limit=depth, query=qe.Query.Nearest(vector, using=DENSE)),
+                        qe.Prefetch(limit=depth, query=qe.Query.Nearest(vector, using=DENSE), params=self._params),
                         qe.Prefetch(limit=depth, query=qe.Query.Nearest(self.bm25.embed_query(text), using=SPARSE)),
                     ],
                     query=qe.Fusion.Rrf(k=60),  # type: ignore[arg-type]  # the stub omits Fusion.Rrf
                     with_payload=True,
                 )
             else:
-                request = qe.QueryRequest(limit=limit, query=qe.Query.Nearest(vector, using=DENSE), with_payload=True)
+                request = qe.QueryRequest(
+                    limit=limit, query=qe.Query.Nearest(vector, using=DENSE), with_payload=True, params=self._params
+                )
             with shard.swap:
                 found = shard.shard.query(request)
             return [Hit(str(point.id), float(point.score), dict(point.payload or {})) for point in found]

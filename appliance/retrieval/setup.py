@@ -39,7 +39,9 @@ def vector_store(settings: Settings) -> Store:
     path = qdrant_local_path(settings)
     assert path is not None
     if retrieval.backend == "edge":
-        return EdgeStore(path, hybrid=retrieval.hybrid, optimize_after=retrieval.optimize_after)
+        return EdgeStore(
+            path, hybrid=retrieval.hybrid, optimize_after=retrieval.optimize_after, hnsw_ef=retrieval.hnsw_ef
+        )
     return VectorStore(path=path)
 
 
