@@ -21,7 +21,7 @@ holds Python's GIL for its whole run (measured: a 30,000-point build froze every
 since its last build, a worker thread copies the shard (flushed, writes paused for the copy), builds the index
 on the copy in a child process (:mod:`appliance.retrieval.edge_build`), then swaps the built copy in and
 replays the writes made meanwhile. Queries keep answering from the old shard all along; only the swap (close,
-two renames, load) holds them, for milliseconds. A crash during the swap is repaired on the next open: the old
+two renames, load, replay) holds them. A crash during the swap is repaired on the next open: the old
 shard, kept as ``.old`` until the new one holds every write, wins.
 
 **One process.** A shard's WAL is locked by the process that loads it (a second ``EdgeShard.load`` fails with
