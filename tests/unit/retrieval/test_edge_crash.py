@@ -36,16 +36,16 @@ def crash_settings(data_dir: Path, engine_url: str) -> Settings:
     )
 
 
-def large_document(data_dir: Path) -> tuple[str, str, int] | None:
-    """(id, status, chunks done) of the large document's row, once it exists."""
+def large_document(data_dir: Path) -> tuple[str, str, int, int] | None:
+    """(id, status, chunks done, chunks) of the large document's row, once it exists."""
     connection = sqlite3.connect(data_dir / "appliance.db", timeout=5)
     try:
         row = connection.execute(
-            "SELECT id, status, chunks_done FROM rag_documents WHERE name = 'large.txt'"
+            "SELECT id, status, chunks_done, chunks FROM rag_documents WHERE name = 'large.txt'"
         ).fetchone()
     finally:
         connection.close()
-    return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
+    return None if row is None else (str(row[0]), str(row[1]), int(row[2]), int(row[3]))
 
 
 async def test_a_process_killed_during_ingestion_leaves_a_sound_shard_and_no_half_document(
@@ -75,7 +75,7 @@ async def test_a_process_killed_during_ingestion_leaves_a_sound_shard_and_no_hal
 
     store = EdgeStore(tmp_path / "qdrant")  # the shard loads and replays its log
     partial = await store.count(name, large[0])
-    assert 12 <= partial < 3000, f"killed part-way: {partial} points of the large document"
+    assert 12 <= partial < large[3], f"killed part-way: {partial} of {large[3]} points of the large document"
     probe = [1.0] + [0.0] * 383
     in_store = {hit.payload["document_id"] for hit in await store.search(name, probe, 10, "crates of part QX-00003")}
     assert large[0] in in_store, "its points are in the shard: only the catalog keeps them out of answers"
