@@ -333,6 +333,7 @@ class EdgeStore:
 
     def build(self, name: str) -> dict[str, Any]:
         """Build the index of a shard now (in a child process) and swap it in; what the build measured."""
+        self.wait_for_builds()  # one build of a shard at a time
         shard = self._get(name)
         if shard is None:
             raise ServiceUnavailableError(f"The vector collection {name} does not exist.")
