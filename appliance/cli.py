@@ -228,6 +228,31 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def cmd_retrieval_migrate(settings: Settings, remove_local: bool) -> int:
+    from appliance.retrieval.migrate import migrate
+    from appliance.retrieval.setup import qdrant_local_path
+
+    folder = qdrant_local_path(settings)
+    if folder is None:
+        print(
+            "error: the vectors are in a Qdrant server (retrieval.backend = server); nothing to migrate",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        report = migrate(folder, remove_local=remove_local)
+    except Exception as exc:  # the lock (appliance running), a count mismatch: said, not a traceback
+        print(f"error: the migration failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for name, done in report.items():
+        seconds = done["build"].get("seconds", 0.0)
+        print(f"{name}: {done['points']} points; index {seconds:.1f} s; local copy removed: {done['local_removed']}")
+    print(f"{len(report)} collections in Qdrant Edge at {folder / 'edge'}")
+    if settings.retrieval.backend != "edge":
+        print("note: retrieval.backend is not `edge`: set it to serve the migrated collections")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="appliance", description="Sovereign AI inference appliance")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
     drift_report.add_argument("--baseline-days", type=int, default=7)
     drift_report.add_argument("--json", action="store_true")
     backup_cli.add_parsers(sub)
+    retrieval = sub.add_parser("retrieval", help="the vector store")
+    retrieval_sub = retrieval.add_subparsers(dest="retrieval_command", required=True)
+    migrate = retrieval_sub.add_parser("migrate", help="copy local-mode collections into Qdrant Edge (stopped)")
+    migrate.add_argument("--remove-local", action="store_true", help="delete the local-mode copy once checked")
     return parser
 
 
@@ -301,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return media_cli.run_install(args)
     if args.command in ("backup", "restore"):
         return backup_cli.run(settings, args)
+    if args.command == "retrieval":
+        return cmd_retrieval_migrate(settings, args.remove_local)
     return cmd_down(settings, args.timeout)
 
 

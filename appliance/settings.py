@@ -369,11 +369,30 @@ class RetrievalSettings(BaseModel):
     max_pdf_content_bytes: int = Field(
         default=256 * 1024 * 1024, ge=1024, description="a PDF's page contents decompressed together (past: 413)"
     )
+    # Qdrant Edge (issue #20)
+    backend: Literal["edge", "server", "local"] = Field(
+        default="edge",
+        description="edge: Qdrant's engine in process (HNSW, WAL); server: qdrant_url; local: qdrant-client's "
+        "local mode (exhaustive scan; kept for `appliance retrieval migrate`). A qdrant_url alone means server",
+    )
+    hybrid: bool = Field(default=True, description="edge: fuse BM25 with dense search (exact identifiers)")
+    optimize_after: int = Field(
+        default=20_000, ge=1, description="edge: points written to a collection before its HNSW index is rebuilt"
+    )
+    hnsw_ef: int = Field(default=128, ge=4, description="edge: HNSW candidates per search (recall against speed)")
 
     @model_validator(mode="after")
     def _overlap_below_size(self) -> RetrievalSettings:
         if self.chunk_overlap >= self.chunk_tokens:
             raise ValueError("retrieval.chunk_overlap must be smaller than retrieval.chunk_tokens")
+        return self
+
+    @model_validator(mode="after")
+    def _backend_has_its_server(self) -> RetrievalSettings:
+        if self.qdrant_url and "backend" not in self.model_fields_set:
+            self.backend = "server"  # configurations written before `backend` existed
+        if self.backend == "server" and not self.qdrant_url:
+            raise ValueError("retrieval.backend = 'server' needs retrieval.qdrant_url")
         return self
 
 

@@ -33,7 +33,7 @@ from appliance.retrieval.chunking import Chunk, Chunker
 from appliance.retrieval.extract import ExtractionLimits, extract_text
 from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.models import RagCollection, RagDocument
-from appliance.retrieval.vectors import VectorStore, point_id, qdrant_name
+from appliance.retrieval.vectors import Store, point_id, qdrant_name
 from appliance.settings import RetrievalSettings
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Retrieval:
         self,
         settings: RetrievalSettings,
         catalog: Catalog,
-        store: VectorStore,
+        store: Store,
         serving: OpenAIServing,
         router: EngineRouter,
         *,
@@ -316,7 +316,7 @@ class Retrieval:
         started = time.perf_counter()
         vectors, query_tokens = await self._embed(QUERY, [query], caller)
         embedded = time.perf_counter()
-        hits = await self._store.search(qdrant_name(collection.id), vectors[0], top_k)
+        hits = await self._store.search(qdrant_name(collection.id), vectors[0], top_k, query)
         ready = await asyncio.to_thread(
             self._catalog.ready_documents, collection.id, {str(hit.payload.get("document_id")) for hit in hits}
         )

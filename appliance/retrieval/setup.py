@@ -14,26 +14,35 @@ from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
 from appliance.ledger.writer import UsageWriter
 from appliance.retrieval.catalog import Catalog
+from appliance.retrieval.edge import EdgeStore
 from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.service import Retrieval
-from appliance.retrieval.vectors import VectorStore
+from appliance.retrieval.vectors import Store, VectorStore
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def qdrant_local_path(settings: Settings) -> Path | None:
-    """Local mode's folder, or None when a Qdrant server holds the vectors."""
+    """The embedded store's folder (local mode's collections, Qdrant Edge's shards under ``edge/``, one
+    ``.lock``), or None when a Qdrant server holds the vectors."""
     retrieval = settings.retrieval
-    return None if retrieval.qdrant_url else retrieval.qdrant_path or settings.data_dir / "qdrant"
+    return None if retrieval.backend == "server" else retrieval.qdrant_path or settings.data_dir / "qdrant"
 
 
-def vector_store(settings: Settings) -> VectorStore:
+def vector_store(settings: Settings) -> Store:
+    """The store ``retrieval.backend`` names: Qdrant Edge in process (default), a Qdrant server, or local mode."""
     retrieval = settings.retrieval
-    if retrieval.qdrant_url:
+    if retrieval.backend == "server":
         key = retrieval.qdrant_api_key.get_secret_value() if retrieval.qdrant_api_key else None
         return VectorStore(url=retrieval.qdrant_url, api_key=key)
-    return VectorStore(path=qdrant_local_path(settings))
+    path = qdrant_local_path(settings)
+    assert path is not None
+    if retrieval.backend == "edge":
+        return EdgeStore(
+            path, hybrid=retrieval.hybrid, optimize_after=retrieval.optimize_after, hnsw_ef=retrieval.hnsw_ef
+        )
+    return VectorStore(path=path)
 
 
 def retrieval_service(

@@ -1,5 +1,6 @@
-"""The vector store: Qdrant through ``qdrant-client``, one code path for the embedded local mode (a folder on
-disk, the default) and a Qdrant server (URL, API key, TLS).
+"""The vector store's interface (:class:`Store`), and its ``qdrant-client`` implementation: one code path for a
+Qdrant server (URL, API key, TLS; production) and the embedded local mode (a folder on disk; the default before
+Qdrant Edge, kept selectable for the migration). The embedded default is :class:`appliance.retrieval.edge.EdgeStore`.
 
 Each appliance collection is one Qdrant collection, named after its id; which tenant may reach it is decided
 by the database row, before this module is asked anything. The client is opened on first use (local mode
@@ -15,7 +16,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from qdrant_client import QdrantClient, models
 
@@ -30,6 +31,32 @@ class Hit:
     point_id: str
     score: float
     payload: dict[str, Any]
+
+
+class Store(Protocol):
+    """What retrieval asks of a vector store. ``name`` is a collection's Qdrant name (:func:`qdrant_name`); the
+    tenant that may reach it was decided by the catalog before any call."""
+
+    @property
+    def where(self) -> str: ...
+
+    def close(self) -> None: ...
+
+    async def create(self, name: str, dimensions: int) -> None: ...
+
+    async def drop(self, name: str) -> None: ...
+
+    async def upsert(
+        self, name: str, ids: Sequence[str], vectors: Sequence[list[float]], payloads: Sequence[dict[str, Any]]
+    ) -> None: ...
+
+    async def search(self, name: str, vector: list[float], limit: int, text: str | None = None) -> list[Hit]:
+        """The nearest chunks; a store that can also match ``text`` (BM25) fuses both."""
+        ...
+
+    async def delete_document(self, name: str, document_id: str) -> None: ...
+
+    async def count(self, name: str, document_id: str | None = None) -> int: ...
 
 
 def point_id(document_id: str, index: int) -> str:
@@ -121,7 +148,9 @@ class VectorStore:
         ]
         await self._run(lambda client: client.upsert(name, points=points, wait=True))
 
-    async def search(self, name: str, vector: list[float], limit: int) -> list[Hit]:
+    async def search(self, name: str, vector: list[float], limit: int, text: str | None = None) -> list[Hit]:
+        """Dense only: collections made by this client have no sparse vectors, so ``text`` is not used."""
+
         def work(client: QdrantClient) -> list[Hit]:
             if not client.collection_exists(name):
                 return []
