@@ -384,3 +384,55 @@ def test_newer_media_upgrades_a_node_with_data_and_older_media_is_refused(
     assert older.changed == 0, older.changed_tasks()
     assert installed_version(node) == new
     assert node.cli("status", "--json").returncode == 0
+
+
+def test_a_backup_restores_onto_a_freshly_initialised_node(node: Node, cafile: Path, api_key: str) -> None:
+    """The node's data (keys, the audit chain, a collection) backed up, the data directory replaced by a fresh one
+    (new secrets: the old key no longer works), then restored: the key, the chain and the collection are back."""
+    base = f"https://{HOSTNAME}:{PORT}"
+    auth = {"Authorization": f"Bearer {api_key}"}
+    fact = "The reactor hall's badge code is QX-5521."
+    with nodelib.http_client(cafile) as http:
+        created = http.post(f"{base}/v1/rag/collections", json={"name": "restore-check"}, headers=auth)
+        assert created.status_code == 201, created.text
+        collection = created.json()["id"]
+        upload = http.post(
+            f"{base}/v1/rag/collections/{collection}/documents",
+            files={"file": ("badge.md", fact.encode(), "text/markdown")},
+            headers=auth,
+        )
+        assert upload.status_code == 201, upload.text
+    backup = "/var/backups/appliance/restore-check.backup"
+    passphrase = ["--passphrase-file", "/etc/appliance/backup-passphrase"]
+    taken = node.cli("backup", "--out", backup, *passphrase, timeout=600)
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+
+    def restart_with(*commands: list[str]) -> None:
+        for command in (["systemctl", "stop", "appliance"], *commands, ["systemctl", "start", "appliance"]):
+            result = node.run(command, timeout=300)
+            assert result.returncode == 0, (command, result.stdout + result.stderr)
+        status = node.cli("status", "--json", "--wait", "600", timeout=660)
+        assert status.returncode == 0, status.stdout + status.stderr
+
+    restart_with(
+        ["mv", "/var/lib/appliance", "/var/lib/appliance.before-restore"],
+        ["install", "-d", "-o", "appliance", "-g", "appliance", "-m", "0750", "/var/lib/appliance"],
+    )
+    with nodelib.http_client(cafile) as http:
+        assert http.get(f"{base}/v1/models", headers=auth).status_code == 401, "a fresh node does not know the key"
+
+    refused = node.cli("restore", backup, *passphrase)
+    assert refused.returncode != 0 and "systemctl stop appliance" in refused.stdout + refused.stderr
+    restart_with(node_cli_argv("restore", backup, *passphrase))
+    with nodelib.http_client(cafile) as http:
+        assert http.get(f"{base}/v1/models", headers=auth).status_code == 200
+        query = {"collection_id": collection, "query": "badge code of the reactor hall"}
+        hits = http.post(f"{base}/v1/rag/query", json=query, headers=auth)
+        assert hits.status_code == 200, hits.text
+        assert "QX-5521" in hits.json()["data"][0]["text"]
+    verify = node.cli("audit", "verify", user="appliance")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def node_cli_argv(*args: str) -> list[str]:
+    return ["/opt/appliance/venv/bin/appliance", *args]
