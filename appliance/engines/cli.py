@@ -9,7 +9,7 @@ import os
 import sys
 
 from appliance.engines.manifest import load_manifests, verify_prepared
-from appliance.engines.runner import EngineSpec, engine_command, engine_env, engine_python, engine_specs
+from appliance.engines.runner import OFFLINE_ENV, EngineSpec, engine_command, engine_env, engine_python, engine_specs
 from appliance.lib.errors import ApplianceError
 from appliance.settings import Settings
 
@@ -53,7 +53,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     env = engine_env(settings, spec, index)
     if args.print:
-        print(json.dumps({"command": command, "env": {k: v for k, v in env.items() if k not in os.environ}}))
+        own = {k: v for k, v in env.items() if k in OFFLINE_ENV or k.startswith(("VLLM_", "GLOO_"))}
+        print(json.dumps({"command": command, "env": own}))  # what the engine's environment sets, whatever ours is
         return 0
     sys.stdout.flush()
     os.execve(command[0], command, env)  # noqa: S606 (the engine's own python, from the settings)

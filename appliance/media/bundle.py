@@ -103,18 +103,26 @@ class MediaBuilder:
                 continue
             self._add(wheel, relative, f"wheel:{match['name'].lower()}", match["version"], origin)
 
-    def add_own_wheel(self, project: Path) -> None:
+    def add_own_wheel(self, project: Path) -> str:
         """The appliance itself, built here: with the build backend already installed, or else in pip's isolated
-        build environment (which fetches the backend: building media is the step allowed to use the network)."""
+        build environment (which fetches the backend: building media is the step allowed to use the network).
+        Returns the built wheel's version: the media's version is the project's, not that of whatever
+        appliance happens to be installed where the build runs."""
         folder = self.out / "wheels"
         folder.mkdir(parents=True, exist_ok=True)
+        before = set(folder.glob("appliance-*.whl"))
         command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(folder), str(project)]
         result = subprocess.run([*command, "--no-build-isolation"], capture_output=True, text=True, check=False)
         if result.returncode != 0:
             result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise MediaError(f"building the appliance's wheel failed:\n{result.stderr[-2000:]}")
+        built = sorted(set(folder.glob("appliance-*.whl")) - before) or sorted(folder.glob("appliance-*.whl"))
+        match = _WHEEL.match(built[-1].name) if built else None
+        if match is None:
+            raise MediaError("building the appliance's wheel left no appliance-*.whl")
         self.add_wheels(folder, "built:appliance")
+        return match["version"]
 
     def download(self, requirements: list[Path], packages: list[Path]) -> None:
         """The one step that uses the network: wheels (binary only) from the package index, for requirement files

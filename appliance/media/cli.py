@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from appliance.engines.manifest import MANIFEST_FILE
@@ -112,7 +111,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 def _build(settings: Settings, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     builder = MediaBuilder(args.out, args.profile)
-    builder.add_own_wheel(REPO_ROOT)
+    appliance_version = builder.add_own_wheel(REPO_ROOT)
     for folder in args.wheels:
         builder.add_wheels(folder, f"local:{folder}")
     if args.download:
@@ -128,11 +127,11 @@ def _build(settings: Settings, args: argparse.Namespace) -> int:
     ]
     for name in names:
         builder.add_model(settings.models_dir / name / MANIFEST_FILE, settings.prepared_models_dir / name)
-    builder.add_tree(REPO_ROOT / "playbooks", "playbooks", "playbooks", version("appliance"), "repository")
-    builder.add_tree(REPO_ROOT / "deploy", "deploy", "operator-kit", version("appliance"), "repository")
+    builder.add_tree(REPO_ROOT / "playbooks", "playbooks", "playbooks", appliance_version, "repository")
+    builder.add_tree(REPO_ROOT / "deploy", "deploy", "operator-kit", appliance_version, "repository")
     for text in args.component:
         builder.add_component(parse_component(text))
-    manifest = builder.finish(args.signing_key, version("appliance"))
+    manifest = builder.finish(args.signing_key, appliance_version)
     size = sum(item["size"] for item in manifest["files"])
     print(json.dumps({"out": str(args.out), "files": len(manifest["files"]), "bytes": size,
                       "models": names, "seconds": round(time.perf_counter() - started, 3)}))  # fmt: skip

@@ -147,14 +147,37 @@ def prepared_models() -> Path:
     return settings.prepared_models_dir
 
 
-def build_media(out: Path) -> tuple[Path, Path, float]:
-    """(media folder, public key, seconds): signed media with the appliance, every wheel and both models."""
+def source_tree(out: Path, version: str) -> Path:
+    """A copy of the project's tracked files whose version is ``version``: what newer media is built from."""
+    listed = run(["git", "-C", str(REPO), "ls-files", "-z"])
+    if listed.returncode != 0:
+        raise RuntimeError("the node tests build newer media from the git checkout: " + listed.stderr)
+    for name in filter(None, listed.stdout.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            target = out / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    project = out / "pyproject.toml"
+    text, count = re.subn(r'(?m)^version = "[^"]+"$', f'version = "{version}"', project.read_text(), count=1)
+    if count != 1:
+        raise RuntimeError("pyproject.toml has no version line")
+    project.write_text(text)
+    return out
+
+
+def build_media(out: Path, version: str | None = None, keys: Path | None = None) -> tuple[Path, Path, float]:
+    """(media folder, public key, seconds): signed media with the appliance, every wheel and both models. With
+    ``version``, the appliance is built from a copy of the project carrying that version (newer media); with
+    ``keys``, that folder's signing key signs it (the site trusts one key)."""
     wheels = wheelhouse()
     models = prepared_models()
-    keys = out / "keys"
-    result = run([*CLI, "media", "keygen", "--out", str(keys)])
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr)
+    if keys is None:
+        keys = out / "keys"
+        result = run([*CLI, "media", "keygen", "--out", str(keys)])
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr)
+    project = REPO if version is None else source_tree(out / "source", version)
     started = time.monotonic()
     args = [
         *CLI,
@@ -169,8 +192,9 @@ def build_media(out: Path) -> tuple[Path, Path, float]:
     ]
     for name in MODELS:
         args += ["--model", name]
+    # `python -m appliance.cli` run from a project folder builds that folder's appliance (its own REPO_ROOT).
     env = dict(os.environ, APPLIANCE_MODELS_CACHE_DIR=str(models))
-    result = run(args, env=env, timeout=1800, cwd=REPO)
+    result = run(args, env=env, timeout=1800, cwd=project)
     if result.returncode != 0:
         raise RuntimeError("media build failed:\n" + result.stderr[-3000:])
     seconds = time.monotonic() - started

@@ -339,3 +339,100 @@ def test_after_a_reboot_everything_is_back(node: Node, cafile: Path, api_key: st
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "policy drop" in node.run(["nft", "list", "table", "inet", "appliance_egress"]).stdout
     assert nodelib.outside_connects(node.traces[-1]) == []
+
+
+def installed_version(node: Node) -> str:
+    code = "from importlib.metadata import version; print(version('appliance'))"
+    return node.run(["/opt/appliance/venv/bin/python", "-c", code]).stdout.strip()
+
+
+def test_newer_media_upgrades_a_node_with_data_and_older_media_is_refused(
+    node: Node, media: Media, cafile: Path, api_key: str, tmp_path: Path
+) -> None:
+    """Last: it changes the node's version. The node has data (a key, its requests, the audit chain)."""
+    old = installed_version(node)
+    new = f"{old}.post1"
+    newer, pubkey, _ = nodelib.build_media(tmp_path / "newer", version=new, keys=media.pubkey.parent)
+    assert pubkey == media.pubkey
+    upgrade = node.install(newer, pubkey, tmp_path / "upgrade")
+    assert upgrade.ok, upgrade.output[-6000:]
+    assert installed_version(node) == new
+
+    # A backup of the node as it was, by the version replaced, encrypted with the node's own passphrase.
+    backup = f"/var/backups/appliance/pre-upgrade-{old}-to-{new}.backup"
+    assert node.run(["stat", "-c", "%a %U", backup]).stdout.split() == ["600", "root"]
+    checked = node.cli("restore", backup, "--verify-only", "--passphrase-file", "/etc/appliance/backup-passphrase")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    status = node.cli("status", "--json", "--wait", "600", timeout=660)
+    assert status.returncode == 0, status.stdout + status.stderr
+    with nodelib.http_client(cafile) as http:  # the key made before the upgrade still works
+        sdk = openai.OpenAI(base_url=f"https://{HOSTNAME}:{PORT}/v1", api_key=api_key, http_client=http, max_retries=0)
+        chat = sdk.chat.completions.create(model=MODELS[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
+    assert chat.choices[0].message.content
+    verify = node.cli("audit", "verify", user="appliance")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    records = [json.loads(line) for line in node.cli("audit", "export", user="appliance").stdout.splitlines()]
+    upgraded = [r for r in records if r.get("event_type") == "node.upgraded"]
+    assert len(upgraded) == 1 and upgraded[0]["detail"]["previous_version"] == old, upgraded
+    assert upgraded[0]["detail"]["version"] == new
+
+    # The older media again: refused before anything changes, with the reason.
+    older = node.install(media.path, media.pubkey, tmp_path / "older")
+    assert not older.ok
+    assert f"refused: this node runs appliance {new}, newer than the media's {old}" in " ".join(older.output.split())
+    assert older.changed == 0, older.changed_tasks()
+    assert installed_version(node) == new
+    assert node.cli("status", "--json").returncode == 0
+
+
+def test_a_backup_restores_onto_a_freshly_initialised_node(node: Node, cafile: Path, api_key: str) -> None:
+    """The node's data (keys, the audit chain, a collection) backed up, the data directory replaced by a fresh one
+    (new secrets: the old key no longer works), then restored: the key, the chain and the collection are back."""
+    base = f"https://{HOSTNAME}:{PORT}"
+    auth = {"Authorization": f"Bearer {api_key}"}
+    fact = "The reactor hall's badge code is QX-5521."
+    with nodelib.http_client(cafile) as http:
+        created = http.post(f"{base}/v1/rag/collections", json={"name": "restore-check"}, headers=auth)
+        assert created.status_code == 201, created.text
+        collection = created.json()["id"]
+        upload = http.post(
+            f"{base}/v1/rag/collections/{collection}/documents",
+            files={"file": ("badge.md", fact.encode(), "text/markdown")},
+            headers=auth,
+        )
+        assert upload.status_code == 201, upload.text
+    backup = "/var/backups/appliance/restore-check.backup"
+    passphrase = ["--passphrase-file", "/etc/appliance/backup-passphrase"]
+    taken = node.cli("backup", "--out", backup, *passphrase, timeout=600)
+    assert taken.returncode == 0, taken.stdout + taken.stderr
+
+    def restart_with(*commands: list[str]) -> None:
+        for command in (["systemctl", "stop", "appliance"], *commands, ["systemctl", "start", "appliance"]):
+            result = node.run(command, timeout=300)
+            assert result.returncode == 0, (command, result.stdout + result.stderr)
+        status = node.cli("status", "--json", "--wait", "600", timeout=660)
+        assert status.returncode == 0, status.stdout + status.stderr
+
+    restart_with(
+        ["mv", "/var/lib/appliance", "/var/lib/appliance.before-restore"],
+        ["install", "-d", "-o", "appliance", "-g", "appliance", "-m", "0750", "/var/lib/appliance"],
+    )
+    with nodelib.http_client(cafile) as http:
+        assert http.get(f"{base}/v1/models", headers=auth).status_code == 401, "a fresh node does not know the key"
+
+    refused = node.cli("restore", backup, *passphrase)
+    assert refused.returncode != 0 and "systemctl stop appliance" in refused.stdout + refused.stderr
+    restart_with(node_cli_argv("restore", backup, *passphrase))
+    with nodelib.http_client(cafile) as http:
+        assert http.get(f"{base}/v1/models", headers=auth).status_code == 200
+        query = {"collection_id": collection, "query": "badge code of the reactor hall"}
+        hits = http.post(f"{base}/v1/rag/query", json=query, headers=auth)
+        assert hits.status_code == 200, hits.text
+        assert "QX-5521" in hits.json()["data"][0]["text"]
+    verify = node.cli("audit", "verify", user="appliance")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def node_cli_argv(*args: str) -> list[str]:
+    return ["/opt/appliance/venv/bin/appliance", *args]
