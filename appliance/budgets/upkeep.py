@@ -43,6 +43,10 @@ class BudgetUpkeep:
         self._adopted: list[journal.SettlementJournal] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._replaying = threading.Lock()  # a cancelled loop's replay may still run in its thread at stop
+        # ... and so may a heartbeat: once stopping, none starts, and leaving waits for one under way (else it
+        # would find its row gone and register the gateway again after it deregistered).
+        self._stopping = threading.Event()
+        self._beating = threading.Lock()
 
     @property
     def gateway_id(self) -> str:
@@ -59,6 +63,7 @@ class BudgetUpkeep:
         ]
 
     async def stop(self) -> None:
+        self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -84,7 +89,8 @@ class BudgetUpkeep:
                     "%d budget settlements still journaled in %s: replayed at the next start", left, self._run_dir
                 )
             else:
-                self._store.deregister(self.gateway_id)
+                with self._beating:
+                    self._store.deregister(self.gateway_id)
         finally:
             self._journal.release()
             for adopted in self._adopted:
@@ -93,11 +99,14 @@ class BudgetUpkeep:
     def beat(self) -> None:
         """Renew this gateway's heartbeat (registering again if it was declared dead) and that of every
         gateway whose journal waits for replay here."""
-        if not self._store.heartbeat(self.gateway_id):
-            log.error("this gateway was declared dead (heartbeat too late): its reservations may have been released")
-            self._store.register(socket.gethostname(), os.getpid())
-        for adopted in list(self._adopted):
-            self._store.heartbeat(adopted.gateway_id)
+        with self._beating:
+            if self._stopping.is_set():
+                return
+            if not self._store.heartbeat(self.gateway_id):
+                log.error("this gateway was declared dead (heartbeat too late): its reservations may be released")
+                self._store.register(socket.gethostname(), os.getpid())
+            for adopted in list(self._adopted):
+                self._store.heartbeat(adopted.gateway_id)
 
     def sweep(self) -> None:
         released = self._store.sweep(self._settings.gateway_dead_after_s, self._settings.reservation_ttl_s)
