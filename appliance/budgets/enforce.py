@@ -111,7 +111,8 @@ class BudgetEnforcer:
                 prompt_tokens = 0
                 if kinds & COUNTS_PROMPT:
                     prompt_tokens = await count()
-                grant = await asyncio.to_thread(
+                grant = await self._reserve(
+                    request_id,
                     functools.partial(
                         self.store.reserve,
                         request_id,
@@ -120,7 +121,7 @@ class BudgetEnforcer:
                         cap * sequences,
                         price,
                         min_output=sequences,
-                    )
+                    ),
                 )
                 admission.hold = Hold(self.store, request_id, grant)
                 admission.headers.update(ratelimit_headers(grant))
@@ -136,6 +137,28 @@ class BudgetEnforcer:
         except Exception as exc:
             log.exception("budget evaluation failed")
             raise _unavailable() from exc
+
+    async def _reserve(self, request_id: str, reserve: Callable[[], Grant]) -> Grant:
+        """The reservation, in a worker thread. A request cancelled while it runs (its client left) does not stop
+        the thread: the reservation still lands, with nobody to settle it, and a live gateway's reservations are
+        never swept. So it is settled at nothing (the engine was never asked) as soon as it lands."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, reserve)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+
+            def release(done: asyncio.Future[Grant]) -> None:
+                if done.cancelled() or done.exception() is not None or not done.result().reserved:
+                    return
+                self.store.announce_settlement()  # a shutdown waits for it
+                settle = functools.partial(
+                    self.store.settle_durably, request_id, 0, 0, counts_as_call=False, announced=True
+                )
+                loop.run_in_executor(None, settle)
+
+            future.add_done_callback(release)
+            raise
 
 
 def _unavailable() -> ServiceUnavailableError:

@@ -154,3 +154,48 @@ async def test_money_budget_clamps_charges_the_real_cost_and_refuses(world: Any)
     assert refused.status_code == 429
     message = refused.json()["error"]["message"]
     assert "daily money budget" in message and "0.007 remain of 0.02" in message
+
+
+async def test_a_request_cancelled_while_its_reservation_runs_leaves_nothing_held(tmp_path: Path) -> None:
+    """A client that leaves while its reservation is being made cancels the request, not the worker thread: the
+    reservation lands with nobody to settle it, and a live gateway's reservations are never swept (seen in
+    `make test`: two reservations held after the concurrency test's early hang-ups). It is released instead."""
+    import asyncio
+    import threading
+    from zoneinfo import ZoneInfo
+
+    from appliance.budgets.enforce import BudgetEnforcer
+    from appliance.budgets.store import BudgetStore, CallLink
+    from appliance.db.engine import make_engine
+    from appliance.identity.principal import Principal
+    from appliance.ledger.pricing import Price
+    from tests.unit.budgets.test_journal import seeded, tokens
+
+    url = f"sqlite:///{tmp_path / 'appliance.db'}"
+    seeded(url)
+    store = BudgetStore(make_engine(url, serialized_writes=True), ZoneInfo("UTC"))
+    entered, release = threading.Event(), threading.Event()
+    reserve = store.reserve
+
+    def slow_reserve(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return reserve(*args, **kwargs)
+
+    store.reserve = slow_reserve  # type: ignore[method-assign]
+    principal = Principal(kind="api_key", subject="k", roles=frozenset({"user"}), tenant_id="ten_1", workflow_id="wf_1")
+
+    async def count() -> int:
+        return 10
+
+    request = asyncio.create_task(BudgetEnforcer(store).enforce(principal, "r1", CallLink(), Price(), count, 40, 1))
+    assert await asyncio.to_thread(entered.wait, 10)
+    request.cancel()  # the client left
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    for _ in range(100):
+        if store.dangling() == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert store.dangling() == 0 and tokens(store) == (0, 0), "nothing stays reserved, nothing is charged"
