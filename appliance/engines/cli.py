@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
-from appliance.engines.manifest import load_manifests, verify_prepared
-from appliance.engines.runner import OFFLINE_ENV, EngineSpec, engine_command, engine_env, engine_python, engine_specs
+from appliance.engines.manifest import verify_prepared
+from appliance.engines.runner import OFFLINE_ENV, configured_specs, engine_command, engine_env, engine_python
 from appliance.lib.errors import ApplianceError
 from appliance.settings import Settings
 
@@ -25,13 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     run.add_argument("--print", action="store_true", help="print the command and environment instead")
 
 
-def _specs(settings: Settings) -> list[EngineSpec]:
-    return engine_specs(settings, load_manifests(settings.models_dir, settings.engines.models))
-
-
 def run(settings: Settings, args: argparse.Namespace) -> int:
     try:
-        specs = _specs(settings)
+        specs = configured_specs(settings)
     except ApplianceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

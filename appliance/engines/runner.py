@@ -50,11 +50,16 @@ class EngineSpec:
         return EngineRoute(model=self.manifest.name, url=self.url, runner=self.manifest.runner)
 
 
+def configured_specs(settings: Settings) -> list[EngineSpec]:
+    """Every engine of ``[engines]``: what the supervisor starts, the units exec, status watches and the
+    gateway routes to."""
+    return engine_specs(settings, load_manifests(settings.models_dir, settings.engines.models))
+
+
 def engine_routes(settings: Settings) -> list[EngineRoute]:
     """The gateway's routes on a node whose engines systemd runs: one per engine of ``[engines]``, on the ports
     :func:`engine_specs` gives them (the same function the engine units start from)."""
-    manifests = load_manifests(settings.models_dir, settings.engines.models)
-    return [spec.route for spec in engine_specs(settings, manifests)]
+    return [spec.route for spec in configured_specs(settings)]
 
 
 def engine_python(settings: Settings) -> Path:

@@ -16,12 +16,11 @@ from types import FrameType
 
 from appliance.audit.setup import audit_store
 from appliance.audit.store import AuditEvent
-from appliance.engines.manifest import load_manifests
 from appliance.engines.models import ensure_prepared
 from appliance.engines.runner import (
     EngineSpec,
+    configured_specs,
     engine_python,
-    engine_specs,
     start_engine,
     stop_group,
     wait_healthy,
@@ -79,8 +78,7 @@ class Supervisor:
     def _start_all(self) -> None:
         settings = self.settings
         python = engine_python(settings)
-        manifests = load_manifests(settings.models_dir, settings.engines.models)
-        specs = engine_specs(settings, manifests)
+        specs = configured_specs(settings)
         self.engines = [_Engine(spec, index) for index, spec in enumerate(specs)]
         for engine in self.engines:
             ensure_prepared(engine.spec.manifest, settings, python)

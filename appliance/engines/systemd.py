@@ -17,8 +17,7 @@ import urllib.request
 from typing import Any
 from urllib.parse import urlsplit
 
-from appliance.engines.manifest import load_manifests
-from appliance.engines.runner import engine_specs, http_ok
+from appliance.engines.runner import configured_specs, http_ok
 from appliance.lib.errors import ApplianceError
 from appliance.settings import Settings
 
@@ -37,8 +36,7 @@ def node_units(settings: Settings) -> list[tuple[str, str | None]]:
     qdrant = settings.retrieval.qdrant_url
     if qdrant and urlsplit(qdrant).hostname in ("127.0.0.1", "localhost", "::1"):
         units.append(("qdrant.service", None))
-    manifests = load_manifests(settings.models_dir, settings.engines.models)
-    for spec in engine_specs(settings, manifests):
+    for spec in configured_specs(settings):
         units.append((f"vllm-{spec.name}.service", spec.url + "/health"))
     units.append(("appliance.service", None))
     return units
