@@ -21,6 +21,7 @@ from appliance.audit.routes import AuditController
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.journal import SettlementJournal
+from appliance.budgets.leases import BudgetLeases
 from appliance.budgets.routes import BudgetController
 from appliance.budgets.store import BudgetStore
 from appliance.budgets.upkeep import BudgetUpkeep, new_gateway_id
@@ -104,7 +105,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
     metrics.registry.register(TelemetryCollector(monitor, admission))
     drift = DriftWatcher(db_engine, settings.telemetry.drift_interval_s)
     metrics.registry.register(drift)
-    enforcer = BudgetEnforcer(budgets)
+    leases = BudgetLeases(
+        budgets,
+        ZoneInfo(settings.budgets.timezone),
+        lease_fraction=settings.budgets.lease_fraction,
+        idle_s=settings.budgets.lease_idle_s,
+    )
+    enforcer = BudgetEnforcer(budgets, leases)
     serving = OpenAIServing(
         router,
         usage,
@@ -135,6 +142,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await usage.start()
         await audit.start()
         await upkeep.start()
+        await leases.start()
         await drift.start()
         await retention.start()
         try:
@@ -142,7 +150,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         finally:
             await retention.stop()
             await drift.stop()
-            await upkeep.stop()  # after the last requests: their settlements land (or wait in the journal)
+            # After the last requests: what they spent is committed and the slices given back, then the
+            # gateway leaves (older settlements landed, or wait in the journal).
+            await upkeep.stop(leases_returned=await leases.stop())
             await audit.stop()
             await usage.stop()
             await monitor.stop()
@@ -178,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
+            "budget_leases": Provide(lambda: leases, use_cache=True, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
             "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),

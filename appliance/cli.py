@@ -85,7 +85,12 @@ def cmd_serve(settings: Settings) -> int:
     """The gateway in this process (a node's appliance.service; ``appliance up`` starts it the same way)."""
     import uvicorn
 
+    from appliance.db.engine import create_schema, make_engine
+
     server = settings.server
+    engine = make_engine(settings.database_url)
+    create_schema(engine)  # once, before the workers start (each then finds the schema at its head)
+    engine.dispose()
     uvicorn.run(
         "appliance.asgi:create_app",
         factory=True,
@@ -96,6 +101,7 @@ def cmd_serve(settings: Settings) -> int:
         log_level=server.log_level,
         access_log=False,
         timeout_graceful_shutdown=30,
+        workers=server.workers,
     )
     return EXIT_OK
 

@@ -48,6 +48,12 @@ def is_checkout() -> bool:
 class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="gateway worker processes sharing the port and the database (budgets stay exact across them)",
+    )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger requests get 413")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
@@ -181,6 +187,17 @@ class BudgetSettings(BaseModel):
     )
     sweep_interval_s: float = Field(default=15.0, gt=0, description="how often dead gateways' reservations are sought")
     replay_interval_s: float = Field(default=5.0, gt=0, description="journaled settlements are retried this often")
+    lease_fraction: float = Field(
+        default=0.02,
+        ge=0,
+        le=0.5,
+        description="each gateway process holds, beyond what its requests need, at most this share of a budget's "
+        "limit (and at most half of what remains): budgets are enforced in memory, and at most (processes - 1) x "
+        "this share can be held unused by other processes (0: only what requests need; a refill per request)",
+    )
+    lease_idle_s: float = Field(
+        default=10.0, gt=0, description="a process gives back the unused slice of a budget it did not draw on this long"
+    )
     reservation_ttl_s: float = Field(
         default=1800.0,
         gt=0,

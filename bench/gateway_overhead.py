@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -155,17 +156,45 @@ def spawn_fake(port: int) -> subprocess.Popen[bytes]:
 
 
 def spawn_gateway(port: int, env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
-    """One gateway process, as `appliance up` runs it."""
-    command = ["uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port), "--no-access-log"]
-    return spawn([sys.executable, "-m", *command, "--log-level", "warning"], env, log)
+    """The gateway as a node runs it (`appliance serve`: migrations once, then its worker processes)."""
+    env = dict(env, APPLIANCE_SERVER__PORT=str(port), APPLIANCE_SERVER__LOG_LEVEL="warning")
+    return spawn([sys.executable, "-m", "appliance.cli", "serve"], env, log)
+
+
+PASSTHROUGH = """
+import sys
+from aiohttp import ClientSession, TCPConnector, web
+
+async def forward(request):
+    body = await request.read()
+    async with request.app["client"].post(request.app["upstream"] + request.path, data=body,
+                                          headers={"Content-Type": "application/json"}) as upstream:
+        return web.Response(body=await upstream.read(), status=upstream.status, content_type="application/json")
+
+async def client(app):
+    app["client"] = ClientSession(connector=TCPConnector(limit=0))
+    yield
+    await app["client"].close()
+
+app = web.Application()
+app["upstream"] = sys.argv[2]
+app.router.add_post("/v1/chat/completions", forward)
+app.cleanup_ctx.append(client)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def spawn_passthrough(port: int, upstream: str) -> subprocess.Popen[bytes]:
+    """The floor: a bare aiohttp pass-through (no auth, no parsing, no bookkeeping), in a process of its own."""
+    return spawn([sys.executable, "-c", PASSTHROUGH, str(port), upstream])
 
 
 async def wait_up(url: str) -> None:
     async with aiohttp.ClientSession() as session:
-        for _ in range(200):
+        for _ in range(600):
             try:
                 async with session.get(url) as response:
-                    if response.status == 200:
+                    if response.status in (200, 405):
                         return
             except aiohttp.ClientError:
                 pass
@@ -210,49 +239,126 @@ async def poisson(url: str, rate: float, seconds: float, key: str) -> tuple[list
     return latencies, errors, len(latencies) / elapsed
 
 
-async def part2(rates: list[float], seconds: float) -> None:
-    fake_port, gateway_port = free_port(), free_port()
-    data_dir = ROOT / "var" / "bench-overhead"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fake = spawn_fake(fake_port)
-    env = dict(
-        os.environ,
-        APPLIANCE_DATA_DIR=str(data_dir),
-        APPLIANCE_GATEWAY__ROUTES=json.dumps([{"model": "fake", "url": f"http://127.0.0.1:{fake_port}"}]),
+LARGE = 10**12  # budgets that never run out: the benchmark measures their cost, not refusals
+
+
+def bench_keys(env: dict[str, str], gateway: str) -> tuple[str, str]:
+    """(a key whose chain has no budget, a key with six budgets on its chain: one on the key, one on its agent,
+    one on its workflow, three on its tenant; tokens, requests, cost and a per-request cap)."""
+    free = json.loads(cli(env, "admin", "create-key", "--tenant", "bench", "--workflow", "free", "--create").stdout)
+    held = json.loads(
+        cli(env, "admin", "create-key", "--tenant", "bench", "--workflow", "held", "--agent", "a", "--create").stdout
     )
-    gateway = spawn_gateway(gateway_port, env)
+    admin = cli(env, "admin", "token", "--role", "admin").stdout.strip()
+    budgets = [
+        ("api_key", held["id"], "requests", LARGE, "minute"),
+        ("agent", held["agent_id"], "tokens", LARGE, "hour"),
+        ("workflow", held["workflow_id"], "cost", 10**8, "month"),
+        ("tenant", held["tenant_id"], "tokens", LARGE, "day"),
+        ("tenant", held["tenant_id"], "requests", LARGE, "month"),
+        ("tenant", held["tenant_id"], "max_tokens", 4096, "none"),
+    ]
+
+    async def create() -> None:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
+            for scope_type, scope_id, kind, limit, period in budgets:
+                body = {"scope_type": scope_type, "scope_id": scope_id, "kind": kind, "limit": limit, "period": period}
+                async with session.post(gateway + "/admin/budgets/", json=body) as response:
+                    assert response.status == 201, await response.text()
+
+    asyncio.run(create())
+    return str(free["key"]), str(held["key"])
+
+
+def report(
+    rate: float, label: str, result: tuple[list[float], int, float], direct: tuple[list[float], int, float]
+) -> None:
+    latencies, errors, throughput = result
+    if not latencies:
+        print(f"  {rate:>5.0f} req/s {label:<30} no answer, {errors} errors")
+        return
+    added50 = pct(latencies, 50) - pct(direct[0], 50)
+    added99 = pct(latencies, 99) - pct(direct[0], 99)
+    extra = (
+        ""
+        if label == "direct"
+        else f"   adds P50 {added50:+7.2f} / P99 {added99:+8.2f} ms, x{throughput / direct[2]:.3f}"
+    )
+    print(row(f"{rate:.0f} req/s {label}", latencies) + f"  {throughput:5.0f} req/s, {errors:>4} errors" + extra)
+
+
+async def part2_rates(targets: dict[str, tuple[str, str]], rates: list[float], seconds: float) -> None:
+    for url, key in targets.values():  # warm-up
+        await poisson(url, 100, 1.0, key)
+    for rate in rates:
+        results = {label: await poisson(url, rate, seconds, key) for label, (url, key) in targets.items()}
+        for label, result in results.items():
+            report(rate, label, result, results["direct"])
+
+
+def part2(rates: list[float], seconds: float, workers: list[int]) -> None:
+    fake_port, floor_port = free_port(), free_port()
+    fake = spawn_fake(fake_port)
+    floor = spawn_passthrough(floor_port, f"http://127.0.0.1:{fake_port}")
+    fake_url, floor_url = f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{floor_port}"
+    asyncio.run(wait_up(fake_url + "/health"))
+    asyncio.run(wait_up(floor_url + "/v1/chat/completions"))
+    print(
+        f"\nPart 2: fast fake upstream (tests/support/fake_engine.py), open-loop Poisson, {seconds:.0f}s per run;"
+        " auth on every request, admission tiers and the audit log on"
+    )
     try:
-        await wait_up(f"http://127.0.0.1:{fake_port}/health")
-        await wait_up(f"http://127.0.0.1:{gateway_port}/healthz")
-        key = api_key(env)
-        for url in (f"http://127.0.0.1:{fake_port}", f"http://127.0.0.1:{gateway_port}"):  # warm-up
-            await poisson(url + "/v1/chat/completions", 200, 1.0, key)
-        print(f"\nPart 2: fast fake upstream (tests/support/fake_engine.py), open-loop Poisson, {seconds:.0f}s per run")
-        for rate in rates:
-            direct = await poisson(f"http://127.0.0.1:{fake_port}/v1/chat/completions", rate, seconds, key)
-            through = await poisson(f"http://127.0.0.1:{gateway_port}/v1/chat/completions", rate, seconds, key)
-            for label, (lat, errors, throughput) in (("direct", direct), ("through gateway", through)):
-                print(row(f"{rate:.0f} req/s {label}", lat) + f"   {throughput:7.0f} req/s done, {errors} errors")
-            print(
-                f"  {rate:.0f} req/s: gateway adds P50 {pct(through[0], 50) - pct(direct[0], 50):+.2f} ms, "
-                f"P99 {pct(through[0], 99) - pct(direct[0], 99):+.2f} ms; "
-                f"throughput ratio {through[2] / direct[2]:.3f}"
+        for count in workers:
+            data_dir = ROOT / "var" / f"bench-overhead-{count}"
+            shutil.rmtree(data_dir, ignore_errors=True)
+            data_dir.mkdir(parents=True)
+            env = dict(
+                os.environ,
+                APPLIANCE_DATA_DIR=str(data_dir),
+                APPLIANCE_SERVER__WORKERS=str(count),
+                APPLIANCE_GATEWAY__ROUTES=json.dumps([{"model": "fake", "url": fake_url}]),
+                APPLIANCE_PRICING__MODELS=json.dumps(
+                    {"fake": {"prompt_per_million": 0.2, "completion_per_million": 0.8}}
+                ),
             )
-    finally:
-        for process in (gateway, fake):
-            process.terminate()
+            port = free_port()
+            env["APPLIANCE_SERVER__PORT"] = str(port)  # the issuer of the admin token names it
+            cli(env, "admin", "token", "--role", "admin")  # schema and secrets, before the gateway starts
+            gateway_url = f"http://127.0.0.1:{port}"
+            gateway = spawn_gateway(port, env, data_dir / "gateway.log")
             try:
-                process.wait(30)  # a saturated gateway drains its backlog before it exits
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                asyncio.run(wait_up(gateway_url + "/healthz"))
+                free, held = bench_keys(env, gateway_url)
+                print(f"\n  gateway with {count} worker process(es)")
+                targets = {
+                    "direct": (fake_url + "/v1/chat/completions", free),
+                    "bare pass-through": (floor_url + "/v1/chat/completions", free),
+                    "appliance, no budget": (gateway_url + "/v1/chat/completions", free),
+                    "appliance, 6 budgets": (gateway_url + "/v1/chat/completions", held),
+                }
+                asyncio.run(part2_rates(targets, rates, seconds))
+            finally:
+                stop(gateway)
+    finally:
+        for process in (floor, fake):
+            stop(process)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(30)  # a saturated gateway drains its backlog before it exits
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=150, help="requests in part 1 (split over the mix)")
-    parser.add_argument("--rates", default="250,500,1000", help="request rates for part 2")
+    parser.add_argument("--rates", default="50,150,500", help="request rates for part 2")
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--workers", default="1,2", help="gateway worker processes in part 2, one run each")
     parser.add_argument("--reuse", action="store_true", help="use the appliance already up (default ports)")
     parser.add_argument("--skip-engine", action="store_true", help="only part 2")
     args = parser.parse_args()
@@ -264,7 +370,7 @@ def main() -> None:
         finally:
             if started:
                 cli(env, "down")
-    asyncio.run(part2([float(r) for r in args.rates.split(",")], args.seconds))
+    part2([float(r) for r in args.rates.split(",")], args.seconds, [int(n) for n in args.workers.split(",")])
 
 
 if __name__ == "__main__":

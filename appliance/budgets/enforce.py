@@ -1,17 +1,17 @@
 """Budget enforcement on the /v1 path: before generation, reserve along the principal's chain (clamping
-max_tokens); after it, settle with the real usage. Fails closed: if budgets cannot be evaluated the
-request is refused (503), never served unmetered."""
+max_tokens) from this process's leases (``leases.py``); after it, settle with the real usage.
+Fails closed: if budgets cannot be evaluated the request is refused (503), never served unmetered."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from appliance.budgets.leases import BudgetLeases, LeasedHold
 from appliance.budgets.ratelimit import ratelimit_headers
-from appliance.budgets.store import BudgetStore, CallLink, Grant
+from appliance.budgets.store import BudgetStore, CallLink
 from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Price
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
@@ -35,52 +35,21 @@ def chain_of(principal: Principal) -> dict[str, str]:
 
 
 @dataclass
-class Hold:
-    """A request's reservation; settle it exactly once."""
-
-    store: BudgetStore
-    request_id: str
-    grant: Grant
-    settled: bool = False
-
-    async def settle(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
-        """Settle now; a settlement the database refuses is journaled and replayed (never dropped)."""
-        if self.settled or not self.grant.reserved:
-            return
-        self.settled = True
-        await asyncio.to_thread(
-            self.store.settle_durably, self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine
-        )
-
-    def settle_soon(self, total_tokens: int, cost_micros: int, reached_engine: bool) -> None:
-        """For code that may not await (a request being cancelled): settle in a worker thread."""
-        if self.settled or not self.grant.reserved:
-            return
-        self.settled = True
-        self.store.announce_settlement()  # a shutdown from now on waits for it
-        asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: self.store.settle_durably(
-                self.request_id, total_tokens, cost_micros, counts_as_call=reached_engine, announced=True
-            ),
-        )
-
-
-@dataclass
 class Admission:
     """What admission decided: the retry attempt, the depth, the reservation, the output cap per sequence and
     headers for the answer."""
 
     attempt: int = 0
     depth: int = 0
-    hold: Hold | None = None
+    hold: LeasedHold | None = None
     cap: int | None = None  # per sequence, as clamped by the budgets (None: as asked)
     headers: dict[str, str] = field(default_factory=dict)
 
 
 class BudgetEnforcer:
-    def __init__(self, store: BudgetStore) -> None:
+    def __init__(self, store: BudgetStore, leases: BudgetLeases) -> None:
         self.store = store
+        self.leases = leases
 
     async def enforce(
         self,
@@ -93,41 +62,30 @@ class BudgetEnforcer:
         sequences: int,
     ) -> Admission:
         """Admit the request against every budget of its chain before generation. The engine may produce
-        ``sequences`` outputs of ``cap`` tokens each (0 sequences: embeddings); all of it is reserved, and the
-        cap per sequence lowered to what the tightest budget leaves. ``count`` gives the prompt's tokens (asked
-        only where a budget needs them). One read finds which budgets apply; a chain without budgets costs no
-        write."""
+        ``sequences`` outputs of ``cap`` tokens each (0 sequences: embeddings); all of it is reserved (from this
+        process's leases), and the cap per sequence lowered to what the tightest budget leaves. ``count`` gives
+        the prompt's tokens (asked only where a budget needs them). Which budgets apply is known from memory
+        (looked up again every second); a chain without budgets costs nothing."""
         chain = chain_of(principal)
         if not chain:
             return Admission()
         try:
-            kinds = await asyncio.to_thread(self.store.applicable, chain)
+            kinds = {rule["kind"] for rule in await self.leases.rules(chain)}
             admission = Admission()
             if kinds & CALL_LIMITS or link.any:
                 admission.attempt, admission.depth = await asyncio.to_thread(
                     self.store.admit, request_id, chain, link, strict=frozenset(kinds & CALL_LIMITS)
                 )
             if kinds & RESERVING:
-                prompt_tokens = 0
-                if kinds & COUNTS_PROMPT:
-                    prompt_tokens = await count()
-                grant = await self._reserve(
-                    request_id,
-                    functools.partial(
-                        self.store.reserve,
-                        request_id,
-                        chain,
-                        prompt_tokens,
-                        cap * sequences,
-                        price,
-                        min_output=sequences,
-                    ),
-                )
-                admission.hold = Hold(self.store, request_id, grant)
-                admission.headers.update(ratelimit_headers(grant))
-                if sequences and grant.clamped and grant.max_tokens is not None:
-                    admission.cap = grant.max_tokens // sequences
-                    admission.headers[CLAMP_HEADER] = str(admission.cap)
+                prompt_tokens = await count() if kinds & COUNTS_PROMPT else 0
+                hold = await self.leases.reserve(chain, prompt_tokens, cap * sequences, price, min_output=sequences)
+                if hold is not None:
+                    admission.hold = hold
+                    admission.headers.update(ratelimit_headers(hold.grant))
+                    grant = hold.grant
+                    if sequences and grant.clamped and grant.max_tokens is not None:
+                        admission.cap = grant.max_tokens // sequences
+                        admission.headers[CLAMP_HEADER] = str(admission.cap)
             return admission
         except ApplianceError as exc:
             if exc.status_code < 500:
@@ -137,28 +95,6 @@ class BudgetEnforcer:
         except Exception as exc:
             log.exception("budget evaluation failed")
             raise _unavailable() from exc
-
-    async def _reserve(self, request_id: str, reserve: Callable[[], Grant]) -> Grant:
-        """The reservation, in a worker thread. A request cancelled while it runs (its client left) does not stop
-        the thread: the reservation still lands, with nobody to settle it, and a live gateway's reservations are
-        never swept. So it is settled at nothing (the engine was never asked) as soon as it lands."""
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, reserve)
-        try:
-            return await asyncio.shield(future)
-        except asyncio.CancelledError:
-
-            def release(done: asyncio.Future[Grant]) -> None:
-                if done.cancelled() or done.exception() is not None or not done.result().reserved:
-                    return
-                self.store.announce_settlement()  # a shutdown waits for it
-                settle = functools.partial(
-                    self.store.settle_durably, request_id, 0, 0, counts_as_call=False, announced=True
-                )
-                loop.run_in_executor(None, settle)
-
-            future.add_done_callback(release)
-            raise
 
 
 def _unavailable() -> ServiceUnavailableError:

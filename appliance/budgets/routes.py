@@ -20,6 +20,7 @@ from sqlmodel import Session, SQLModel
 
 from appliance.audit.middleware import add_audit_detail
 from appliance.budgets import access
+from appliance.budgets.leases import BudgetLeases
 from appliance.budgets.models import Budget
 from appliance.budgets.store import BudgetStore
 from appliance.identity import service as identity
@@ -96,7 +97,11 @@ class BudgetController(Controller):
 
     @post("/", sync_to_thread=True)
     def create_budget(
-        self, request: Request[Any, Any, Any], db_engine: NamedDependency[Engine], data: JSONBody[BudgetCreate]
+        self,
+        request: Request[Any, Any, Any],
+        db_engine: NamedDependency[Engine],
+        budget_leases: NamedDependency[BudgetLeases],
+        data: JSONBody[BudgetCreate],
     ) -> dict[str, Any]:
         principal = principal_of(request.scope)
         owner = access.owner_of(principal)
@@ -129,6 +134,7 @@ class BudgetController(Controller):
                 session.commit()
             except IntegrityError:
                 raise ConflictError("That scope already has a budget of this kind and period.") from None
+            budget_leases.rules_changed()  # at once here; other processes see it within a second
             session.refresh(budget)
             return _shown(budget)
 
@@ -137,6 +143,7 @@ class BudgetController(Controller):
         self,
         request: Request[Any, Any, Any],
         db_engine: NamedDependency[Engine],
+        budget_leases: NamedDependency[BudgetLeases],
         item_id: FromPath[str],
         data: JSONBody[BudgetUpdate],
     ) -> dict[str, Any]:
@@ -151,12 +158,17 @@ class BudgetController(Controller):
             budget.limit = limit
             session.add(budget)
             session.commit()
+            budget_leases.rules_changed()
             session.refresh(budget)
             return _shown(budget)
 
     @delete("/{item_id:str}", sync_to_thread=True)
     def delete_budget(
-        self, request: Request[Any, Any, Any], db_engine: NamedDependency[Engine], item_id: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        db_engine: NamedDependency[Engine],
+        budget_leases: NamedDependency[BudgetLeases],
+        item_id: FromPath[str],
     ) -> None:
         principal = principal_of(request.scope)
         principal.require_role(ADMIN)
@@ -166,3 +178,4 @@ class BudgetController(Controller):
             access.check_change(session, principal, budget, None)
             session.delete(budget)
             session.commit()
+            budget_leases.rules_changed()

@@ -48,6 +48,7 @@ COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
 CALLS: Table = CallRecord.__table__  # type: ignore[attr-defined]
 GATEWAYS: Table = GatewayInstance.__table__  # type: ignore[attr-defined]
+LEASE_PREFIX = "lease:"  # reservation rows that are a gateway process's lease, not one request's reservation
 PERIODIC = frozenset({"tokens", "requests", "cost"})  # budgets with a period, which reservations draw on
 
 
@@ -103,6 +104,18 @@ class Grant:
     prompt_tokens: int = 0  # as counted before generation
     minute_requests: RateWindow | None = None  # the tightest per-minute budgets, after this reservation
     minute_tokens: RateWindow | None = None
+
+
+@dataclass(frozen=True)
+class LeaseMove:
+    """What one gateway's lease of one budget window hands to the database: spent (becomes `used`) and
+    returned (given back unused)."""
+
+    lease_id: str
+    budget_id: str
+    window_start: datetime
+    spent: int
+    returned: int
 
 
 class BudgetStore:
@@ -202,6 +215,88 @@ class BudgetStore:
                 )
             )
         return attempt, depth
+
+    def chain_budgets(self, chain: dict[str, str]) -> list[dict[str, Any]]:
+        """Every budget of the chain, ordered by id (what enforcement keeps in memory for a second)."""
+        with self._engine.connect() as connection:
+            return [dict(row) for row in _chain_budgets(connection, chain)]
+
+    @_retrying
+    def grant(
+        self, lease_id: str, budget_id: str, window_start: datetime, *, need: int, least: int, extra: int
+    ) -> tuple[int, int]:
+        """Move ``need`` (or what is left of the budget window, if less) plus up to ``extra`` for later requests
+        into the lease ``lease_id`` of this gateway (a reservation row it holds for as long as it lives),
+        atomically with every other grant: nothing at all unless ``least`` fits. The extra is at most half of
+        what remains beyond the need, so near the end of a budget one process does not take what the others
+        may need. Returns (granted, what remains after it)."""
+        with self._engine.begin() as connection:
+            limit = connection.execute(select(BUDGETS.c.limit).where(BUDGETS.c.id == budget_id)).scalar()
+            if limit is None:
+                return 0, 0  # deleted meanwhile
+            used, reserved = _counter(connection, budget_id, window_start)
+            remaining = int(limit) - used - reserved
+            if remaining < max(least, 1):
+                return 0, max(remaining, 0)
+            base = min(need, remaining)
+            granted = base + max(0, min(extra, (remaining - base) // 2))
+            connection.execute(
+                update(COUNTERS)
+                .where(COUNTERS.c.budget_id == budget_id, COUNTERS.c.window_start == window_start)
+                .values(reserved=COUNTERS.c.reserved + granted)
+            )
+            held = connection.execute(
+                update(RESERVATIONS)
+                .where(RESERVATIONS.c.request_id == lease_id, RESERVATIONS.c.budget_id == budget_id)
+                .values(amount=RESERVATIONS.c.amount + granted)
+            )
+            if not held.rowcount:
+                connection.execute(
+                    insert(RESERVATIONS).values(
+                        request_id=lease_id,
+                        budget_id=budget_id,
+                        window_start=window_start,
+                        amount=granted,
+                        created_at=self._clock(),
+                        gateway_id=self.gateway_id,
+                    )
+                )
+        return granted, remaining - granted
+
+    @_retrying
+    def settle_leases(self, moves: list[LeaseMove]) -> set[tuple[str, str]]:
+        """In one transaction, for each lease: what its requests spent becomes `used`, and it gives back what
+        it no longer holds. A lease whose row is gone (the sweep took this gateway for dead) still has its
+        spending counted; nothing is given back twice. Returns the (lease, budget) pairs whose row was gone."""
+        gone: set[tuple[str, str]] = set()
+        with self._engine.begin() as connection:
+            for move in sorted(moves, key=lambda m: (m.budget_id, m.lease_id)):
+                amount = connection.execute(
+                    select(RESERVATIONS.c.amount)
+                    .where(RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
+                    .with_for_update()
+                ).scalar()
+                if amount is None:
+                    gone.add((move.lease_id, move.budget_id))
+                taken = min(int(amount or 0), move.spent + move.returned)
+                connection.execute(
+                    update(COUNTERS)
+                    .where(COUNTERS.c.budget_id == move.budget_id, COUNTERS.c.window_start == move.window_start)
+                    .values(reserved=COUNTERS.c.reserved - taken, used=COUNTERS.c.used + move.spent)
+                )
+                if amount is not None and int(amount) - taken <= 0:
+                    connection.execute(
+                        delete(RESERVATIONS).where(
+                            RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id
+                        )
+                    )
+                elif amount is not None:
+                    connection.execute(
+                        update(RESERVATIONS)
+                        .where(RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
+                        .values(amount=RESERVATIONS.c.amount - taken)
+                    )
+        return gone
 
     def applicable(self, chain: dict[str, str]) -> set[str]:
         """The kinds of budget that apply to this chain (empty: nothing to enforce, nothing to count)."""
@@ -393,7 +488,8 @@ class BudgetStore:
     @_retrying
     def sweep(self, dead_after_s: float, unowned_ttl_s: float) -> int:
         """Release the reservations of gateways that are gone (no heartbeat for ``dead_after_s``, or no row):
-        they died before settling, and a held reservation would otherwise eat the budget forever. Those of a
+        they died before settling, and a held reservation would otherwise eat the budget forever (their leases
+        are charged in full instead: see ``leases.py``). Those of a
         live gateway are kept however old. Reservations made before gateways recorded themselves (no gateway
         id) are released when older than ``unowned_ttl_s``. Returns how many rows were released."""
         now = self._clock()
@@ -408,10 +504,13 @@ class BudgetStore:
         with self._engine.begin() as connection:
             taken = _take(connection, orphaned)
             for row in taken:
+                # A dead process's lease is charged in full: what it spent since its last commit is not known,
+                # and a budget is an upper bound (it over-charges by the slice's unused part, at most).
+                spent = row["amount"] if row["request_id"].startswith(LEASE_PREFIX) else 0
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
-                    .values(reserved=COUNTERS.c.reserved - row["amount"])
+                    .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
                 )
             connection.execute(delete(GATEWAYS).where(GATEWAYS.c.heartbeat_at < now - timedelta(seconds=dead_after_s)))
         return len(taken)
@@ -436,14 +535,26 @@ class BudgetStore:
                         )
                     ).first()
                     used, reserved = (row[0], row[1]) if row else (0, 0)
+                    leased = int(
+                        connection.execute(
+                            select(func.coalesce(func.sum(RESERVATIONS.c.amount), 0)).where(
+                                RESERVATIONS.c.budget_id == budget["id"],
+                                RESERVATIONS.c.window_start == start,
+                                RESERVATIONS.c.request_id.startswith(LEASE_PREFIX),
+                            )
+                        ).scalar_one()
+                    )
+                    # Slices leased to gateway processes are spendable by their requests: part of what remains
+                    # (exactly so when no request is in flight), not reserved by a request.
                     entry.update(
                         used=used,
-                        reserved=reserved,
-                        remaining=max(budget["limit"] - used - reserved, 0),
+                        reserved=reserved - leased,
+                        leased=leased,
+                        remaining=max(budget["limit"] - used - reserved + leased, 0),
                         resets_at=end.isoformat(),
                     )
                 if budget["kind"] == "cost":  # money is kept in micro-units and shown in the currency
-                    for key in ("limit", "used", "reserved", "remaining"):
+                    for key in ("limit", "used", "reserved", "leased", "remaining"):
                         if key in entry:
                             entry[key] = to_currency(entry[key])
                 out.append(entry)
@@ -490,7 +601,9 @@ def _take(connection: Connection, which: Any) -> list[Any]:
     deleted = connection.execute(
         delete(RESERVATIONS)
         .where(which)
-        .returning(RESERVATIONS.c.budget_id, RESERVATIONS.c.window_start, RESERVATIONS.c.amount)
+        .returning(
+            RESERVATIONS.c.request_id, RESERVATIONS.c.budget_id, RESERVATIONS.c.window_start, RESERVATIONS.c.amount
+        )
     )
     return sorted(deleted.mappings().all(), key=lambda row: row["budget_id"])
 

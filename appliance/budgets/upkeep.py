@@ -62,12 +62,12 @@ class BudgetUpkeep:
             asyncio.create_task(_every(every.replay_interval_s, self.replay, "replaying budget settlements")),
         ]
 
-    async def stop(self) -> None:
+    async def stop(self, *, leases_returned: bool = True) -> None:
         self._stopping.set()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._stop)
+        await asyncio.to_thread(self._stop, leases_returned)
 
     def _start(self) -> None:
         self._journal.claim(own=True)
@@ -77,9 +77,10 @@ class BudgetUpkeep:
         self._store.register(socket.gethostname(), os.getpid())
         self.replay()
 
-    def _stop(self) -> None:
+    def _stop(self, leases_returned: bool = True) -> None:
         """After the last requests: wait for their settlements, replay what waits, then leave. A gateway
-        with settlements still journaled keeps its row (the next one on this data folder replays them)."""
+        with settlements still journaled keeps its row (the next one on this data folder replays them), and so
+        does one whose leases could not be given back (the sweep then charges them)."""
         try:
             if not self._store.wait_settled(SETTLE_WAIT_S):
                 log.warning("budget settlements still running at shutdown")
@@ -88,6 +89,8 @@ class BudgetUpkeep:
                 log.error(
                     "%d budget settlements still journaled in %s: replayed at the next start", left, self._run_dir
                 )
+            elif not leases_returned:
+                log.error("budget leases not given back: the sweep charges them once this gateway is seen dead")
             else:
                 with self._beating:
                     self._store.deregister(self.gateway_id)

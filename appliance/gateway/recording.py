@@ -5,11 +5,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import Any
 
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
-from appliance.budgets.enforce import Hold
+from appliance.budgets.leases import LeasedHold
 from appliance.budgets.store import BudgetExceededError
 from appliance.gateway.admission import Ticket
 from appliance.gateway.metrics import GatewayMetrics
@@ -131,7 +134,7 @@ class RequestRecord:
         self._done = False
         self.prompt: str | None = None  # set when the tenant captures content
         self.answer: list[str] = []
-        self.hold: Hold | None = None  # the request's budget reservation, settled with its real usage
+        self.hold: LeasedHold | None = None  # the request's budget reservation, settled with its real usage
         self.price = Price()  # fixed when the request is admitted
         self.meter: ThroughputMeter | None = None  # set once the request is on its way to an engine
         self.ticket: Ticket | None = None  # its admission slot, freed when it ends
@@ -169,12 +172,14 @@ class RequestRecord:
         self._done = True
         self._account(event)
         self._slot.submit(event)
+        durable: list[Awaitable[Any]] = []
         if self.hold is not None:
-            await self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
+            self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
+            durable.append(self.hold.durable())
         if self._audit is not None:
-            await self._audit.record(
-                audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
-            )
+            record = audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
+            durable.append(self._audit.record(record))
+        await asyncio.gather(*durable)  # both group commits at once: the answer waits for the later one
 
     def finish(self, event: UsageEvent) -> None:
         if self._done:
@@ -183,7 +188,7 @@ class RequestRecord:
         self._account(event)
         self._slot.submit(event)
         if self.hold is not None:
-            self.hold.settle_soon(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
+            self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
         if self._audit is not None:
             self._audit.record_nowait(
                 audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)

@@ -1,5 +1,6 @@
 """Appliance API keys: ``apk_<id>_<secret>``. Only an HMAC-SHA256 of the secret (keyed with a pepper kept
-in a 0600 file, not in the database) is stored; revocation and expiry apply on the very next request."""
+in a 0600 file, not in the database) is stored; a revocation applies within a second in every gateway process,
+an expiry on the very next request."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from appliance.identity.models import ApiKey
 from appliance.identity.principal import ADMIN, USER, Principal
 from appliance.identity.signing import write_secret
 from appliance.lib.errors import AuthenticationError
+from appliance.lib.recheck import RECHECK_S, Recheck
 from appliance.lib.times import as_utc
 
 KEY_PATTERN = re.compile(r"^apk_(?P<id>[0-9a-f]{20})_(?P<secret>[A-Za-z0-9_-]{43})$")
@@ -67,31 +69,50 @@ def key_principal(key: ApiKey) -> Principal:
 
 
 class ApiKeyAuthenticator:
-    def __init__(self, engine: Engine, hasher: KeyHasher) -> None:
+    """Keys checked against the database once per ``recheck_s`` each (a revoked or expired key stops working in
+    every gateway process within that time; expiry itself is checked on every request)."""
+
+    def __init__(self, engine: Engine, hasher: KeyHasher, *, recheck_s: float = RECHECK_S) -> None:
         self._engine = engine
         self._hasher = hasher
         self._last_used_written: dict[str, float] = {}
+        self._known: Recheck[tuple[str, str], tuple[Principal, datetime | None] | None] = Recheck(
+            self._look_up, ttl_s=recheck_s
+        )
 
     async def authenticate(self, credential: str) -> Principal:
         match = KEY_PATTERN.match(credential)
         if match is None:
             raise AuthenticationError()
-        return await asyncio.to_thread(self._check, f"key_{match['id']}", match["secret"])
+        found = await self._known.get((f"key_{match['id']}", self._hasher.digest(match["secret"])))
+        if found is None:
+            raise AuthenticationError()
+        principal, expires_at = found
+        if expires_at is not None and expires_at <= datetime.now(UTC):
+            raise AuthenticationError()
+        return principal
 
-    def _check(self, key_id: str, secret: str) -> Principal:
+    def forget(self, key_id: str) -> None:
+        """This process revoked ``key_id``: refused from the next request on (other processes: within a second)."""
+        self._known.forget_matching(lambda known: known[0] == key_id)
+
+    async def _look_up(self, key: tuple[str, str]) -> tuple[Principal, datetime | None] | None:
+        return await asyncio.to_thread(self._check, *key)
+
+    def _check(self, key_id: str, digest: str) -> tuple[Principal, datetime | None] | None:
+        """The key's principal and expiry, or None: unknown, wrong secret or revoked."""
         with Session(self._engine) as session:
             key = session.get(ApiKey, key_id)
             # Compare even when the key is unknown, so timing does not tell which ids exist.
             expected = key.secret_hash if key is not None else "0" * 64
-            valid = hmac.compare_digest(expected, self._hasher.digest(secret))
-            now = datetime.now(UTC)
+            valid = hmac.compare_digest(expected, digest)
             if key is None or not valid or key.revoked_at is not None:
-                raise AuthenticationError()
-            if key.expires_at is not None and as_utc(key.expires_at) <= now:
-                raise AuthenticationError()
+                return None
+            expires_at = as_utc(key.expires_at) if key.expires_at is not None else None
             principal = key_principal(key)
             if time.monotonic() - self._last_used_written.get(key_id, -float("inf")) >= LAST_USED_EVERY_S:
                 self._last_used_written[key_id] = time.monotonic()
+                now = datetime.now(UTC)
                 session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))  # type: ignore[arg-type]
                 session.commit()
-            return principal
+            return principal, expires_at

@@ -66,6 +66,9 @@ class Authenticator:
             await self._tenants.check(principal)
         return principal
 
+    def key_revoked(self, key_id: str) -> None:
+        self._api_keys.forget(key_id)
+
     async def _credential(
         self, authorization: str | None, session_cookie: str | None, method: str, csrf_token: str | None
     ) -> Principal:

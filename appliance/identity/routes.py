@@ -259,9 +259,13 @@ class AdminController(Controller):
             return service.read(session, principal_of(request.scope), ApiKey, item_id)
 
     @delete("/api-keys/{item_id:str}", status_code=200, sync_to_thread=True)
-    def revoke_api_key(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> dict[str, Any]:
+    def revoke_api_key(
+        self, request: Req, db_engine: Db, authenticator: NamedDependency[Authenticator], item_id: FromPath[str]
+    ) -> dict[str, Any]:
         with Session(db_engine) as session:
-            return service.revoke(session, principal_of(request.scope), ApiKey, item_id)
+            revoked = service.revoke(session, principal_of(request.scope), ApiKey, item_id)
+        authenticator.key_revoked(item_id)
+        return revoked
 
     # -- service clients (client_credentials) --------------------------------------------------------
 

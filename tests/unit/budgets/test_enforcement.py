@@ -156,15 +156,17 @@ async def test_money_budget_clamps_charges_the_real_cost_and_refuses(world: Any)
     assert "daily money budget" in message and "0.007 remain of 0.02" in message
 
 
-async def test_a_request_cancelled_while_its_reservation_runs_leaves_nothing_held(tmp_path: Path) -> None:
-    """A client that leaves while its reservation is being made cancels the request, not the worker thread: the
-    reservation lands with nobody to settle it, and a live gateway's reservations are never swept (seen in
-    `make test`: two reservations held after the concurrency test's early hang-ups). It is released instead."""
+async def test_a_request_cancelled_while_its_lease_is_refilled_leaves_nothing_held(tmp_path: Path) -> None:
+    """A client that leaves while its lease is being refilled cancels the request, not the worker thread: the
+    grant lands in the lease (the database holds it for this process), nothing is held for the request, and
+    stopping gives everything back (seen in `make test` with per-request reservations: two held after the
+    concurrency test's early hang-ups)."""
     import asyncio
     import threading
     from zoneinfo import ZoneInfo
 
     from appliance.budgets.enforce import BudgetEnforcer
+    from appliance.budgets.leases import BudgetLeases
     from appliance.budgets.store import BudgetStore, CallLink
     from appliance.db.engine import make_engine
     from appliance.identity.principal import Principal
@@ -173,29 +175,33 @@ async def test_a_request_cancelled_while_its_reservation_runs_leaves_nothing_hel
 
     url = f"sqlite:///{tmp_path / 'appliance.db'}"
     seeded(url)
-    store = BudgetStore(make_engine(url, serialized_writes=True), ZoneInfo("UTC"))
+    store = BudgetStore(make_engine(url, serialized_writes=True), ZoneInfo("UTC"), gateway_id="gw_test")
+    leases = BudgetLeases(store, ZoneInfo("UTC"))
     entered, release = threading.Event(), threading.Event()
-    reserve = store.reserve
+    grant = store.grant
 
-    def slow_reserve(*args: Any, **kwargs: Any) -> Any:
+    def slow_grant(*args: Any, **kwargs: Any) -> Any:
         entered.set()
         release.wait(10)
-        return reserve(*args, **kwargs)
+        return grant(*args, **kwargs)
 
-    store.reserve = slow_reserve  # type: ignore[method-assign]
+    store.grant = slow_grant  # type: ignore[method-assign]
     principal = Principal(kind="api_key", subject="k", roles=frozenset({"user"}), tenant_id="ten_1", workflow_id="wf_1")
 
     async def count() -> int:
         return 10
 
-    request = asyncio.create_task(BudgetEnforcer(store).enforce(principal, "r1", CallLink(), Price(), count, 40, 1))
+    enforcer = BudgetEnforcer(store, leases)
+    request = asyncio.create_task(enforcer.enforce(principal, "r1", CallLink(), Price(), count, 40, 1))
     assert await asyncio.to_thread(entered.wait, 10)
     request.cancel()  # the client left
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await request
     for _ in range(100):
-        if store.dangling() == 0:
+        if all(lease.granted for lease in leases._leases.values()):
             break
         await asyncio.sleep(0.05)
+    assert [lease.held for lease in leases._leases.values()] == [0], "the grant landed in the lease, none held"
+    assert await leases.stop(), "every lease given back"
     assert store.dangling() == 0 and tokens(store) == (0, 0), "nothing stays reserved, nothing is charged"

@@ -17,7 +17,6 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import event, select
 from sqlmodel import Session
 
-from appliance.budgets.enforce import Hold
 from appliance.budgets.journal import SettlementJournal
 from appliance.budgets.models import GatewayInstance
 from appliance.budgets.store import BudgetStore
@@ -83,8 +82,9 @@ async def test_a_gateway_registers_and_a_clean_shutdown_removes_its_row(tmp_path
     await upkeep.start()
     assert set(instances(store)) == {upkeep.gateway_id}
     grant = await asyncio.to_thread(store.reserve, "r1", CHAIN, 10, 40)
-    hold = Hold(store, "r1", grant)
-    hold.settle_soon(30, 0, reached_engine=True)  # a cancelled request: settled in a worker thread
+    assert grant.reserved
+    store.announce_settlement()  # a settlement handed to a worker thread (as journaled ones are replayed)
+    asyncio.get_running_loop().run_in_executor(None, lambda: store.settle_durably("r1", 30, 0, announced=True))
     await upkeep.stop()  # waits for that settlement before leaving
     assert instances(store) == {} and tokens(store) == (30, 0)
     assert list((tmp_path / "run").iterdir()) == []
@@ -98,7 +98,8 @@ async def test_settlements_journaled_at_shutdown_are_replayed_by_the_next_gatewa
     grant = await asyncio.to_thread(first.reserve, "r1", CHAIN, 10, 40)
     other_process = sqlite3.connect(path, isolation_level=None)
     other_process.execute("BEGIN EXCLUSIVE")  # the database refuses the gateway's writes while it stops
-    await Hold(first, "r1", grant).settle(35, 0, reached_engine=True)
+    assert grant.reserved
+    await asyncio.to_thread(first.settle_durably, "r1", 35, 0)
     await first_upkeep.stop()
     other_process.execute("ROLLBACK")
     assert first_upkeep.gateway_id in instances(first), "settlements wait: the gateway's row stays"
@@ -121,7 +122,8 @@ def gateway_process(url: str, run_dir: str, request_id: str, reserved: Event, se
         reserved.set()
         while not settle.is_set():
             await asyncio.sleep(0.05)
-        await Hold(store, request_id, grant).settle(60, 0, reached_engine=True)
+        assert grant.reserved
+        await asyncio.to_thread(store.settle_durably, request_id, 60, 0)
         await upkeep.stop()
 
     asyncio.run(serve())

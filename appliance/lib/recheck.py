@@ -1,0 +1,89 @@
+"""Facts the hot path asks for on every request, answered from memory and looked up again after a short time.
+
+A :class:`Recheck` keeps each answer of its lookup for ``ttl_s`` seconds, then asks the lookup again, so a change
+made in the database (a key revoked, a tenant deleted, a budget added, content capture switched on) takes
+effect in every gateway process within ``ttl_s``. One lookup per key is in flight at a time (a burst of requests
+for one key waits for one database read, not one each). A lookup that raises is not kept: the next request
+asks again, so a database that is down fails closed on every request rather than serving a stale answer for
+ever; an answer already kept is still served until it is ``ttl_s`` old."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+RECHECK_S = 1.0  # how stale a fact the hot path answers from memory may be
+
+
+class Recheck(Generic[K, V]):
+    __slots__ = ("_clock", "_entries", "_inflight", "_lookup", "_max_entries", "_ttl_s")
+
+    def __init__(
+        self,
+        lookup: Callable[[K], Awaitable[V]],
+        *,
+        ttl_s: float = RECHECK_S,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._lookup = lookup
+        self._ttl_s = ttl_s
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[K, tuple[float, V]] = {}  # key -> (when it was looked up, the answer)
+        self._inflight: dict[K, asyncio.Future[V]] = {}
+
+    async def get(self, key: K) -> V:
+        while True:
+            entry = self._entries.get(key)
+            if entry is not None and self._clock() - entry[0] < self._ttl_s:
+                return entry[1]
+            pending = self._inflight.get(key)
+            if pending is None:
+                return await self._look_up(key)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not pending.cancelled() or (current is not None and current.cancelling()):
+                    raise
+                # The request that was looking it up left; this one asks again.
+
+    async def _look_up(self, key: K) -> V:
+        future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        looked_up_at = self._clock()
+        try:
+            value = await self._lookup(key)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # the waiters re-raise it; nobody else need retrieve it
+            raise
+        else:
+            future.set_result(value)
+            self._entries.pop(key, None)
+            while len(self._entries) >= self._max_entries:
+                self._entries.pop(next(iter(self._entries)))  # the oldest inserted goes first
+            self._entries[key] = (looked_up_at, value)
+            return value
+        finally:
+            del self._inflight[key]
+
+    def forget(self, key: K) -> None:
+        """Drop what is kept for ``key`` (this process changed it and knows the answer is stale)."""
+        self._entries.pop(key, None)
+
+    def forget_matching(self, matches: Callable[[K], bool]) -> None:
+        for key in [key for key in self._entries if matches(key)]:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,168 @@
+"""Budgets enforced from leases held in memory: exact across processes, bounded in what they cost precision,
+given back when idle, at a window's end and at shutdown, and charged in full when their process dies."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import text
+
+from appliance.budgets.leases import BudgetLeases
+from appliance.budgets.store import BudgetExceededError, BudgetStore
+from tests.unit.budgets.conftest import CHAIN, Clock, add_budget
+
+ZONE = ZoneInfo("Europe/Paris")
+
+
+def process(store: BudgetStore, name: str, clock: Clock, **options: Any) -> BudgetLeases:
+    """One gateway process: its own store (its own gateway id, registered alive) and leases."""
+    own = BudgetStore(store._engine, ZONE, clock, gateway_id=f"gw_{name}")
+    own.register("test", 0)
+    return BudgetLeases(own, ZONE, clock=clock, **options)
+
+
+def counters(store: BudgetStore) -> tuple[int, int]:
+    with store._engine.connect() as connection:
+        used, reserved = connection.execute(
+            text("SELECT coalesce(sum(used), 0), coalesce(sum(reserved), 0) FROM budget_counters")
+        ).one()
+    return int(used), int(reserved)
+
+
+async def test_a_lease_serves_requests_from_memory_and_commits_what_they_spent(
+    store: BudgetStore, clock: Clock
+) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 10_000)
+    leases = process(store, "a", clock, lease_fraction=0.1)
+    grants = []
+    for n in range(5):
+        hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=40)
+        assert hold is not None and hold.grant.max_tokens == 40 and not hold.grant.clamped
+        hold.settle(10 + n, 0, reached_engine=True)
+        await hold.durable()
+        grants.append(hold)
+    assert counters(store)[0] == sum(10 + n for n in range(5)), "what was spent is committed as used"
+    [row] = store.status()
+    assert row["leased"] > 0 and row["reserved"] == 0, "the rest of the slice is leased, not reserved by a request"
+    assert row["remaining"] == 10_000 - row["used"], "a leased slice is still spendable"
+    assert await leases.stop()
+    assert counters(store) == (60, 0) and store.dangling() == 0, "stopping gave the slice back"
+
+
+async def test_two_processes_together_never_spend_more_than_the_limit(store: BudgetStore, clock: Clock) -> None:
+    """Many concurrent requests in two processes, each spending a random share of what it reserved: the sum of
+    what both committed never exceeds the limit, every call is counted once, and nothing stays held."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 3_000)
+    add_budget(store, "tenant", "ten_1", "requests", "day", 120)
+    processes = [process(store, name, clock, lease_fraction=0.05) for name in ("a", "b")]
+    for leases in processes:
+        await leases.start()
+    rng = random.Random(3)
+    spent = refused = 0
+
+    async def request(leases: BudgetLeases) -> None:
+        nonlocal spent, refused
+        try:
+            hold = await leases.reserve(CHAIN, prompt_tokens=20, max_tokens=60)
+        except BudgetExceededError:
+            refused += 1
+            return
+        assert hold is not None
+        await asyncio.sleep(rng.random() / 100)
+        used = 20 + rng.randint(0, hold.grant.max_tokens or 0)
+        hold.settle(used, 0, reached_engine=True)
+        spent += used
+        await hold.durable()
+
+    await asyncio.gather(*(request(processes[n % 2]) for n in range(300)))
+    for leases in processes:
+        assert await leases.stop()
+    used, reserved = counters(store)
+    tokens_used = next(row["used"] for row in store.status() if row["kind"] == "tokens")
+    calls_used = next(row["used"] for row in store.status() if row["kind"] == "requests")
+    assert tokens_used == spent <= 3_000 and calls_used == 300 - refused <= 120
+    assert refused > 0 and reserved == 0 and store.dangling() == 0
+    assert used == tokens_used + calls_used
+
+
+async def test_what_a_slice_held_elsewhere_costs_is_bounded(store: BudgetStore, clock: Clock) -> None:
+    """Process a holds a slice it does not use; process b can still spend all the rest: the budget loses at most
+    a's unused slice (lease_fraction x limit beyond a's own need)."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    a, b = process(store, "a", clock, lease_fraction=0.1), process(store, "b", clock, lease_fraction=0.1)
+    first = await a.reserve(CHAIN, prompt_tokens=5, max_tokens=5)
+    assert first is not None
+    first.settle(10, 0, reached_engine=True)
+    await first.durable()
+    held_by_a = next(iter(a._leases.values())).free
+    assert 0 < held_by_a <= 100, "need plus at most 10 % of the limit"
+    spent_by_b = 0
+    with pytest.raises(BudgetExceededError):
+        while True:
+            hold = await b.reserve(CHAIN, prompt_tokens=5, max_tokens=5)
+            assert hold is not None
+            hold.settle(10, 0, reached_engine=True)
+            spent_by_b += 10
+    assert spent_by_b >= 1_000 - 10 - held_by_a - 10, "b was refused only what a holds (and the last odd tokens)"
+    assert spent_by_b + 10 <= 1_000
+
+
+async def test_an_idle_lease_is_given_back(store: BudgetStore, clock: Clock) -> None:
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    leases = process(store, "a", clock, lease_fraction=0.2, idle_s=0.05)
+    await leases.start()
+    hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    assert hold is not None
+    hold.settle(15, 0, reached_engine=True)
+    await hold.durable()
+    assert counters(store)[1] > 0, "the slice is held while it may be used"
+    for _ in range(60):
+        await asyncio.sleep(0.05)
+        leases.changed()
+        if counters(store) == (15, 0):
+            break
+    assert counters(store) == (15, 0) and store.dangling() == 0
+    await leases.stop()
+
+
+async def test_a_lease_ends_with_its_window(store: BudgetStore, clock: Clock) -> None:
+    """A budget's window turns over: requests draw on a lease of the new window, the old one is given back."""
+    add_budget(store, "workflow", "wf_1", "tokens", "hour", 100)
+    leases = process(store, "a", clock, lease_fraction=0.5)
+    hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=80)
+    assert hold is not None and hold.grant.max_tokens == 80
+    hold.settle(90, 0, reached_engine=True)
+    await hold.durable()
+    with pytest.raises(BudgetExceededError):
+        await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    clock.moment += timedelta(hours=1)
+    again = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=80)
+    assert again is not None and again.grant.max_tokens == 80, "a new hour, a new lease"
+    again.settle(20, 0, reached_engine=True)
+    await again.durable()
+    assert await leases.stop()
+    assert store.dangling() == 0 and counters(store) == (110, 0)
+
+
+async def test_a_dead_process_lease_is_charged_in_full_by_the_sweep(store: BudgetStore, clock: Clock) -> None:
+    """kill -9: what its last requests spent may not be committed, so its leases are charged whole (a budget is
+    an upper bound); the live process's lease is untouched."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    dead, alive = process(store, "dead", clock, lease_fraction=0.1), process(store, "alive", clock, lease_fraction=0.1)
+    for leases in (dead, alive):
+        hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+        assert hold is not None
+        hold.settle(20, 0, reached_engine=True)
+        await hold.durable()
+    dead_slice = next(iter(dead._leases.values())).granted
+    alive_slice = next(iter(alive._leases.values())).granted
+    dead.store.deregister("gw_dead")  # its heartbeat stopped: the sweep takes it for gone
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1
+    assert counters(store) == (40 + dead_slice, alive_slice), "the dead slice charged, the live one held"
+    assert await alive.stop()
+    assert counters(store) == (40 + dead_slice, 0)
