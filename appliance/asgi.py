@@ -11,8 +11,6 @@ from zoneinfo import ZoneInfo
 
 from litestar import Litestar
 from litestar.di import Provide
-from sqlalchemy.engine import Engine
-from sqlmodel import Session
 
 from appliance.audit import setup as audit_setup
 from appliance.audit.middleware import audit_middleware
@@ -38,14 +36,13 @@ from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
-from appliance.identity import service as identity_service
 from appliance.identity import setup as identity_setup
 from appliance.identity.account_routes import LocalAccountController
 from appliance.identity.accounts import LoginLimiter, PasswordWork
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
-from appliance.identity.tenancy import check_default_tenant
+from appliance.identity.tenancy import ContentCapture, check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
@@ -60,11 +57,6 @@ from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
 from appliance.telemetry.rollup import Rollups, gateway_name
 
 log = logging.getLogger(__name__)
-
-
-def tenant_captures(engine: Engine, tenant_id: str) -> bool:
-    with Session(engine) as session:
-        return identity_service.content_capture(session, tenant_id)
 
 
 def create_app(settings: Settings | None = None) -> Litestar:
@@ -110,13 +102,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ZoneInfo(settings.budgets.timezone),
         lease_fraction=settings.budgets.lease_fraction,
         idle_s=settings.budgets.lease_idle_s,
+        commit_interval_s=settings.budgets.commit_interval_s,
     )
     enforcer = BudgetEnforcer(budgets, leases)
+    content_capture = ContentCapture(db_engine)
     serving = OpenAIServing(
         router,
         usage,
         audit,
-        captures_content=lambda tenant: tenant_captures(db_engine, tenant),
+        captures_content=content_capture,
         budgets=enforcer,
         pricing=pricing,
         metrics=metrics,
@@ -189,6 +183,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
             "budget_leases": Provide(lambda: leases, use_cache=True, sync_to_thread=False),
+            "content_capture": Provide(lambda: content_capture, use_cache=True, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
             "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),

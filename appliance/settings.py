@@ -195,6 +195,13 @@ class BudgetSettings(BaseModel):
         "limit (and at most half of what remains): budgets are enforced in memory, and at most (processes - 1) x "
         "this share can be held unused by other processes (0: only what requests need; a refill per request)",
     )
+    commit_interval_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=5,
+        description="what requests spent is committed to the budgets this long after the first settlement (one "
+        "transaction for all); until then the database holds it as part of the process's lease",
+    )
     lease_idle_s: float = Field(
         default=10.0, gt=0, description="a process gives back the unused slice of a budget it did not draw on this long"
     )

@@ -5,8 +5,9 @@ A request reserves from the leases of its chain in memory and settles into them 
 transaction stands between a request and its engine while its leases hold enough. A lease that runs short is
 refilled (one transaction, one refill at a time per lease; the requests that need it wait for that one). What
 requests spent is moved to the budget's `used` in group commits (:meth:`BudgetStore.settle_leases`, one
-transaction for every lease of the process), and an answer waits for the commit that carries its spending, as
-it waits for its audit record.
+transaction for every lease of the process, ``commit_interval_s`` after the first settlement that needs one).
+An answer does not wait for that commit: until then its spending is part of its lease, which the database
+counts as reserved, and charges in full if the process dies.
 
 Exactness: a lease is a reservation row of its process, so the database never lets the slices and the spending
 of all processes together exceed a limit, and no process draws more than its slices. What a lease costs a
@@ -16,8 +17,8 @@ budget's precision: a slice another process holds unused can make a request wait
 given back; so at most (processes - 1) x ``lease_fraction`` x limit is held where it is not used, and near the
 end of a budget much less. A process that dies leaves its leases to the sweep (liveness, as for any
 reservation), which charges them in full: what it spent since its last commit is not known (only requests not
-yet answered: an answer waits for its commit), and a budget stays an upper bound; a crash over-charges by the
-dead process's unused slices at most. A process that cannot commit at shutdown keeps its gateway row, so its
+yet committed), and a budget stays an upper bound; a crash over-charges by the dead process's unused slices at
+most. A process that cannot commit at shutdown keeps its gateway row, so its
 leases go the same way.
 """
 
@@ -99,7 +100,8 @@ class LeasedHold:
         self.leases.changed()
 
     async def durable(self) -> None:
-        """Wait until what this request spent is committed (its answer may then go)."""
+        """Wait until what this request spent is committed. An answer need not: until then its spending is
+        part of the lease, which the database holds as reserved and charges in full if the process dies."""
         if self.draws:
             await self.leases.committed()
 
@@ -112,6 +114,7 @@ class BudgetLeases:
         *,
         lease_fraction: float = 0.02,
         idle_s: float = 10.0,
+        commit_interval_s: float = 0.05,
         recheck_s: float = RECHECK_S,
         clock: Callable[[], datetime] | None = None,
         monotonic: Callable[[], float] | None = None,
@@ -121,6 +124,7 @@ class BudgetLeases:
         self._zone = zone
         self._fraction = lease_fraction
         self._idle_s = idle_s
+        self._commit_interval_s = commit_interval_s
         self._clock = clock or (lambda: datetime.now(UTC))
         self._monotonic = monotonic or time.monotonic
         self._rules: Recheck[tuple[tuple[str, str], ...], list[dict[str, Any]]] = Recheck(
@@ -331,6 +335,8 @@ class BudgetLeases:
         while True:
             try:
                 await asyncio.wait_for(self._dirty.wait(), timeout=1.0)
+                if not self._stopping and not self._waiters:
+                    await asyncio.sleep(self._commit_interval_s)  # what settles meanwhile joins this commit
             except TimeoutError:
                 pass
             self._dirty.clear()

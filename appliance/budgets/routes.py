@@ -88,10 +88,14 @@ class BudgetController(Controller):
         self,
         request: Request[Any, Any, Any],
         budget_store: NamedDependency[BudgetStore],
+        budget_leases: NamedDependency[BudgetLeases],
         settings: NamedDependency[Settings],
     ) -> dict[str, Any]:
+        """Every budget with what it used: this process's spending committed first; another gateway process's is
+        at most ``budgets.commit_interval_s`` behind."""
         principal = principal_of(request.scope)
         principal.require_role(ADMIN, OPERATOR)
+        await budget_leases.committed()
         data = await asyncio.to_thread(budget_store.status, principal.tenant_id)
         return {"object": "list", "data": data, "total": len(data), "currency": settings.pricing.currency}
 

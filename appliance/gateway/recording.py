@@ -5,10 +5,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
 
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
@@ -172,14 +169,12 @@ class RequestRecord:
         self._done = True
         self._account(event)
         self._slot.submit(event)
-        durable: list[Awaitable[Any]] = []
         if self.hold is not None:
             self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
-            durable.append(self.hold.durable())
         if self._audit is not None:
-            record = audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
-            durable.append(self._audit.record(record))
-        await asyncio.gather(*durable)  # both group commits at once: the answer waits for the later one
+            await self._audit.record(
+                audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
+            )
 
     def finish(self, event: UsageEvent) -> None:
         if self._done:

@@ -10,7 +10,6 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,7 @@ from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import Principal
+from appliance.identity.tenancy import ContentCapture
 from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
 from appliance.lib.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
@@ -102,7 +102,7 @@ class OpenAIServing:
         router: EngineRouter,
         usage: UsageWriter,
         audit: AuditWriter | None = None,
-        captures_content: Callable[[str], bool] | None = None,
+        captures_content: ContentCapture | None = None,
         budgets: BudgetEnforcer | None = None,
         pricing: Pricing | None = None,
         metrics: GatewayMetrics | None = None,
@@ -125,7 +125,7 @@ class OpenAIServing:
         self._router = router
         self._usage = usage
         self._audit = audit
-        self._captures_content = captures_content  # tenant id -> whether its prompts and answers are kept
+        self._captures_content = captures_content  # whether a tenant's prompts and answers are kept
         self._created = int(time.time())
 
     async def handle(
@@ -153,9 +153,8 @@ class OpenAIServing:
             )
         record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         record.price = self._pricing.price(route.model)
-        if self._captures_content is not None and principal.tenant_id is not None:
-            if await asyncio.to_thread(self._captures_content, principal.tenant_id):
-                record.prompt = prompt_text(data)
+        if self._captures_content is not None and await self._captures_content.enabled(principal.tenant_id):
+            record.prompt = prompt_text(data)
         event = UsageEvent(
             request_id=request_id,
             model=route.model,

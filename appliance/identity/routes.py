@@ -30,6 +30,7 @@ from appliance.identity.schemas import (
     TenantUpdate,
     WorkflowCreate,
 )
+from appliance.identity.tenancy import ContentCapture
 from appliance.retrieval.service import Retrieval
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
@@ -62,10 +63,17 @@ class AdminController(Controller):
 
     @patch("/tenants/{item_id:str}", sync_to_thread=True)
     def update_tenant(
-        self, request: Req, db_engine: Db, item_id: FromPath[str], data: JSONBody[TenantUpdate]
+        self,
+        request: Req,
+        db_engine: Db,
+        content_capture: NamedDependency[ContentCapture],
+        item_id: FromPath[str],
+        data: JSONBody[TenantUpdate],
     ) -> dict[str, Any]:
         with Session(db_engine) as session:
-            return service.rename(session, principal_of(request.scope), Tenant, item_id, data)
+            updated = service.rename(session, principal_of(request.scope), Tenant, item_id, data)
+        content_capture.changed(item_id)  # here at once; in other processes within a second
+        return updated
 
     @delete("/tenants/{item_id:str}")
     async def delete_tenant(

@@ -124,13 +124,6 @@ def rename(session: Session, principal: Principal, model: type[ModelT], item_id:
     return _commit(session, row)
 
 
-def content_capture(session: Session, tenant_id: str | None) -> bool:
-    if tenant_id is None:
-        return False
-    tenant = session.get(Tenant, tenant_id)
-    return bool(tenant is not None and tenant.content_capture)
-
-
 def delete(session: Session, principal: Principal, model: type[ModelT], item_id: str) -> None:
     principal.require_role(ADMIN)
     row = get_owned(session, principal, model, item_id)

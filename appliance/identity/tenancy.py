@@ -18,6 +18,7 @@ from sqlmodel import Session, col, select
 from appliance.identity.models import Tenant
 from appliance.identity.principal import Principal, bind_default_tenant, wants_default_tenant
 from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.recheck import Recheck
 
 RECHECK_EVERY_S = 1.0
 
@@ -105,3 +106,26 @@ class TenantCheck:
     def _exists(self, tenant_id: str) -> bool:
         with Session(self._engine) as session:
             return session.get(Tenant, tenant_id) is not None
+
+
+class ContentCapture:
+    """Whether a tenant's prompts and answers are kept (its `content_capture`), from memory: looked up again
+    every second, so a change made by another process applies within a second (one made here, at once)."""
+
+    def __init__(self, engine: Engine, *, recheck_s: float = RECHECK_EVERY_S) -> None:
+        self._engine = engine
+        self._known: Recheck[str, bool] = Recheck(self._look_up, ttl_s=recheck_s)
+
+    async def enabled(self, tenant_id: str | None) -> bool:
+        return False if tenant_id is None else await self._known.get(tenant_id)
+
+    def changed(self, tenant_id: str) -> None:
+        self._known.forget(tenant_id)
+
+    async def _look_up(self, tenant_id: str) -> bool:
+        return await asyncio.to_thread(self._captures, tenant_id)
+
+    def _captures(self, tenant_id: str) -> bool:
+        with Session(self._engine) as session:
+            tenant = session.get(Tenant, tenant_id)
+            return bool(tenant is not None and tenant.content_capture)
