@@ -16,8 +16,8 @@ from litestar.response import Stream
 from litestar.types import Receive
 
 from appliance.budgets.store import CallLink
-from appliance.gateway.recording import Source
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, JSONResult, OpenAIServing
+from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.identity.auth import principal_of
 from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError

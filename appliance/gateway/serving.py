@@ -30,7 +30,7 @@ from appliance.gateway.protocol import (
     UsageOnly,
     decode_json_object,
 )
-from appliance.gateway.recording import RequestRecord, Source, mark_failed
+from appliance.gateway.settlement import Settlement, Source, mark_failed
 from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, parse
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
@@ -96,7 +96,25 @@ class _Prompt:
         return None if self._tokens is None else self._tokens.total
 
 
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """The facts of one /v1 request, fixed once it is parsed and routed; every later stage reads them."""
+
+    endpoint: Endpoint
+    request_id: str
+    principal: Principal
+    link: CallLink
+    shape: RequestShape
+    route: EngineRoute
+    prompt: _Prompt
+    started: float
+
+
 class OpenAIServing:
+    """The /v1 request path, as named stages: parse, authorise, route, reserve (budgets), admit (tiers), call the
+    engine, settle. Authentication ran before (middleware); the settlement (``settlement.py``) owns what the
+    request acquires and hands its outcome to the bookkeeping sinks."""
+
     def __init__(
         self,
         router: EngineRouter,
@@ -139,11 +157,54 @@ class OpenAIServing:
         retrieval: RetrievalStats | None = None,
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
-        principal.require_inference()
-        link = link or CallLink()
+        principal.require_inference()  # authorise
+        data, shape = self._parse(endpoint, body)
+        route = self._route(endpoint, shape, principal, link)
+        context = RequestContext(
+            endpoint,
+            request_id,
+            principal,
+            link or CallLink(),
+            shape,
+            route,
+            _Prompt(self._counter, route, shape, request_id),
+            started,
+        )
+        settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
+        settlement.price = self._pricing.price(route.model)
+        if self._captures_content is not None and await self._captures_content.enabled(principal.tenant_id):
+            settlement.prompt = prompt_text(data)
+        event = _outcome(context)
+        if retrieval is not None:
+            retrieval.apply(event)
+        try:
+            headers = await self._reserve(context, settlement, event)
+            await self._admit(context, settlement)
+            result = await self._call(context, settlement, event)
+            result.headers.update(headers)
+            return result
+        except asyncio.CancelledError:
+            # The client went away before an answer: settle without waiting (nothing may be awaited now).
+            _client_left(event, context, settlement)
+            settlement.abandon(event)
+            raise
+        except Exception as exc:
+            # The stream relay owns the settlement once it is returned; before that, the failure is settled here.
+            mark_failed(event, exc)
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            await settlement.close(event)
+            raise
+
+    # -- the stages --------------------------------------------------------------------------------------
+
+    def _parse(self, endpoint: Endpoint, body: bytes) -> tuple[dict[str, Any], RequestShape]:
         data = decode_json_object(body)
-        shape = parse(data, endpoint.schema)
-        route = self._router.route(shape.body["model"], link.session_id, principal.tenant_id)
+        return data, parse(data, endpoint.schema)
+
+    def _route(
+        self, endpoint: Endpoint, shape: RequestShape, principal: Principal, link: CallLink | None
+    ) -> EngineRoute:
+        route = self._router.route(shape.body["model"], link.session_id if link else None, principal.tenant_id)
         if route.runner != endpoint.runner:
             kind = "an embedding" if route.runner == "pooling" else "a generative"
             raise InvalidRequestError(
@@ -151,91 +212,55 @@ class OpenAIServing:
                 param="model",
                 code="model_not_supported",
             )
-        record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
-        record.price = self._pricing.price(route.model)
-        if self._captures_content is not None and await self._captures_content.enabled(principal.tenant_id):
-            record.prompt = prompt_text(data)
-        event = UsageEvent(
-            request_id=request_id,
-            model=route.model,
-            engine=route.key,
-            endpoint=endpoint.path,
-            status_code=0,
-            streamed=shape.streamed,
-            tenant_id=principal.tenant_id,
-            workflow_id=principal.workflow_id,
-            agent_id=principal.agent_id,
-            api_key_id=principal.api_key_id,
-            subject=principal.subject,
-        )
-        if retrieval is not None:
-            retrieval.apply(event)
-        try:
-            headers: dict[str, str] = {}
-            prompt = _Prompt(self._counter, route, shape, request_id)
-            cap = 0
-            if shape.generates:
-                default = self._model_caps.get(route.model, self._default_cap)
-                cap = output_cap(shape, await prompt.tokens(), self._counter.context_length(route), default)
-            if self._budgets is not None:
-                admission = await self._budgets.enforce(
-                    principal, request_id, link, record.price, prompt.total, cap, shape.sequences
-                )
-                event.retry_attempt, event.depth = admission.attempt, admission.depth
-                record.hold, headers = admission.hold, admission.headers
-                cap = admission.cap or cap
-            if shape.generates:
-                shape.set_cap(cap)
-            shape.body["cache_salt"] = self._salts.salt(principal.tenant_id)  # the tenant's own prefix cache
-            if self._admission is not None and route.runner == "generate":
-                priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
-                record.ticket = await self._admission.admit(route.key, await prompt.total(), priority)
-            record.lease = self._router.lease(route)
-            self._pricing.meter.begin()
-            record.meter = self._pricing.meter
-            if shape.streamed:
-                relay = await self._open_stream(
-                    endpoint, route, shape, prompt.known, request_id, record, event, started
-                )
-                relay.headers.update(headers)
-                return relay
-            result = await self._complete(endpoint, route, shape, request_id, record, event, started)
-            result.headers.update(headers)
-            return result
-        except asyncio.CancelledError:
-            # The client went away before an answer: record without waiting (nothing may be awaited now).
-            event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
-            event.client_disconnected = True
-            if record.meter is not None:
-                # The engine was working on it and its count is lost with the connection (closing it makes
-                # vLLM abort): charge what was reserved (or, without a budget, what would have been), an upper
-                # bound, so neither budgets nor the ledger under-count.
-                grant = record.hold.grant if record.hold is not None else None
-                event.prompt_tokens = (grant.prompt_tokens if grant is not None else 0) or prompt.known or 0
-                reserved = grant.max_tokens if grant is not None else None
-                event.completion_tokens = reserved or cap * shape.sequences
-                event.total_tokens = event.prompt_tokens + event.completion_tokens
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            record.finish(event)
-            raise
-        except Exception as exc:
-            # The stream relay owns the record once it is returned; before that, record the failure here.
-            mark_failed(event, exc)
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            await record.commit(event)
-            raise
+        return route
 
-    async def _complete(
-        self,
-        endpoint: Endpoint,
-        route: EngineRoute,
-        shape: RequestShape,
-        request_id: str,
-        record: RequestRecord,
-        event: UsageEvent,
-        started: float,
-    ) -> JSONResult:
-        response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(shape.body), request_id)
+    async def _reserve(self, context: RequestContext, settlement: Settlement, event: UsageEvent) -> dict[str, str]:
+        """The output cap, then the budgets of the principal's chain (which may lower it); returns the headers
+        the answer carries."""
+        shape, prompt = context.shape, context.prompt
+        cap = 0
+        if shape.generates:
+            default = self._model_caps.get(context.route.model, self._default_cap)
+            cap = output_cap(shape, await prompt.tokens(), self._counter.context_length(context.route), default)
+        headers: dict[str, str] = {}
+        if self._budgets is not None:
+            admission = await self._budgets.enforce(
+                context.principal,
+                context.request_id,
+                context.link,
+                settlement.price,
+                prompt.total,
+                cap,
+                shape.sequences,
+            )
+            event.retry_attempt, event.depth = admission.attempt, admission.depth
+            settlement.hold, headers = admission.hold, admission.headers
+            cap = admission.cap or cap
+        if shape.generates:
+            shape.set_cap(cap)
+        shape.body["cache_salt"] = self._salts.salt(context.principal.tenant_id)  # the tenant's own prefix cache
+        return headers
+
+    async def _admit(self, context: RequestContext, settlement: Settlement) -> None:
+        """A slot in the engine's queue tier (generative engines), then a share of the engine's load."""
+        if self._admission is not None and context.route.runner == "generate":
+            principal = context.principal
+            priority = self._admission.priority(principal.tenant_id, principal.workflow_id)
+            settlement.admitted(await self._admission.admit(context.route.key, await context.prompt.total(), priority))
+        settlement.acquire(self._router.lease(context.route))
+        settlement.metering(self._pricing.meter)
+
+    async def _call(
+        self, context: RequestContext, settlement: Settlement, event: UsageEvent
+    ) -> JSONResult | StreamRelay:
+        if context.shape.streamed:
+            return await self._open_stream(context, settlement, event)
+        return await self._complete(context, settlement, event)
+
+    async def _complete(self, context: RequestContext, settlement: Settlement, event: UsageEvent) -> JSONResult:
+        route, request_id = context.route, context.request_id
+        body = msgspec.json.encode(context.shape.body)
+        response = await self._router.open(route, context.endpoint.upstream, body, request_id)
         try:
             raw = await response.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
@@ -249,38 +274,29 @@ class OpenAIServing:
             usage = msgspec.json.decode(raw, type=UsageOnly).usage or {}
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` answered with invalid JSON.") from exc
-        if record.capturing:
-            record.answer.extend(choice_texts(msgspec.json.decode(raw)))
+        if settlement.capturing:
+            settlement.answer.extend(choice_texts(msgspec.json.decode(raw)))
         event.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         event.completion_tokens = int(usage.get("completion_tokens") or 0)
         event.total_tokens = int(usage.get("total_tokens") or event.prompt_tokens + event.completion_tokens)
         event.status_code = 200
-        event.latency_ms = (time.perf_counter() - started) * 1000.0
-        await record.commit(event)
+        event.latency_ms = (time.perf_counter() - context.started) * 1000.0
+        await settlement.close(event)
         return JSONResult(raw, headers={COST_HEADER: f"{to_currency(event.cost_micros)} {self._pricing.currency}"})
 
-    async def _open_stream(
-        self,
-        endpoint: Endpoint,
-        route: EngineRoute,
-        shape: RequestShape,
-        counted_prompt: int | None,
-        request_id: str,
-        record: RequestRecord,
-        event: UsageEvent,
-        started: float,
-    ) -> StreamRelay:
+    async def _open_stream(self, context: RequestContext, settlement: Settlement, event: UsageEvent) -> StreamRelay:
+        shape = context.shape
         usage = StreamUsage(
             client_include=shape.include_usage,
             client_continuous=shape.continuous_usage,
-            started_at=started,
-            answer=record.answer if record.capturing else None,
+            started_at=context.started,
+            answer=settlement.answer if settlement.capturing else None,
             choices_per_prompt=shape.choices_per_prompt,
-            counted_prompt=counted_prompt,
+            counted_prompt=context.prompt.known,
         )
-        upstream_body = dict(shape.body, stream_options=UPSTREAM_STREAM_OPTIONS)
-        response = await self._router.open(route, endpoint.upstream, msgspec.json.encode(upstream_body), request_id)
-        return StreamRelay(route, response, usage, record, event)
+        upstream_body = msgspec.json.encode(dict(shape.body, stream_options=UPSTREAM_STREAM_OPTIONS))
+        response = await self._router.open(context.route, context.endpoint.upstream, upstream_body, context.request_id)
+        return StreamRelay(context.route, response, usage, settlement, event)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
         principal.require_inference()
@@ -295,3 +311,37 @@ class OpenAIServing:
 
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "owned_by": "appliance", "created": self._created}
+
+
+def _outcome(context: RequestContext) -> UsageEvent:
+    """The request's outcome as the sinks receive it, filled in as it goes."""
+    principal = context.principal
+    return UsageEvent(
+        request_id=context.request_id,
+        model=context.route.model,
+        engine=context.route.key,
+        endpoint=context.endpoint.path,
+        status_code=0,
+        streamed=context.shape.streamed,
+        tenant_id=principal.tenant_id,
+        workflow_id=principal.workflow_id,
+        agent_id=principal.agent_id,
+        api_key_id=principal.api_key_id,
+        subject=principal.subject,
+    )
+
+
+def _client_left(event: UsageEvent, context: RequestContext, settlement: Settlement) -> None:
+    event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
+    event.client_disconnected = True
+    if settlement.meter is not None:
+        # The engine was working on it and its count is lost with the connection (closing it makes vLLM abort):
+        # charge what was reserved (or, without a budget, what would have been), an upper bound, so neither
+        # budgets nor the ledger under-count.
+        grant = settlement.hold.grant if settlement.hold is not None else None
+        event.prompt_tokens = (grant.prompt_tokens if grant is not None else 0) or context.prompt.known or 0
+        reserved = grant.max_tokens if grant is not None else None
+        shape = context.shape
+        event.completion_tokens = reserved or shape.cap * shape.sequences
+        event.total_tokens = event.prompt_tokens + event.completion_tokens
+    event.latency_ms = (time.perf_counter() - context.started) * 1000.0

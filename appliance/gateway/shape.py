@@ -161,6 +161,7 @@ class RequestShape:
     streamed: bool
     include_usage: bool = False
     continuous_usage: bool = False
+    cap: int = 0  # the output cap per sequence forwarded to the engine (set_cap)
 
     @property
     def choices_per_prompt(self) -> int:
@@ -177,6 +178,7 @@ class RequestShape:
 
     def set_cap(self, per_sequence: int) -> None:
         """Forward one cap, the field the engine obeys; ``min_tokens`` cannot ask for more."""
+        self.cap = per_sequence
         self.body.pop("max_tokens", None)
         self.body.pop("max_completion_tokens", None)
         self.body["max_completion_tokens" if self.kind == "chat" else "max_tokens"] = per_sequence

@@ -10,7 +10,7 @@ from enum import Enum
 import aiohttp
 import msgspec
 
-from appliance.gateway.recording import RequestRecord
+from appliance.gateway.settlement import Settlement
 from appliance.gateway.usage import StreamUsage, split_events, sse
 from appliance.ledger.writer import UsageEvent
 from appliance.lib.errors import UpstreamError
@@ -29,7 +29,7 @@ class StreamRelay:
     """Async-iterable of SSE bytes for the client.
 
     :meth:`close` is synchronous and idempotent: it closes the engine connection (vLLM aborts a request
-    whose connection is gone) and hands the usage record to the ledger. It runs when the relay ends for
+    whose connection is gone) and settles the request (usage row, budget, audit record). It runs when the relay ends for
     any reason: the end of the stream, an engine failure, the client going away while a chunk was being
     awaited (cancellation) or sent (:meth:`aclose`, called after the response), or before the first chunk.
     """
@@ -39,13 +39,13 @@ class StreamRelay:
         route: EngineRoute,
         response: aiohttp.ClientResponse,
         usage: StreamUsage,
-        record: RequestRecord,
+        settlement: Settlement,
         event: UsageEvent,
     ) -> None:
         self._route = route
         self._response = response
         self._usage = usage
-        self._record = record
+        self._settlement = settlement
         self._event = event
         self._outcome = _Outcome.CLIENT_GONE
         self._events: AsyncGenerator[bytes, None] | None = None
@@ -68,7 +68,7 @@ class StreamRelay:
             return
         self._closed = True
         self._response.close()
-        self._record.finish(self._final_event())  # a no-op when the answer's record was committed already
+        self._settlement.abandon(self._final_event())  # a no-op when the answer was settled already
 
     def _final_event(self) -> UsageEvent:
         usage, event = self._usage, self._event
@@ -97,13 +97,13 @@ class StreamRelay:
                     waiting_for_first = self._usage.first_token_at is None
                     out = self._usage.rewrite(payload)
                     if waiting_for_first and self._usage.first_token_at is not None:
-                        self._record.first_token()
+                        self._settlement.first_token()
                     if out is None:
                         continue
                     if self._usage.done:
-                        # The answer is complete: its record is committed before the client sees the end.
+                        # The answer is complete: settled (audit record durable) before the client sees the end.
                         self._outcome = _Outcome.FINISHED
-                        await self._record.commit(self._final_event())
+                        await self._settlement.close(self._final_event())
                     yield sse(out)
             if not self._usage.done:
                 raise aiohttp.ClientPayloadError("the stream ended without [DONE]")

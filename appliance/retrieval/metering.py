@@ -12,7 +12,7 @@ import time
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import CallLink
-from appliance.gateway.recording import RequestRecord, Source, mark_failed
+from appliance.gateway.settlement import Settlement, Source, mark_failed
 from appliance.identity.principal import Principal
 from appliance.ledger.writer import UsageEvent, UsageWriter
 from appliance.settings import EngineRoute
@@ -47,8 +47,8 @@ class CachedAnswers:
         given, after recording the refusal. ``route`` is the embedding engine the uncached path would use."""
         started = time.perf_counter()
         principal.require_inference()
-        record = RequestRecord(await self._usage.acquire(), self._audit, source, principal.kind)
-        record.audited_object = (COLLECTION, collection_id)
+        settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind)
+        settlement.audited_object = (COLLECTION, collection_id)
         event = UsageEvent(
             request_id=request_id,
             model=route.model,
@@ -66,21 +66,21 @@ class CachedAnswers:
         try:
             if self._budgets is not None:
                 admission = await self._budgets.enforce(
-                    principal, request_id, link, record.price, _nothing_to_count, 0, 0
+                    principal, request_id, link, settlement.price, _nothing_to_count, 0, 0
                 )
                 event.retry_attempt, event.depth = admission.attempt, admission.depth
-                record.hold = admission.hold
+                settlement.hold = admission.hold
         except asyncio.CancelledError:
             event.status_code, event.error_code = CLIENT_CLOSED_REQUEST, "client_disconnected"
             event.client_disconnected = True
             event.latency_ms = (time.perf_counter() - started) * 1000.0
-            record.finish(event)
+            settlement.abandon(event)
             raise
         except Exception as exc:
             mark_failed(event, exc)
             event.latency_ms = (time.perf_counter() - started) * 1000.0
-            await record.commit(event)
+            await settlement.close(event)
             raise
         event.status_code = 200
         event.latency_ms = (time.perf_counter() - started) * 1000.0
-        await record.commit(event)
+        await settlement.close(event)

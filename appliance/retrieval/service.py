@@ -19,8 +19,8 @@ import msgspec
 
 from appliance.budgets.store import CallLink
 from appliance.gateway.protocol import ChatCompletionRequest, EmbeddingRequest, decode_json_object
-from appliance.gateway.recording import Source
 from appliance.gateway.serving import Endpoint, JSONResult, OpenAIServing
+from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import sse

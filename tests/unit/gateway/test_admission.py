@@ -90,15 +90,15 @@ async def test_tiers_are_chosen_by_the_real_prompt_length_and_kept_apart() -> No
 
 @pytest.mark.parametrize("until_first_token", [True, False])
 async def test_a_streamed_request_gives_its_slot_back_at_its_first_token(until_first_token: bool) -> None:
-    from appliance.gateway.recording import RequestRecord, Source
+    from appliance.gateway.settlement import Settlement, Source
     from appliance.ledger.writer import UsageWriter
 
     admission = Admission(AdmissionSettings(long_concurrency=1, slot_until_first_token=until_first_token))
     ticket = await admission.admit("engine", 10_000)
     writer = UsageWriter(None, capacity=1)  # type: ignore[arg-type]  # never started: only a slot is taken
-    record = RequestRecord(await writer.acquire(), None, Source(), None)
-    record.ticket = ticket
-    record.first_token()
+    settlement = Settlement(await writer.acquire(), None, Source(), None)
+    settlement.admitted(ticket)
+    settlement.first_token()
     tier = admission.tiers("engine")[LONG]
     assert tier.in_flight == (0 if until_first_token else 1)
     ticket.release()  # when the request ends: never twice

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from appliance.db.engine import create_schema, make_engine
-from appliance.gateway.recording import RequestRecord, Source
+from appliance.gateway.settlement import Settlement, Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage
@@ -45,7 +45,7 @@ async def open_relay(router: EngineRouter, writer: UsageWriter, content: str = "
     )
     event = UsageEvent(request_id="r1", model="fake", endpoint="/v1/chat/completions", status_code=0, streamed=True)
     usage = StreamUsage(client_include=False, client_continuous=False, started_at=time.perf_counter())
-    record = RequestRecord(await writer.acquire(), None, Source(), "api_key")
+    record = Settlement(await writer.acquire(), None, Source(), "api_key")
     return StreamRelay(route, response, usage, record, event), event
 
 

@@ -1,11 +1,9 @@
-"""What a /v1 request leaves behind: its usage row and its audit record, written exactly once.
-
-:meth:`RequestRecord.commit` is awaited before a request is answered (its audit record is then durable);
-:meth:`RequestRecord.finish` is synchronous, for requests that end without an answer (cancellation)."""
+"""What a /v1 request holds and what it leaves behind, settled exactly once (:class:`Settlement`)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
@@ -13,7 +11,6 @@ from appliance.budgets.leases import LeasedHold
 from appliance.budgets.store import BudgetExceededError
 from appliance.gateway.admission import Ticket
 from appliance.gateway.metrics import GatewayMetrics
-from appliance.gateway.upstream import Lease
 from appliance.ledger.pricing import Price, ThroughputMeter
 from appliance.ledger.writer import UsageEvent, UsageSlot
 from appliance.lib.errors import ApplianceError
@@ -97,10 +94,25 @@ def _reached_engine(event: UsageEvent) -> bool:
     return event.status_code == 200 or event.total_tokens > 0 or event.client_disconnected
 
 
-class RequestRecord:
+class Resource(Protocol):
+    """Something a request holds while it runs (an admission slot, its share of an engine's load)."""
+
+    def release(self) -> None: ...
+
+
+class Settlement:
+    """Everything one /v1 request acquired, and where its outcome goes, settled exactly once.
+
+    Resources are released in the reverse order they were acquired. The outcome (the request's
+    :class:`UsageEvent`) is priced once and handed to the sinks: metrics and the node's throughput meter, the
+    ledger's usage row, the budget reservation (settled with the real usage) and the audit record. Two exits:
+    :meth:`close` is awaited (the answer waits for its audit record to be durable); :meth:`abandon` is
+    synchronous, for a request that ends without an answer (it is being cancelled: nothing may be awaited)."""
+
     __slots__ = (
         "_audit",
         "_done",
+        "_held",
         "_metrics",
         "_slot",
         "_source",
@@ -108,7 +120,6 @@ class RequestRecord:
         "answer",
         "audited_object",
         "hold",
-        "lease",
         "meter",
         "price",
         "prompt",
@@ -129,27 +140,27 @@ class RequestRecord:
         self._subject_kind = subject_kind
         self._metrics = metrics
         self._done = False
+        self._held: list[Resource] = []
         self.prompt: str | None = None  # set when the tenant captures content
         self.answer: list[str] = []
         self.hold: LeasedHold | None = None  # the request's budget reservation, settled with its real usage
         self.price = Price()  # fixed when the request is admitted
         self.meter: ThroughputMeter | None = None  # set once the request is on its way to an engine
-        self.ticket: Ticket | None = None  # its admission slot, freed when it ends
-        self.lease: Lease | None = None  # its share of the engine's load (for least-loaded routing)
+        self.ticket: Ticket | None = None  # its admission slot (also held: given back early at the first token)
         self.audited_object: tuple[str, str] | None = None  # what its audit record names, if not the model
 
-    def _account(self, event: UsageEvent) -> None:
-        """Price the request, and end its share of the node's measured busy time."""
-        event.cost_micros = self.price.cost(event.prompt_tokens, event.completion_tokens)
-        if self.ticket is not None:
-            self.ticket.release()
-        if self.lease is not None:
-            self.lease.release()
-        if self.meter is not None:
-            self.meter.end(event.total_tokens)
-            self.meter = None
-        if self._metrics is not None:
-            self._metrics.observe(event)
+    def acquire(self, resource: Resource) -> None:
+        """Hold ``resource`` until the request is settled."""
+        self._held.append(resource)
+
+    def admitted(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+        self.acquire(ticket)
+
+    def metering(self, meter: ThroughputMeter) -> None:
+        """The request is on its way to an engine: its time counts as the node's busy time until it ends."""
+        meter.begin()
+        self.meter = meter
 
     def first_token(self) -> None:
         """The engine has finished this request's prefill: a slot held only for prefills is given back."""
@@ -160,31 +171,31 @@ class RequestRecord:
     def capturing(self) -> bool:
         return self.prompt is not None
 
-    def _content(self) -> tuple[str, str] | None:
-        return (self.prompt, "".join(self.answer)) if self.prompt is not None else None
+    async def close(self, event: UsageEvent) -> None:
+        if self._settle(event) and self._audit is not None:
+            await self._audit.record(self._audit_event(event))
 
-    async def commit(self, event: UsageEvent) -> None:
+    def abandon(self, event: UsageEvent) -> None:
+        if self._settle(event) and self._audit is not None:
+            self._audit.record_nowait(self._audit_event(event))
+
+    def _settle(self, event: UsageEvent) -> bool:
+        """Release what is held and hand the outcome to every sink but the audit log; False if done already."""
         if self._done:
-            return
+            return False
         self._done = True
-        self._account(event)
+        event.cost_micros = self.price.cost(event.prompt_tokens, event.completion_tokens)
+        while self._held:
+            self._held.pop().release()
+        if self.meter is not None:
+            self.meter.end(event.total_tokens)
+        if self._metrics is not None:
+            self._metrics.observe(event)
         self._slot.submit(event)
         if self.hold is not None:
             self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
-        if self._audit is not None:
-            await self._audit.record(
-                audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
-            )
+        return True
 
-    def finish(self, event: UsageEvent) -> None:
-        if self._done:
-            return
-        self._done = True
-        self._account(event)
-        self._slot.submit(event)
-        if self.hold is not None:
-            self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
-        if self._audit is not None:
-            self._audit.record_nowait(
-                audit_event(event, self._source, self._subject_kind, self._content(), self.audited_object)
-            )
+    def _audit_event(self, event: UsageEvent) -> AuditEvent:
+        content = (self.prompt, "".join(self.answer)) if self.prompt is not None else None
+        return audit_event(event, self._source, self._subject_kind, content, self.audited_object)
