@@ -131,6 +131,7 @@ class BudgetLeases:
             self._look_up_rules, ttl_s=recheck_s
         )
         self._leases: dict[tuple[str, datetime], Lease] = {}
+        self._windows: dict[str, tuple[datetime, datetime]] = {}
         self._retired: list[Lease] = []  # leases of a budget whose limit changed, until their requests settle
         self._waiters: list[asyncio.Future[None]] = []
         self._dirty = asyncio.Event()
@@ -268,8 +269,15 @@ class BudgetLeases:
             )
         return hold
 
+    def _window(self, period: str, now: datetime) -> tuple[datetime, datetime]:
+        """The period's window holding ``now`` (kept until it ends: every request asks for it)."""
+        known = self._windows.get(period)
+        if known is None or not known[0] <= now < known[1]:
+            known = self._windows[period] = window(period, now, self._zone)
+        return known
+
     def _lease(self, rule: dict[str, Any], now: datetime) -> Lease:
-        start, end = window(rule["period"], now, self._zone)
+        start, end = self._window(rule["period"], now)
         lease = self._leases.get((rule["id"], start))
         if lease is None:
             lease_id = f"{LEASE_PREFIX}{self.store.gateway_id}:{start:%Y%m%d%H%M}"

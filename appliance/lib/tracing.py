@@ -4,6 +4,7 @@ so a site's tracing (vLLM's OpenTelemetry included) links the engine's work to t
 
 from __future__ import annotations
 
+import random
 import re
 import secrets
 from dataclasses import dataclass
@@ -21,7 +22,12 @@ class TraceContext:
 
     def child(self) -> str:
         """The traceparent of a call this request makes (a new span under this trace)."""
-        return f"00-{self.trace_id}-{secrets.token_hex(8)}-{self.flags}"
+        return f"00-{self.trace_id}-{_span_id()}-{self.flags}"
+
+
+def _span_id() -> str:
+    """A random, non-zero span id (W3C Trace Context asks for randomness, not secrecy: no system call per call)."""
+    return f"{random.getrandbits(64) or 1:016x}"
 
 
 def parse_traceparent(value: str | None) -> TraceContext:
