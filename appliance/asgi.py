@@ -42,7 +42,7 @@ from appliance.identity.accounts import LoginLimiter, PasswordWork
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
 from appliance.identity.routes import AdminController
-from appliance.identity.tenancy import ContentCapture, check_default_tenant
+from appliance.identity.tenancy import TenantPolicies, check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
@@ -105,12 +105,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
         commit_interval_s=settings.budgets.commit_interval_s,
     )
     enforcer = BudgetEnforcer(budgets, leases)
-    content_capture = ContentCapture(db_engine)
+    tenant_policies = TenantPolicies(db_engine)
     serving = OpenAIServing(
         router,
         usage,
         audit,
-        captures_content=content_capture,
+        tenant_policies=tenant_policies,
         budgets=enforcer,
         pricing=pricing,
         metrics=metrics,
@@ -183,7 +183,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
             "budget_leases": Provide(lambda: leases, use_cache=True, sync_to_thread=False),
-            "content_capture": Provide(lambda: content_capture, use_cache=True, sync_to_thread=False),
+            "tenant_policies": Provide(lambda: tenant_policies, use_cache=True, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
             "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),

@@ -36,10 +36,10 @@ from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.principal import Principal
-from appliance.identity.tenancy import ContentCapture
+from appliance.identity.tenancy import NO_POLICY, TenantPolicies, TenantPolicy
 from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
-from appliance.lib.errors import InvalidRequestError, ModelNotFoundError, UpstreamError
+from appliance.lib.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError, UpstreamError
 from appliance.settings import EngineRoute, PricingSettings
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Endpoint:
     schema: type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest]
     runner: str
     engine_path: str = ""  # the engine's path, when it is not ``path`` (retrieval calls the engines' own API)
+    client_model: bool = True  # the client names the model (model allowlists apply)
 
     @property
     def upstream(self) -> str:
@@ -120,7 +121,7 @@ class OpenAIServing:
         router: EngineRouter,
         usage: UsageWriter,
         audit: AuditWriter | None = None,
-        captures_content: ContentCapture | None = None,
+        tenant_policies: TenantPolicies | None = None,
         budgets: BudgetEnforcer | None = None,
         pricing: Pricing | None = None,
         metrics: GatewayMetrics | None = None,
@@ -143,7 +144,7 @@ class OpenAIServing:
         self._router = router
         self._usage = usage
         self._audit = audit
-        self._captures_content = captures_content  # whether a tenant's prompts and answers are kept
+        self._policies = tenant_policies or NO_POLICIES  # content capture and model allowlists, per tenant
         self._created = int(time.time())
 
     async def handle(
@@ -157,8 +158,11 @@ class OpenAIServing:
         retrieval: RetrievalStats | None = None,
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
-        principal.require_inference()  # authorise
+        principal.require_inference()
         data, shape = self._parse(endpoint, body)
+        policy = await self._policies.of(principal.tenant_id)
+        if endpoint.client_model:
+            authorise_model(principal, policy, shape.body["model"])
         route = self._route(endpoint, shape, principal, link)
         context = RequestContext(
             endpoint,
@@ -172,7 +176,7 @@ class OpenAIServing:
         )
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         settlement.price = self._pricing.price(route.model)
-        if self._captures_content is not None and await self._captures_content.enabled(principal.tenant_id):
+        if policy.content_capture:
             settlement.prompt = prompt_text(data)
         event = _outcome(context)
         if retrieval is not None:
@@ -299,13 +303,16 @@ class OpenAIServing:
         return StreamRelay(context.route, response, usage, settlement, event)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
+        """The models this principal may call (what the node serves, less what its allowlists leave out)."""
         principal.require_inference()
+        policy = await self._policies.of(principal.tenant_id)
         served = dict.fromkeys(route.model for route in self._router.routes)  # several engines may serve one model
-        return {"object": "list", "data": [self._model(name) for name in served]}
+        return {"object": "list", "data": [self._model(name) for name in served if allows(principal, policy, name)]}
 
     async def model(self, principal: Principal, model_id: str) -> dict[str, Any]:
         principal.require_inference()
-        if not any(route.model == model_id for route in self._router.routes):
+        policy = await self._policies.of(principal.tenant_id)
+        if not any(route.model == model_id for route in self._router.routes) or not allows(principal, policy, model_id):
             raise ModelNotFoundError(model_id)
         return self._model(model_id)
 
@@ -345,3 +352,29 @@ def _client_left(event: UsageEvent, context: RequestContext, settlement: Settlem
         event.completion_tokens = reserved or shape.cap * shape.sequences
         event.total_tokens = event.prompt_tokens + event.completion_tokens
     event.latency_ms = (time.perf_counter() - context.started) * 1000.0
+
+
+def allows(principal: Principal, policy: TenantPolicy, model: str) -> bool:
+    """Whether the principal's API key and its tenant both let it call ``model``."""
+    return (principal.models is None or model in principal.models) and (policy.models is None or model in policy.models)
+
+
+def authorise_model(principal: Principal, policy: TenantPolicy, model: object) -> None:
+    if not isinstance(model, str) or allows(principal, policy, model):
+        return  # a model that is not a name is refused by routing, with its own message
+    whose = "this API key" if principal.models is not None and model not in principal.models else "this tenant"
+    raise PermissionDeniedError(
+        f"The model `{model}` is not allowed for {whose}; an administrator decides which models it may call.",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
+class _NoPolicies:
+    """Tenant settings where none are kept (a serving path built without a database): capture nothing, allow all."""
+
+    async def of(self, tenant_id: str | None) -> TenantPolicy:
+        return NO_POLICY
+
+
+NO_POLICIES: Any = _NoPolicies()

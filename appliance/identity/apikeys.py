@@ -65,6 +65,7 @@ def key_principal(key: ApiKey) -> Principal:
         agent_id=key.agent_id,
         api_key_id=key.id,
         scopes=frozenset(key.scopes),
+        models=frozenset(key.allowed_models) if key.allowed_models is not None else None,
     )
 
 

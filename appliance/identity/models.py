@@ -25,6 +25,9 @@ class Tenant(SQLModel, table=True):
     name: str = Field(unique=True, index=True, max_length=100)
     description: str = Field(default="", max_length=1000)
     content_capture: bool = Field(default=False, description="keep /v1 prompt and answer text (redacted)")
+    allowed_models: list[str] | None = Field(
+        default=None, sa_column=Column(JSON, nullable=True), description="the models its callers may use (None: all)"
+    )
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -79,6 +82,9 @@ class ApiKey(SQLModel, table=True):
     workflow_id: str = Field(foreign_key="workflows.id", index=True, max_length=32, ondelete="CASCADE")
     agent_id: str | None = Field(default=None, foreign_key="agents.id", max_length=32, ondelete="CASCADE")
     scopes: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    allowed_models: list[str] | None = Field(
+        default=None, sa_column=Column(JSON, nullable=True), description="the models it may use (None: its tenant's)"
+    )
     expires_at: datetime | None = None
     created_by: str = Field(max_length=300)
     created_at: datetime = Field(default_factory=utcnow)

@@ -34,6 +34,7 @@ class Principal:
     client_id: str | None = None
     username: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)
+    models: frozenset[str] | None = None  # an API key's model allowlist (None: its tenant's)
 
     def has_role(self, *roles: str) -> bool:
         return bool(self.roles.intersection(roles))

@@ -30,7 +30,7 @@ from appliance.identity.schemas import (
     TenantUpdate,
     WorkflowCreate,
 )
-from appliance.identity.tenancy import ContentCapture
+from appliance.identity.tenancy import TenantPolicies
 from appliance.retrieval.service import Retrieval
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
@@ -66,13 +66,13 @@ class AdminController(Controller):
         self,
         request: Req,
         db_engine: Db,
-        content_capture: NamedDependency[ContentCapture],
+        tenant_policies: NamedDependency[TenantPolicies],
         item_id: FromPath[str],
         data: JSONBody[TenantUpdate],
     ) -> dict[str, Any]:
         with Session(db_engine) as session:
             updated = service.rename(session, principal_of(request.scope), Tenant, item_id, data)
-        content_capture.changed(item_id)  # here at once; in other processes within a second
+        tenant_policies.changed(item_id)  # here at once; in other processes within a second
         return updated
 
     @delete("/tenants/{item_id:str}")

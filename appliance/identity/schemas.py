@@ -12,12 +12,15 @@ Name = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][
 Description = Annotated[str, Meta(max_length=1000)]
 Id = Annotated[str, Meta(min_length=1, max_length=32)]
 Scope = Literal["inference", "admin"]
+ModelName = Annotated[str, Meta(min_length=1, max_length=200)]
+Models = Annotated[list[ModelName], Meta(max_length=200)]
 
 
 class TenantCreate(Struct, forbid_unknown_fields=True):
     name: Name
     description: Description = ""
     content_capture: bool = False
+    allowed_models: Models | None = None  # None: every model the node serves
 
 
 class WorkflowCreate(Struct, forbid_unknown_fields=True):
@@ -39,6 +42,7 @@ class Rename(Struct, forbid_unknown_fields=True):
 
 class TenantUpdate(Rename, forbid_unknown_fields=True):
     content_capture: bool | None = None
+    allowed_models: Models | msgspec.UnsetType | None = msgspec.UNSET  # null: every model again
 
 
 class ApiKeyCreate(Struct, forbid_unknown_fields=True):
@@ -46,6 +50,7 @@ class ApiKeyCreate(Struct, forbid_unknown_fields=True):
     agent_id: Id | None = None
     name: Annotated[str, Meta(max_length=100)] = ""
     scopes: Annotated[list[Scope], Meta(min_length=1)] = msgspec.field(default_factory=lambda: ["inference"])
+    allowed_models: Models | None = None  # None: what its tenant may use
     expires_at: datetime | None = None
 
 

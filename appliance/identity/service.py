@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import msgspec
 from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, select
@@ -92,7 +93,13 @@ def create_tenant(session: Session, principal: Principal, data: TenantCreate) ->
     principal.require_role(ADMIN)
     if principal.tenant_id is not None:
         raise PermissionDeniedError("Only a platform administrator creates tenants.")
-    return _commit(session, Tenant(name=data.name, description=data.description, content_capture=data.content_capture))
+    tenant = Tenant(
+        name=data.name,
+        description=data.description,
+        content_capture=data.content_capture,
+        allowed_models=_models(data.allowed_models),
+    )
+    return _commit(session, tenant)
 
 
 def create_workflow(session: Session, principal: Principal, data: WorkflowCreate) -> dict[str, Any]:
@@ -121,7 +128,15 @@ def rename(session: Session, principal: Principal, model: type[ModelT], item_id:
         if principal.tenant_id is not None:
             raise PermissionDeniedError("Only a platform administrator changes content capture.")
         row.content_capture = data.content_capture
+    if isinstance(data, TenantUpdate) and data.allowed_models is not msgspec.UNSET:
+        if principal.tenant_id is not None:
+            raise PermissionDeniedError("Only a platform administrator decides which models a tenant may use.")
+        row.allowed_models = _models(data.allowed_models)
     return _commit(session, row)
+
+
+def _models(names: list[str] | None) -> list[str] | None:
+    return None if names is None else sorted(set(names))
 
 
 def delete(session: Session, principal: Principal, model: type[ModelT], item_id: str) -> None:
@@ -151,6 +166,7 @@ def create_api_key(
         workflow_id=workflow.id,
         agent_id=data.agent_id,
         scopes=sorted(set(data.scopes)),
+        allowed_models=_models(data.allowed_models),
         expires_at=expires_at,
         created_by=principal.subject,
     )

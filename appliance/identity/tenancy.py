@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from sqlalchemy import or_
 from sqlalchemy.engine import Engine
@@ -108,24 +109,38 @@ class TenantCheck:
             return session.get(Tenant, tenant_id) is not None
 
 
-class ContentCapture:
-    """Whether a tenant's prompts and answers are kept (its `content_capture`), from memory: looked up again
-    every second, so a change made by another process applies within a second (one made here, at once)."""
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """What the request path needs to know of a tenant's settings."""
+
+    content_capture: bool = False  # its prompts and answers are kept
+    models: frozenset[str] | None = None  # the models its callers may use (None: all)
+
+
+class TenantPolicies:
+    """Each tenant's :class:`TenantPolicy`, from memory: looked up again every second, so a change made by
+    another process applies within a second (one made here, at once)."""
 
     def __init__(self, engine: Engine, *, recheck_s: float = RECHECK_EVERY_S) -> None:
         self._engine = engine
-        self._known: Recheck[str, bool] = Recheck(self._look_up, ttl_s=recheck_s)
+        self._known: Recheck[str, TenantPolicy] = Recheck(self._look_up, ttl_s=recheck_s)
 
-    async def enabled(self, tenant_id: str | None) -> bool:
-        return False if tenant_id is None else await self._known.get(tenant_id)
+    async def of(self, tenant_id: str | None) -> TenantPolicy:
+        return NO_POLICY if tenant_id is None else await self._known.get(tenant_id)
 
     def changed(self, tenant_id: str) -> None:
         self._known.forget(tenant_id)
 
-    async def _look_up(self, tenant_id: str) -> bool:
-        return await asyncio.to_thread(self._captures, tenant_id)
+    async def _look_up(self, tenant_id: str) -> TenantPolicy:
+        return await asyncio.to_thread(self._policy, tenant_id)
 
-    def _captures(self, tenant_id: str) -> bool:
+    def _policy(self, tenant_id: str) -> TenantPolicy:
         with Session(self._engine) as session:
             tenant = session.get(Tenant, tenant_id)
-            return bool(tenant is not None and tenant.content_capture)
+            if tenant is None:
+                return NO_POLICY
+            models = frozenset(tenant.allowed_models) if tenant.allowed_models is not None else None
+            return TenantPolicy(content_capture=tenant.content_capture, models=models)
+
+
+NO_POLICY = TenantPolicy()

@@ -106,8 +106,10 @@ class PermissionDeniedError(ApplianceError):
     error_type = "permission_error"
     code = "forbidden"
 
-    def __init__(self, message: str = "You are not allowed to do this.") -> None:
-        super().__init__(message)
+    def __init__(
+        self, message: str = "You are not allowed to do this.", *, param: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, param=param, code=code)
 
 
 class ConflictError(ApplianceError):

@@ -38,8 +38,9 @@ from appliance.settings import RetrievalSettings
 
 log = logging.getLogger(__name__)
 
-INGEST = Endpoint("/v1/rag/documents", EmbeddingRequest, "pooling", engine_path="/v1/embeddings")
-QUERY = Endpoint("/v1/rag/query", EmbeddingRequest, "pooling", engine_path="/v1/embeddings")
+# The appliance's own embedding model: model allowlists govern the models clients name, not this one.
+INGEST = Endpoint("/v1/rag/documents", EmbeddingRequest, "pooling", engine_path="/v1/embeddings", client_model=False)
+QUERY = Endpoint("/v1/rag/query", EmbeddingRequest, "pooling", engine_path="/v1/embeddings", client_model=False)
 CHAT = Endpoint("/v1/rag/chat", ChatCompletionRequest, "generate", engine_path="/v1/chat/completions")
 
 GROUNDING = (

@@ -24,8 +24,9 @@ def fake_settings(data_dir: Path, engine: FakeEngine, **sections: Any) -> Settin
     )
 
 
-def admin_headers(settings: Settings, roles: tuple[str, ...] = ("admin",)) -> dict[str, str]:
-    token = embedded_issuer(settings).mint("root", client_id="c", roles=list(roles))
+def admin_headers(settings: Settings, roles: tuple[str, ...] = ("admin",), tenant: str | None = None) -> dict[str, str]:
+    """A token of the embedded issuer: a platform administrator, or one of ``tenant``."""
+    token = embedded_issuer(settings).mint("root", client_id="c", roles=list(roles), tenant_id=tenant)
     return {"Authorization": f"Bearer {token}"}
 
 
