@@ -30,7 +30,6 @@ from appliance.drift.watch import DriftWatcher
 from appliance.engines.runner import engine_routes
 from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
-from appliance.gateway.health import HealthController
 from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.routes import OpenAIController
@@ -53,6 +52,7 @@ from appliance.retrieval.routes import rag_controller
 from appliance.retrieval.setup import retrieval_service
 from appliance.settings import GatewaySettings, Settings, get_settings
 from appliance.telemetry.gpu import GpuUtilization
+from appliance.telemetry.health import HealthController
 from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
 from appliance.telemetry.rollup import Rollups, gateway_name
 

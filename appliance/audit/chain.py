@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from appliance.identity.signing import write_secret
+from appliance.lib.secret_files import write_secret
 from appliance.lib.times import as_utc
 
 GENESIS = "0" * 64

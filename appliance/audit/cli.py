@@ -10,8 +10,7 @@ from pathlib import Path
 
 from appliance.audit.export import jsonl, syslog
 from appliance.audit.setup import audit_store
-from appliance.identity.cli import duration_s
-from appliance.lib.times import as_utc
+from appliance.lib.times import as_utc, duration_s
 from appliance.settings import Settings
 
 

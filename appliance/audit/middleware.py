@@ -13,9 +13,9 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
-from appliance.identity.principal import Principal
 from appliance.lib.errors import ApplianceError
 from appliance.lib.http import request_id
+from appliance.lib.principal import Principal
 
 AUDITED_WRITE_PREFIXES = ("/admin/", "/console/logout", "/v1/rag/collections")
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

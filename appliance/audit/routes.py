@@ -11,9 +11,8 @@ from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
 from appliance.audit.writer import AuditWriter
-from appliance.identity.auth import principal_of
-from appliance.identity.principal import ADMIN, AUDITOR
 from appliance.lib.errors import InvalidRequestError, PermissionDeniedError
+from appliance.lib.principal import ADMIN, AUDITOR, principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 Offset = Annotated[int, QueryParameter(ge=0)]

@@ -16,9 +16,9 @@ from sqlmodel import Session, SQLModel, col, select
 
 from appliance.budgets.models import Budget
 from appliance.identity.models import Agent, ApiKey, Tenant, Workflow
-from appliance.identity.principal import ADMIN, Principal
 from appliance.ledger.pricing import to_currency
 from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.principal import ADMIN, Principal
 
 PLATFORM, TENANT = "platform", "tenant"
 SCOPE_MODELS: dict[str, type[SQLModel]] = {"tenant": Tenant, "workflow": Workflow, "agent": Agent, "api_key": ApiKey}

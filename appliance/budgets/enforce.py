@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from appliance.budgets.leases import BudgetLeases, LeasedHold
 from appliance.budgets.ratelimit import ratelimit_headers
 from appliance.budgets.store import BudgetStore, CallLink
-from appliance.identity.principal import Principal
 from appliance.ledger.pricing import Price
 from appliance.lib.errors import ApplianceError, ServiceUnavailableError
+from appliance.lib.principal import Principal
 
 log = logging.getLogger(__name__)
 

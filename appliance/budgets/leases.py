@@ -45,9 +45,9 @@ from appliance.budgets.store import (
     _exceeded,
     _limit,
 )
-from appliance.budgets.windows import window
 from appliance.ledger.pricing import Price
 from appliance.lib.recheck import RECHECK_S, Recheck
+from appliance.lib.windows import window
 
 log = logging.getLogger(__name__)
 

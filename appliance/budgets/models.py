@@ -7,8 +7,8 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from appliance.identity.models import new_id
-from appliance.ledger.models import utcnow
+from appliance.lib.ids import new_id
+from appliance.lib.times import utcnow
 
 
 class Budget(SQLModel, table=True):

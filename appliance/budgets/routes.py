@@ -24,11 +24,10 @@ from appliance.budgets.leases import BudgetLeases
 from appliance.budgets.models import Budget
 from appliance.budgets.store import BudgetStore
 from appliance.identity import service as identity
-from appliance.identity.auth import principal_of
 from appliance.identity.models import Tenant
-from appliance.identity.principal import ADMIN, OPERATOR
 from appliance.ledger.pricing import to_currency, to_micros
 from appliance.lib.errors import ConflictError, InvalidRequestError
+from appliance.lib.principal import ADMIN, OPERATOR, principal_of
 from appliance.settings import Settings
 
 

@@ -35,9 +35,9 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from appliance.budgets.journal import Settlement, SettlementJournal
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation
 from appliance.budgets.ratelimit import RateWindow, window_headers
-from appliance.budgets.windows import window
 from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
+from appliance.lib.windows import window
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")

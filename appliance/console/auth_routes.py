@@ -26,10 +26,11 @@ from sqlmodel import Session
 from appliance.audit.middleware import base_event
 from appliance.audit.writer import AuditWriter
 from appliance.identity import oauth
-from appliance.identity.auth import Authenticator, principal_of
+from appliance.identity.auth import Authenticator
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.sessions import SESSION_COOKIE
 from appliance.lib.errors import AuthenticationError
+from appliance.lib.principal import principal_of
 from appliance.settings import Settings
 
 Req = Request[Any, Any, State]

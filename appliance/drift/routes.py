@@ -12,8 +12,7 @@ from litestar.params import QueryParameter
 from sqlalchemy.engine import Engine
 
 from appliance.drift.report import drift_report
-from appliance.identity.auth import principal_of
-from appliance.identity.principal import ADMIN, OPERATOR
+from appliance.lib.principal import ADMIN, OPERATOR, principal_of
 
 
 class DriftController(Controller):

@@ -16,7 +16,7 @@ import hmac
 import secrets
 from pathlib import Path
 
-from appliance.identity.signing import write_secret
+from appliance.lib.secret_files import write_secret
 
 PLATFORM = "platform"  # tenant-less callers (platform admins and operators) share one salt of their own
 

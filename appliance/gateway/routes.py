@@ -19,9 +19,9 @@ from appliance.budgets.store import CallLink
 from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, JSONResult, OpenAIServing
 from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
-from appliance.identity.auth import principal_of
 from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError
 from appliance.lib.http import request_id
+from appliance.lib.principal import principal_of
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -35,11 +35,11 @@ from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, pars
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
-from appliance.identity.principal import Principal
 from appliance.identity.tenancy import NO_POLICY, TenantPolicies, TenantPolicy
 from appliance.ledger.pricing import Pricing, to_currency
 from appliance.ledger.writer import RetrievalStats, UsageEvent, UsageWriter
 from appliance.lib.errors import InvalidRequestError, ModelNotFoundError, PermissionDeniedError, UpstreamError
+from appliance.lib.principal import Principal
 from appliance.settings import EngineRoute, PricingSettings
 
 log = logging.getLogger(__name__)

@@ -17,8 +17,9 @@ from sqlalchemy.engine import Engine
 from appliance.audit.middleware import add_audit_detail
 from appliance.identity import local_accounts
 from appliance.identity.accounts import PasswordWork
-from appliance.identity.auth import Authenticator, principal_of
+from appliance.identity.auth import Authenticator
 from appliance.identity.schemas import LocalAccountUpdate
+from appliance.lib.principal import principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
 Offset = Annotated[int, QueryParameter(ge=0)]

@@ -22,9 +22,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
-from appliance.identity.principal import ADMIN, Principal
-from appliance.identity.signing import write_secret
 from appliance.lib.errors import AuthenticationError, RateLimitedError
+from appliance.lib.principal import ADMIN, Principal
+from appliance.lib.secret_files import write_secret
 
 T = TypeVar("T")
 

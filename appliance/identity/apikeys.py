@@ -18,10 +18,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from appliance.identity.models import ApiKey
-from appliance.identity.principal import ADMIN, USER, Principal
-from appliance.identity.signing import write_secret
 from appliance.lib.errors import AuthenticationError
+from appliance.lib.principal import ADMIN, USER, Principal
 from appliance.lib.recheck import RECHECK_S, Recheck
+from appliance.lib.secret_files import write_secret
 from appliance.lib.times import as_utc
 
 KEY_PATTERN = re.compile(r"^apk_(?P<id>[0-9a-f]{20})_(?P<secret>[A-Za-z0-9_-]{43})$")

@@ -13,13 +13,13 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from appliance.identity.accounts import AccountCheck
 from appliance.identity.apikeys import ApiKeyAuthenticator
-from appliance.identity.principal import Principal
 from appliance.identity.sessions import CSRF_HEADER, SESSION_COOKIE, SessionStore
 from appliance.identity.tenancy import DefaultTenant, TenantCheck
 from appliance.identity.tokens import TokenValidator
 from appliance.identity.users import UserMirror
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.logging import bind
+from appliance.lib.principal import STATE_KEY, Principal
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 # signed in, and every call it makes is authenticated).
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/console", "/console/", "/console/login", "/console/callback"})
 PUBLIC_PREFIXES = ("/oidc/", "/console/assets/")
-_STATE_KEY = "appliance_principal"
 
 
 class Authenticator:
@@ -116,13 +115,6 @@ def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
 
 
-def principal_of(scope: Scope) -> Principal:
-    principal = scope.get("state", {}).get(_STATE_KEY)
-    if not isinstance(principal, Principal):
-        raise AuthenticationError()  # a protected handler without an authenticated principal: refuse
-    return principal
-
-
 def authentication_middleware(authenticator: Authenticator) -> Any:
     """Litestar middleware factory: sets the principal in the scope, or the request ends with 401."""
 
@@ -136,7 +128,7 @@ def authentication_middleware(authenticator: Authenticator) -> Any:
                     method=scope["method"],
                     csrf_token=headers.get(CSRF_HEADER),
                 )
-                scope.setdefault("state", {})[_STATE_KEY] = principal
+                scope.setdefault("state", {})[STATE_KEY] = principal
                 bind(tenant=principal.tenant_id, workflow=principal.workflow_id)
             await app(scope, receive, send)
 

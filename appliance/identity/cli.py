@@ -17,21 +17,14 @@ from appliance.identity import service
 from appliance.identity.accounts import hash_password
 from appliance.identity.keycloak import KeycloakBootstrap, WorkflowAccount
 from appliance.identity.models import ROLES, Agent, LocalAccount, Tenant, Workflow
-from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.schemas import AgentCreate, ApiKeyCreate, TenantCreate, WorkflowCreate
 from appliance.identity.setup import bootstrap, bootstrap_password_file, embedded_issuer, key_hasher
 from appliance.lib.errors import ApplianceError
+from appliance.lib.principal import ADMIN, Principal
+from appliance.lib.times import duration_s
 from appliance.settings import Settings
 
 LOCAL_ADMIN = Principal(kind="token", subject="local-cli", roles=frozenset({ADMIN}))
-_DURATION = re.compile(r"^(?P<n>[0-9]+)(?P<unit>[smhd]?)$")
-
-
-def duration_s(text: str) -> int:
-    match = _DURATION.match(text.strip())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 10m, 2h)")
-    return int(match["n"]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match["unit"]]
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

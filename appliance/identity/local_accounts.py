@@ -15,10 +15,10 @@ from sqlmodel import Session, col, select
 
 from appliance.identity.accounts import hash_password
 from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
-from appliance.identity.principal import ADMIN, Principal
 from appliance.identity.schemas import LocalAccountUpdate
 from appliance.identity.sessions import SessionStore
 from appliance.lib.errors import ConflictError, NotFoundError
+from appliance.lib.principal import ADMIN, Principal
 
 PUBLIC_FIELDS = ("username", "roles", "tenant_id", "must_change_password", "disabled", "created_at")
 

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 
 from sqlalchemy import JSON, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from appliance.ledger.models import utcnow
+from appliance.lib.ids import new_id
+from appliance.lib.times import utcnow
 
 ROLES = ("admin", "operator", "auditor", "user")
 LOCAL_SUBJECT = "local:"  # the `sub` of a local account's tokens and console sessions: "local:<username>"
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
 
 class Tenant(SQLModel, table=True):

@@ -18,9 +18,8 @@ from appliance.audit.writer import AuditWriter
 from appliance.budgets import access as budget_access
 from appliance.identity import service
 from appliance.identity.apikeys import KeyHasher
-from appliance.identity.auth import Authenticator, principal_of
+from appliance.identity.auth import Authenticator
 from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
-from appliance.identity.principal import ADMIN
 from appliance.identity.schemas import (
     AgentCreate,
     ApiKeyCreate,
@@ -31,6 +30,7 @@ from appliance.identity.schemas import (
     WorkflowCreate,
 )
 from appliance.identity.tenancy import TenantPolicies
+from appliance.lib.principal import ADMIN, principal_of
 from appliance.retrieval.service import Retrieval
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]

@@ -17,7 +17,6 @@ from sqlmodel import Session, SQLModel, select
 from appliance.identity.apikeys import KeyHasher, new_key_material
 from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, Workflow
 from appliance.identity.oauth import new_client_secret
-from appliance.identity.principal import ADMIN, OPERATOR, Principal
 from appliance.identity.schemas import (
     AgentCreate,
     ApiKeyCreate,
@@ -28,6 +27,7 @@ from appliance.identity.schemas import (
     WorkflowCreate,
 )
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from appliance.lib.principal import ADMIN, OPERATOR, Principal
 from appliance.lib.times import as_utc
 
 ModelT = TypeVar("ModelT", bound=SQLModel)

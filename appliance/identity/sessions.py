@@ -18,8 +18,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from appliance.identity.models import LOCAL_SUBJECT, ConsoleSession, LocalAccount
-from appliance.identity.principal import Principal
 from appliance.lib.errors import AuthenticationError, PermissionDeniedError
+from appliance.lib.principal import Principal
 from appliance.lib.times import as_utc
 
 SESSION_COOKIE = "appliance_session"

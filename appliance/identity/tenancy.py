@@ -17,8 +17,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from appliance.identity.models import Tenant
-from appliance.identity.principal import Principal, bind_default_tenant, wants_default_tenant
 from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.principal import Principal, bind_default_tenant, wants_default_tenant
 from appliance.lib.recheck import Recheck
 
 RECHECK_EVERY_S = 1.0

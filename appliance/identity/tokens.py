@@ -20,8 +20,8 @@ import jwt
 from jwt import PyJWK
 
 from appliance.identity.models import ROLES
-from appliance.identity.principal import Principal
 from appliance.lib.errors import AuthenticationError
+from appliance.lib.principal import Principal
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from appliance.identity.models import User
-from appliance.identity.principal import Principal
+from appliance.lib.principal import Principal
 
 REFRESH_EVERY_S = 60.0
 

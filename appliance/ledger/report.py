@@ -14,10 +14,10 @@ from zoneinfo import ZoneInfo
 from sqlalchemy import Table, select
 from sqlalchemy.engine import Engine
 
-from appliance.budgets.windows import window
 from appliance.ledger.models import UsageRecord
 from appliance.ledger.pricing import to_currency
 from appliance.lib.stats import nearest_rank
+from appliance.lib.windows import window
 
 USAGE: Table = UsageRecord.__table__  # type: ignore[attr-defined]
 GROUPS = {

@@ -18,10 +18,9 @@ from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 from sqlalchemy.engine import Engine
 
-from appliance.identity.auth import principal_of
-from appliance.identity.principal import ADMIN, OPERATOR
 from appliance.ledger.report import COLUMNS, RECORD_COLUMNS, to_csv, usage_records, usage_report
 from appliance.lib.errors import InvalidRequestError
+from appliance.lib.principal import ADMIN, OPERATOR, principal_of
 from appliance.lib.times import as_utc
 from appliance.settings import Settings
 

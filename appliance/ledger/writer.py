@@ -29,9 +29,10 @@ from sqlalchemy import BigInteger, Table, insert
 from sqlalchemy.engine import Engine
 
 from appliance.db.faults import is_transient
-from appliance.ledger.models import UsageRecord, utcnow
+from appliance.ledger.models import UsageRecord
 from appliance.lib.bounded import bounded
 from appliance.lib.errors import ServiceUnavailableError
+from appliance.lib.times import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,8 @@ from litestar import Controller, Request, get
 from litestar.di import NamedDependency
 from sqlalchemy.engine import Engine
 
-from appliance.identity.auth import principal_of
-from appliance.identity.principal import ADMIN, OPERATOR
 from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.principal import ADMIN, OPERATOR, principal_of
 from appliance.placement.service import build_report
 from appliance.settings import Settings
 

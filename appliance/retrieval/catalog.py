@@ -14,10 +14,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, select
 
 from appliance.identity.models import Tenant
-from appliance.identity.principal import Principal
-from appliance.ledger.models import utcnow
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError
-from appliance.lib.times import as_utc
+from appliance.lib.principal import Principal
+from appliance.lib.times import as_utc, utcnow
 from appliance.retrieval.models import RagCollection, RagDocument
 
 ABANDONED_AFTER = timedelta(minutes=15)  # an `ingesting` row this old was left by a process that died

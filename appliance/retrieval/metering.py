@@ -13,8 +13,8 @@ from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import CallLink
 from appliance.gateway.settlement import Settlement, Source, mark_failed
-from appliance.identity.principal import Principal
 from appliance.ledger.writer import UsageEvent, UsageWriter
+from appliance.lib.principal import Principal
 from appliance.settings import EngineRoute
 
 CLIENT_CLOSED_REQUEST = 499

@@ -7,8 +7,8 @@ from datetime import datetime
 from sqlalchemy import UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from appliance.identity.models import new_id
-from appliance.ledger.models import utcnow
+from appliance.lib.ids import new_id
+from appliance.lib.times import utcnow
 
 
 class RagCollection(SQLModel, table=True):

@@ -16,9 +16,9 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from msgspec import Meta, Struct
 
 from appliance.gateway.routes import answer, call_link, source_of, unless_client_leaves
-from appliance.identity.auth import principal_of
 from appliance.lib.errors import InvalidRequestError
 from appliance.lib.http import request_id
+from appliance.lib.principal import principal_of
 from appliance.retrieval.extract import media_type_of
 from appliance.retrieval.service import Caller, Retrieval, Upload
 from appliance.settings import Settings

@@ -24,9 +24,9 @@ from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import sse
-from appliance.identity.principal import Principal
 from appliance.ledger.writer import RetrievalStats
 from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, UpstreamError
+from appliance.lib.principal import Principal
 from appliance.retrieval.cache import RetrievalCache
 from appliance.retrieval.catalog import Catalog, document_view
 from appliance.retrieval.chunking import Chunk, Chunker

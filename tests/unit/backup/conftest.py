@@ -17,9 +17,9 @@ from appliance.audit.store import AuditEvent
 from appliance.db.engine import create_schema, make_engine
 from appliance.identity import service
 from appliance.identity.apikeys import ApiKeyAuthenticator
-from appliance.identity.principal import Principal
 from appliance.identity.schemas import ApiKeyCreate, TenantCreate, WorkflowCreate
 from appliance.identity.setup import key_hasher
+from appliance.lib.principal import Principal
 from appliance.retrieval.setup import qdrant_local_path
 from appliance.retrieval.vectors import VectorStore, point_id
 from appliance.settings import Settings

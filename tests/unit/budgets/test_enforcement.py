@@ -169,8 +169,8 @@ async def test_a_request_cancelled_while_its_lease_is_refilled_leaves_nothing_he
     from appliance.budgets.leases import BudgetLeases
     from appliance.budgets.store import BudgetStore, CallLink
     from appliance.db.engine import make_engine
-    from appliance.identity.principal import Principal
     from appliance.ledger.pricing import Price
+    from appliance.lib.principal import Principal
     from tests.unit.budgets.test_journal import seeded, tokens
 
     url = f"sqlite:///{tmp_path / 'appliance.db'}"

@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from appliance.budgets.store import BudgetExceededError, BudgetStore
-from appliance.budgets.windows import window
 from appliance.ledger.pricing import Price
+from appliance.lib.windows import window
 from tests.unit.budgets.conftest import CHAIN, Clock, add_budget
 
 

@@ -15,10 +15,10 @@ from sqlmodel import Session
 from appliance.asgi import create_app
 from appliance.db.engine import create_schema, make_engine
 from appliance.identity.models import Tenant
-from appliance.identity.principal import NO_TENANT, Principal, bind_default_tenant
 from appliance.identity.setup import embedded_issuer
 from appliance.identity.tenancy import DefaultTenant, DefaultTenantMissingError, check_default_tenant
 from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.principal import NO_TENANT, Principal, bind_default_tenant
 from appliance.settings import IdentitySettings, Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import fake_settings

@@ -13,7 +13,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
-from appliance.identity.principal import NO_TENANT
+from appliance.lib.principal import NO_TENANT
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import admin_headers, tenant_with_key

@@ -10,8 +10,8 @@ from sqlmodel import Session
 
 from appliance.db.engine import create_schema, make_engine
 from appliance.identity.models import Tenant
-from appliance.identity.principal import Principal
 from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError
+from appliance.lib.principal import Principal
 from appliance.retrieval.catalog import Catalog
 from appliance.retrieval.models import RagDocument
 

@@ -8,9 +8,9 @@ the inference and retrieval API (403), unless a default tenant is configured, to
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
-from appliance.lib.errors import NotFoundError, PermissionDeniedError
+from appliance.lib.errors import AuthenticationError, NotFoundError, PermissionDeniedError
 
 ADMIN, OPERATOR, AUDITOR, USER = "admin", "operator", "auditor", "user"
 PLATFORM_ROLES = (ADMIN, OPERATOR)  # the only roles that may act without a tenant
@@ -93,3 +93,14 @@ def bind_default_tenant(principal: Principal, tenant_id: str | None) -> Principa
     if tenant_id is None or not wants_default_tenant(principal):
         return principal
     return replace(principal, tenant_id=tenant_id)
+
+
+STATE_KEY = "appliance_principal"  # where authentication leaves the principal in the ASGI scope
+
+
+def principal_of(scope: Any) -> Principal:
+    """The principal authentication set in the ASGI ``scope``."""
+    principal = scope.get("state", {}).get(STATE_KEY)
+    if not isinstance(principal, Principal):
+        raise AuthenticationError()  # a protected handler without an authenticated principal: refuse
+    return principal

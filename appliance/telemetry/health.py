@@ -16,10 +16,10 @@ from sqlalchemy.engine import Engine
 
 from appliance.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from appliance.gateway.upstream import EngineRouter
-from appliance.identity.auth import Authenticator, principal_of
-from appliance.identity.principal import ADMIN, OPERATOR, Principal
+from appliance.identity.auth import Authenticator
 from appliance.identity.sessions import SESSION_COOKIE
 from appliance.lib.errors import PermissionDeniedError
+from appliance.lib.principal import ADMIN, OPERATOR, Principal, principal_of
 from appliance.telemetry.monitor import ConcurrencyMonitor
 
 
