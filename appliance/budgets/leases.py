@@ -307,6 +307,14 @@ class BudgetLeases:
 
     # -- committing --------------------------------------------------------------------------------------
 
+    def in_flight(self) -> dict[tuple[str, datetime], int]:
+        """What this process's requests in flight hold, by (budget, window start)."""
+        held: dict[tuple[str, datetime], int] = {}
+        for lease in [*self._leases.values(), *self._retired]:
+            key = (lease.budget["id"], lease.start)
+            held[key] = held.get(key, 0) + lease.held
+        return held
+
     def changed(self) -> None:
         self._dirty.set()
 

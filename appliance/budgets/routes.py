@@ -90,12 +90,12 @@ class BudgetController(Controller):
         budget_leases: NamedDependency[BudgetLeases],
         settings: NamedDependency[Settings],
     ) -> dict[str, Any]:
-        """Every budget with what it used: this process's spending committed first; another gateway process's is
-        at most ``budgets.commit_interval_s`` behind."""
+        """Every budget with what it used: this process's spending committed first (another gateway process's is
+        at most ``budgets.commit_interval_s`` behind), and what its requests in flight hold shown as reserved."""
         principal = principal_of(request.scope)
         principal.require_role(ADMIN, OPERATOR)
         await budget_leases.committed()
-        data = await asyncio.to_thread(budget_store.status, principal.tenant_id)
+        data = await asyncio.to_thread(budget_store.status, principal.tenant_id, budget_leases.in_flight())
         return {"object": "list", "data": data, "total": len(data), "currency": settings.pricing.currency}
 
     @post("/", sync_to_thread=True)

@@ -515,7 +515,12 @@ class BudgetStore:
             connection.execute(delete(GATEWAYS).where(GATEWAYS.c.heartbeat_at < now - timedelta(seconds=dead_after_s)))
         return len(taken)
 
-    def status(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+    def status(
+        self, tenant_id: str | None = None, in_flight: dict[tuple[str, datetime], int] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every budget (of ``tenant_id``) with its window's figures. ``in_flight``: what the asking process's
+        requests in flight hold of its leases, by (budget, window start): shown as reserved, not leased."""
+        in_flight = in_flight or {}
         now = self._clock()
         with self._engine.connect() as connection:
             query = select(BUDGETS)
@@ -546,11 +551,12 @@ class BudgetStore:
                     )
                     # Slices leased to gateway processes are spendable by their requests: part of what remains
                     # (exactly so when no request is in flight), not reserved by a request.
+                    held = min(in_flight.get((budget["id"], start), 0), leased)
                     entry.update(
                         used=used,
-                        reserved=reserved - leased,
-                        leased=leased,
-                        remaining=max(budget["limit"] - used - reserved + leased, 0),
+                        reserved=reserved - leased + held,
+                        leased=leased - held,
+                        remaining=max(budget["limit"] - used - reserved + leased - held, 0),
                         resets_at=end.isoformat(),
                     )
                 if budget["kind"] == "cost":  # money is kept in micro-units and shown in the currency
