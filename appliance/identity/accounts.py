@@ -4,13 +4,11 @@ admin, sign-in rate limiting."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,9 +20,10 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
-from appliance.lib.errors import AuthenticationError, RateLimitedError
+from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, Principal
 from appliance.lib.secret_files import write_secret
+from appliance.lib.work import WorkPool
 
 T = TypeVar("T")
 
@@ -166,31 +165,17 @@ class LoginLimiter:
         times.append(moment)
 
 
-class PasswordWork:
+class PasswordWork(WorkPool):
     """Password hashing (argon2id: costly in memory and time by design) on its own small pool of threads, so
-    sign-ins cannot take the threads that database work runs on. At most ``workers`` run and ``queue`` wait;
-    more are refused at once (429) rather than queued without bound."""
+    sign-ins cannot take the threads that database work runs on; a flood is refused (429), not queued."""
 
     def __init__(self, workers: int = 2, queue: int = 8) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="password-hashing")
-        self._capacity = workers + queue
-        self._in_flight = 0
-
-    @property
-    def full(self) -> bool:
-        return self._in_flight >= self._capacity
-
-    async def run(self, function: Callable[..., T], *args: Any) -> T:
-        if self.full:
-            raise RateLimitedError("Too many sign-ins at this moment; try again in a few seconds.", retry_after=2)
-        self._in_flight += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(function, *args))
-        finally:
-            self._in_flight -= 1
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        super().__init__(
+            "password-hashing",
+            workers=workers,
+            queue=queue,
+            busy="Too many sign-ins at this moment; try again in a few seconds.",
+        )
 
 
 class AccountCheck:

@@ -27,6 +27,7 @@ from appliance.gateway.usage import sse
 from appliance.ledger.writer import RetrievalStats
 from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, UpstreamError
 from appliance.lib.principal import Principal
+from appliance.lib.work import WorkPool
 from appliance.retrieval.cache import RetrievalCache
 from appliance.retrieval.catalog import Catalog, document_view
 from appliance.retrieval.chunking import Chunk, Chunker
@@ -110,8 +111,18 @@ class Retrieval:
         cached_answers: CachedAnswers,
         tokenizer_dir: Path,
         dimensions: int | None,
+        extraction: WorkPool | None = None,
     ) -> None:
         self._settings = settings
+        # Text extraction and chunking on a pool of their own: a few large documents cannot take the threads
+        # database work (every request's) runs on; more uploads than it holds are refused (429).
+        self._extraction = extraction or WorkPool(
+            "document-extraction",
+            workers=1,
+            queue=4,
+            busy="Too many documents are being ingested at this moment; try again shortly.",
+            retry_after_s=5,
+        )
         self._cached_answers = cached_answers
         self._catalog = catalog
         self._store = store
@@ -131,6 +142,7 @@ class Retrieval:
         return self._chunker
 
     def close(self) -> None:
+        self._extraction.close()
         self._store.close()
 
     # collections
@@ -215,8 +227,8 @@ class Retrieval:
             max_stream_bytes=self._settings.max_pdf_stream_bytes,
             max_content_bytes=self._settings.max_pdf_content_bytes,
         )
-        text = await asyncio.to_thread(extract_text, upload.raw, upload.media_type, limits)
-        chunks, tokens = await asyncio.to_thread(self.chunker.split, text)
+        text = await self._extraction.run(extract_text, upload.raw, upload.media_type, limits)
+        chunks, tokens = await self._extraction.run(self.chunker.split, text)
         if len(chunks) > self._settings.max_document_chunks:
             raise PayloadTooLargeError(
                 f"The document makes {len(chunks)} chunks; at most {self._settings.max_document_chunks} are accepted.",
