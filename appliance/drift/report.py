@@ -27,6 +27,7 @@ def _request(row: UsageRecord) -> Request:
         injected_tokens=row.injected_tokens,
         retry=row.retry_attempt > 0,
         status_code=row.status_code,
+        finish_reason=row.finish_reason,
     )
 
 

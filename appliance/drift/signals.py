@@ -4,7 +4,8 @@ Signals (from the usage ledger, one value per request):
 - distributions: ``prompt_tokens``, ``completion_tokens`` (answer length), ``latency_ms``, ``ttft_ms``, ``depth``
   (loop depth), ``injected_tokens`` (retrieval inflation);
 - rates: ``retry_rate`` (share of requests that are a retry), ``refusal_rate`` (share refused with 4xx: budgets,
-  limits), ``error_rate`` (5xx).
+  limits), ``error_rate`` (5xx), ``truncation_rate`` (share of generations cut off by their output cap: finish
+  reason `length`, among requests the engine finished).
 
 Tests, stated so a finding carries its evidence:
 - a distribution drifts when its **population stability index** (PSI) over ten bins fixed at the baseline's
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DISTRIBUTIONS = ("prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "depth", "injected_tokens")
-RATES = ("retry_rate", "refusal_rate", "error_rate")
+RATES = ("retry_rate", "refusal_rate", "error_rate", "truncation_rate")
 PSI_FINDING, PSI_MODERATE = 0.25, 0.10
 Z_FINDING = 3.0
 MIN_MEDIAN_CHANGE = 0.20
@@ -41,6 +42,7 @@ class Request:
     injected_tokens: int
     retry: bool
     status_code: int
+    finish_reason: str | None = None
 
     def value(self, signal: str) -> float | None:
         if signal == "retry_rate":
@@ -49,6 +51,8 @@ class Request:
             return float(400 <= self.status_code < 500)
         if signal == "error_rate":
             return float(self.status_code >= 500)
+        if signal == "truncation_rate":
+            return None if self.finish_reason is None else float(self.finish_reason == "length")
         value = getattr(self, signal)
         return None if value is None else float(value)
 

@@ -8,6 +8,7 @@ An explicit ``null`` is accepted wherever a field is optional, as the official S
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -75,10 +76,27 @@ class EmbeddingRequest(Struct):
     add_special_tokens: bool | None = None
 
 
+class _Finished(Struct):
+    finish_reason: str | None = None
+
+
 class UsageOnly(Struct):
-    """Reads just ``usage`` out of an engine's answer; msgspec skips the rest without building it."""
+    """Reads just ``usage`` and why each choice ended out of an engine's answer; msgspec skips the rest."""
 
     usage: dict[str, Any] | None = None
+    choices: list[_Finished] | None = None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return finish_reason(choice.finish_reason for choice in self.choices or [])
+
+
+def finish_reason(reasons: Iterable[object]) -> str | None:
+    """A request's one reason: `length` if any choice was cut off by its cap, else the first reason given."""
+    given = [reason for reason in reasons if isinstance(reason, str) and reason]
+    if "length" in given:
+        return "length"
+    return given[0][:32] if given else None
 
 
 RequestT = TypeVar("RequestT", bound=Struct)

@@ -275,9 +275,11 @@ class OpenAIServing:
         finally:
             response.release()
         try:
-            usage = msgspec.json.decode(raw, type=UsageOnly).usage or {}
+            answer = msgspec.json.decode(raw, type=UsageOnly)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` answered with invalid JSON.") from exc
+        usage = answer.usage or {}
+        event.finish_reason = answer.finish_reason
         if settlement.capturing:
             settlement.answer.extend(choice_texts(msgspec.json.decode(raw)))
         event.prompt_tokens = int(usage.get("prompt_tokens") or 0)

@@ -76,6 +76,7 @@ class StreamRelay:
         event.completion_tokens = usage.completion_tokens
         event.total_tokens = usage.total_tokens
         event.ttft_ms = usage.ttft_ms
+        event.finish_reason = usage.finish_reason
         event.latency_ms = (time.perf_counter() - usage.started_at) * 1000.0
         if self._outcome is _Outcome.ENGINE_FAILED:
             event.status_code, event.error_code = 502, "engine_error"

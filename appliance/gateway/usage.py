@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 
+from appliance.gateway.protocol import finish_reason
+
 UPSTREAM_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 DONE = b"[DONE]"
 
@@ -28,6 +30,7 @@ class StreamUsage:
         "_completion",
         "_counted_prompt",
         "_final",
+        "_finished",
         "_prompt",
         "answer",
         "client_continuous",
@@ -60,6 +63,11 @@ class StreamUsage:
         self._completion: dict[int, int] = {}  # choice index -> its tokens so far
         self._prompt: dict[int, int] = {}  # prompt index -> its tokens
         self._final: tuple[int, int] | None = None  # the engine's totals, from the chunk that closes the stream
+        self._finished: list[object] = []  # each choice's finish reason, as the chunks give them
+
+    @property
+    def finish_reason(self) -> str | None:
+        return finish_reason(self._finished)
 
     @property
     def prompt_tokens(self) -> int:
@@ -99,6 +107,9 @@ class StreamUsage:
             return payload
         usage = chunk.get("usage")
         choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                self._finished.append(choice["finish_reason"])
         if isinstance(usage, dict):
             self._observe(usage, choices)
         if self.answer is not None:

@@ -46,3 +46,6 @@ class UsageRecord(SQLModel, table=True):
     chunks_injected: int = Field(default=0, description="retrieval: chunks put into the prompt")
     injected_tokens: int = Field(default=0, description="retrieval: prompt tokens those chunks added")
     retrieval_cached: bool = Field(default=False, description="retrieval: served from the cache")
+    finish_reason: str | None = Field(
+        default=None, max_length=32, description="why generation ended: `length` if any choice was cut off"
+    )

@@ -66,6 +66,7 @@ class UsageEvent:
     chunks_injected: int = 0
     injected_tokens: int = 0
     retrieval_cached: bool = False
+    finish_reason: str | None = None
     created_at: datetime = field(default_factory=utcnow)
 
 

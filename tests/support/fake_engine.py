@@ -93,10 +93,12 @@ async def _completion(request: web.Request) -> web.StreamResponse:
     prompts, n, tokens = _prompts(body), int(body.get("n") or 1), _generated(body)
     choices = prompts * n
     total = _usage(tokens * choices, PROMPT_TOKENS * prompts)
+    cap = body.get("max_completion_tokens") or body.get("max_tokens") or 16
+    finished = "length" if tokens >= int(cap) else "stop"  # as vLLM says why each choice ended
     if not body.get("stream"):
         answers = []
         for index in range(choices):
-            choice: dict[str, Any] = {"index": index, "finish_reason": "length"}
+            choice: dict[str, Any] = {"index": index, "finish_reason": finished}
             if chat:
                 choice["message"] = {"role": "assistant", "content": "ok " * tokens}
             else:
@@ -125,7 +127,7 @@ async def _completion(request: web.Request) -> web.StreamResponse:
                 "id": "cmpl-fake",
                 "object": "chat.completion.chunk",
                 "model": body.get("model"),
-                "choices": [{"index": index, **delta}],
+                "choices": [{"index": index, **delta, "finish_reason": finished if step == tokens - 1 else None}],
                 "usage": _usage(step + 1),
             }
             await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")

@@ -118,3 +118,22 @@ async def test_the_admin_api_serves_findings_within_the_tenant(tmp_path: Path) -
         assert status == 200 and body["window"] == "hour" and body["findings"] == []
         assert (await get(["user"]))[0] == 403
         assert (await get(["admin"], "?window=week"))[0] == 400
+
+
+def test_a_rising_truncation_rate_is_a_finding() -> None:
+    """Answers cut off by their output cap (finish reason `length`) go from 5 % to 30 %: a finding; requests with
+    no finish reason (refused, embeddings) are not counted either way."""
+    rng = random.Random(11)
+
+    def requests(count: int, truncated: float) -> list[Request]:
+        made = [
+            Request(300, 100, 800.0, None, 0, 0, False, 200, "length" if rng.random() < truncated else "stop")
+            for _ in range(count)
+        ]
+        return made + [Request(300, 0, 5.0, None, 0, 0, False, 429, None)] * 50
+
+    result = compare("truncation_rate", requests(400, 0.05), requests(200, 0.30), min_samples=30)
+    assert result is not None and result["finding"] and result["statistic"] >= 3
+    assert result["samples"] == [400, 200], "only requests the engine finished"
+    steady = compare("truncation_rate", requests(400, 0.05), requests(200, 0.05), min_samples=30)
+    assert steady is not None and not steady["finding"]

@@ -185,3 +185,20 @@ async def test_usage_rows_are_flushed_on_shutdown(tmp_path: Path, fake_engine: F
     rows = usage_rows(tmp_path)
     assert len(rows) == 5
     assert all(row["completion_tokens"] == 4 and row["prompt_tokens"] == 5 for row in rows)
+
+
+async def test_usage_rows_say_why_generation_ended(client: AsyncTestClient[Any], tmp_path: Path) -> None:
+    """`length` when an answer was cut off by its cap (streamed or not), `stop` when it ended by itself; a refused
+    request has none. Drift follows the truncation rate from these."""
+    for extra in (
+        {"max_tokens": 2},
+        {"max_tokens": 50},
+        {"max_tokens": 2, "stream": True},
+        {"max_tokens": 50, "stream": True},
+    ):
+        response = await client.post("/v1/chat/completions", json=chat("why did it end", **extra))
+        assert response.status_code == 200
+        await response.aread()
+    assert (await client.post("/v1/chat/completions", json=chat("x", n=0))).status_code == 400
+    rows = await wait_rows(tmp_path, 4)
+    assert [row["finish_reason"] for row in rows[:4]] == ["length", "stop", "length", "stop"]
