@@ -17,6 +17,7 @@ from appliance.audit.middleware import audit_middleware
 from appliance.audit.retention import ContentRetention
 from appliance.audit.routes import AuditController
 from appliance.audit.writer import AuditWriter
+from appliance.budgets import access as budget_access
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.journal import SettlementJournal
 from appliance.budgets.leases import BudgetLeases
@@ -40,6 +41,7 @@ from appliance.identity.account_routes import LocalAccountController
 from appliance.identity.accounts import LoginLimiter, PasswordWork
 from appliance.identity.auth import authentication_middleware
 from appliance.identity.oidc_routes import OidcController
+from appliance.identity.removal import RemovalHooks
 from appliance.identity.routes import AdminController
 from appliance.identity.tenancy import TenantPolicies, check_default_tenant
 from appliance.ledger.pricing import Pricing
@@ -121,6 +123,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
         cache_salts=CacheSalts.load_or_create(settings.secrets_dir / "cache-salt-key"),
     )
     retrieval = retrieval_service(settings, db_engine, serving, router, usage=usage, audit=audit, budgets=enforcer)
+    # Removing a tenant, workflow or agent: budgets may refuse it, retrieval deletes a tenant's collections.
+    removal = RemovalHooks(checks=[budget_access.check_scope_removal], tenant_cleanups=[retrieval.forget_tenant])
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
@@ -184,6 +188,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
             "budget_leases": Provide(lambda: leases, use_cache=True, sync_to_thread=False),
             "tenant_policies": Provide(lambda: tenant_policies, use_cache=True, sync_to_thread=False),
+            "removal": Provide(lambda: removal, use_cache=True, sync_to_thread=False),
             "metrics": Provide(lambda: metrics, use_cache=True, sync_to_thread=False),
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
             "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),

@@ -15,11 +15,11 @@ from sqlmodel import Session
 
 from appliance.audit.middleware import add_audit_detail
 from appliance.audit.writer import AuditWriter
-from appliance.budgets import access as budget_access
 from appliance.identity import service
 from appliance.identity.apikeys import KeyHasher
 from appliance.identity.auth import Authenticator
 from appliance.identity.models import Agent, ApiKey, ServiceClient, Tenant, User, Workflow
+from appliance.identity.removal import RemovalHooks
 from appliance.identity.schemas import (
     AgentCreate,
     ApiKeyCreate,
@@ -31,7 +31,6 @@ from appliance.identity.schemas import (
 )
 from appliance.identity.tenancy import TenantPolicies
 from appliance.lib.principal import ADMIN, principal_of
-from appliance.retrieval.service import Retrieval
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
 Offset = Annotated[int, QueryParameter(ge=0)]
@@ -80,7 +79,7 @@ class AdminController(Controller):
         self,
         request: Req,
         db_engine: Db,
-        retrieval: NamedDependency[Retrieval],
+        removal: NamedDependency[RemovalHooks],
         audit: NamedDependency[AuditWriter],
         item_id: FromPath[str],
     ) -> None:
@@ -92,14 +91,14 @@ class AdminController(Controller):
             with Session(db_engine) as session:
                 principal.require_role(ADMIN)
                 service.get_owned(session, principal, Tenant, item_id)
-                budget_access.check_scope_removal(session, principal, "tenant", item_id)  # no platform budget dropped
+                removal.check(session, principal, "tenant", item_id)
 
         def remove() -> None:
             with Session(db_engine) as session:
                 service.delete(session, principal, Tenant, item_id)
 
         await asyncio.to_thread(check)
-        await retrieval.forget_tenant(item_id)
+        await removal.forget_tenant(item_id)
         await asyncio.to_thread(remove)
         await asyncio.to_thread(audit.store.forget_tenant_content, item_id)
 
@@ -136,12 +135,14 @@ class AdminController(Controller):
             return service.rename(session, principal_of(request.scope), Workflow, item_id, data)
 
     @delete("/workflows/{item_id:str}", sync_to_thread=True)
-    def delete_workflow(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+    def delete_workflow(
+        self, request: Req, db_engine: Db, removal: NamedDependency[RemovalHooks], item_id: FromPath[str]
+    ) -> None:
         principal = principal_of(request.scope)
         with Session(db_engine) as session:
             principal.require_role(ADMIN)
             service.get_owned(session, principal, Workflow, item_id)
-            budget_access.check_scope_removal(session, principal, "workflow", item_id)  # no platform budget dropped
+            removal.check(session, principal, "workflow", item_id)
             service.delete(session, principal, Workflow, item_id)
 
     # -- agents --------------------------------------------------------------------------------------
@@ -185,12 +186,14 @@ class AdminController(Controller):
             return service.rename(session, principal_of(request.scope), Agent, item_id, data)
 
     @delete("/agents/{item_id:str}", sync_to_thread=True)
-    def delete_agent(self, request: Req, db_engine: Db, item_id: FromPath[str]) -> None:
+    def delete_agent(
+        self, request: Req, db_engine: Db, removal: NamedDependency[RemovalHooks], item_id: FromPath[str]
+    ) -> None:
         principal = principal_of(request.scope)
         with Session(db_engine) as session:
             principal.require_role(ADMIN)
             service.get_owned(session, principal, Agent, item_id)
-            budget_access.check_scope_removal(session, principal, "agent", item_id)  # no platform budget dropped
+            removal.check(session, principal, "agent", item_id)
             service.delete(session, principal, Agent, item_id)
 
     # -- users ---------------------------------------------------------------------------------------
