@@ -181,6 +181,13 @@ _OPENAI: dict[tuple[str, str], tuple[type[msgspec.Struct] | None, str, shape.Kin
 }
 
 
+# Answers that are not JSON beside the JSON ones: (path, method) -> media types of the 200 answer.
+_ALSO = {
+    ("/admin/usage", "get"): {"text/csv": {"schema": {"type": "string", "description": "with `format=csv`"}}},
+    ("/admin/usage/requests", "get"): {"text/csv": {"schema": {"type": "string", "description": "with `format=csv`"}}},
+}
+
+
 def contract(schema: dict[str, Any]) -> dict[str, Any]:
     """Litestar's description of the app, completed: the OpenAI routes' bodies and every route's errors."""
     schema = copy.deepcopy(schema)
@@ -215,6 +222,10 @@ def contract(schema: dict[str, Any]) -> dict[str, Any]:
             "200": {"description": "The answer (streamed when `stream` is true).", "content": content}
         }
     del bodies
+    for (path, method), media in _ALSO.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation["responses"]["200"].setdefault("content", {}).update(media)
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
             if isinstance(operation, dict) and method in ("get", "post", "put", "patch", "delete"):
@@ -224,10 +235,33 @@ def contract(schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPTS = {
+    "description": "a text, token ids, or a non-empty list of either",
+    "oneOf": [
+        {"type": "string"},
+        _TOKENS,
+        {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        {"type": "array", "minItems": 1, "items": _TOKENS},
+    ],
+}
+# What the parse stage requires beyond the structs' own required fields (checked after conversion).
+_REQUIRED: dict[shape.Kind, tuple[str, dict[str, Any] | None]] = {
+    "chat": ("messages", None),
+    "completions": ("prompt", _PROMPTS),
+    "embeddings": ("input", _PROMPTS),
+}
+
+
 def _complete_request(definition: dict[str, Any], kind: shape.Kind) -> None:
     """Every field the parse stage accepts for ``kind`` is listed (typed where the struct types it); any other
     is refused with 400, which ``additionalProperties: false`` says."""
     properties = definition.setdefault("properties", {})
+    name, typed = _REQUIRED[kind]
+    definition["required"] = sorted({*definition.get("required", []), name})
+    if typed is not None:
+        properties[name] = copy.deepcopy(typed)
+    properties[name].pop("default", None)
     for name in sorted(shape.accepted_fields(kind)):
         if name not in properties:
             verdict = shape.field_verdict(kind, name)

@@ -21,7 +21,7 @@ from appliance.identity.auth import Authenticator, principal_of
 from appliance.identity.schemas import LocalAccountUpdate
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
 Db = NamedDependency[Engine]
 Req = Request[Any, Any, Any]
 
