@@ -195,7 +195,7 @@ def contract(schema: dict[str, Any]) -> dict[str, Any]:
         "bearer": {
             "type": "http",
             "scheme": "bearer",
-            "description": "An API key (`sk-...`) or an access token of the appliance's identity provider.",
+            "description": "An API key (`apk_...`) or an access token of the appliance's identity provider.",
         }
     }
     schema["security"] = [{"bearer": []}]

@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
 from appliance.gateway.shape import accepted_fields
-from appliance.settings import EngineRoute, GatewaySettings, Settings
+from appliance.settings import REPO_ROOT, EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import add_tenant
 from tests.unit.gateway.test_app import user_token
@@ -100,3 +100,24 @@ async def test_no_page_is_served_beside_the_json(client: AsyncTestClient[Any]) -
         response = await client.get(path)
         assert response.status_code == 404, path
         assert "text/html" not in response.headers.get("content-type", "")
+
+
+async def test_the_readme_api_table_names_every_route_of_the_contract(client: AsyncTestClient[Any]) -> None:
+    """A route added to the app without its line in the README's API tables fails here."""
+    document = await contract(client)
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Gateway API") : readme.index("## Execution budgets")]
+    missing = []
+    for path in document["paths"]:
+        if path.startswith(("/oidc/", "/console/")):
+            continue  # one line for each family
+        last = path.rstrip("/").rsplit("/", 1)[-1]
+        if last.startswith("{"):
+            shown = path.rsplit("/", 1)[0].rsplit("/", 1)[-1] + "/{"
+        elif "{" in path:
+            shown = "/" + last  # `POST .../reset-password`
+        else:
+            shown = path
+        if shown not in section:
+            missing.append(path)
+    assert not missing
