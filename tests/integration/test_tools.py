@@ -282,8 +282,9 @@ def test_langchain_openai_binds_a_tool(appliance: Appliance, tools_tenant: dict[
     assert get_weather.invoke(message.tool_calls[0]["args"]).startswith("Sunny in")
 
 
+@pytest.mark.parametrize("stream", [False, True])
 def test_captured_content_keeps_the_tools_and_the_call(
-    appliance: Appliance, tools_client: OpenAI, tools_tenant: dict[str, Any]
+    appliance: Appliance, tools_client: OpenAI, tools_tenant: dict[str, Any], stream: bool
 ) -> None:
     raw = tools_client.chat.completions.with_raw_response.create(
         model=CHAT_MODEL,
@@ -292,8 +293,11 @@ def test_captured_content_keeps_the_tools_and_the_call(
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=80,
         temperature=0,
+        stream=stream,
     )
     request_id = raw.headers["x-request-id"]
+    if stream:
+        assert any(chunk.choices and chunk.choices[0].delta.tool_calls for chunk in raw.parse())
     deadline = time.monotonic() + 10
     row = None
     while row is None and time.monotonic() < deadline:
@@ -312,3 +316,5 @@ def test_captured_content_keeps_the_tools_and_the_call(
     prompt, answer = row
     assert '"name":"get_weather"' in prompt and prompt.startswith("user: What is the weather in Paris")
     assert "[tool call] get_weather {" in answer
+    check_call_text = answer[answer.index("[tool call] get_weather ") + len("[tool call] get_weather ") :]
+    jsonschema.validate(json.loads(check_call_text), WEATHER_PARAMETERS)
