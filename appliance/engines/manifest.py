@@ -13,6 +13,7 @@ from appliance.lib.errors import ApplianceError
 
 MANIFEST_FILE = "model.yaml"
 PREPARED_MARKER = ".prepared"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers and vLLM look for a model's chat template
 
 
 class ModelIntegrityError(ApplianceError):
@@ -35,6 +36,20 @@ class ModelManifest(BaseModel):
     source: ModelSource
     weights: dict[str, str] = Field(
         min_length=1, description="prepared weight files and their sha256, relative to the model folder"
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="the model's chat template (Jinja), written into the prepared folder in place of the one its "
+        "weights came with (one that renders tools and tool calls, say)",
+    )
+    tool_call_parser: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9_]{1,40}$",
+        description="vLLM tool-call parser of the model's output (engines start with --enable-auto-tool-choice); "
+        "without one, `tool_choice: auto` is refused and only required or named tool choices are served",
+    )
+    reasoning_parser: str | None = Field(
+        default=None, pattern=r"^[a-z0-9_]{1,40}$", description="vLLM reasoning parser, for a reasoning model"
     )
 
 
@@ -78,3 +93,21 @@ def verify_prepared(manifest: ModelManifest, model_dir: Path) -> None:
             raise ModelIntegrityError(
                 f"model {manifest.name}: {relative} has sha256 {actual}, the manifest records {expected}"
             )
+    if manifest.chat_template is not None and not chat_template_matches(manifest, model_dir):
+        raise ModelIntegrityError(f"model {manifest.name}: {CHAT_TEMPLATE_FILE} differs from the manifest's template")
+
+
+def chat_template_matches(manifest: ModelManifest, model_dir: Path) -> bool:
+    try:
+        return (model_dir / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8") == manifest.chat_template
+    except OSError:
+        return False
+
+
+def write_chat_template(manifest: ModelManifest, model_dir: Path) -> None:
+    """Put the manifest's chat template in the prepared folder (atomically: an engine may be reading it)."""
+    if manifest.chat_template is None or chat_template_matches(manifest, model_dir):
+        return
+    partial = model_dir / f".{CHAT_TEMPLATE_FILE}.partial"
+    partial.write_text(manifest.chat_template, encoding="utf-8")
+    partial.replace(model_dir / CHAT_TEMPLATE_FILE)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from appliance.engines.manifest import (
     MANIFEST_FILE,
+    PREPARED_MARKER,
     ModelIntegrityError,
     ModelManifest,
     verify_prepared,
+    write_chat_template,
 )
 from appliance.engines.runner import offline_env
 from appliance.settings import REPO_ROOT, Settings
@@ -35,6 +37,9 @@ def ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) -
 def _ensure_prepared(manifest: ModelManifest, settings: Settings, python: Path) -> Path:
     target = settings.prepared_models_dir / manifest.name
     try:
+        if (target / PREPARED_MARKER).is_file():
+            # A template change alone needs no new conversion; the weights are verified next.
+            write_chat_template(manifest, target)
         verify_prepared(manifest, target)
         log.info("model %s: prepared weights verified in %s", manifest.name, target)
         return target

@@ -108,6 +108,10 @@ def engine_command(spec: EngineSpec, python: Path, settings: Settings) -> list[s
     ]
     if spec.manifest.runner == "pooling":
         command += ["--runner", "pooling"]
+    if spec.manifest.tool_call_parser is not None:
+        command += ["--enable-auto-tool-choice", "--tool-call-parser", spec.manifest.tool_call_parser]
+    if spec.manifest.reasoning_parser is not None:
+        command += ["--reasoning-parser", spec.manifest.reasoning_parser]
     dtype = settings.engines.dtype or cpu_dtype()
     if dtype is not None:
         command += ["--dtype", dtype]

@@ -30,6 +30,44 @@ class ChatMessage(Struct):
     content: str | list[dict[str, Any]] | None = None
 
 
+class FunctionDefinition(Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema of the arguments
+    strict: bool | None = None
+
+
+class Tool(Struct):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class NamedToolChoice(Struct):
+    type: Literal["function"]
+    function: FunctionName
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JSONSchemaFormat(Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=256)]
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct):
+    """``json_object`` and ``json_schema`` constrain the output through the engine's structured outputs."""
+
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 MAX_SEQUENCES = 128  # n (times the prompts of a completions list) at most
 
 
@@ -44,6 +82,7 @@ class _Generation(Struct):
     min_tokens: Annotated[int, Meta(ge=0)] | None = None
     truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
     add_special_tokens: bool | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def choices(self) -> int:
@@ -53,7 +92,9 @@ class _Generation(Struct):
 class ChatCompletionRequest(_Generation):
     messages: Annotated[list[ChatMessage], Meta(min_length=1)] = msgspec.field(default_factory=list)
     max_completion_tokens: PositiveInt | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool | None = None
     continue_final_message: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -150,5 +191,30 @@ def require_inputs(request: ChatCompletionRequest | CompletionRequest | Embeddin
         raise InvalidRequestError("Missing required field `prompt`.", param="prompt", code="missing_field")
     if isinstance(request, EmbeddingRequest) and (request.input is None or request.input == []):
         raise InvalidRequestError("Missing required field `input`.", param="input", code="missing_field")
+    if isinstance(request, ChatCompletionRequest):
+        _require_tool_choice(request)
+    if not isinstance(request, EmbeddingRequest):
+        response_format = request.response_format
+        if response_format is not None and response_format.type == "json_schema" and not response_format.json_schema:
+            raise InvalidRequestError(
+                "`response_format.json_schema` is required when its type is `json_schema`.",
+                param="response_format.json_schema",
+                code="missing_field",
+            )
     if not isinstance(request, EmbeddingRequest) and request.stream_options is not None and not request.stream:
         raise InvalidRequestError("`stream_options` is only allowed when `stream` is true.", param="stream_options")
+
+
+def _require_tool_choice(request: ChatCompletionRequest) -> None:
+    """A tool choice other than ``none`` needs tools, and a named one a tool of that name."""
+    choice = request.tool_choice
+    if choice is None or choice == "none":
+        return
+    names = [tool.function.name for tool in request.tools or []]
+    if not names:
+        raise InvalidRequestError("`tool_choice` needs `tools` to choose from.", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise InvalidRequestError(
+            f"`tool_choice` names `{choice.function.name}`, which is not one of the `tools`.",
+            param="tool_choice.function.name",
+        )

@@ -206,6 +206,11 @@ _ALLOWED: dict[Kind, frozenset[str]] = {
 Verdict = Literal["forwarded", "ignored", "refused", "other_endpoint", "unknown"]
 
 
+def accepted_fields(kind: Kind) -> frozenset[str]:
+    """Every top-level field a request of ``kind`` may carry (forwarded or accepted and dropped)."""
+    return _ALLOWED[kind] | _IGNORED
+
+
 def field_verdict(kind: Kind, name: str) -> Verdict:
     """What the parse stage does with a top-level field of ``kind``'s request: forward it to the engine, accept and
     drop it, or refuse it with its reason (another endpoint's field, a refused one, or an unknown one)."""

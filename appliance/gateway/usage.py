@@ -141,7 +141,8 @@ class StreamUsage:
 
 
 def choice_texts(body: dict[str, Any]) -> list[str]:
-    """The generated text of each choice of a chunk or of a whole answer (chat or completion)."""
+    """The generated text of each choice of a chunk or of a whole answer (chat or completion), tool calls
+    included (a streamed call comes as its name, then pieces of its arguments)."""
     texts = []
     for choice in body.get("choices") or []:
         if not isinstance(choice, dict):
@@ -151,18 +152,41 @@ def choice_texts(body: dict[str, Any]) -> list[str]:
         text = text if isinstance(text, str) else choice.get("text")
         if isinstance(text, str):
             texts.append(text)
+        if isinstance(part, dict):
+            texts.extend(tool_call_texts(part.get("tool_calls")))
+    return texts
+
+
+def tool_call_texts(calls: Any) -> list[str]:
+    """``[tool call] NAME ARGUMENTS`` for each call of a message (or each piece of a streamed one)."""
+    texts = []
+    for call in calls if isinstance(calls, list) else []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            continue
+        if isinstance(function.get("name"), str):
+            texts.append(f"\n[tool call] {function['name']} ")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            texts.append(arguments)
+        elif arguments is not None:
+            texts.append(msgspec.json.encode(arguments).decode())
     return texts
 
 
 def prompt_text(data: dict[str, Any]) -> str:
-    """The input of a request as text (for content capture)."""
+    """The input of a request as text (for content capture): the messages with their tool calls, and the tools
+    offered (the engine renders them into the prompt)."""
     if isinstance(data.get("messages"), list):
         lines = []
         for message in data["messages"]:
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list):
                 content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-            lines.append(f"{message.get('role', '?') if isinstance(message, dict) else '?'}: {content or ''}")
+            calls = "".join(tool_call_texts(message.get("tool_calls"))) if isinstance(message, dict) else ""
+            lines.append(f"{message.get('role', '?') if isinstance(message, dict) else '?'}: {content or ''}{calls}")
+        if data.get("tools"):
+            lines.append(f"tools: {msgspec.json.encode(data['tools']).decode()}")
         return "\n".join(lines)
     value = data.get("prompt", data.get("input", ""))
     return value if isinstance(value, str) else msgspec.json.encode(value).decode()

@@ -22,7 +22,7 @@ from appliance.identity.schemas import LocalAccountUpdate
 from appliance.lib.principal import principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
 Db = NamedDependency[Engine]
 Req = Request[Any, Any, Any]
 

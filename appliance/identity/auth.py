@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 
 # The console's page and its assets are public (they hold no data; the page asks /console/session who is
 # signed in, and every call it makes is authenticated).
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/console", "/console/", "/console/login", "/console/callback"})
+PUBLIC_PATHS = frozenset(
+    {"/healthz", "/readyz", "/openapi.json", "/console", "/console/", "/console/login", "/console/callback"}
+)
 PUBLIC_PREFIXES = ("/oidc/", "/console/assets/")
 
 

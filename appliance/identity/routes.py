@@ -33,7 +33,7 @@ from appliance.identity.tenancy import TenantPolicies
 from appliance.lib.principal import ADMIN, principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=200)]
-Offset = Annotated[int, QueryParameter(ge=0)]
+Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
 Db = NamedDependency[Engine]
 Req = Request[Any, Any, Any]
 

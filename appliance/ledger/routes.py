@@ -106,7 +106,7 @@ class UsageController(Controller):
         start: From = None,
         end: To = None,
         limit: Annotated[int, QueryParameter(ge=1, le=10_000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        offset: Annotated[int, QueryParameter(ge=0, le=2**31 - 1)] = 0,
         output: Format = "json",
     ) -> Response[Any]:
         _since, _until, rows = await _read(request, start, end, usage_records, db_engine, limit=limit, offset=offset)

@@ -83,7 +83,10 @@ def test_streaming_chat_arrives_chunk_by_chunk_without_usage_unless_asked(client
             extra_body={"ignore_eos": True},
         )
     )
-    assert len(chunks) >= 16
+    # One chunk per token that adds text ("The capital of France is Paris." and what follows), not one answer:
+    # the special tokens that ignore_eos lets through add none, and an engine with a tool-call parser sends no
+    # chunk for them.
+    assert len(chunks) >= 8
     assert all(chunk.usage is None for chunk in chunks)
     assert all(chunk.choices for chunk in chunks), "no usage-only chunk for a client that did not ask"
     assert "Paris" in "".join(chunk.choices[0].delta.content or "" for chunk in chunks)

@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,16 @@ def test_replicas_get_their_own_ports_and_logs(tmp_path: Path) -> None:
     ]
     command = engine_command(specs[0], Path("python"), settings)
     assert command[command.index("--dtype") + 1] in ("bfloat16", "float32")
+
+
+def test_engines_start_with_the_parsers_their_manifest_declares(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, engines=EngineSettings(models=["smollm2-135m-instruct", "minilm-l6-v2"]))
+    chat, embed = engine_specs(settings, load_manifests(settings.models_dir, settings.engines.models))
+    command = engine_command(chat, Path("python"), settings)
+    assert "--enable-auto-tool-choice" in command
+    assert command[command.index("--tool-call-parser") + 1] == "hermes"
+    assert "--reasoning-parser" not in command
+    assert "--tool-call-parser" not in engine_command(embed, Path("python"), settings)
+    reasoning = chat.manifest.model_copy(update={"reasoning_parser": "deepseek_r1"})
+    command = engine_command(replace(chat, manifest=reasoning), Path("python"), settings)
+    assert command[command.index("--reasoning-parser") + 1] == "deepseek_r1"

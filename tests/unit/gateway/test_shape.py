@@ -152,3 +152,56 @@ def test_a_cap_past_the_context_or_a_prompt_filling_it_is_refused() -> None:
 def test_choices_per_prompt_say_which_prompt_a_choice_answers() -> None:
     assert parse(chat(n=3), ChatCompletionRequest).choices_per_prompt == 3
     assert parse(completion(prompt=["a", "b"], n=2), CompletionRequest).choices_per_prompt == 2
+
+
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+@pytest.mark.parametrize(
+    "choice", ["auto", "required", "none", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_tools_and_each_tool_choice_pass_to_the_engine_as_sent(choice: Any) -> None:
+    shape = parse(chat(tools=[WEATHER], tool_choice=choice, parallel_tool_calls=False), ChatCompletionRequest)
+    assert shape.body["tools"] == [WEATHER] and shape.body["tool_choice"] == choice
+    assert shape.body["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "city", "schema": {"type": "object"}, "strict": True}},
+        {"type": "text"},
+    ],
+)
+def test_response_formats_pass_to_the_engine(response_format: dict[str, Any]) -> None:
+    assert parse(chat(response_format=response_format), ChatCompletionRequest).body["response_format"] == (
+        response_format
+    )
+    assert parse(completion(response_format=response_format), CompletionRequest).body["response_format"] == (
+        response_format
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+            "tool_choice.function.name",
+        ),
+        ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tools": [{"type": "custom", "custom": {"name": "x"}}]}, "tools[0].type"),
+        ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools[0].function.name"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ],
+)
+def test_tool_and_format_mistakes_are_refused_naming_the_field(fields: dict[str, Any], param: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        parse(chat(**fields), ChatCompletionRequest)
+    assert info.value.param == param

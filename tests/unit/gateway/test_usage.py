@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from appliance.gateway.usage import StreamUsage, split_events, sse
+from appliance.gateway.usage import StreamUsage, choice_texts, prompt_text, split_events, sse
 
 
 def chunk(content: str | None, usage: dict[str, int] | None, *, choices: bool = True) -> bytes:
@@ -111,3 +111,54 @@ def test_a_list_of_prompts_cut_off_is_charged_every_prompt_counted() -> None:
     assert (capture.prompt_tokens, capture.completion_tokens) == (30, 2)
     capture.rewrite(json.dumps({"id": "c", "choices": [], "usage": usage(29, 40)}).encode())
     assert (capture.prompt_tokens, capture.completion_tokens) == (29, 40), "the engine's totals win when they come"
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+
+
+def test_captured_prompt_carries_the_tools_offered_and_the_calls_made() -> None:
+    text = prompt_text(
+        {
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": "c1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                        }
+                    ],
+                },
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+            ],
+            "tools": [WEATHER_TOOL],
+        }
+    )
+    assert text.splitlines() == [
+        "user: Weather in Paris?",
+        "assistant: ",
+        '[tool call] get_weather {"city":"Paris"}',
+        "tool: sunny",
+        'tools: [{"type":"function","function":{"name":"get_weather","parameters":{"type":"object","properties":'
+        '{"city":{"type":"string"}}}}}]',
+    ]
+
+
+def test_captured_answer_carries_tool_calls_whole_or_streamed() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    whole = choice_texts(
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}}]}
+    )
+    pieces = [
+        {"index": 0, "id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": ""}},
+        {"index": 0, "function": {"arguments": '{"city": '}},
+        {"index": 0, "function": {"arguments": '"Paris"}'}},
+    ]
+    streamed = [t for p in pieces for t in choice_texts({"choices": [{"index": 0, "delta": {"tool_calls": [p]}}]})]
+    assert "".join(whole) == "".join(streamed) == '\n[tool call] get_weather {"city": "Paris"}'
