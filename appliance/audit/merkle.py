@@ -130,7 +130,7 @@ def _sized(*hashes: bytes) -> None:
 
 def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes], root: bytes) -> None:
     """RFC 9162 2.1.3.2; raises ProofError unless ``leaf`` (a leaf hash) is at ``index`` under ``root``."""
-    _sized(leaf, root, *proof)
+    _sized(leaf, *proof)
     if not 0 <= index < size:
         raise ProofError(f"leaf {index} is not in a tree of {size}")
     fn, sn, r = index, size - 1, leaf
@@ -154,7 +154,7 @@ def verify_inclusion(index: int, size: int, leaf: bytes, proof: Sequence[bytes],
 def verify_consistency(old: int, new: int, proof: Sequence[bytes], old_root: bytes, new_root: bytes) -> None:
     """RFC 9162 2.1.4.2; raises ProofError unless the tree ``new_root`` of ``new`` leaves extends the tree
     ``old_root`` of ``old`` leaves."""
-    _sized(old_root, new_root, *proof)
+    _sized(*proof)
     if old > new:
         raise ProofError(f"size {old} is past size {new}")
     if old == 0:
