@@ -21,6 +21,7 @@ from appliance.lib.errors import InvalidRequestError, NotFoundError, PermissionD
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 Offset = Annotated[int, QueryParameter(ge=0)]
 Size = Annotated[int, QueryParameter(ge=0)]
+OptionalSize = Annotated[int | None, QueryParameter(ge=0)]
 
 
 def _platform_auditor(request: Request[Any, Any, Any]) -> None:
@@ -98,7 +99,7 @@ class AuditController(Controller):
         request: Request[Any, Any, Any],
         audit: NamedDependency[AuditWriter],
         seq: Annotated[int, QueryParameter(ge=1)],
-        size: Size | None = None,
+        size: OptionalSize = None,
     ) -> dict[str, Any]:
         """RFC 6962 inclusion proof of record ``seq`` in the tree of ``size`` records (default: the newest
         checkpoint's)."""
@@ -112,7 +113,7 @@ class AuditController(Controller):
         request: Request[Any, Any, Any],
         audit: NamedDependency[AuditWriter],
         old: Annotated[int, QueryParameter(ge=1)],
-        size: Size | None = None,
+        size: OptionalSize = None,
     ) -> dict[str, Any]:
         """RFC 6962 consistency proof from the tree of ``old`` records to that of ``size`` (default: newest)."""
         _platform_auditor(request)
