@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import threading
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from appliance.audit.merkle import leaf_hash, tree_hash, verify_consistency, ver
 from appliance.audit.proofs import check_proof
 from appliance.audit.store import CHECKPOINTS, AuditEvent, AuditStore
 from appliance.db.engine import create_schema, make_engine
+from tests.support.postgres import PostgresServer
 
 
 def make_store(tmp_path: Path, every: int = 10) -> AuditStore:
@@ -215,3 +218,41 @@ def test_a_rollback_behind_the_checkpoint_on_disk_is_found(store: AuditStore, tm
     connection.execute("UPDATE audit_head SET seq = 25, hash = (SELECT hash FROM audit_records WHERE seq = 25)")
     result = store.verify()
     assert not result.ok and "rolled back" in result.reason
+
+
+def test_on_postgresql_concurrent_checkpoints_grow_one_tree_and_proofs_verify(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Two gateway processes share PostgreSQL: each appends and signs checkpoints; the tree grows once per
+    record (its row is locked while it grows) and every checkpoint verifies."""
+    url = postgres.create_database(f"audit_tree_{uuid.uuid4().hex[:12]}")
+    key = NoteKey.load_or_create(tmp_path / "audit-key", "audit.example.org/pg")
+    stores = []
+    for n in range(2):
+        engine = make_engine(url, serialized_writes=True)
+        create_schema(engine)
+        stores.append(
+            AuditStore(engine, key, latest_checkpoint_file=tmp_path / "latest", checkpoint_every=7, node=f"gw{n}")
+        )
+
+    stores[0].append([event(0)])  # the head row exists (two first appends at once race on its creation)
+
+    def work(store: AuditStore, offset: int) -> None:
+        for batch in range(10):
+            store.append([event(offset + batch * 3 + i) for i in range(3)])
+            store.checkpoint()
+
+    threads = [threading.Thread(target=work, args=(store, 1000 * n)) for n, store in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stores[0].checkpoint()
+    result = stores[0].verify()
+    assert result.ok and result.records == 61, result
+    latest = stores[1].latest_checkpoint()
+    assert latest is not None and latest["tree_size"] == 61
+    assert base64.b64decode(latest["root_hash"]) == tree_hash(exported_leaves(stores[0]))
+    for seq in (1, 33, 61):
+        assert check_proof(stores[1].prove_inclusion(seq), latest["vkey"]) is None
+    assert check_proof(stores[0].prove_consistency(13), latest["vkey"]) is None
