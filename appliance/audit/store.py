@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -105,13 +106,15 @@ class AuditStore:
         self._every = checkpoint_every
         self._interval = timedelta(seconds=checkpoint_interval_s)
         self.node = node or socket.gethostname()
+        self._background: threading.Thread | None = None
+        self._background_lock = threading.Lock()
 
     # -- append ------------------------------------------------------------------------------------
 
     def append(self, events: list[AuditEvent]) -> list[int]:
         """Append ``events`` to the chain in one transaction; returns their sequence numbers. When a
-        checkpoint is due, the tree then grows over them and a checkpoint is signed (a failure there is
-        logged, never raised: the records are committed, and the next checkpoint takes them in)."""
+        checkpoint is due, a thread of its own grows the tree over the stored records and signs it: the
+        append (and the request waiting on it) does not wait for that."""
         if not events:
             return []
         with self._engine.begin() as connection:
@@ -136,11 +139,28 @@ class AuditStore:
                 connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
             due = self._checkpoint_due(connection, seq)
         if due:
-            try:
-                self.checkpoint()
-            except Exception:
-                log.exception("signing an audit checkpoint failed; the next one covers these records")
+            self._checkpoint_in_background()
         return [row["seq"] for row in rows]
+
+    def _checkpoint_in_background(self) -> None:
+        with self._background_lock:
+            if self._background is not None and self._background.is_alive():
+                return  # records it does not take in are taken in by the next checkpoint
+            self._background = threading.Thread(target=self._checkpoint_logged, name="audit-checkpoint", daemon=True)
+            self._background.start()
+
+    def _checkpoint_logged(self) -> None:
+        try:
+            self.checkpoint()
+        except Exception:
+            log.exception("signing an audit checkpoint failed; the next one covers these records")
+
+    def settle(self) -> None:
+        """Wait for the checkpoint being signed in the background, if any."""
+        with self._background_lock:
+            background = self._background
+        if background is not None:
+            background.join()
 
     def _checkpoint_due(self, connection: Connection, seq: int) -> bool:
         last = connection.execute(
@@ -154,7 +174,7 @@ class AuditStore:
     def checkpoint(self) -> str | None:
         """Grow the tree over every stored record and sign a checkpoint of it, unless one of that size exists
         (on shutdown, every interval from the writer, and when one is due after an append). The signed note,
-        or None. The tree grows in transactions of a few thousand records, so appends wait little for it."""
+        or None. The tree grows in transactions of a thousand records, so appends wait little for it."""
         while True:
             with self._engine.begin() as connection:
                 before, after = tree.grow(connection)
@@ -233,6 +253,7 @@ class AuditStore:
             prev_hash: str | None = None
             expected_seq: int | None = None
             last_seq = 0
+            at_head: str | None = None  # the hash of the record the head names (records may be appended meanwhile)
             for records in tree.records_after(connection, 0, batch):
                 stored_leaves = tree.leaves(connection, records[0]["seq"], records[-1]["seq"])
                 for values in records:
@@ -257,6 +278,8 @@ class AuditStore:
                     if seq <= tree_size and stored_leaves.get(seq) != leaf_hash(leaf_data(values)):
                         return _bad(result, seq, "differs from its leaf in the Merkle tree")
                     prev_hash, expected_seq, last_seq = digest, seq + 1, seq
+                    if head is not None and seq == head[0]:
+                        at_head = digest
                     result.records += 1
             result.last_seq = last_seq or None
             if tree_size > last_seq:
@@ -277,7 +300,7 @@ class AuditStore:
         newest = max(heads, default=0)
         if newest > last_seq:
             return _bad(result, last_seq + 1, f"truncated: a signed checkpoint covers {newest} records")
-        if head is not None and (head[0] != last_seq or (last_seq and head[1] != prev_hash)):
+        if head is not None and (head[0] > last_seq or (last_seq and head[1] != at_head)):
             return _bad(result, min(head[0], last_seq) + 1, "truncated or rolled back: the head records more")
         if latest is not None and (
             latest.tree_size > last_seq

@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from sqlalchemy import Table, and_, func, insert, select, text, tuple_, update
+from sqlalchemy import Table, and_, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection
 
 from appliance.audit.chain import FIELDS, leaf_data, ts_text
@@ -77,7 +77,7 @@ def size_of(connection: Connection) -> int:
     return int(connection.execute(select(TREE.c.size).where(TREE.c.id == 1)).scalar_one_or_none() or 0)
 
 
-def grow(connection: Connection, limit: int = 5000) -> tuple[int, int]:
+def grow(connection: Connection, limit: int = 1000) -> tuple[int, int]:
     """Add up to ``limit`` of the records the tree does not hold yet, in sequence order, within the caller's
     transaction (the tree's row is locked: one grower at a time). Returns (size before, size after)."""
     row = connection.execute(select(TREE.c.size).where(TREE.c.id == 1).with_for_update()).first()
@@ -125,12 +125,13 @@ def _frontier(size: int) -> set[Node]:
 def get_nodes(connection: Connection, nodes: set[Node]) -> dict[Node, bytes]:
     if not nodes:
         return {}
-    found: dict[Node, bytes] = {}
-    wanted = sorted(nodes)
-    for i in range(0, len(wanted), 500):
-        chunk = wanted[i : i + 500]
-        query = select(NODES.c.level, NODES.c.idx, NODES.c.hash).where(tuple_(NODES.c.level, NODES.c.idx).in_(chunk))
-        found.update({(row[0], row[1]): bytes(row[2]) for row in connection.execute(query)})
+    by_level: dict[int, list[int]] = {}
+    for level, idx in nodes:
+        by_level.setdefault(level, []).append(idx)
+    # one primary-key lookup per level (a row-value IN list is scanned, not looked up, by SQLite)
+    condition = or_(*(and_(NODES.c.level == level, NODES.c.idx.in_(idxs)) for level, idxs in by_level.items()))
+    query = select(NODES.c.level, NODES.c.idx, NODES.c.hash).where(condition)
+    found = {(int(row[0]), int(row[1])): bytes(row[2]) for row in connection.execute(query)}
     missing = nodes - found.keys()
     if missing:
         raise TreeError(f"the tree lacks node(s) {sorted(missing)[:3]}")
@@ -180,16 +181,15 @@ def leaves(connection: Connection, first: int, last: int) -> dict[int, bytes]:
 
 def check_structure(connection: Connection, size: int, batch: int = 20_000) -> str | None:
     """Why the stored tree is not the tree of its ``size`` leaves (each level complete, each node the hash of
-    its two children), or None. The leaves themselves are checked against the records by the caller."""
-    counts = {
-        int(row[0]): (int(row[1]), row[2], row[3])
-        for row in connection.execute(
-            select(NODES.c.level, func.count(), func.min(NODES.c.idx), func.max(NODES.c.idx)).group_by(NODES.c.level)
-        )
-    }
-    for level in range(max(size.bit_length(), max(counts, default=-1) + 1)):
-        want = size >> level
-        count, low, high = counts.get(level, (0, None, None))
+    its two children), or None. The leaves themselves are checked against the records by the caller. Nodes past
+    ``size`` (a tree growing meanwhile) are not looked at."""
+    for level in range(size.bit_length() + 1):
+        want = size >> level  # nodes past it: the tree growing since ``size`` was read
+        count, low, high = connection.execute(
+            select(func.count(), func.min(NODES.c.idx), func.max(NODES.c.idx)).where(
+                NODES.c.level == level, NODES.c.idx < want
+            )
+        ).one()
         if count != want or (want and (low != 0 or high != want - 1)):
             return f"the tree's level {level} holds {count} nodes where a tree of {size} records has {want}"
     for level in range(1, size.bit_length()):
