@@ -28,6 +28,7 @@ from appliance.audit.chain import (
     open_legacy_checkpoint,
     record_hash,
     sign_checkpoint,
+    sign_legacy_checkpoint,
     ts_text,
 )
 from appliance.audit.merkle import leaf_hash
@@ -174,12 +175,19 @@ class AuditStore:
     def checkpoint(self) -> str | None:
         """Grow the tree over every stored record and sign a checkpoint of it, unless one of that size exists
         (on shutdown, every interval from the writer, and when one is due after an append). The signed note,
-        or None. The tree grows in transactions of a thousand records, so appends wait little for it."""
-        while True:
-            with self._engine.begin() as connection:
-                before, after = tree.grow(connection)
-            if before == after:
-                break
+        or None. The tree grows in transactions of a thousand records, so appends wait little for it.
+
+        A node that pruned records before it had a tree cannot build one (its first leaves are gone): it goes on
+        signing the chain's head in the legacy format, as it did before, and says so in its log."""
+        try:
+            while True:
+                with self._engine.begin() as connection:
+                    before, after = tree.grow(connection)
+                if before == after:
+                    break
+        except tree.TreeError as exc:
+            log.warning("no Merkle tree: %s; the chain's head is signed instead", exc)
+            return self._legacy_checkpoint()
         with self._engine.begin() as connection:
             size = tree.size_of(connection)
             signed = connection.execute(
@@ -189,6 +197,24 @@ class AuditStore:
                 return None
             note = self._sign(connection, size)
         self._write_latest(note)
+        return note
+
+    def _legacy_checkpoint(self, last: int | None = None, *, anchor: bool = False) -> str | None:
+        with self._engine.begin() as connection:
+            query = select(RECORDS.c.seq, RECORDS.c.hash).order_by(RECORDS.c.seq.desc()).limit(1)
+            if last is not None:
+                query = query.where(RECORDS.c.seq == last)
+            row = connection.execute(query).first()
+            known = connection.execute(select(func.max(CHECKPOINTS.c.tree_size))).scalar_one()
+            if row is None or (known == row[0] and not anchor):
+                return None
+            now = datetime.now(UTC)
+            note = sign_legacy_checkpoint(self._legacy_key, row[0], row[1], now)
+            connection.execute(
+                insert(CHECKPOINTS).values(tree_size=row[0], head_hash=row[1], created_at=now, note=note, anchor=anchor)
+            )
+        if not anchor:
+            self._write_latest(note)
         return note
 
     def _sign(self, connection: Connection, size: int, *, anchor: bool = False) -> str:
@@ -461,11 +487,12 @@ class AuditStore:
         checkpoint at the last pruned record so that what remains still verifies. The Merkle tree first takes
         in every record: its leaves outlive the records, so proofs still reach them."""
         self.checkpoint()
+        merkle = self._has_tree()
         with self._engine.begin() as connection:
             last = connection.execute(select(func.max(RECORDS.c.seq)).where(RECORDS.c.ts < older_than)).scalar_one()
             if last is None:
                 return 0
-            while tree.size_of(connection) < last:  # records appended since the checkpoint above
+            while merkle and tree.size_of(connection) < last:  # records appended since the checkpoint above
                 tree.grow(connection)
             archive.parent.mkdir(parents=True, exist_ok=True)
             with archive.open("a", encoding="utf-8") as handle:
@@ -474,9 +501,24 @@ class AuditStore:
                 ).mappings():
                     handle.write(json.dumps({**row, "ts": ts_text(row["ts"])}, default=str) + "\n")
                 handle.flush()
-            self._sign(connection, last, anchor=True)
+            if merkle:
+                self._sign(connection, last, anchor=True)
+            else:  # a node without a tree (see checkpoint): the legacy anchor, the chain's hash of ``last``
+                last_hash = connection.execute(select(RECORDS.c.hash).where(RECORDS.c.seq == last)).scalar_one()
+                note = sign_legacy_checkpoint(self._legacy_key, last, last_hash, datetime.now(UTC))
+                connection.execute(
+                    insert(CHECKPOINTS).values(
+                        tree_size=last, head_hash=last_hash, created_at=datetime.now(UTC), note=note, anchor=True
+                    )
+                )
             count = connection.execute(delete(RECORDS).where(RECORDS.c.seq <= last)).rowcount
         return int(count or 0)
+
+    def _has_tree(self) -> bool:
+        """Whether the tree holds every record from the first (false on a node that pruned before it had one)."""
+        with self._engine.connect() as connection:
+            first = connection.execute(select(func.min(RECORDS.c.seq))).scalar_one()
+            return first is None or first == 1 or tree.size_of(connection) >= first
 
     def prune_content(self, older_than: datetime) -> int:
         """Delete captured prompts and answers older than ``older_than`` (they are not chained: the chain stays

@@ -261,3 +261,37 @@ def test_on_postgresql_concurrent_checkpoints_grow_one_tree_and_proofs_verify(
     for seq in (1, 33, 61):
         assert check_proof(stores[1].prove_inclusion(seq), latest["vkey"]) is None
     assert check_proof(stores[0].prove_consistency(13), latest["vkey"]) is None
+
+
+def test_a_node_that_pruned_before_it_had_a_tree_keeps_signing_its_chain(tmp_path: Path) -> None:
+    """Records pruned under the legacy scheme leave no leaves to build the tree from: the node goes on signing
+    the chain's head (legacy format) and pruning with legacy anchors, and everything still verifies."""
+    store = make_store(tmp_path)
+    for n in range(12):
+        store.append([event(n)])
+        store.settle()
+    connection = db(tmp_path)
+    head = connection.execute("SELECT hash FROM audit_records WHERE seq = 4").fetchone()[0]
+    anchor = sign_legacy_checkpoint(store.key.renamed("n1"), 4, head, datetime.now(UTC))
+    for statement in (
+        "DELETE FROM audit_tree_nodes",
+        "DELETE FROM audit_tree",
+        "DELETE FROM audit_checkpoints",
+        "DELETE FROM audit_records WHERE seq <= 4",
+    ):
+        connection.execute(statement)
+    connection.execute(
+        "INSERT INTO audit_checkpoints (tree_size, head_hash, created_at, note, anchor) VALUES (4, ?, ?, ?, 1)",
+        (head, "2026-01-01 00:00:00.000000", anchor),
+    )
+    assert store.verify().ok
+
+    note = store.checkpoint()
+    assert note is not None and note.startswith("appliance/audit\n12\n")
+    assert (tmp_path / "latest").read_text() == note
+    [eighth] = [record for record in store.export() if record["seq"] == 8]
+    assert store.prune(datetime.fromisoformat(eighth["ts"]), tmp_path / "archive.jsonl") == 3
+    result = store.verify()
+    assert result.ok and (result.first_seq, result.records) == (8, 5), result
+    connection.execute("UPDATE audit_records SET outcome = 'denied' WHERE seq = 10")
+    assert store.verify().first_bad_seq == 10
