@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -199,22 +200,19 @@ class AuditStore:
         self._write_latest(note)
         return note
 
-    def _legacy_checkpoint(self, last: int | None = None, *, anchor: bool = False) -> str | None:
+    def _legacy_checkpoint(self) -> str | None:
+        """The chain's head, signed as before the tree (for a node that cannot build one)."""
         with self._engine.begin() as connection:
-            query = select(RECORDS.c.seq, RECORDS.c.hash).order_by(RECORDS.c.seq.desc()).limit(1)
-            if last is not None:
-                query = query.where(RECORDS.c.seq == last)
-            row = connection.execute(query).first()
+            row = connection.execute(select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == 1)).first()
             known = connection.execute(select(func.max(CHECKPOINTS.c.tree_size))).scalar_one()
-            if row is None or (known == row[0] and not anchor):
+            if row is None or known == row[0]:
                 return None
             now = datetime.now(UTC)
             note = sign_legacy_checkpoint(self._legacy_key, row[0], row[1], now)
             connection.execute(
-                insert(CHECKPOINTS).values(tree_size=row[0], head_hash=row[1], created_at=now, note=note, anchor=anchor)
+                insert(CHECKPOINTS).values(tree_size=row[0], head_hash=row[1], created_at=now, note=note)
             )
-        if not anchor:
-            self._write_latest(note)
+        self._write_latest(note)
         return note
 
     def _sign(self, connection: Connection, size: int, *, anchor: bool = False) -> str:
@@ -234,11 +232,20 @@ class AuditStore:
         return note
 
     def _write_latest(self, note: str) -> None:
-        """The latest checkpoint also lives outside the database, so a rollback of the database shows."""
+        """The latest checkpoint also lives outside the database, so a rollback of the database shows. Written
+        under a name of its own then renamed; never replaced by a smaller tree's (checkpoints are signed by a
+        background thread, the writer's interval and other processes alike)."""
         self._latest_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._latest_file.with_suffix(".tmp")
-        tmp.write_text(note, encoding="utf-8")
-        tmp.replace(self._latest_file)
+        with self._background_lock:
+            try:
+                current = self._latest_file.read_text(encoding="utf-8").split("\n")
+                if int(current[1]) > int(note.split("\n")[1]):
+                    return
+            except (OSError, IndexError, ValueError):
+                pass
+            tmp = self._latest_file.with_name(f".{self._latest_file.name}.{os.getpid()}.{threading.get_ident()}")
+            tmp.write_text(note, encoding="utf-8")
+            tmp.replace(self._latest_file)
 
     # -- verify ------------------------------------------------------------------------------------
 
@@ -254,6 +261,7 @@ class AuditStore:
         """Check every record's link to the one before it and its leaf in the Merkle tree, the tree's every
         node, and every signed checkpoint (a Merkle root, or a legacy chain head) against them."""
         result = VerifyResult(ok=True)
+        latest = self._latest_on_disk()  # first: the tree may grow, and this file move on, while we read
         with self._engine.connect() as connection:
             heads: dict[int, str] = {}  # tree size -> the chain's hash of that record
             roots: dict[int, str] = {}  # tree size -> signed Merkle root
@@ -319,10 +327,16 @@ class AuditStore:
             for size, signed_root in sorted(roots.items()):
                 if tree.root(connection, size).hex() != signed_root:
                     return _bad(result, size, "the Merkle tree differs from what a signed checkpoint recorded")
-            latest = self._latest_on_disk()
-            if latest is not None and latest.timestamp is None and latest.tree_size <= tree_size:
-                if tree.root(connection, latest.tree_size).hex() != latest.hash:
-                    return _bad(result, latest.tree_size, "the database was rolled back behind the last checkpoint")
+            if (
+                latest is not None
+                and latest.timestamp is None
+                and (latest.tree_size > tree_size or tree.root(connection, latest.tree_size).hex() != latest.hash)
+            ):
+                return _bad(
+                    result,
+                    min(latest.tree_size, tree_size + 1),
+                    "the database was rolled back behind the last checkpoint",
+                )
         newest = max(heads, default=0)
         if newest > last_seq:
             return _bad(result, last_seq + 1, f"truncated: a signed checkpoint covers {newest} records")

@@ -284,14 +284,18 @@ def test_a_node_that_pruned_before_it_had_a_tree_keeps_signing_its_chain(tmp_pat
         "INSERT INTO audit_checkpoints (tree_size, head_hash, created_at, note, anchor) VALUES (4, ?, ?, ?, 1)",
         (head, "2026-01-01 00:00:00.000000", anchor),
     )
+    twelfth = connection.execute("SELECT hash FROM audit_records WHERE seq = 12").fetchone()[0]
+    (tmp_path / "latest").write_text(sign_legacy_checkpoint(store.key.renamed("n1"), 12, twelfth, datetime.now(UTC)))
     assert store.verify().ok
 
-    note = store.checkpoint()
-    assert note is not None and note.startswith("appliance/audit\n12\n")
-    assert (tmp_path / "latest").read_text() == note
+    store.append([event(12)])  # a checkpoint is due (the last is old): the chain's head is signed
+    store.settle()
+    note = (tmp_path / "latest").read_text()
+    assert note.startswith("appliance/audit\n13\n")
+    assert connection.execute("SELECT note FROM audit_checkpoints WHERE tree_size = 13").fetchone() == (note,)
     [eighth] = [record for record in store.export() if record["seq"] == 8]
     assert store.prune(datetime.fromisoformat(eighth["ts"]), tmp_path / "archive.jsonl") == 3
     result = store.verify()
-    assert result.ok and (result.first_seq, result.records) == (8, 5), result
+    assert result.ok and (result.first_seq, result.records) == (8, 6), result
     connection.execute("UPDATE audit_records SET outcome = 'denied' WHERE seq = 10")
     assert store.verify().first_bad_seq == 10

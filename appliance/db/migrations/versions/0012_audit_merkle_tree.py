@@ -28,12 +28,14 @@ def upgrade() -> None:
         sa.Column("hash", sa.LargeBinary(length=32), nullable=False),
         sa.PrimaryKeyConstraint("level", "idx"),
     )
-    op.create_table(
+    tree = op.create_table(
         "audit_tree",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("size", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
+    # its one row exists from the start: growers lock it (two first growers cannot race to create it)
+    op.bulk_insert(tree, [{"id": 1, "size": 0}])
     with op.batch_alter_table("audit_checkpoints", schema=None) as batch_op:
         batch_op.add_column(sa.Column("root_hash", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True))
 
