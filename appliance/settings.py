@@ -169,6 +169,7 @@ class AuditSettings(BaseModel):
     node: str | None = Field(default=None, description="the node name in records (default: host name)")
     origin: str | None = Field(
         default=None,
+        pattern=r"^[^\s+]+$",
         description="the log's name (origin and key name) in its signed checkpoints, such as "
         "audit.example.org/node-1; no spaces nor '+' (default: <node>/audit)",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -21,7 +22,8 @@ def audit_store(settings: Settings) -> AuditStore:
     """The store, with its own engine: appends hold the write lock for their whole transaction."""
     engine = make_engine(settings.database_url, serialized_writes=True)
     create_schema(engine)
-    origin = settings.audit.origin or f"{settings.audit.node or socket.gethostname()}/audit"
+    node = re.sub(r"[\s+]", "-", settings.audit.node or socket.gethostname())  # a log's name has neither
+    origin = settings.audit.origin or f"{node}/audit"
     key = NoteKey.load_or_create(settings.secrets_dir / "audit-signing-key", origin)
     public = audit_dir(settings) / "audit-public-key.pem"
     if not public.exists():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.audit.setup import audit_store
 from appliance.audit.store import AuditEvent
-from appliance.settings import Settings
+from appliance.settings import AuditSettings, Settings
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -79,3 +79,14 @@ def test_checkpoint_prove_and_check_proof_as_an_outside_auditor_would(tmp_path: 
     witness = cli(tmp_path, "checkpoint", "--witness", "3")
     assert witness.returncode == 0 and witness.stdout.startswith("old 3\n")
     assert cli(tmp_path, "prove", "--seq", "99").returncode == 1
+
+
+def test_the_log_is_named_after_the_node_or_its_setting(tmp_path: Path) -> None:
+    named = audit_store(Settings(data_dir=tmp_path / "a", audit=AuditSettings(node="rack 3+gpu")))
+    assert named.origin == "rack-3-gpu/audit", "a log's name has no spaces nor '+'"
+    named.append([AuditEvent("admin.tenants.create", "success")])
+    named.settle()
+    assert named.verify().ok
+    chosen = audit_store(Settings(data_dir=tmp_path / "b", audit=AuditSettings(origin="audit.example.org/n1")))
+    assert chosen.origin == chosen.key.name == "audit.example.org/n1"
+    assert chosen.key.vkey().startswith("audit.example.org/n1+")
