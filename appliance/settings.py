@@ -173,6 +173,12 @@ class AuditSettings(BaseModel):
     checkpoint_interval_s: float = Field(default=60.0, gt=0, description="... or every T seconds")
     batch_size: int = Field(default=1000, ge=1, description="records appended per transaction at most")
     node: str | None = Field(default=None, description="the node name in records (default: host name)")
+    origin: str | None = Field(
+        default=None,
+        pattern=r"^[^\s+]+$",
+        description="the log's name (origin and key name) in its signed checkpoints, such as "
+        "audit.example.org/node-1; no spaces nor '+' (default: <node>/audit)",
+    )
     retention_days: int | None = Field(default=None, ge=1, description="`appliance audit prune` default age")
     content_retention_days: int = Field(
         default=30, ge=1, description="captured prompts and answers kept this long (the gateway prunes hourly)"

@@ -1,13 +1,19 @@
 """Canonical bytes and hashes of audit records, and checkpoints as Ed25519-signed notes.
 
-A checkpoint is a signed note (the format of Go's sumdb/transparency logs)::
+A record is a leaf of the log's RFC 6962 Merkle tree: ``SHA-256(0x00 || JCS(record))``, the record being the JSON
+object of its fields (:data:`FIELDS`: every column but ``hash``, ``ts`` as text) canonicalized by RFC 8785. Each
+record also carries ``prev_hash``, the ``hash`` of the record before it (a linear chain: :func:`record_hash`).
 
-    <origin>
+A checkpoint is a C2SP tlog-checkpoint, a C2SP signed note with an Ed25519 signature::
+
+    <origin, per node: "<node>/audit" unless set>
     <tree size>
-    <base64 head hash>
-    <timestamp, RFC 3339 UTC>
+    <base64 Merkle root>
 
-    — <key name> <base64(4-byte key id || Ed25519 signature of the text above)>
+    — <key name, the origin> <base64(4-byte key id || Ed25519 signature of the text above)>
+
+Checkpoints signed before the tree existed (origin ``appliance/audit``) stated the chain's head hash and a
+timestamp instead of a root: they are still verified as such (:func:`open_legacy_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from appliance.audit.jcs import canonicalize
 from appliance.lib.secret_files import write_secret
 from appliance.lib.times import as_utc
 
 GENESIS = "0" * 64
-ORIGIN = "appliance/audit"
+LEGACY_ORIGIN = "appliance/audit"
+ED25519 = b"\x01"  # the signed-note signature type
 _encoder = msgspec.json.Encoder(order="sorted")
 
 FIELDS = (
@@ -63,7 +71,13 @@ def canonical(values: dict[str, Any]) -> bytes:
 
 
 def record_hash(values: dict[str, Any]) -> str:
+    """The chain's link: what the next record's ``prev_hash`` holds."""
     return hashlib.sha256(canonical(values)).hexdigest()
+
+
+def leaf_data(values: dict[str, Any]) -> bytes:
+    """The record's bytes in the Merkle tree: RFC 8785 JSON of its fields (``hash`` left out)."""
+    return canonicalize({f: ts_text(values[f]) if f == "ts" else values[f] for f in FIELDS})
 
 
 @dataclass(frozen=True)
@@ -75,7 +89,7 @@ class NoteKey:
     @property
     def key_id(self) -> bytes:
         raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return hashlib.sha256(self.name.encode() + b"\n\x01" + raw).digest()[:4]
+        return hashlib.sha256(self.name.encode() + b"\n" + ED25519 + raw).digest()[:4]
 
     @classmethod
     def load_or_create(cls, path: Path, name: str) -> NoteKey:
@@ -98,23 +112,45 @@ class NoteKey:
     def public_pem(self) -> bytes:
         return self.public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
+    def vkey(self) -> str:
+        """The C2SP signed-note verifier key: ``<name>+<hex key id>+<base64(0x01 || public key)>``."""
+        raw = self.public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        blob = base64.b64encode(ED25519 + raw).decode()
+        return f"{self.name}+{self.key_id.hex()}+{blob}"
 
-def sign_checkpoint(key: NoteKey, tree_size: int, head_hash: str, moment: datetime) -> str:
-    assert key.private is not None
-    text = f"{ORIGIN}\n{tree_size}\n{base64.b64encode(bytes.fromhex(head_hash)).decode()}\n{ts_text(moment)}\n"
+    def renamed(self, name: str) -> NoteKey:
+        return NoteKey(name, self.private, self.public)
+
+    @classmethod
+    def from_vkey(cls, vkey: str) -> NoteKey:
+        name, _, rest = vkey.partition("+")
+        key_id, _, blob = rest.partition("+")
+        raw = base64.b64decode(blob, validate=True)
+        if not name or len(raw) != 33 or raw[0] != 1:
+            raise ValueError("not an Ed25519 verifier key")
+        key = cls(name, None, Ed25519PublicKey.from_public_bytes(raw[1:]))
+        if key.key_id.hex() != key_id:
+            raise ValueError("the verifier key's id does not match its name and key")
+        return key
+
+
+def check_name(name: str) -> str:
+    """A key name or origin as the formats allow: non-empty, printable, no spaces and no plus sign."""
+    if not name or any(ch.isspace() or ch == "+" or not ch.isprintable() for ch in name):
+        raise ValueError(f"{name!r} cannot name a log: no spaces and no '+'")
+    return name
+
+
+def sign_note(key: NoteKey, text: str) -> str:
+    """A signed note of ``text`` (which ends with a newline) with one Ed25519 signature."""
+    assert key.private is not None and text.endswith("\n")
     signature = key.private.sign(text.encode())
     return f"{text}\n\u2014 {key.name} {base64.b64encode(key.key_id + signature).decode()}\n"
 
 
-@dataclass(frozen=True)
-class Checkpoint:
-    tree_size: int
-    head_hash: str
-    timestamp: str
-
-
-def open_checkpoint(key: NoteKey, note: str) -> Checkpoint | None:
-    """The checkpoint a note states, if its signature by ``key`` verifies; otherwise None."""
+def open_note(key: NoteKey, note: str) -> str | None:
+    """The text of ``note`` if it carries a signature by ``key`` that verifies; otherwise None (signature lines
+    of other keys, such as a witness's cosignature, are passed over)."""
     text, sep, signatures = note.partition("\n\n")
     if not sep:
         return None
@@ -133,11 +169,55 @@ def open_checkpoint(key: NoteKey, note: str) -> Checkpoint | None:
             key.public.verify(blob[4:], text.encode())
         except InvalidSignature:
             return None
-        lines = text.splitlines()
-        if len(lines) != 4 or lines[0] != ORIGIN:
-            return None
-        try:
-            return Checkpoint(int(lines[1]), base64.b64decode(lines[2]).hex(), lines[3])
-        except ValueError:
-            return None
+        return text
     return None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    tree_size: int
+    hash: str  # hex: the Merkle root (or, in a legacy checkpoint, the chain's head hash)
+    timestamp: str | None = None
+
+
+def checkpoint_text(origin: str, tree_size: int, root: bytes) -> str:
+    return f"{origin}\n{tree_size}\n{base64.b64encode(root).decode()}\n"
+
+
+def sign_checkpoint(key: NoteKey, origin: str, tree_size: int, root: bytes) -> str:
+    return sign_note(key, checkpoint_text(origin, tree_size, root))
+
+
+def open_checkpoint(key: NoteKey, origin: str, note: str) -> Checkpoint | None:
+    """The tree head a checkpoint states, if it is of ``origin`` and its signature by ``key`` verifies."""
+    text = open_note(key, note)
+    if text is None:
+        return None
+    lines = text.splitlines()
+    if len(lines) < 3 or lines[0] != origin or not lines[1].isdigit() or (lines[1] != "0" and lines[1][0] == "0"):
+        return None
+    try:
+        root = base64.b64decode(lines[2], validate=True)
+    except ValueError:
+        return None
+    return Checkpoint(int(lines[1]), root.hex()) if len(root) == 32 else None
+
+
+def open_legacy_checkpoint(key: NoteKey, note: str) -> Checkpoint | None:
+    """A checkpoint signed before the Merkle tree: origin ``appliance/audit``, the chain's head hash, a time."""
+    text = open_note(key, note)
+    if text is None:
+        return None
+    lines = text.splitlines()
+    if len(lines) != 4 or lines[0] != LEGACY_ORIGIN:
+        return None
+    try:
+        return Checkpoint(int(lines[1]), base64.b64decode(lines[2]).hex(), lines[3])
+    except ValueError:
+        return None
+
+
+def sign_legacy_checkpoint(key: NoteKey, tree_size: int, head_hash: str, moment: datetime) -> str:
+    """What the appliance signed before the tree (kept to test that such checkpoints still verify)."""
+    head = base64.b64encode(bytes.fromhex(head_hash)).decode()
+    return sign_note(key, f"{LEGACY_ORIGIN}\n{tree_size}\n{head}\n{ts_text(moment)}\n")

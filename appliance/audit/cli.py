@@ -1,4 +1,4 @@
-"""``appliance audit verify | export | prune``."""
+"""``appliance audit verify | export | prune | checkpoint | prove | check-proof``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from appliance.audit.export import jsonl, syslog
+from appliance.audit.merkle import ProofError
+from appliance.audit.proofs import check_proof
 from appliance.audit.setup import audit_store
+from appliance.audit.store import AuditStore
+from appliance.audit.tree import TreeError
 from appliance.lib.times import as_utc, duration_s
 from appliance.settings import Settings
 
@@ -29,6 +33,28 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     prune.add_argument("--older-than", type=duration_s, help="age such as 90d (default: audit.retention_days)")
     prune.add_argument("--archive", required=True, help="JSON lines file the pruned records are appended to")
+    checkpoint = audit_sub.add_parser(
+        "checkpoint", help="sign a checkpoint of every record now and print it (C2SP tlog-checkpoint)"
+    )
+    shown = checkpoint.add_mutually_exclusive_group()
+    shown.add_argument("--vkey", action="store_true", help="print the key that verifies it (C2SP signed-note vkey)")
+    shown.add_argument(
+        "--witness",
+        type=int,
+        metavar="OLD_SIZE",
+        help="print a C2SP tlog-witness add-checkpoint request from the size the witness last co-signed",
+    )
+    prove = audit_sub.add_parser("prove", help="RFC 6962 inclusion proof of a record, or consistency proof (JSON)")
+    what = prove.add_mutually_exclusive_group(required=True)
+    what.add_argument("--seq", type=int, help="the record to prove included")
+    what.add_argument("--old", type=int, help="the earlier tree size to prove consistent with")
+    prove.add_argument("--size", type=int, help="tree size to prove against (default: the newest checkpoint)")
+    check = audit_sub.add_parser(
+        "check-proof", help="check a proof from `prove` offline, against the log's verifier key (needs no database)"
+    )
+    check.add_argument("proof", help="the JSON file `appliance audit prove` wrote (- for standard input)")
+    check.add_argument("--vkey", required=True, help="the log's verifier key, as `checkpoint --vkey` prints it")
+    check.add_argument("--old-checkpoint", help="for a consistency proof: the earlier checkpoint you kept (file)")
 
 
 def _moment(text: str) -> datetime:
@@ -39,7 +65,18 @@ def _moment(text: str) -> datetime:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.audit_command == "check-proof":
+        text = sys.stdin.read() if args.proof == "-" else Path(args.proof).read_text(encoding="utf-8")
+        old = Path(args.old_checkpoint).read_text(encoding="utf-8") if args.old_checkpoint else None
+        problem = check_proof(json.loads(text), args.vkey, old)
+        if problem is not None:
+            print(f"proof does NOT verify: {problem}", file=sys.stderr)
+            return 2
+        print("proof verifies against the signed checkpoint")
+        return 0
     store = audit_store(settings)
+    if args.audit_command in ("checkpoint", "prove"):
+        return _checkpoint_or_prove(store, args)
     if args.audit_command == "verify":
         result = store.verify()
         if args.json:
@@ -67,3 +104,28 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     pruned = store.prune(now - timedelta(seconds=age), Path(args.archive))
     print(f"pruned {pruned} records into {args.archive}")
     return 0
+
+
+def _checkpoint_or_prove(store: AuditStore, args: argparse.Namespace) -> int:
+    try:
+        if args.audit_command == "prove":
+            if args.seq is not None:
+                print(json.dumps(store.prove_inclusion(args.seq, args.size), indent=2, default=str))
+            else:
+                print(json.dumps(store.prove_consistency(args.old, args.size), indent=2, default=str))
+            return 0
+        store.checkpoint()
+        if args.vkey:
+            print(store.key.vkey())
+        elif args.witness is not None:
+            sys.stdout.write(store.witness_request(args.witness))
+        else:
+            latest = store.latest_checkpoint()
+            if latest is None:
+                print("no records yet: nothing to sign", file=sys.stderr)
+                return 1
+            sys.stdout.write(latest["note"])
+        return 0
+    except (ProofError, TreeError) as exc:
+        print(f"cannot: {exc}", file=sys.stderr)
+        return 1

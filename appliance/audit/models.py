@@ -1,11 +1,12 @@
-"""Audit tables: an append-only hash chain of records, its head, and signed checkpoints."""
+"""Audit tables: an append-only hash chain of records, its head, the Merkle tree over them, and signed
+checkpoints."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column
+from sqlalchemy import JSON, BigInteger, Column, LargeBinary, SmallInteger
 from sqlmodel import Field, SQLModel
 
 
@@ -48,10 +49,31 @@ class AuditCheckpoint(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     tree_size: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
-    head_hash: str = Field(max_length=64)
+    head_hash: str = Field(max_length=64, description="the chain's hash of record `tree_size`")
+    root_hash: str | None = Field(default=None, max_length=64, description="Merkle root (None: a legacy checkpoint)")
     created_at: datetime
-    note: str = Field(description="signed note: origin, tree size, head hash, timestamp; Ed25519 signature")
+    note: str = Field(description="signed note: origin, tree size, Merkle root; Ed25519 signature")
     anchor: bool = Field(default=False, description="anchors the records pruned before it")
+
+
+class AuditTreeNode(SQLModel, table=True):
+    """A complete subtree of the RFC 6962 Merkle tree over the records: leaves [idx << level, (idx+1) << level).
+    Level 0 holds the leaf hashes; they stay when their records are pruned, so proofs still reach them."""
+
+    __tablename__ = "audit_tree_nodes"
+
+    level: int = Field(sa_column=Column(SmallInteger, primary_key=True, autoincrement=False))
+    idx: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    hash: bytes = Field(sa_column=Column(LargeBinary(32), nullable=False))
+
+
+class AuditTree(SQLModel, table=True):
+    """How many records the tree holds (one row, id 1; locked while the tree grows)."""
+
+    __tablename__ = "audit_tree"
+
+    id: int = Field(default=1, primary_key=True)
+    size: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
 
 
 class AuditContent(SQLModel, table=True):

@@ -1,4 +1,5 @@
-"""The audit trail for auditors and admins: search and chain verification."""
+"""The audit trail for auditors and admins: search, verification, and for outside auditors the signed
+checkpoint, inclusion and consistency proofs, and a witness's add-checkpoint request."""
 
 from __future__ import annotations
 
@@ -6,16 +7,34 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import Controller, Request, get
+from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
+from appliance.audit.merkle import ProofError
+from appliance.audit.tree import TreeError
 from appliance.audit.writer import AuditWriter
-from appliance.lib.errors import InvalidRequestError, PermissionDeniedError
+from appliance.lib.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from appliance.lib.principal import ADMIN, AUDITOR, principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
+Size = Annotated[int, QueryParameter(ge=0)]
+OptionalSize = Annotated[int | None, QueryParameter(ge=0)]
+
+
+def _platform_auditor(request: Request[Any, Any, Any]) -> None:
+    principal = principal_of(request.scope)
+    principal.require_role(AUDITOR, ADMIN)
+    if principal.tenant_id is not None:
+        raise PermissionDeniedError("The log covers every tenant: only platform auditors read its tree.")
+
+
+async def _prove(call: Any, *args: Any) -> Any:
+    try:
+        return await asyncio.to_thread(call, *args)
+    except (ProofError, TreeError) as exc:
+        raise InvalidRequestError(str(exc)) from None
 
 
 class AuditController(Controller):
@@ -63,3 +82,49 @@ class AuditController(Controller):
             raise PermissionDeniedError("The chain covers every tenant: only platform auditors verify it.")
         result = await asyncio.to_thread(audit.store.verify)
         return result.as_dict()
+
+    @get("/checkpoint")
+    async def checkpoint(self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter]) -> dict[str, Any]:
+        """The newest signed checkpoint (C2SP tlog-checkpoint) and the key that verifies it (a C2SP vkey)."""
+        _platform_auditor(request)
+        latest = await asyncio.to_thread(audit.store.latest_checkpoint)
+        if latest is None:
+            raise NotFoundError("No checkpoint is signed yet.")
+        return latest
+
+    @get("/proof/inclusion")
+    async def inclusion(
+        self,
+        request: Request[Any, Any, Any],
+        audit: NamedDependency[AuditWriter],
+        seq: Annotated[int, QueryParameter(ge=1)],
+        size: OptionalSize = None,
+    ) -> dict[str, Any]:
+        """RFC 6962 inclusion proof of record ``seq`` in the tree of ``size`` records (default: the newest
+        checkpoint's)."""
+        _platform_auditor(request)
+        result: dict[str, Any] = await _prove(audit.store.prove_inclusion, seq, size)
+        return result
+
+    @get("/proof/consistency")
+    async def consistency(
+        self,
+        request: Request[Any, Any, Any],
+        audit: NamedDependency[AuditWriter],
+        old: Annotated[int, QueryParameter(ge=1)],
+        size: OptionalSize = None,
+    ) -> dict[str, Any]:
+        """RFC 6962 consistency proof from the tree of ``old`` records to that of ``size`` (default: newest)."""
+        _platform_auditor(request)
+        result: dict[str, Any] = await _prove(audit.store.prove_consistency, old, size)
+        return result
+
+    @get("/witness")
+    async def witness(
+        self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter], old: Size = 0
+    ) -> Response[str]:
+        """The body of a C2SP tlog-witness add-checkpoint request for the newest checkpoint, from the size the
+        witness last co-signed (``old``), to carry to a witness."""
+        _platform_auditor(request)
+        body: str = await _prove(audit.store.witness_request, old)
+        return Response(content=body, media_type="text/plain; charset=utf-8")

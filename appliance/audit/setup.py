@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 
 from appliance.audit.chain import NoteKey
@@ -20,7 +22,9 @@ def audit_store(settings: Settings) -> AuditStore:
     """The store, with its own engine: appends hold the write lock for their whole transaction."""
     engine = make_engine(settings.database_url, serialized_writes=True)
     create_schema(engine)
-    key = NoteKey.load_or_create(settings.secrets_dir / "audit-signing-key", settings.audit.node or "appliance")
+    node = re.sub(r"[\s+]", "-", settings.audit.node or socket.gethostname())  # a log's name has neither
+    origin = settings.audit.origin or f"{node}/audit"
+    key = NoteKey.load_or_create(settings.secrets_dir / "audit-signing-key", origin)
     public = audit_dir(settings) / "audit-public-key.pem"
     if not public.exists():
         public.parent.mkdir(parents=True, exist_ok=True)
@@ -32,4 +36,5 @@ def audit_store(settings: Settings) -> AuditStore:
         checkpoint_every=settings.audit.checkpoint_every,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
         node=settings.audit.node,
+        legacy_key_name=settings.audit.node or "appliance",  # checkpoints signed before the Merkle tree
     )

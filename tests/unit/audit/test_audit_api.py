@@ -11,6 +11,7 @@ import pytest
 from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
+from appliance.audit.proofs import check_proof
 from appliance.identity.setup import bootstrap, bootstrap_password_file, embedded_issuer
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
@@ -171,3 +172,37 @@ async def test_a_search_time_without_a_zone_is_a_clear_400_not_a_500(client: Cli
         "/admin/audit/", params={"since": "2026-01-01T00:00:00Z"}, headers=auth(settings, "auditor")
     )
     assert zoned.status_code == 200
+
+
+async def test_outside_auditors_get_the_checkpoint_and_proofs_that_verify_with_the_key_alone(
+    client: Client, settings: Settings
+) -> None:
+    for name in ("t-one", "t-two", "t-three"):
+        created = await client.post("/admin/tenants", json={"name": name}, headers=auth(settings, "admin"))
+        assert created.status_code == 201
+    response = await client.get("/admin/audit/checkpoint", headers=auth(settings, "auditor"))
+    assert response.status_code == 200, response.text
+    latest = response.json()
+    assert latest["note"].startswith(f"{latest['origin']}\n{latest['tree_size']}\n")
+    assert latest["vkey"].startswith(latest["origin"] + "+")
+
+    proof = await client.get("/admin/audit/proof/inclusion", params={"seq": 1}, headers=auth(settings, "auditor"))
+    assert proof.status_code == 200, proof.text
+    assert check_proof(proof.json(), latest["vkey"]) is None
+    beyond = await client.get(
+        "/admin/audit/proof/inclusion", params={"seq": latest["tree_size"] + 1}, headers=auth(settings, "auditor")
+    )
+    assert beyond.status_code == 400 and "not in a tree" in beyond.json()["error"]["message"]
+    if latest["tree_size"] > 1:
+        consistency = await client.get(
+            "/admin/audit/proof/consistency", params={"old": 1}, headers=auth(settings, "auditor")
+        )
+        assert consistency.status_code == 200 and check_proof(consistency.json(), latest["vkey"]) is None
+    witness = await client.get("/admin/audit/witness", params={"old": 0}, headers=auth(settings, "auditor"))
+    assert witness.status_code == 200 and witness.headers["content-type"].startswith("text/plain")
+    assert witness.text == f"old 0\n\n{latest['note']}"
+
+    for headers in (auth(settings, "user"), auth(settings, "auditor", tenant="t1")):
+        for path in ("/admin/audit/checkpoint", "/admin/audit/proof/inclusion?seq=1", "/admin/audit/witness"):
+            assert (await client.get(path, headers=headers)).status_code == 403, path
+    assert (await client.get("/admin/audit/checkpoint")).status_code == 401

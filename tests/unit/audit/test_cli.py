@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.audit.setup import audit_store
 from appliance.audit.store import AuditEvent
-from appliance.settings import Settings
+from appliance.settings import AuditSettings, Settings
 
 
 def cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -47,3 +47,46 @@ def test_verify_export_and_prune(tmp_path: Path) -> None:
     )
     broken = cli(tmp_path, "verify")
     assert broken.returncode == 2 and "record 4" in broken.stderr
+
+
+def test_checkpoint_prove_and_check_proof_as_an_outside_auditor_would(tmp_path: Path) -> None:
+    store = audit_store(Settings(data_dir=tmp_path))
+    store.append([AuditEvent("admin.tenants.create", "success", subject="alice", detail={"n": n}) for n in range(3)])
+    first = cli(tmp_path, "checkpoint")
+    assert first.returncode == 0 and first.stdout.split("\n")[1] == "3", first.stderr
+    (tmp_path / "first-checkpoint").write_text(first.stdout)
+    store.append([AuditEvent("admin.tenants.create", "success", subject="bob", detail={"n": n}) for n in range(4)])
+    vkey = cli(tmp_path, "checkpoint", "--vkey").stdout.strip()
+    assert vkey.split("+")[0] == first.stdout.split("\n")[0], "the key is named after the log's origin"
+
+    inclusion = cli(tmp_path, "prove", "--seq", "2")
+    assert inclusion.returncode == 0 and json.loads(inclusion.stdout)["tree_size"] == 7
+    (tmp_path / "inclusion.json").write_text(inclusion.stdout)
+    checked = cli(tmp_path, "check-proof", str(tmp_path / "inclusion.json"), "--vkey", vkey)
+    assert checked.returncode == 0, checked.stderr
+
+    consistency = cli(tmp_path, "prove", "--old", "3")
+    (tmp_path / "consistency.json").write_text(consistency.stdout)
+    old = ("--old-checkpoint", str(tmp_path / "first-checkpoint"))
+    assert cli(tmp_path, "check-proof", str(tmp_path / "consistency.json"), "--vkey", vkey, *old).returncode == 0
+
+    tampered = json.loads(inclusion.stdout)
+    tampered["record"]["subject"] = "mallory"
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    refused = cli(tmp_path, "check-proof", str(tmp_path / "tampered.json"), "--vkey", vkey)
+    assert refused.returncode == 2 and "does not hash" in refused.stderr
+
+    witness = cli(tmp_path, "checkpoint", "--witness", "3")
+    assert witness.returncode == 0 and witness.stdout.startswith("old 3\n")
+    assert cli(tmp_path, "prove", "--seq", "99").returncode == 1
+
+
+def test_the_log_is_named_after_the_node_or_its_setting(tmp_path: Path) -> None:
+    named = audit_store(Settings(data_dir=tmp_path / "a", audit=AuditSettings(node="rack 3+gpu")))
+    assert named.origin == "rack-3-gpu/audit", "a log's name has no spaces nor '+'"
+    named.append([AuditEvent("admin.tenants.create", "success")])
+    named.settle()
+    assert named.verify().ok
+    chosen = audit_store(Settings(data_dir=tmp_path / "b", audit=AuditSettings(origin="audit.example.org/n1")))
+    assert chosen.origin == chosen.key.name == "audit.example.org/n1"
+    assert chosen.key.vkey().startswith("audit.example.org/n1+")
