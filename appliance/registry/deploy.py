@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +29,8 @@ from appliance.engines.runner import (
     EngineSpec,
     engine_env,
     engine_python,
+    http_ok,
+    pid_alive,
     start_engine,
     stop_group,
     wait_healthy,
@@ -278,3 +280,45 @@ def stop_all(db: Engine) -> list[int]:
                     stop_group(int(engine["pid"]), timeout_s=30)
                     stopped.append(int(engine["pid"]))
     return stopped
+
+
+def start_deployed(db: Engine, settings: Settings, cancelled: Callable[[], bool] | None = None) -> int:
+    """Start the engines of every deployed version that is not answering (``appliance up`` after a stop or a
+    reboot), on the ports the mapping records, files verified first. Returns how many engines were started."""
+    started = 0
+    with Session(db) as session:
+        rows = list(session.exec(select(ServedModel)).all())
+    for row in rows:
+        with Session(db) as session:
+            version = service.get_version(session, row.version_id)
+            kind = engine_kind(settings, version.engine_kind)
+            if row.engines and all(
+                pid_alive(e.get("pid")) and http_ok(e["url"] + kind.health_path) for e in row.engines
+            ):
+                continue
+            what = f"{version.served_name} v{version.version}"
+            verify_files(Path(version.path), version.files, what)
+            draft_dir = check_draft(session, parse_options(version.options))
+            specs = version_specs(settings, version, [int(e["port"]) for e in row.engines], draft_dir)
+        processes = [launch(settings, spec, version.engine_kind, index) for index, spec in enumerate(specs)]
+        deadline = time.monotonic() + settings.engines.startup_timeout_s
+        for spec, process in zip(specs, processes, strict=True):
+            wait_healthy(
+                spec.url + kind.health_path,
+                max(1.0, deadline - time.monotonic()),
+                process,
+                what=f"engine {spec.name} (log: {spec.log_path})",
+                cancelled=cancelled,
+            )
+        with Session(db) as session:
+            current = session.get(ServedModel, row.served_name)
+            if current is not None and current.version_id == version.id:
+                current.engines = [
+                    {"name": spec.name, "url": spec.url, "port": spec.port, "pid": process.pid}
+                    for spec, process in zip(specs, processes, strict=True)
+                ]
+                session.add(current)
+                session.commit()
+        log.info("registry: %s started again on %s", what, [spec.url for spec in specs])
+        started += len(specs)
+    return started

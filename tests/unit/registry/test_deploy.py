@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from appliance.asgi import create_app
-from appliance.engines.runner import pid_alive
+from appliance.engines.runner import http_ok, pid_alive
 from appliance.identity.setup import embedded_issuer
 from appliance.lib.errors import ConflictError, PermissionDeniedError
 from appliance.registry import deploy, service
@@ -217,3 +217,21 @@ def test_deploy_refuses_weights_changed_since_import(db: Engine, settings: Setti
         deploy.deploy(db, settings, versions[0], "bob")
     with Session(db) as session:
         assert service.served_models(session) == []  # nothing was switched
+
+
+def test_up_starts_the_deployed_versions_again_on_their_ports(
+    db: Engine, settings: Settings, versions: list[int]
+) -> None:
+    """After a stop (or a reboot), ``appliance up``'s supervisor starts what the registry says is deployed."""
+    try:
+        deploy.deploy(db, settings, versions[0], "bob")
+        before = served(db)["engines"]
+        assert deploy.stop_all(db) == [before[0]["pid"]]  # what `appliance down` does
+        assert not http_ok(before[0]["url"] + "/health")
+        assert deploy.start_deployed(db, settings) == 1
+        after = served(db)["engines"]
+        assert after[0]["url"] == before[0]["url"] and after[0]["pid"] != before[0]["pid"]
+        assert http_ok(after[0]["url"] + "/health")
+        assert deploy.start_deployed(db, settings) == 0  # already answering: left alone
+    finally:
+        deploy.stop_all(db)
