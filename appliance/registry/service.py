@@ -104,7 +104,7 @@ def approve(session: Session, settings: Settings, version_id: int, actor: str) -
     if version.state != IMPORTED:
         raise ConflictError(f"{version.served_name} v{version.version} is {version.state}, not imported")
     if settings.registry.require_distinct_approver and actor == version.imported_by:
-        audit(settings, "approve", version, actor, "refused", reason="importer may not approve")
+        audit(settings, "approve", version, actor, "denied", reason="importer may not approve")
         raise PermissionDeniedError(
             f"{version.served_name} v{version.version} was imported by {actor}: another administrator must approve "
             "it (registry.require_distinct_approver)"
