@@ -235,3 +235,27 @@ def test_up_starts_the_deployed_versions_again_on_their_ports(
         assert deploy.start_deployed(db, settings) == 0  # already answering: left alone
     finally:
         deploy.stop_all(db)
+
+
+async def test_deploy_and_rollback_over_the_admin_api(db: Engine, settings: Settings, versions: list[int]) -> None:
+    """The API answers 202 at once; the switch follows once the engines are healthy."""
+    admin = admin_headers(settings)
+    try:
+        async with served_app(settings) as client:
+            for version_id in versions:
+                accepted = await client.post(f"/admin/models/{version_id}/deploy", headers=admin)
+                assert accepted.status_code == 202 and accepted.json()["status"] == "deploying"
+                for _ in range(300):
+                    shown = (await client.get(f"/admin/models/{version_id}", headers=admin)).json()
+                    if shown["serving"]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert shown["state"] == "deployed" and shown["transitions"][-1]["actor"] == "root"
+            assert (await client.post("/admin/models/served/team-chat/rollback", headers=admin)).status_code == 202
+            for _ in range(300):
+                if served(db)["version_id"] == versions[0]:
+                    break
+                await asyncio.sleep(0.1)
+            assert served(db)["version_id"] == versions[0]
+    finally:
+        deploy.stop_all(db)
