@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import shutil
 import socket
 import subprocess
 import time
@@ -114,8 +115,6 @@ def version_specs(
 
 
 def gpu_node() -> bool:
-    import shutil
-
     return shutil.which("nvidia-smi") is not None
 
 
