@@ -51,6 +51,8 @@ from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
 from appliance.lib.logging import configure_logging
 from appliance.placement.routes import PlacementController
+from appliance.registry.routes import ModelController
+from appliance.registry.routing import RegistryRoutes
 from appliance.retrieval.routes import rag_controller
 from appliance.retrieval.setup import retrieval_service
 from appliance.settings import GatewaySettings, Settings, get_settings
@@ -71,6 +73,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         derived = GatewaySettings.model_validate({**settings.gateway.model_dump(), "routes": routes_of_units})
         settings = settings.model_copy(update={"gateway": derived})
     router = EngineRouter(settings.gateway)
+    registry_routes = RegistryRoutes(db_engine, router, settings.registry.poll_interval_s)
     routes = settings.gateway.routes
     usage = UsageWriter(
         db_engine,
@@ -137,6 +140,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         create_schema(db_engine)
         check_default_tenant(db_engine, settings.identity.default_tenant)  # refuse to start on a wrong one
         await router.start()
+        await registry_routes.start()
         await monitor.start()
         await usage.start()
         await audit.start()
@@ -155,6 +159,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             await audit.stop()
             await usage.stop()
             await monitor.stop()
+            await registry_routes.stop()
             await router.stop()
             await asyncio.to_thread(retrieval.close)
             password_work.close()
@@ -173,6 +178,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             UsageController,
             PlacementController,
             DriftController,
+            ModelController,
         ]
         + ([OidcController, LocalAccountController] if issuer is not None else []),
         dependencies={

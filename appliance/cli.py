@@ -22,6 +22,7 @@ from appliance.identity.setup import bootstrap_password_file
 from appliance.lib.errors import ApplianceError
 from appliance.lib.logging import configure_logging
 from appliance.media import cli as media_cli
+from appliance.registry import cli as registry_cli
 from appliance.settings import NODE_CONFIG, Settings, config_file, get_settings, is_checkout
 
 EXIT_OK, EXIT_FAILED, EXIT_UNHEALTHY, EXIT_NOT_RUNNING = 0, 1, 1, 3
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     media_cli.add_install_parser(sub)
     media_cli.add_node_parsers(sub)
     engines_cli.add_parsers(sub)
+    registry_cli.add_parsers(sub)
     placement = sub.add_parser("placement", help="where this workload is cheapest to run, from the node's history")
     placement_sub = placement.add_subparsers(dest="placement_command", required=True)
     placement_report = placement_sub.add_parser("report", help="the verdict, its variables and its triggers")
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(settings)
     if args.command == "engines":
         return engines_cli.run(settings, args)
+    if args.command == "models":
+        return registry_cli.run(settings, args)
     if args.command == "node":
         return media_cli.run_node(settings, args)
     if args.command == "placement":

@@ -462,6 +462,38 @@ class EngineSettings(BaseModel):
     )
 
 
+class EngineKind(BaseModel):
+    """An OpenAI-compatible server other than vLLM, described by how it is launched and probed.
+
+    ``command`` is a list of arguments with placeholders: ``{python}`` (the engines' Python), ``{model_dir}``,
+    ``{served_name}``, ``{host}``, ``{port}``. Serving options are vLLM's and are not passed to another kind."""
+
+    command: list[str] = Field(min_length=1)
+    health_path: str = "/health"
+    metrics_path: str | None = Field(default="/metrics", description="Prometheus text; None: the server has none")
+    running_metric: str | None = Field(
+        default="vllm:num_requests_running", description="gauge of requests in flight (drained before a stop)"
+    )
+
+
+class RegistrySettings(BaseModel):
+    require_distinct_approver: bool = Field(
+        default=False, description="a version is approved only by an administrator other than its importer"
+    )
+    port_base: int = Field(
+        default=8201, ge=1, le=65000, description="first port of engines the registry deploys (one per engine)"
+    )
+    poll_interval_s: float = Field(
+        default=1.0, gt=0, description="how often each gateway reads the served-name -> engines mapping"
+    )
+    drain_timeout_s: float = Field(
+        default=600.0, ge=0, description="longest wait for an old version's requests to finish before it stops"
+    )
+    engine_kinds: dict[str, EngineKind] = Field(
+        default_factory=dict, description="engine kinds besides the built-in `vllm`, by name"
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="APPLIANCE_",
@@ -491,6 +523,7 @@ class Settings(BaseSettings):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @classmethod
     def settings_customise_sources(
@@ -542,6 +575,11 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def registry_dir(self) -> Path:
+        """Where imported model versions' files live, one folder per version."""
+        return self.data_dir / "registry"
 
     @property
     def prepared_models_dir(self) -> Path:

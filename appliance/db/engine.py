@@ -57,6 +57,7 @@ def import_models() -> None:
     import appliance.budgets.models
     import appliance.identity.models
     import appliance.ledger.models
+    import appliance.registry.models
     import appliance.retrieval.models
     import appliance.telemetry.models  # noqa: F401
 

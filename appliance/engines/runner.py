@@ -40,6 +40,8 @@ class EngineSpec:
     port: int
     log_path: Path
     name: str = ""
+    args: tuple[str, ...] = ()  # the version's serving options as vLLM arguments (appliance.registry.options)
+    env: tuple[tuple[str, str], ...] = ()  # ... and environment
 
     @property
     def url(self) -> str:
@@ -113,9 +115,9 @@ def engine_command(spec: EngineSpec, python: Path, settings: Settings) -> list[s
     if spec.manifest.reasoning_parser is not None:
         command += ["--reasoning-parser", spec.manifest.reasoning_parser]
     dtype = settings.engines.dtype or cpu_dtype()
-    if dtype is not None:
+    if dtype is not None and "--dtype" not in spec.args:
         command += ["--dtype", dtype]
-    return command + list(settings.engines.extra_args)
+    return command + list(spec.args) + list(settings.engines.extra_args)
 
 
 def cpu_dtype(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
@@ -159,6 +161,7 @@ def offline_env() -> dict[str, str]:
 
 def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, str]:
     env = offline_env()
+    env.update(spec.env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.engines.kv_cache_gib))
     # vLLM finds its own address by connecting a UDP socket to 8.8.8.8 (and Google's IPv6 resolver) unless told;
     # torch's gloo picks an interface the same way. Both stay on the engine's own address (seen with strace).

@@ -11,11 +11,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+from sqlalchemy.engine import Engine
+
 from appliance.audit.setup import audit_store
 from appliance.audit.store import AuditEvent
+from appliance.db.engine import create_schema, make_engine
 from appliance.engines.models import ensure_prepared
 from appliance.engines.runner import (
     EngineSpec,
@@ -27,6 +31,7 @@ from appliance.engines.runner import (
 )
 from appliance.engines.state import ApplianceState, EngineState, GatewayState, write_state
 from appliance.identity import setup as identity_setup
+from appliance.registry import deploy as registry_deploy
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -110,11 +115,24 @@ class Supervisor:
             )
         if self._stop_requested:
             return
+        self._publish("starting", "starting the registry's deployed models")
+        self._registry(lambda db: registry_deploy.start_deployed(db, settings, cancelled=self._stopping))
+        if self._stop_requested:
+            return
         self.gateway = self._start_gateway()
         self._publish("starting", "waiting for the gateway")
         wait_healthy(
             self.settings.gateway_url + "/healthz", 60.0, self.gateway, what="gateway", cancelled=self._stopping
         )
+
+    def _registry(self, work: Callable[[Engine], object]) -> None:
+        """Run ``work`` on the registry's database (its deployed versions' engines start and stop with us)."""
+        db = make_engine(self.settings.database_url)
+        try:
+            create_schema(db)
+            work(db)
+        finally:
+            db.dispose()
 
     def _start_gateway(self) -> subprocess.Popen[bytes]:
         settings = self.settings
@@ -209,6 +227,10 @@ class Supervisor:
         for engine in self.engines:
             if engine.process is not None:
                 stop_group(engine.process.pid)
+        try:
+            self._registry(registry_deploy.stop_all)  # the registry's engines too (`appliance models deploy`)
+        except Exception:
+            log.exception("stopping the registry's engines failed")
         state_file = self.settings.run_dir / "state.json"
         state_file.unlink(missing_ok=True)
 

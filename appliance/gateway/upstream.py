@@ -122,6 +122,15 @@ class EngineRouter:
                 self._affinity.popitem(last=False)
         return chosen
 
+    def set_model_routes(self, model: str, routes: list[EngineRoute]) -> None:
+        """Point ``model`` at ``routes`` from now on (the model registry's deployments; none: the model is gone).
+
+        Requests already routed keep the route they were given, so they finish on the engine they started on."""
+        if routes:
+            self._by_model[model] = list(routes)
+        else:
+            self._by_model.pop(model, None)
+
     def lease(self, route: EngineRoute) -> Lease:
         return Lease(self._load, route.url)
 

@@ -71,7 +71,22 @@ async def _hang(request: web.Request) -> web.Response:
     return web.json_response({"error": {"message": "hung for nobody", "type": "InternalServerError"}}, status=500)
 
 
+RUNNING = [0]  # requests being answered now, exposed as vllm:num_requests_running on /metrics
+
+
 async def _completion(request: web.Request) -> web.StreamResponse:
+    RUNNING[0] += 1
+    try:
+        return await _answer(request)
+    finally:
+        RUNNING[0] -= 1
+
+
+async def _metrics(_request: web.Request) -> web.Response:
+    return web.Response(text=f'vllm:num_requests_running{{model_name="fake"}} {float(RUNNING[0])}\n')
+
+
+async def _answer(request: web.Request) -> web.StreamResponse:
     """Like vLLM: ``n`` choices for each prompt of a list; when streamed with continuous usage, each chunk
     carries its own choice's usage (that choice's tokens so far, its prompt's tokens)."""
     body = await request.json()
@@ -187,8 +202,9 @@ class FakeEngine:
     """Runs in a thread of its own, with its own event loop, so that a caller that blocks its loop (a
     test client, a benchmark) cannot stall it."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, metrics: bool = False) -> None:
         self.port = port or free_port()
+        self.metrics = metrics  # serve /metrics (requests in flight), which the default fake does not
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -219,6 +235,8 @@ class FakeEngine:
         app.router.add_post("/v1/completions", _completion)
         app.router.add_post("/v1/embeddings", _embeddings)
         app.router.add_get("/health", _health)
+        if self.metrics:
+            app.router.add_get("/metrics", _metrics)
         app.router.add_post("/tokenize", _tokenize)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -233,7 +251,8 @@ class FakeEngine:
             self._thread.join(10)
 
 
-def serve_forever(port: int) -> None:
-    """Run a fake engine in this process until it is killed (the benchmark runs it in its own process)."""
-    FakeEngine(port).start()
+def serve_forever(port: int, metrics: bool = False) -> None:
+    """Run a fake engine in this process until it is killed (the benchmark runs it in its own process, the
+    registry's tests as an engine kind of their own)."""
+    FakeEngine(port, metrics).start()
     threading.Event().wait()

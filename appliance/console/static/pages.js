@@ -79,13 +79,14 @@ export async function overview(main) {
 }
 
 // ---- Models ------------------------------------------------------------------------------------------------
-export async function models(main) {
+export async function models(main, session, rerender) {
   const since = iso(Date.now() - 24 * hour);
-  const [served, ready, health, usage] = await Promise.all([
+  const [served, ready, health, usage, registry] = await Promise.all([
     list("/v1/models"),
     fetch("/readyz").then((r) => r.json()),
     api("/admin/health/concurrency"),
     list(`/admin/usage/?group_by=model&from=${encodeURIComponent(since)}`),
+    api("/admin/models/"),
   ]);
   const used = new Map(usage.map((row) => [row.group, row]));
   main.append(h("h1", {}, "Models"), table(
@@ -101,6 +102,59 @@ export async function models(main) {
     ],
     served,
     "No model is served: start the appliance's engines.",
+  ), registryVersions(registry, session, rerender));
+}
+
+// The model registry: every imported version, its state and history, checksums and serving options; admins
+// approve, deploy, roll back, retire and remove files (every action is in the audit trail).
+function registryVersions(registry, session, rerender) {
+  const admin = session.roles.includes("admin");
+  const act = (label, path, method = "POST", question = null) => h("button", { type: "button", onclick: async (event) => {
+    if (question && !window.confirm(question)) return;
+    event.target.disabled = true;
+    try {
+      await api(path, { method });
+      rerender();
+    } catch (error) {
+      event.target.after(h("span", { class: "error", role: "alert" }, ` ${error.message}`));
+      event.target.disabled = false;
+    }
+  } }, label);
+  const actions = (v) => !admin ? [] : [
+    v.state === "imported" && act("Approve", `/admin/models/${v.id}/approve`),
+    v.state === "approved" && !v.files_removed && act("Deploy", `/admin/models/${v.id}/deploy`, "POST",
+      `Deploy ${v.served_name} v${v.version}? Its engines start, then ${v.served_name} switches to them.`),
+    v.serving && registry.served.some((s) => s.served_name === v.served_name && s.previous_version_id) &&
+      act("Roll back", `/admin/models/served/${v.served_name}/rollback`, "POST", `Point ${v.served_name} back at its previous version?`),
+    !["deployed", "retired"].includes(v.state) && act("Retire", `/admin/models/${v.id}/retire`, "POST", `Retire ${v.served_name} v${v.version}?`),
+    v.state === "retired" && !v.files_removed && confirmButton("Remove files", `Delete the files of ${v.served_name} v${v.version}?`,
+      async () => { await api(`/admin/models/${v.id}/files`, { method: "DELETE" }); rerender(); }),
+  ].filter(Boolean);
+  const details = (v) => h("details", {}, h("summary", {}, "files, history"),
+    h("pre", {}, JSON.stringify({ options: v.options }, null, 1)),
+    h("button", { type: "button", onclick: async (event) => {
+      const full = await api(`/admin/models/${v.id}`);
+      event.target.replaceWith(h("pre", {}, [
+        ...full.files.map((f) => `${f.sha256}  ${fmt(f.size)} B  ${f.path}`), "",
+        ...full.transitions.map((t) => `${t.at}  ${t.action}: ${t.from_state ?? "-"} -> ${t.to_state}  by ${t.actor}`),
+      ].join("\n")));
+    } }, "Show checksums and history"));
+  return section("Registry versions", table(
+    [
+      { label: "Served name", value: (v) => v.served_name },
+      { label: "Version", num: true, value: (v) => `v${v.version}` },
+      { label: "State", value: (v) => [stateBadge(v.state), v.serving ? " (serving)" : "", v.files_removed ? " (files removed)" : ""] },
+      { label: "Architecture", value: (v) => `${v.architecture} (${v.runner}, ${v.engine_kind})` },
+      { label: "Parameters", num: true, value: (v) => fmt(v.param_count) },
+      { label: "Context", num: true, value: (v) => fmt(v.options.context_length ?? v.context_length) },
+      { label: "Size (MB)", num: true, value: (v) => fmt(v.size / 1e6, 1) },
+      { label: "Imported", value: (v) => `${v.imported_by}, ${v.imported_at.slice(0, 16)}` },
+      { label: "Approved", value: (v) => (v.approved_by ? `${v.approved_by}, ${v.approved_at.slice(0, 16)}` : "") },
+      { label: "Details", value: details },
+      { label: "", value: (v) => h("div", {}, ...actions(v)) },
+    ],
+    registry.data,
+    "No version imported: `appliance models import FOLDER --name NAME`.",
   ));
 }
 
