@@ -14,9 +14,8 @@ from pydantic import BaseModel, Field
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from appliance.identity.auth import principal_of
-from appliance.identity.principal import ADMIN, OPERATOR, Principal
 from appliance.lib.errors import ConflictError
+from appliance.lib.principal import ADMIN, OPERATOR, Principal, principal_of
 from appliance.registry import deploy, service
 from appliance.registry.importer import import_model
 from appliance.registry.models import APPROVED

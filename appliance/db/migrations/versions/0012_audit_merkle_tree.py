@@ -4,7 +4,7 @@ The audit records become the leaves of an RFC 6962 Merkle tree: its complete sub
 the Merkle root each checkpoint signs (checkpoints signed before have none: they stated the chain's head).
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-01 13:00:00
 """
 
@@ -15,7 +15,7 @@ import sqlmodel.sql.sqltypes
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
