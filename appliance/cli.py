@@ -39,8 +39,9 @@ def cmd_up(settings: Settings, detach: bool, timeout_s: float) -> int:
     if detach:
         return _up_detached(settings, timeout_s)
     from appliance.engines.supervisor import Supervisor
+    from appliance.registry.deploy import DeployedEngines
 
-    return Supervisor(settings).run()
+    return Supervisor(settings, managed=[DeployedEngines(settings)]).run()
 
 
 def _up_detached(settings: Settings, timeout_s: float) -> int:

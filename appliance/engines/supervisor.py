@@ -11,15 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-
-from sqlalchemy.engine import Engine
+from typing import Protocol
 
 from appliance.audit.setup import audit_store
 from appliance.audit.store import AuditEvent
-from appliance.db.engine import create_schema, make_engine
 from appliance.engines.models import ensure_prepared
 from appliance.engines.runner import (
     EngineSpec,
@@ -31,13 +29,23 @@ from appliance.engines.runner import (
 )
 from appliance.engines.state import ApplianceState, EngineState, GatewayState, write_state
 from appliance.identity import setup as identity_setup
-from appliance.registry import deploy as registry_deploy
 from appliance.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0
 MAX_RESTARTS = 5
+
+
+class ManagedEngines(Protocol):
+    """Engines another domain deploys (the model registry's versions): started after the appliance's own,
+    before the gateway, and stopped with them."""
+
+    name: str
+
+    def start(self, cancelled: Callable[[], bool]) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -52,6 +60,7 @@ class _Engine:
 @dataclass
 class Supervisor:
     settings: Settings
+    managed: Sequence[ManagedEngines] = ()  # engines other domains deploy (the model registry's)
     engines: list[_Engine] = field(default_factory=list)
     gateway: subprocess.Popen[bytes] | None = None
     _stop_requested: bool = False
@@ -115,8 +124,9 @@ class Supervisor:
             )
         if self._stop_requested:
             return
-        self._publish("starting", "starting the registry's deployed models")
-        self._registry(lambda db: registry_deploy.start_deployed(db, settings, cancelled=self._stopping))
+        for managed in self.managed:
+            self._publish("starting", f"starting {managed.name}")
+            managed.start(cancelled=self._stopping)
         if self._stop_requested:
             return
         self.gateway = self._start_gateway()
@@ -124,15 +134,6 @@ class Supervisor:
         wait_healthy(
             self.settings.gateway_url + "/healthz", 60.0, self.gateway, what="gateway", cancelled=self._stopping
         )
-
-    def _registry(self, work: Callable[[Engine], object]) -> None:
-        """Run ``work`` on the registry's database (its deployed versions' engines start and stop with us)."""
-        db = make_engine(self.settings.database_url)
-        try:
-            create_schema(db)
-            work(db)
-        finally:
-            db.dispose()
 
     def _start_gateway(self) -> subprocess.Popen[bytes]:
         settings = self.settings
@@ -227,10 +228,11 @@ class Supervisor:
         for engine in self.engines:
             if engine.process is not None:
                 stop_group(engine.process.pid)
-        try:
-            self._registry(registry_deploy.stop_all)  # the registry's engines too (`appliance models deploy`)
-        except Exception:
-            log.exception("stopping the registry's engines failed")
+        for managed in self.managed:
+            try:
+                managed.stop()
+            except Exception:
+                log.exception("stopping %s failed", managed.name)
         state_file = self.settings.run_dir / "state.json"
         state_file.unlink(missing_ok=True)
 

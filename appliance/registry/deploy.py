@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
+from appliance.db.engine import create_schema, make_engine
 from appliance.engines.manifest import ModelManifest, ModelSource
 from appliance.engines.runner import (
     EngineSpec,
@@ -321,3 +322,26 @@ def start_deployed(db: Engine, settings: Settings, cancelled: Callable[[], bool]
         log.info("registry: %s started again on %s", what, [spec.url for spec in specs])
         started += len(specs)
     return started
+
+
+class DeployedEngines:
+    """The registry's deployed versions as the development supervisor runs them (``appliance up``/``down``)."""
+
+    name = "the registry's deployed models"
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def start(self, cancelled: Callable[[], bool]) -> None:
+        self._on_database(lambda db: start_deployed(db, self._settings, cancelled=cancelled))
+
+    def stop(self) -> None:
+        self._on_database(stop_all)
+
+    def _on_database(self, work: Callable[[Engine], object]) -> None:
+        db = make_engine(self._settings.database_url)
+        try:
+            create_schema(db)
+            work(db)
+        finally:
+            db.dispose()
