@@ -310,6 +310,10 @@ class EdgeStore:
             found = shard.shard.query(request)
         return [Hit(str(point.id), float(point.score), dict(point.payload or {})) for point in found]
 
+    def set_hnsw_ef(self, hnsw_ef: int) -> None:
+        """Candidates per search from now on (the benchmark's trade-off table sweeps it on one built index)."""
+        self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
+
     def exact_search(self, name: str, vector: list[float], limit: int) -> list[str]:
         """Point ids of the exact nearest neighbours (no index): what recall is measured against."""
         shard = self._get(name)
