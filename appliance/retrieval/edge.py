@@ -344,6 +344,26 @@ class EdgeStore:
         with shard.swap:
             return int(shard.shard.count(qe.CountRequest(exact=True, filter=selector)))
 
+    def snapshot_now(self, target: str) -> list[str]:
+        """Copy every shard into ``target/<name>``, each one whole: its writes wait while it is flushed and
+        copied (queries go on), so the copy holds every write acknowledged before and none half-applied (what an
+        online backup takes). Returns the shards copied."""
+        with self._open_lock:
+            self._start()
+        names = sorted(
+            path.name for path in self._folder.iterdir() if path.is_dir() and not path.name.endswith(SUFFIXES)
+        )
+        destination = Path(target)
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shard = self._get(name)
+            if shard is None:
+                continue
+            with shard.write:  # the swap of a build takes this lock too: never a half-swapped shard
+                shard.shard.flush()
+                shutil.copytree(self._path(name), destination / name)
+        return names
+
     def indexed(self, name: str) -> int:
         """Vectors covered by an index (HNSW for dense, the inverted index for sparse)."""
         shard = self._get(name)

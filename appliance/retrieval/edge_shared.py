@@ -21,8 +21,10 @@ position), so a call whose owner died under it is sent again to the next owner.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import shutil
 import socket
 import socketserver
 import struct
@@ -45,7 +47,7 @@ _HEADER = struct.Struct("!I")
 _MAX_FRAME = 256 * 1024 * 1024
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-OPERATIONS = ("create", "drop", "upsert", "search", "delete_document", "count")
+OPERATIONS = ("create", "drop", "upsert", "search", "delete_document", "count", "snapshot")
 
 
 class OwnerGone(Exception):
@@ -282,3 +284,32 @@ class SharedEdgeStore:
 
     async def count(self, name: str, document_id: str | None = None) -> int:
         return int(await self._call("count", name, document_id))
+
+
+def consistent_copy(root: Path, target: Path) -> str:
+    """Copy the embedded store's shards (``root/edge``) to ``target``, each shard whole while the appliance may be
+    writing to it: the owner process makes the copy between two writes (the ``snapshot`` call); with no owner, this
+    process holds the store's lock while it copies, so no gateway opens it meanwhile. Returns who copied."""
+    handle = (root / ".lock").open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        client = EdgeClient(root / SOCKET, timeout_s=3600)
+        try:
+            client.call("snapshot", str(target))
+        except OwnerGone as exc:
+            raise ServiceUnavailableError(
+                f"The vector store at {root} is open in a process that does not serve it (retrieval.shared off, or "
+                "an older gateway): stop it, or back up with it stopped.",
+                code="retrieval_unavailable",
+            ) from exc
+        finally:
+            client.close()
+        return "owner"
+    try:
+        ignore = shutil.ignore_patterns(*(f"*{suffix}" for suffix in (".build", ".trash", ".new")))
+        shutil.copytree(root / "edge", target, ignore=ignore)
+    finally:
+        handle.close()
+    return "stopped"

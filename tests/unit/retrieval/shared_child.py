@@ -4,6 +4,8 @@
 
 - ``write N``: upserts N points one call at a time into collection ``c``, printing ``wrote I`` after each
   call returned, then ``done`` and waits for its stdin to close;
+- ``ingest``: upserts documents of 20 points (one call each, document ``doc{I}``) into ``c`` until a file
+  ``stop`` appears in ROOT, printing ``wrote I`` after each, then ``done``, and waits for its stdin to close;
 - ``serve``: only serves the store until its stdin closes (or it is killed).
 """
 
@@ -31,6 +33,15 @@ async def main(root: Path, mode: str, count: int) -> None:
             payload = {"document_id": f"child{i}", "text": f"note {i} from the writer"}
             await store.upsert("c", [point_id(f"child{i}", 0)], [vector(i)], [payload])
             print(f"wrote {i}", flush=True)
+        print("done", flush=True)
+    if mode == "ingest":
+        i = 0
+        while not (root / "stop").exists():
+            ids = [point_id(f"doc{i}", n) for n in range(20)]
+            payloads = [{"document_id": f"doc{i}", "chunk_index": n, "text": f"chunk {n} of {i}"} for n in range(20)]
+            await store.upsert("c", ids, [vector(i * 20 + n) for n in range(20)], payloads)
+            print(f"wrote {i}", flush=True)
+            i += 1
         print("done", flush=True)
     sys.stdin.read()  # serve until the test closes our stdin
     store.close()
