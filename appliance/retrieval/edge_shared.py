@@ -221,9 +221,8 @@ class SharedEdgeStore:
                 return self._client
             try:
                 self._server = EdgeServer(store, self._root / SOCKET)
-            except Exception:
-                store.close()
-                raise
+            except (ServiceUnavailableError, OSError) as exc:  # this process still serves itself
+                log.warning("vector store %s: not served to other processes: %s", self.where, exc)
             self._owner = store
             log.info("vector store %s: this process (%d) owns it and serves the others", self.where, os.getpid())
             return store

@@ -139,3 +139,13 @@ async def test_an_owner_that_never_answers_is_reported_not_waited_for_forever(tm
     finally:
         held.close()
         store.close()
+
+
+async def test_an_owner_whose_socket_path_is_too_long_still_serves_its_own_process(tmp_path: Path) -> None:
+    root = tmp_path / ("deep" * 30) / "q"  # past the 107 bytes of a Unix socket's path
+    store = SharedEdgeStore(root)
+    await store.create("c", 16)
+    await store.upsert("c", [point_id("d", 0)], [vector(2)], [{"document_id": "d", "text": "t"}])
+    assert store.owner is not None and not (root / SOCKET).exists()
+    assert (await store.search("c", vector(2), 1))[0].payload["document_id"] == "d"
+    store.close()
