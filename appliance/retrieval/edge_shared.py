@@ -43,6 +43,7 @@ from appliance.retrieval.vectors import Hit
 log = logging.getLogger(__name__)
 
 SOCKET = "edge.sock"
+SNAPSHOT = "edge.snapshot"  # where a backup's consistent copy is made, beside the store (its owner can write there)
 _HEADER = struct.Struct("!I")
 _MAX_FRAME = 256 * 1024 * 1024
 _encode = msgspec.msgpack.Encoder().encode
@@ -289,6 +290,7 @@ def consistent_copy(root: Path, target: Path) -> str:
     """Copy the embedded store's shards (``root/edge``) to ``target``, each shard whole while the appliance may be
     writing to it: the owner process makes the copy between two writes (the ``snapshot`` call); with no owner, this
     process holds the store's lock while it copies, so no gateway opens it meanwhile. Returns who copied."""
+    shutil.rmtree(target, ignore_errors=True)  # what a killed backup left
     handle = (root / ".lock").open("ab")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
