@@ -11,17 +11,24 @@
    blends of three of them plus a little noise (with a chunk's text for BM25; embedding 100,000 chunks on this
    CPU would take hours). Each query is embedded once by the real engine; printed per store: search P50/P99
    (dense, and hybrid as the appliance serves it), embed + search P50/P99, recall@10 against exact search
-   (numpy), fill time, index build time and the build's peak memory, memory held, size on disk.
+   (numpy), fill time, index build time and the build's peak memory, memory held, size on disk; and Qdrant Edge's
+   search as another gateway process gets it (over the owner's socket, :mod:`appliance.retrieval.edge_shared`).
+   Local mode is skipped past ``--local-max`` points (its scan would take the run's hours, not its answer).
+4. With ``--tradeoff``, at the first size: HNSW ``m`` / ``ef_construct`` builds, each searched with several
+   ``hnsw_ef``: build time and memory, search P50/P99, recall@10 (how the defaults in settings.py were chosen).
 
-Usage: .venv/bin/python bench/retrieval.py [--documents 40] [--queries 200] [--reuse] [--sizes 100000]
+Usage: .venv/bin/python bench/retrieval.py [--documents 40] [--queries 200] [--reuse] [--sizes 100000 1000000]
+       [--local-max 100000] [--tradeoff]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.retrieval.edge import EdgeStore  # noqa: E402
+from appliance.retrieval.edge_shared import SOCKET, EdgeClient, EdgeServer  # noqa: E402
 from appliance.retrieval.vectors import Store, VectorStore, point_id  # noqa: E402
+from appliance.settings import HNSW_EF, HNSW_EF_CONSTRUCT, HNSW_M  # noqa: E402
 from bench.gateway_overhead import api_key, cli, pct, start_appliance  # noqa: E402
 
 EMBED_MODEL = "minilm-l6-v2"
@@ -156,8 +165,13 @@ def points(base: np.ndarray, texts: list[str], size: int, rng: np.random.Generat
     extra = max(0, size - len(base))
     picks = rng.integers(0, len(base), (extra, 3))
     weights = rng.dirichlet([1.0, 1.0, 1.0], extra).astype(np.float32)
-    blends = np.einsum("nk,nkd->nd", weights, base[picks]) + rng.normal(0, 0.01, (extra, base.shape[1]))
-    vectors = np.concatenate([base, blends.astype(np.float32)])[:size]
+    vectors = np.empty((len(base) + extra, base.shape[1]), dtype=np.float32)
+    vectors[: len(base)] = base
+    for first in range(0, extra, 100_000):  # in parts: at 1,000,000 points the whole blend is gigabytes
+        last = min(extra, first + 100_000)
+        blend = np.einsum("nk,nkd->nd", weights[first:last], base[picks[first:last]])
+        vectors[len(base) + first : len(base) + last] = blend + rng.normal(0, 0.01, (last - first, base.shape[1]))
+    vectors = vectors[:size]
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     source = np.concatenate([np.arange(len(base)), picks[np.arange(extra), weights.argmax(axis=1)]])[:size]
     return vectors.astype(np.float32), [texts[i] for i in source]
@@ -175,7 +189,9 @@ async def fill(store: Store, vectors: np.ndarray, texts: list[str]) -> float:
     return time.perf_counter() - started
 
 
-async def at_scale(engine: str, texts: list[str], asked: list[str], sizes: list[int]) -> None:
+async def at_scale(
+    engine: str, texts: list[str], asked: list[str], sizes: list[int], local_max: int, tradeoff: bool
+) -> None:
     """Qdrant local mode (the old default) and Qdrant Edge (the new one) side by side on the same points and the
     same embedded queries: each query is embedded once by the real engine (its time counts for both)."""
     rng = np.random.default_rng(7)
@@ -192,10 +208,14 @@ async def at_scale(engine: str, texts: list[str], asked: list[str], sizes: list[
     embed_ms = [e for _, _, e in embedded]
     print(f"\n3. Embedding + search at scale, {base.shape[1]} dimensions, {len(asked)} queries (top 4; recall@10)")
     print(row("embed (real engine, once per query)", embed_ms))
-    for size in sizes:
+    print(f"  Qdrant Edge: HNSW m {HNSW_M}, ef_construct {HNSW_EF_CONSTRUCT}, hnsw_ef {HNSW_EF} (settings.py defaults)")
+    for number, size in enumerate(sizes):
         vectors, chunk_texts = points(base, texts, size, rng)
         results: dict[str, dict[str, Any]] = {}
         for label in ("local mode (old)", "Qdrant Edge (new)"):
+            if label.startswith("local") and size > local_max:
+                print(f"\n  {size:,} chunks: local mode not run (past --local-max {local_max:,})")
+                continue
             folder = Path(tempfile.mkdtemp(prefix="bench-vectors-"))
             store: Store = (
                 VectorStore(path=folder) if label.startswith("local") else EdgeStore(folder, optimize_after=1 << 62)
@@ -223,6 +243,7 @@ async def at_scale(engine: str, texts: list[str], asked: list[str], sizes: list[
                     found = {hit.point_id for hit in await store.search("scale", vector, 10)}
                     exact = truth(vectors, vector, 10)
                     recall.append(len(found & exact) / 10)
+                other = await other_process(store, folder, embedded) if isinstance(store, EdgeStore) else []
                 results[label] = {
                     "fill": fill_s,
                     "build": build,
@@ -231,11 +252,87 @@ async def at_scale(engine: str, texts: list[str], asked: list[str], sizes: list[
                     "dense": dense,
                     "hybrid": hybrid,
                     "recall": float(np.mean(recall)),
+                    "other": other,
                 }
             finally:
                 store.close()
                 shutil.rmtree(folder, ignore_errors=True)
         report(size, embed_ms, results)
+        if tradeoff and number == 0:
+            await hnsw_tradeoff(vectors, chunk_texts, embedded)
+        del vectors, chunk_texts
+
+
+async def other_process(store: EdgeStore, folder: Path, embedded: list[tuple[str, list[float], float]]) -> list[float]:
+    """Search P50/P99 (hybrid, as served) from a second process, through this one's socket: what a gateway worker
+    that does not own the store gets."""
+    server = EdgeServer(store, folder / SOCKET)
+    asked = folder / "asked.json"
+    asked.write_text(json.dumps([[query, vector] for query, vector, _ in embedded]))
+    try:
+        done = subprocess.run(
+            [sys.executable, __file__, "--socket-client", str(folder / SOCKET), str(asked)],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=600,
+        )
+    finally:
+        server.close()
+    return [float(ms) for ms in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def socket_client(path: str, asked_file: str) -> None:
+    """The second process of :func:`other_process`: prints the latency of each search (ms) as a JSON list."""
+    client = EdgeClient(Path(path))
+    latencies: list[float] = []
+    for query, vector in json.loads(Path(asked_file).read_text()):
+        started = time.perf_counter()
+        client.call("search", "scale", vector, 4, query)
+        latencies.append((time.perf_counter() - started) * 1000)
+    client.close()
+    print(json.dumps(latencies))
+
+
+TRADEOFF_BUILDS = [(16, 100), (32, 128), (HNSW_M, HNSW_EF_CONSTRUCT)]
+TRADEOFF_EFS = [128, 256, HNSW_EF, 1024]
+
+
+async def hnsw_tradeoff(
+    vectors: np.ndarray, chunk_texts: list[str], embedded: list[tuple[str, list[float], float]]
+) -> None:
+    print(f"\n4. HNSW trade-off at {len(vectors):,} chunks (Qdrant Edge; dense search top 4; recall@10, 100 queries)")
+    print(
+        f"  {'m':>4}{'ef_construct':>14}{'build s':>9}{'build MiB':>11}{'hnsw_ef':>9}"
+        f"{'P50 ms':>9}{'P99 ms':>9}{'recall@10':>11}"
+    )
+    exact = [truth(vectors, vector, 10) for _, vector, _ in embedded[:100]]
+    for m, ef_construct in TRADEOFF_BUILDS:
+        folder = Path(tempfile.mkdtemp(prefix="bench-tradeoff-"))
+        store = EdgeStore(folder, optimize_after=1 << 62, hnsw_m=m, hnsw_ef_construct=ef_construct)
+        try:
+            await store.create("scale", vectors.shape[1])
+            await fill(store, vectors, chunk_texts)
+            build = store.build("scale")
+            for ef in sorted(set(TRADEOFF_EFS)):
+                store.set_hnsw_ef(ef)
+                latency: list[float] = []
+                for _, vector, _ in embedded:
+                    started = time.perf_counter()
+                    await store.search("scale", vector, 4)
+                    latency.append((time.perf_counter() - started) * 1000)
+                recall = [
+                    len({hit.point_id for hit in await store.search("scale", vector, 10)} & exact[n]) / 10
+                    for n, (_, vector, _) in enumerate(embedded[:100])
+                ]
+                chosen = " <- default" if (m, ef_construct, ef) == (HNSW_M, HNSW_EF_CONSTRUCT, HNSW_EF) else ""
+                print(
+                    f"  {m:>4}{ef_construct:>14}{build['seconds']:>9.1f}{build['peak_mib']:>11.0f}{ef:>9}"
+                    f"{pct(latency, 50):>9.2f}{pct(latency, 99):>9.2f}{float(np.mean(recall)):>11.3f}{chosen}"
+                )
+        finally:
+            store.close()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def truth(vectors: np.ndarray, query: list[float], k: int) -> set[str]:
@@ -261,6 +358,11 @@ def report(size: int, embed_ms: list[float], results: dict[str, dict[str, Any]])
     for q in (50, 99):
         totals = [[e + s for e, s in zip(embed_ms, r["hybrid"] or r["dense"], strict=True)] for r in results.values()]
         line(f"embed + search P{q} (as served, ms)", [f"{pct(t, q):.2f}" for t in totals])
+    for q in (50, 99):
+        line(
+            f"search P{q} from another process (socket, ms)",
+            [f"{pct(r['other'], q):.2f}" if r["other"] else "-" for r in results.values()],
+        )
     line("recall@10 against exact search", [f"{r['recall']:.3f}" for r in results.values()])
     line("fill (s)", [f"{r['fill']:.1f}" for r in results.values()])
     line(
@@ -286,7 +388,7 @@ async def main_async(args: argparse.Namespace) -> None:
         collection, texts = await ingestion(gateway, engine, key, documents)
         asked = queries(args.queries, rng)
         await query_latency(gateway, engine, key, collection, asked)
-        await at_scale(engine, texts, asked, args.sizes)
+        await at_scale(engine, texts, asked, args.sizes, args.local_max, args.tradeoff)
     finally:
         if started:
             cli(env, "down")
@@ -298,7 +400,14 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--reuse", action="store_true", help="use the appliance already running (its env)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000], help="collection sizes (e.g. 1000000)")
-    asyncio.run(main_async(parser.parse_args()))
+    parser.add_argument("--local-max", type=int, default=100_000, help="largest size local mode is run at")
+    parser.add_argument("--tradeoff", action="store_true", help="the HNSW trade-off table at the first size")
+    parser.add_argument("--socket-client", nargs=2, help=argparse.SUPPRESS)  # the second process's part
+    args = parser.parse_args()
+    if args.socket_client:
+        socket_client(*args.socket_client)
+        return
+    asyncio.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import stat
 import tarfile
 import tempfile
@@ -28,7 +29,9 @@ from appliance import __version__
 from appliance.backup import database
 from appliance.backup.archive import FRAME_SIZE, EncryptingWriter
 from appliance.backup.layout import Layout
+from appliance.lib.errors import ServiceUnavailableError
 from appliance.lib.progress import Progress, Stage
+from appliance.retrieval.edge_shared import SNAPSHOT, consistent_copy
 
 MANIFEST = "manifest.json"
 SQLITE_MEMBER = "database/appliance.sqlite"
@@ -68,14 +71,21 @@ class _Collector:
         )
         stage.add(files=1, nbytes=size)
 
-    def add_tree(self, prefix: str, root: Path, stage: Stage) -> None:
+    def add_tree(self, prefix: str, root: Path, stage: Stage, *, instead: dict[str, Path | None] | None = None) -> None:
         """A folder, files and sub-folders (symbolic links and special files are not followed nor kept); the
-        SQLite files in it (Qdrant local mode's collections) are copied through SQLite's backup API."""
+        SQLite files in it (Qdrant local mode's collections) are copied through SQLite's backup API. ``instead``
+        maps a sub-folder of ``root`` to a consistent copy of it, stored under its name (None: left out)."""
         self.add_dir(prefix, root.stat().st_mode)
         for folder, dirs, files in os.walk(root):
             dirs.sort()
             here = Path(folder)
             relative = here.relative_to(root)
+            if here == root and instead:
+                for name, copy in instead.items():
+                    if name in dirs:
+                        dirs.remove(name)
+                        if copy is not None:
+                            self.add_tree(f"{prefix}/{name}", copy, stage)
             for name in dirs:
                 if not (here / name).is_symlink():
                     self.add_dir(f"{prefix}/{(relative / name).as_posix()}", (here / name).stat().st_mode)
@@ -231,8 +241,22 @@ def _vectors(layout: Layout, collect: _Collector, stage: Stage, progress: Progre
         return {"kind": "server", "url": layout.qdrant_url, "included": False, "note": note}
     if not layout.qdrant_path.is_dir():
         return {"kind": "local", "path": str(layout.qdrant_path), "included": False, "note": "no vector store yet"}
-    collect.add_tree("qdrant", layout.qdrant_path, stage)
-    return {"kind": "local", "path": str(layout.qdrant_path), "included": True}
+    if not (layout.qdrant_path / "edge").is_dir():
+        collect.add_tree("qdrant", layout.qdrant_path, stage)
+        return {"kind": "local", "path": str(layout.qdrant_path), "included": True}
+    # Qdrant Edge's shards are copied each whole, between two writes of a running gateway (after the database:
+    # every document the database calls ready has all its points in the copy)
+    # The copy is made beside the store, not in this backup's scratch folder: the owner runs as the appliance's
+    # user, who may not write where root (on a node) writes the backup.
+    copy = layout.qdrant_path / SNAPSHOT
+    try:
+        made_by = consistent_copy(layout.qdrant_path, copy)
+        collect.add_tree("qdrant", layout.qdrant_path, stage, instead={"edge": copy, SNAPSHOT: None})
+    except ServiceUnavailableError as exc:
+        raise BackupError(str(exc)) from exc
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    return {"kind": "local", "path": str(layout.qdrant_path), "included": True, "edge_copy": made_by}
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -47,6 +47,7 @@ import qdrant_edge as qe
 
 from appliance.lib.errors import ServiceUnavailableError
 from appliance.retrieval.vectors import Hit
+from appliance.settings import HNSW_EF, HNSW_EF_CONSTRUCT, HNSW_M
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,13 +60,22 @@ def _document_filter(document_id: str) -> qe.Filter:
     return qe.Filter(must=[qe.FieldCondition(key="document_id", match=qe.MatchValue(value=document_id))])
 
 
-def _config(dimensions: int, indexing_threshold_kb: int | None) -> qe.EdgeConfig:
+def hnsw_config(m: int, ef_construct: int) -> qe.HnswIndexConfig:
+    """The dense vectors' graph: ``m`` links per point, ``ef_construct`` candidates per point while building
+    (Qdrant's defaults are 16 and 100: recall@10 0.864 at 100,000 points of bench/retrieval.py with ``hnsw_ef``
+    128, 0.917 at 1,024; m 64 gives 0.980 at 512 in under a millisecond: the graph, not the search, was short).
+    Segments under 10,000 KB are scanned exactly (Qdrant's ``full_scan_threshold``)."""
+    return qe.HnswIndexConfig(m=m, ef_construct=ef_construct, full_scan_threshold=10_000)
+
+
+def _config(dimensions: int, indexing_threshold_kb: int | None, m: int, ef_construct: int) -> qe.EdgeConfig:
     """Cosine dense vectors and BM25 sparse ones (IDF computed by the engine); segments past the indexing
     threshold (Qdrant's default: 10,000 KB, about 6,500 vectors of 384 dimensions) get an HNSW index when built,
     smaller ones are searched exhaustively, which is as fast at that size."""
     return qe.EdgeConfig(
         vectors={DENSE: qe.EdgeVectorParams(size=dimensions, distance=qe.Distance.Cosine)},
         sparse_vectors={SPARSE: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)},
+        hnsw_config=hnsw_config(m, ef_construct),
         optimizers=qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb),
     )
 
@@ -95,7 +105,9 @@ class EdgeStore:
         lock: bool = True,
         build_timeout_s: float = 3600.0,
         indexing_threshold_kb: int | None = None,
-        hnsw_ef: int = 128,
+        hnsw_ef: int = HNSW_EF,
+        hnsw_m: int = HNSW_M,
+        hnsw_ef_construct: int = HNSW_EF_CONSTRUCT,
     ) -> None:
         self._root = root
         self._folder = root / "edge"
@@ -105,6 +117,7 @@ class EdgeStore:
         self._build_timeout_s = build_timeout_s
         self._indexing_threshold_kb = indexing_threshold_kb
         self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
+        self._hnsw = (hnsw_m, hnsw_ef_construct)
         self._lock_file: IO[bytes] | None = None
         self._shards: dict[str, _Shard] = {}
         self._open_lock = threading.Lock()
@@ -165,7 +178,7 @@ class EdgeStore:
                 shard = _Shard(qe.EdgeShard.load(str(path)))
             elif dimensions is not None:
                 staging = self._path(name, ".new")  # created aside, renamed: never half a shard under its name
-                made = qe.EdgeShard.create(str(staging), _config(dimensions, self._indexing_threshold_kb))
+                made = qe.EdgeShard.create(str(staging), _config(dimensions, self._indexing_threshold_kb, *self._hnsw))
                 made.update(qe.UpdateOperation.create_field_index("document_id", qe.PayloadSchemaType.Keyword))
                 made.flush()
                 made.close()
@@ -176,7 +189,12 @@ class EdgeStore:
             self._shards[name] = shard
             return shard
 
-    def _call(self, work: Callable[[], T]) -> T:
+    def open(self) -> None:
+        """Take the store's folder now (its ``.lock``): ServiceUnavailableError when another process has it."""
+        with self._open_lock:
+            self._start()
+
+    def call(self, work: Callable[[], T]) -> T:
         try:
             return work()
         except ServiceUnavailableError:
@@ -187,7 +205,7 @@ class EdgeStore:
             ) from exc
 
     async def _run(self, work: Callable[[], T]) -> T:
-        return await asyncio.to_thread(self._call, work)
+        return await asyncio.to_thread(self.call, work)
 
     def wait_for_builds(self, timeout_s: float | None = None) -> None:
         """Wait for the index builds started so far (tests, the benchmark, a clean shutdown)."""
@@ -215,22 +233,25 @@ class EdgeStore:
     # the store's operations
 
     async def create(self, name: str, dimensions: int) -> None:
-        await self._run(lambda: self._get(name, dimensions))
+        await self._run(lambda: self.create_now(name, dimensions))
+
+    def create_now(self, name: str, dimensions: int) -> None:
+        self._get(name, dimensions)
 
     async def drop(self, name: str) -> None:
-        def work() -> None:
-            with self._open_lock:
-                self._start()
-                shard = self._shards.pop(name, None)
-                if shard is not None:
-                    with shard.write, shard.swap:
-                        shard.shard.close()
-                self._repair(name)
-                if self._path(name).exists():  # renamed first: a kill mid-delete leaves no half shard
-                    self._path(name).rename(self._path(name, ".trash"))
-                    shutil.rmtree(self._path(name, ".trash"))
+        await self._run(lambda: self.drop_now(name))
 
-        await self._run(work)
+    def drop_now(self, name: str) -> None:
+        with self._open_lock:
+            self._start()
+            shard = self._shards.pop(name, None)
+            if shard is not None:
+                with shard.write, shard.swap:
+                    shard.shard.close()
+            self._repair(name)
+            if self._path(name).exists():  # renamed first: a kill mid-delete leaves no half shard
+                self._path(name).rename(self._path(name, ".trash"))
+                shutil.rmtree(self._path(name, ".trash"))
 
     def _apply(self, shard: _Shard, operation: qe.UpdateOperation) -> None:
         with shard.write:
@@ -241,20 +262,22 @@ class EdgeStore:
     async def upsert(
         self, name: str, ids: Sequence[str], vectors: Sequence[list[float]], payloads: Sequence[dict[str, Any]]
     ) -> None:
-        def work() -> None:
-            shard = self._get(name)
-            if shard is None:
-                raise ServiceUnavailableError(f"The vector collection {name} does not exist.")
-            points = [
-                qe.Point(pid, self._vectors(vector, payload), payload)
-                for pid, vector, payload in zip(ids, vectors, payloads, strict=True)
-            ]
-            self._apply(shard, qe.UpdateOperation.upsert_points(points))
-            shard.written += len(points)
-            if shard.written >= self._optimize_after and not shard.building:
-                self._start_build(name, shard)
+        await self._run(lambda: self.upsert_now(name, ids, vectors, payloads))
 
-        await self._run(work)
+    def upsert_now(
+        self, name: str, ids: Sequence[str], vectors: Sequence[list[float]], payloads: Sequence[dict[str, Any]]
+    ) -> None:
+        shard = self._get(name)
+        if shard is None:
+            raise ServiceUnavailableError(f"The vector collection {name} does not exist.")
+        points = [
+            qe.Point(pid, self._vectors(vector, payload), payload)
+            for pid, vector, payload in zip(ids, vectors, payloads, strict=True)
+        ]
+        self._apply(shard, qe.UpdateOperation.upsert_points(points))
+        shard.written += len(points)
+        if shard.written >= self._optimize_after and not shard.building:
+            self._start_build(name, shard)
 
     def _vectors(self, vector: list[float], payload: dict[str, Any]) -> dict[str, Any]:
         return {DENSE: vector, SPARSE: self.bm25.embed_document(str(payload.get("text", "")))}
@@ -262,31 +285,34 @@ class EdgeStore:
     async def search(self, name: str, vector: list[float], limit: int, text: str | None = None) -> list[Hit]:
         """The ``limit`` nearest chunks; with ``text`` (and hybrid on), dense and BM25 results fused by
         reciprocal rank, so an exact identifier that the embedding blurs is still found."""
+        return await self._run(lambda: self.search_now(name, vector, limit, text))
 
-        def work() -> list[Hit]:
-            shard = self._get(name)
-            if shard is None:
-                return []
-            if self._hybrid and text and text.strip():
-                depth = max(limit * 4, 20)
-                request = qe.QueryRequest(
-                    limit=limit,
-                    prefetches=[
-                        qe.Prefetch(limit=depth, query=qe.Query.Nearest(vector, using=DENSE), params=self._params),
-                        qe.Prefetch(limit=depth, query=qe.Query.Nearest(self.bm25.embed_query(text), using=SPARSE)),
-                    ],
-                    query=qe.Fusion.Rrf(k=60),  # type: ignore[arg-type]  # the stub omits Fusion.Rrf
-                    with_payload=True,
-                )
-            else:
-                request = qe.QueryRequest(
-                    limit=limit, query=qe.Query.Nearest(vector, using=DENSE), with_payload=True, params=self._params
-                )
-            with shard.swap:
-                found = shard.shard.query(request)
-            return [Hit(str(point.id), float(point.score), dict(point.payload or {})) for point in found]
+    def search_now(self, name: str, vector: list[float], limit: int, text: str | None = None) -> list[Hit]:
+        shard = self._get(name)
+        if shard is None:
+            return []
+        if self._hybrid and text and text.strip():
+            depth = max(limit * 4, 20)
+            request = qe.QueryRequest(
+                limit=limit,
+                prefetches=[
+                    qe.Prefetch(limit=depth, query=qe.Query.Nearest(vector, using=DENSE), params=self._params),
+                    qe.Prefetch(limit=depth, query=qe.Query.Nearest(self.bm25.embed_query(text), using=SPARSE)),
+                ],
+                query=qe.Fusion.Rrf(k=60),  # type: ignore[arg-type]  # the stub omits Fusion.Rrf
+                with_payload=True,
+            )
+        else:
+            request = qe.QueryRequest(
+                limit=limit, query=qe.Query.Nearest(vector, using=DENSE), with_payload=True, params=self._params
+            )
+        with shard.swap:
+            found = shard.shard.query(request)
+        return [Hit(str(point.id), float(point.score), dict(point.payload or {})) for point in found]
 
-        return await self._run(work)
+    def set_hnsw_ef(self, hnsw_ef: int) -> None:
+        """Candidates per search from now on (the benchmark's trade-off table sweeps it on one built index)."""
+        self._params = qe.SearchParams(hnsw_ef=hnsw_ef)
 
     def exact_search(self, name: str, vector: list[float], limit: int) -> list[str]:
         """Point ids of the exact nearest neighbours (no index): what recall is measured against."""
@@ -300,23 +326,43 @@ class EdgeStore:
             return [str(point.id) for point in shard.shard.query(request)]
 
     async def delete_document(self, name: str, document_id: str) -> None:
-        def work() -> None:
-            shard = self._get(name)
-            if shard is not None:
-                self._apply(shard, qe.UpdateOperation.delete_points_by_filter(_document_filter(document_id)))
+        await self._run(lambda: self.delete_document_now(name, document_id))
 
-        await self._run(work)
+    def delete_document_now(self, name: str, document_id: str) -> None:
+        shard = self._get(name)
+        if shard is not None:
+            self._apply(shard, qe.UpdateOperation.delete_points_by_filter(_document_filter(document_id)))
 
     async def count(self, name: str, document_id: str | None = None) -> int:
-        def work() -> int:
+        return await self._run(lambda: self.count_now(name, document_id))
+
+    def count_now(self, name: str, document_id: str | None = None) -> int:
+        shard = self._get(name)
+        if shard is None:
+            return 0
+        selector = _document_filter(document_id) if document_id is not None else None
+        with shard.swap:
+            return int(shard.shard.count(qe.CountRequest(exact=True, filter=selector)))
+
+    def snapshot_now(self, target: str) -> list[str]:
+        """Copy every shard into ``target/<name>``, each one whole: its writes wait while it is flushed and
+        copied (queries go on), so the copy holds every write acknowledged before and none half-applied (what an
+        online backup takes). Returns the shards copied."""
+        with self._open_lock:
+            self._start()
+        names = sorted(
+            path.name for path in self._folder.iterdir() if path.is_dir() and not path.name.endswith(SUFFIXES)
+        )
+        destination = Path(target)
+        destination.mkdir(parents=True, exist_ok=True)
+        for name in names:
             shard = self._get(name)
             if shard is None:
-                return 0
-            selector = _document_filter(document_id) if document_id is not None else None
-            with shard.swap:
-                return int(shard.shard.count(qe.CountRequest(exact=True, filter=selector)))
-
-        return await self._run(work)
+                continue
+            with shard.write:  # the swap of a build takes this lock too: never a half-swapped shard
+                shard.shard.flush()
+                shutil.copytree(self._path(name), destination / name)
+        return names
 
     def indexed(self, name: str) -> int:
         """Vectors covered by an index (HNSW for dense, the inverted index for sparse)."""
@@ -352,7 +398,14 @@ class EdgeStore:
                 shard.written = 0
             if self._closing:
                 raise RuntimeError("the store is closing")
-            command = [sys.executable, str(Path(__file__).with_name("edge_build.py")), str(copy)]
+            m, ef_construct = self._hnsw
+            command = [
+                sys.executable,
+                str(Path(__file__).with_name("edge_build.py")),
+                str(copy),
+                str(m),
+                str(ef_construct),
+            ]
             child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             self._children.add(child)
             try:

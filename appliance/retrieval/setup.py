@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import Engine
 
@@ -15,6 +16,7 @@ from appliance.gateway.upstream import EngineRouter
 from appliance.ledger.writer import UsageWriter
 from appliance.retrieval.catalog import Catalog
 from appliance.retrieval.edge import EdgeStore
+from appliance.retrieval.edge_shared import SharedEdgeStore
 from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.service import Retrieval
 from appliance.retrieval.vectors import Store, VectorStore
@@ -31,7 +33,8 @@ def qdrant_local_path(settings: Settings) -> Path | None:
 
 
 def vector_store(settings: Settings) -> Store:
-    """The store ``retrieval.backend`` names: Qdrant Edge in process (default), a Qdrant server, or local mode."""
+    """The store ``retrieval.backend`` names: Qdrant Edge in process (default; shared with the node's other
+    gateway processes unless ``retrieval.shared`` is off), a Qdrant server, or local mode."""
     retrieval = settings.retrieval
     if retrieval.backend == "server":
         key = retrieval.qdrant_api_key.get_secret_value() if retrieval.qdrant_api_key else None
@@ -39,9 +42,14 @@ def vector_store(settings: Settings) -> Store:
     path = qdrant_local_path(settings)
     assert path is not None
     if retrieval.backend == "edge":
-        return EdgeStore(
-            path, hybrid=retrieval.hybrid, optimize_after=retrieval.optimize_after, hnsw_ef=retrieval.hnsw_ef
-        )
+        options: dict[str, Any] = {
+            "hybrid": retrieval.hybrid,
+            "optimize_after": retrieval.optimize_after,
+            "hnsw_ef": retrieval.hnsw_ef,
+            "hnsw_m": retrieval.hnsw_m,
+            "hnsw_ef_construct": retrieval.hnsw_ef_construct,
+        }
+        return SharedEdgeStore(path, **options) if retrieval.shared else EdgeStore(path, **options)
     return VectorStore(path=path)
 
 

@@ -3,6 +3,7 @@ and the HNSW index built in a child process while queries keep answering."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -132,3 +133,40 @@ async def test_the_index_is_built_off_process_while_queries_and_writes_go_on(tmp
     assert hits[0].point_id == late[0]
     store.close()
     assert sorted(p.name for p in (tmp_path / "q" / "edge").iterdir()) == ["c"], "no copy is left behind"
+
+
+def hnsw_of_segments(shard: Path) -> list[tuple[int, int]]:
+    """(m, ef_construct) of each HNSW-indexed segment, as the engine recorded them."""
+    found = []
+    for path in (shard / "segments").glob("*/segment.json"):
+        index = json.loads(path.read_text())["config"]["vector_data"]["dense"]["index"]
+        if index["type"] == "hnsw":
+            found.append((index["options"]["m"], index["options"]["ef_construct"]))
+    return found
+
+
+async def test_the_hnsw_settings_shape_the_built_index_and_a_changed_setting_applies_to_the_next_build(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(6000, 32)).astype(np.float32)
+    store = EdgeStore(
+        tmp_path / "q", optimize_after=1 << 62, indexing_threshold_kb=100, hnsw_m=12, hnsw_ef_construct=40
+    )
+    await store.create("c", 32)
+    await store.upsert(
+        "c", [point_id("a", n) for n in range(3000)], vectors[:3000].tolist(), [{"document_id": "a"}] * 3000
+    )
+    assert "error" not in store.build("c")
+    assert set(hnsw_of_segments(tmp_path / "q" / "edge" / "c")) == {(12, 40)}
+    store.close()
+    changed = EdgeStore(
+        tmp_path / "q", optimize_after=1 << 62, indexing_threshold_kb=100, hnsw_m=20, hnsw_ef_construct=60
+    )
+    await changed.upsert(
+        "c", [point_id("b", n) for n in range(3000)], vectors[3000:].tolist(), [{"document_id": "b"}] * 3000
+    )
+    assert "error" not in changed.build("c")
+    assert (20, 60) in hnsw_of_segments(tmp_path / "q" / "edge" / "c"), "segments indexed since use the new setting"
+    assert changed.indexed("c") >= 6000 and await changed.count("c") == 6000
+    changed.close()
