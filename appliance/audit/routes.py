@@ -19,8 +19,9 @@ from appliance.lib.principal import ADMIN, AUDITOR, principal_of
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
-Size = Annotated[int, QueryParameter(ge=0)]
-OptionalSize = Annotated[int | None, QueryParameter(ge=0)]
+SEQ_MAX = 2**63 - 1  # a sequence number or tree size past a 64-bit integer was a 500 (schemathesis found it)
+Size = Annotated[int, QueryParameter(ge=0, le=SEQ_MAX)]
+OptionalSize = Annotated[int | None, QueryParameter(ge=0, le=SEQ_MAX)]
 
 
 def _platform_auditor(request: Request[Any, Any, Any]) -> None:
@@ -97,7 +98,7 @@ class AuditController(Controller):
         self,
         request: Request[Any, Any, Any],
         audit: NamedDependency[AuditWriter],
-        seq: Annotated[int, QueryParameter(ge=1)],
+        seq: Annotated[int, QueryParameter(ge=1, le=SEQ_MAX)],
         size: OptionalSize = None,
     ) -> dict[str, Any]:
         """RFC 6962 inclusion proof of record ``seq`` in the tree of ``size`` records (default: the newest
@@ -111,7 +112,7 @@ class AuditController(Controller):
         self,
         request: Request[Any, Any, Any],
         audit: NamedDependency[AuditWriter],
-        old: Annotated[int, QueryParameter(ge=1)],
+        old: Annotated[int, QueryParameter(ge=1, le=SEQ_MAX)],
         size: OptionalSize = None,
     ) -> dict[str, Any]:
         """RFC 6962 consistency proof from the tree of ``old`` records to that of ``size`` (default: newest)."""

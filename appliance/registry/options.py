@@ -25,7 +25,9 @@ class SpeculativeOptions(BaseModel):
     num_speculative_tokens: int = Field(default=3, ge=1, le=16)
     prompt_lookup_min: int = Field(default=1, ge=1, le=16, description="ngram: shortest n-gram matched")
     prompt_lookup_max: int = Field(default=4, ge=1, le=16, description="ngram: longest n-gram matched")
-    draft_version_id: int | None = Field(default=None, description="draft_model: the registry version")
+    draft_version_id: int | None = Field(
+        default=None, ge=1, le=2**63 - 1, description="draft_model: the registry version"
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> SpeculativeOptions:

@@ -51,8 +51,11 @@ def audit(
         log.exception("recording model.%s in the audit trail failed", action)
 
 
+ID_MAX = 2**63 - 1  # ids are 64-bit integers: a larger one names no version (and must not reach the database)
+
+
 def get_version(session: Session, version_id: int) -> ModelVersion:
-    version = session.get(ModelVersion, version_id)
+    version = session.get(ModelVersion, version_id) if 0 < version_id <= ID_MAX else None
     if version is None:
         raise NotFoundError(f"no model version {version_id}")
     return version

@@ -92,3 +92,9 @@ async def test_admin_models_routes_are_for_admins_and_readable_by_operators(tmp_
         assert removed.status_code == 200 and removed.json()["files_removed"]
         unknown = await client.post("/admin/models/", json={**body, "source": str(tmp_path / "none")}, headers=admin)
         assert unknown.status_code == 400 and "does not exist" in unknown.json()["error"]["message"]
+        # An id past a 64-bit integer names no version: 404, never a 500 from the database.
+        for huge in (f"/admin/models/{2**64}", f"/admin/models/{2**70}/approve"):
+            method = client.get if huge.endswith(str(2**64)) else client.post
+            assert (await method(huge, headers=admin)).status_code == 404, huge
+        draft = {**body, "options": {"speculative": {"method": "draft_model", "draft_version_id": 2**64}}}
+        assert (await client.post("/admin/models/", json=draft, headers=admin)).status_code == 400
