@@ -128,4 +128,4 @@ class AuditController(Controller):
         witness last co-signed (``old``), to carry to a witness."""
         _platform_auditor(request)
         body: str = await _prove(audit.store.witness_request, old)
-        return Response(content=body, media_type="text/plain; charset=utf-8")
+        return Response(content=body, media_type="text/plain")  # Litestar adds the charset (utf-8) itself

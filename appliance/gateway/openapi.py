@@ -186,6 +186,12 @@ _ALSO = {
     ("/admin/usage", "get"): {"text/csv": {"schema": {"type": "string", "description": "with `format=csv`"}}},
     ("/admin/usage/requests", "get"): {"text/csv": {"schema": {"type": "string", "description": "with `format=csv`"}}},
 }
+# Answers that are only something else than JSON.
+_INSTEAD = {
+    ("/admin/audit/witness", "get"): {
+        "text/plain": {"schema": {"type": "string", "description": "a C2SP tlog-witness add-checkpoint request body"}}
+    },
+}
 
 
 def contract(schema: dict[str, Any]) -> dict[str, Any]:
@@ -226,6 +232,10 @@ def contract(schema: dict[str, Any]) -> dict[str, Any]:
         operation = schema.get("paths", {}).get(path, {}).get(method)
         if operation is not None:
             operation["responses"]["200"].setdefault("content", {}).update(media)
+    for (path, method), media in _INSTEAD.items():
+        operation = schema.get("paths", {}).get(path, {}).get(method)
+        if operation is not None:
+            operation["responses"]["200"]["content"] = copy.deepcopy(media)
     for path, item in schema.get("paths", {}).items():
         for method, operation in item.items():
             if isinstance(operation, dict) and method in ("get", "post", "put", "patch", "delete"):
