@@ -108,6 +108,8 @@ def appliance() -> Iterator[Appliance]:
     for suffix in ("-wal", "-shm"):
         (TEST_DATA_DIR / f"appliance.db{suffix}").unlink(missing_ok=True)
     shutil.rmtree(TEST_DATA_DIR / "qdrant", ignore_errors=True)  # its collections belonged to that database
+    # ... and so did the latest signed checkpoint: kept, it would show this new database as a rollback.
+    (TEST_DATA_DIR / "audit" / "latest-checkpoint").unlink(missing_ok=True)
     started = time.monotonic()
     result = handle.cli("up", "--detach", "--timeout", "1500", timeout=1600)
     if result.returncode != 0:
