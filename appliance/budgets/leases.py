@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from appliance.budgets.ratelimit import RateWindow
+from appliance.budgets.ratelimit import RateWindow, keep_tightest
 from appliance.budgets.store import (
     LEASE_PREFIX,
     PERIODIC,
@@ -43,7 +43,7 @@ from appliance.budgets.store import (
     LeaseMove,
     _amount,
     _exceeded,
-    _limit,
+    per_request_cap,
 )
 from appliance.ledger.pricing import Price
 from appliance.lib.recheck import RECHECK_S, Recheck
@@ -192,13 +192,7 @@ class BudgetLeases:
             periodic: list[tuple[dict[str, Any], Lease]] = []
             for rule in rules:
                 if rule["kind"] == "max_tokens":
-                    if rule["limit"] < min_output:
-                        raise _limit(
-                            rule,
-                            f"this request may produce {min_output} sequences of a token each",
-                            "max_tokens_exceeded",
-                        )
-                    cap = min(cap, rule["limit"])
+                    cap = per_request_cap(rule, min_output, cap)
                 elif rule["kind"] in PERIODIC:
                     periodic.append((rule, self._lease(rule, now)))
             wanted = None if cap == math.inf else int(cap)
@@ -239,35 +233,25 @@ class BudgetLeases:
                 affordable = price.affordable(prompt_tokens, lease.free)
                 cap = cap if affordable is None else min(cap, affordable)
         granted = None if cap == math.inf else int(cap)
-        hold = LeasedHold(
-            self,
-            Grant(
-                granted,
-                clamped=granted is not None and (max_tokens is None or granted < max_tokens),
-                reserved=bool(periodic),
-                prompt_tokens=prompt_tokens,
-            ),
-        )
+        draws: list[tuple[Lease, int]] = []
         rates: dict[str, RateWindow] = {}
         for rule, lease in periodic:
             amount = _amount(rule["kind"], prompt_tokens, granted or 0, price)
             lease.held += amount
             lease.last_used = self._monotonic()
-            hold.draws.append((lease, amount))
+            draws.append((lease, amount))
             if rule["period"] == "minute" and rule["kind"] in ("tokens", "requests"):
                 rate = RateWindow(rule["limit"], lease.free + lease.remaining, (lease.end - now).total_seconds())
-                if rule["kind"] not in rates or rate.remaining < rates[rule["kind"]].remaining:
-                    rates[rule["kind"]] = rate
-        if rates:
-            hold.grant = Grant(
-                granted,
-                clamped=hold.grant.clamped,
-                reserved=hold.grant.reserved,
-                prompt_tokens=prompt_tokens,
-                minute_requests=rates.get("requests"),
-                minute_tokens=rates.get("tokens"),
-            )
-        return hold
+                keep_tightest(rates, rule["kind"], rate)
+        grant = Grant(
+            granted,
+            clamped=granted is not None and (max_tokens is None or granted < max_tokens),
+            reserved=bool(periodic),
+            prompt_tokens=prompt_tokens,
+            minute_requests=rates.get("requests"),
+            minute_tokens=rates.get("tokens"),
+        )
+        return LeasedHold(self, grant, draws)
 
     def _window(self, period: str, now: datetime) -> tuple[datetime, datetime]:
         """The period's window holding ``now`` (kept until it ends: every request asks for it)."""

@@ -38,6 +38,12 @@ def reset_duration(seconds: float) -> str:
     return f"{minutes}m{text}" if minutes else text
 
 
+def keep_tightest(rates: dict[str, RateWindow], kind: str, window: RateWindow) -> None:
+    """Keep in ``rates`` the minute budget of ``kind`` with the least left (what the headers report)."""
+    if kind not in rates or window.remaining < rates[kind].remaining:
+        rates[kind] = window
+
+
 def window_headers(kind: str, window: RateWindow) -> dict[str, str]:
     """The three headers of one kind (``requests`` or ``tokens``)."""
     return {

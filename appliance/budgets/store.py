@@ -34,7 +34,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from appliance.budgets.journal import Settlement, SettlementJournal
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation
-from appliance.budgets.ratelimit import RateWindow, window_headers
+from appliance.budgets.ratelimit import RateWindow, keep_tightest, window_headers
 from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
 from appliance.lib.windows import window
@@ -298,11 +298,6 @@ class BudgetStore:
                     )
         return gone
 
-    def applicable(self, chain: dict[str, str]) -> set[str]:
-        """The kinds of budget that apply to this chain (empty: nothing to enforce, nothing to count)."""
-        with self._engine.connect() as connection:
-            return {row["kind"] for row in _chain_budgets(connection, chain)}
-
     @_retrying
     def reserve(
         self,
@@ -329,13 +324,7 @@ class BudgetStore:
             minute: list[tuple[str, int, int, datetime]] = []  # rate limits: kind, limit, remaining, reset
             for budget in budgets:
                 if budget["kind"] == "max_tokens":
-                    if budget["limit"] < min_output:
-                        raise _limit(
-                            budget,
-                            f"this request may produce {min_output} sequences of a token each",
-                            "max_tokens_exceeded",
-                        )
-                    cap = min(cap, budget["limit"])
+                    cap = per_request_cap(budget, min_output, cap)
                     continue
                 if budget["kind"] not in PERIODIC:
                     continue  # limits on calls, checked when the request is admitted
@@ -377,8 +366,7 @@ class BudgetStore:
             rate = RateWindow(
                 limit, left - _amount(kind, prompt_tokens, granted or 0, price), (end - now).total_seconds()
             )
-            if kind not in rates or rate.remaining < rates[kind].remaining:
-                rates[kind] = rate
+            keep_tightest(rates, kind, rate)
         return Grant(
             granted,
             clamped=clamped,
@@ -595,6 +583,13 @@ def _limit(budget: Any, what: str, code: str) -> BudgetExceededError:
         code=code,
         headers={"Retry-After": str(NO_RETRY_AFTER_S), "x-should-retry": "false"},
     )
+
+
+def per_request_cap(budget: Any, min_output: int, cap: float) -> float:
+    """``cap`` lowered to a `max_tokens` budget's limit; refused (429) when not a token per sequence fits."""
+    if budget["limit"] < min_output:
+        raise _limit(budget, f"this request may produce {min_output} sequences of a token each", "max_tokens_exceeded")
+    return min(cap, int(budget["limit"]))
 
 
 def _take(connection: Connection, which: Any) -> list[Any]:
