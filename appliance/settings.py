@@ -501,6 +501,18 @@ class RegistrySettings(BaseModel):
     port_base: int = Field(
         default=8201, ge=1, le=65000, description="first port of engines the registry deploys (one per engine)"
     )
+    port_count: int = Field(
+        default=64,
+        ge=1,
+        le=1024,
+        description="how many ports from port_base the registry's engines may take (a node's firewall closes this "
+        "range to every user but the gateway's)",
+    )
+    dir: Path | None = Field(
+        default=None,
+        description="where imported versions' files live (default: <data_dir>/registry); a node puts it where "
+        "the engines' user may read it and nothing else of the appliance's",
+    )
     poll_interval_s: float = Field(
         default=1.0, gt=0, description="how often each gateway reads the served-name -> engines mapping"
     )
@@ -597,7 +609,7 @@ class Settings(BaseSettings):
     @property
     def registry_dir(self) -> Path:
         """Where imported model versions' files live, one folder per version."""
-        return self.data_dir / "registry"
+        return self.registry.dir or self.data_dir / "registry"
 
     @property
     def prepared_models_dir(self) -> Path:

@@ -47,6 +47,9 @@ class ManagedEngines(Protocol):
 
     def stop(self) -> None: ...
 
+    def watch(self) -> None:
+        """Called every second while the appliance runs: start again what crashed."""
+
 
 @dataclass
 class _Engine:
@@ -185,6 +188,13 @@ class Supervisor:
                     )
                     log.warning("engine %s restarted (restart %d)", engine.spec.manifest.name, engine.restarts)
                     self._publish("running", f"engine {engine.spec.manifest.name} restarting")
+            for managed in self.managed:
+                if self._stop_requested:
+                    return
+                try:
+                    managed.watch()
+                except Exception:  # one domain's failure must not stop the supervisor watching the others
+                    log.exception("watching %s failed", managed.name)
             if self._stop_requested:
                 return
             if self.gateway is not None and self.gateway.poll() is not None:

@@ -5,6 +5,7 @@ The actor of each transition is the operating-system user who runs the command."
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pwd
@@ -16,7 +17,7 @@ from sqlmodel import Session
 
 from appliance.db.engine import create_schema, make_engine
 from appliance.lib.errors import ApplianceError
-from appliance.registry import deploy, service
+from appliance.registry import deploy, service, units
 from appliance.registry.importer import import_model
 from appliance.registry.options import parse_options
 from appliance.settings import Settings
@@ -51,6 +52,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         parser.add_argument("version", help="version id, or served-name:vN")
     rollback = msub.add_parser("rollback", help="point a served name back at the version it served before")
     rollback.add_argument("name")
+    units_parser = msub.add_parser("units", help="a node's registry engine units (systemd runs these, not people)")
+    usub = units_parser.add_subparsers(dest="units_command", required=True)
+    reconcile = usub.add_parser("reconcile", help="start and stop vllm-registry@ units to match the specs (root)")
+    reconcile.add_argument("--state", type=Path, default=Path("/var/lib/appliance-registry-units/applied.json"))
+    exec_ = usub.add_parser("exec", help="verify a deployed engine's files and become it (the unit's ExecStart)")
+    exec_.add_argument("name")
 
 
 def _print(data: Any) -> None:
@@ -58,6 +65,16 @@ def _print(data: Any) -> None:
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.models_command == "units":  # no database: these run as root and as the engines' user
+        try:
+            if args.units_command == "exec":
+                units.exec_engine(settings, args.name)
+            else:
+                _print(dataclasses.asdict(units.reconcile(settings, args.state)))
+            return 0
+        except ApplianceError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return 1
     db = make_engine(settings.database_url)
     try:
         create_schema(db)

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,16 @@ from appliance.engines.runner import (
 )
 from appliance.lib.errors import ConflictError
 from appliance.registry import service
-from appliance.registry.files import verify_files
+from appliance.registry.files import RegistryIntegrityError, verify_files
 from appliance.registry.importer import check_draft
+from appliance.registry.launch import Launcher, ProcessLauncher, UnitLauncher
 from appliance.registry.models import APPROVED, DEPLOYED, ModelVersion, ServedModel
 from appliance.registry.options import ServingOptions, parse_options, vllm_args
 from appliance.settings import EngineKind, Settings
 
 log = logging.getLogger(__name__)
 
+MAX_RESTARTS = 5
 VLLM = EngineKind(command=["(vllm: appliance.engines.runner.engine_command)"])
 
 
@@ -73,9 +76,12 @@ def allocate_ports(session: Session, settings: Settings, count: int) -> list[int
     taken = {int(e["port"]) for row in session.exec(select(ServedModel)).all() for e in row.engines}
     ports: list[int] = []
     port = settings.registry.port_base
+    last = min(65535, settings.registry.port_base + settings.registry.port_count - 1)
     while len(ports) < count:
-        if port > 65535:
-            raise ConflictError("no free port for the engines")
+        if port > last:
+            raise ConflictError(
+                f"no free port for the engines in {settings.registry.port_base}-{last} (registry.port_count)"
+            )
         if port not in taken and _free(settings.engines.host, port):
             ports.append(port)
         port += 1
@@ -143,6 +149,13 @@ def launch(settings: Settings, spec: EngineSpec, kind_name: str, index: int) -> 
         )
 
 
+def launcher(settings: Settings) -> Launcher:
+    """systemd units on a node; child processes of the deploying process in the development layout."""
+    if settings.server.service_manager == "systemd":
+        return UnitLauncher(settings)
+    return ProcessLauncher(settings, launch)
+
+
 def running_requests(url: str, running_metric: str, timeout: float = 2.0) -> float | None:
     """The engine's requests in flight from its Prometheus metrics (None: no answer)."""
     try:
@@ -171,8 +184,7 @@ def drain(settings: Settings, engines: list[dict[str, Any]], kind: EngineKind) -
                 if not running:  # zero, or the engine no longer answers
                     break
                 time.sleep(0.2)
-        if engine.get("pid"):
-            stop_group(int(engine["pid"]))
+    launcher(settings).stop(engines)
 
 
 @contextmanager
@@ -206,28 +218,12 @@ def _deploy(db: Engine, settings: Settings, version_id: int, actor: str, action:
         verify_files(Path(version.path), version.files, what)  # before every start
         ports = allocate_ports(session, settings, options.replicas)
         specs = version_specs(settings, version, ports, draft_dir)
-    processes: list[subprocess.Popen[bytes]] = []
     try:
-        for index, spec in enumerate(specs):
-            processes.append(launch(settings, spec, version.engine_kind, index))
-        deadline = time.monotonic() + settings.engines.startup_timeout_s
-        for spec, process in zip(specs, processes, strict=True):
-            wait_healthy(
-                spec.url + kind.health_path,
-                max(1.0, deadline - time.monotonic()),
-                process,
-                what=f"engine {spec.name} (log: {spec.log_path})",
-            )
+        engines = launcher(settings).start(specs, version.engine_kind, kind, version.files, what)
     except BaseException:
-        for process in processes:
-            stop_group(process.pid, timeout_s=10)
         with Session(db) as session:
             service.audit(settings, action, service.get_version(session, version_id), actor, "failure")
         raise
-    engines = [
-        {"name": spec.name, "url": spec.url, "port": spec.port, "pid": process.pid}
-        for spec, process in zip(specs, processes, strict=True)
-    ]
     with Session(db) as session:
         version = service.get_version(session, version_id)
         current = session.get(ServedModel, version.served_name)
@@ -282,6 +278,61 @@ def stop_all(db: Engine) -> list[int]:
     return stopped
 
 
+@dataclass
+class _Restarts:
+    count: int = 0
+    next_at: float = 0.0
+
+
+def restart_crashed(db: Engine, settings: Settings, restarts: dict[str, _Restarts]) -> list[str]:
+    """Start again, without waiting for health, each deployed engine whose process has exited (the development
+    supervisor calls this every second; on a node systemd does it). Backs off 2^n seconds, at most
+    ``MAX_RESTARTS`` times per engine. Returns the engines started."""
+    started = []
+    now = time.monotonic()
+    with Session(db) as session:
+        for row in session.exec(select(ServedModel)).all():
+            dead = [(i, e) for i, e in enumerate(row.engines) if e.get("pid") and not pid_alive(int(e["pid"]))]
+            if not dead:
+                continue
+            version = service.get_version(session, row.version_id)
+            engines = [dict(engine) for engine in row.engines]
+            specs = {
+                spec.name: spec
+                for spec in version_specs(
+                    settings,
+                    version,
+                    [int(e["port"]) for e in row.engines],
+                    check_draft(session, parse_options(version.options)),
+                )
+            }
+            for index, engine in dead:
+                state = restarts.setdefault(engine["name"], _Restarts())
+                if state.next_at == 0.0:
+                    log.error("registry engine %s (pid %s) exited", engine["name"], engine["pid"])
+                    state.next_at = now + min(60.0, 2.0**state.count)
+                    continue
+                if now < state.next_at or state.count >= MAX_RESTARTS or engine["name"] not in specs:
+                    continue
+                try:
+                    verify_files(Path(version.path), version.files, f"{version.served_name} v{version.version}")
+                except RegistryIntegrityError:
+                    log.exception("registry engine %s is not started again", engine["name"])
+                    state.count = MAX_RESTARTS
+                    continue
+                process = launch(settings, specs[engine["name"]], version.engine_kind, index)
+                state.count += 1
+                state.next_at = 0.0
+                engines[index]["pid"] = process.pid
+                started.append(engine["name"])
+                log.warning("registry engine %s restarted (restart %d)", engine["name"], state.count)
+            if started:
+                row.engines = engines
+                session.add(row)
+                session.commit()
+    return started
+
+
 def start_deployed(db: Engine, settings: Settings, cancelled: Callable[[], bool] | None = None) -> int:
     """Start the engines of every deployed version that is not answering (``appliance up`` after a stop or a
     reboot), on the ports the mapping records, files verified first. Returns how many engines were started."""
@@ -331,12 +382,22 @@ class DeployedEngines:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._db: Engine | None = None
+        self._restarts: dict[str, _Restarts] = {}
 
     def start(self, cancelled: Callable[[], bool]) -> None:
         self._on_database(lambda db: start_deployed(db, self._settings, cancelled=cancelled))
 
     def stop(self) -> None:
         self._on_database(stop_all)
+        if self._db is not None:
+            self._db.dispose()
+            self._db = None
+
+    def watch(self) -> None:
+        if self._db is None:
+            self._db = make_engine(self._settings.database_url)
+        restart_crashed(self._db, self._settings, self._restarts)
 
     def _on_database(self, work: Callable[[Engine], object]) -> None:
         db = make_engine(self._settings.database_url)

@@ -83,6 +83,13 @@ def _copy_hf(source: Path, staging: Path) -> None:
         shutil.copy2(path, target)
 
 
+def _readable_by_group(folder: Path) -> None:
+    """Files 0640 and folders 0750 whatever modes they were copied with: on a node the engines' user reads a
+    version through the registry folder's group (set-group-id, so the group is inherited), and nobody else."""
+    for path in (folder, *folder.rglob("*")):
+        path.chmod(0o2750 if path.is_dir() else 0o640)
+
+
 def _check_layout(folder: Path, config: dict[str, Any]) -> None:
     if not any(folder.rglob("*.safetensors")):
         raise ImportRefused("no safetensors weights in the folder")
@@ -171,6 +178,7 @@ def import_model(
         ) + 1
         target = settings.registry_dir / served_name / f"v{version}"
         target.parent.mkdir(parents=True, exist_ok=True)
+        _readable_by_group(staging)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

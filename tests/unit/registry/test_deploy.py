@@ -259,3 +259,59 @@ async def test_deploy_and_rollback_over_the_admin_api(db: Engine, settings: Sett
             assert served(db)["version_id"] == versions[0]
     finally:
         deploy.stop_all(db)
+
+
+def test_a_crashed_engine_is_started_again_on_its_port(db: Engine, settings: Settings, versions: list[int]) -> None:
+    """What ``appliance up``'s supervisor does every second for the registry's engines (systemd does it on a
+    node): an engine killed with SIGKILL is noticed, started again after its back-off on the same port, and the
+    mapping records the new process."""
+    import os
+    import signal
+    import time
+
+    restarts: dict[str, Any] = {}
+    try:
+        deploy.deploy(db, settings, versions[0], "bob")
+        before = served(db)["engines"][0]
+        assert deploy.restart_crashed(db, settings, restarts) == []  # nothing crashed: nothing done
+        os.kill(before["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while pid_alive(before["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert deploy.restart_crashed(db, settings, restarts) == []  # noticed; started after its back-off
+        started: list[str] = []
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.2)
+            started = deploy.restart_crashed(db, settings, restarts)
+        after = served(db)["engines"][0]
+        assert started == [before["name"]] and after["pid"] != before["pid"] and after["port"] == before["port"]
+        while not http_ok(after["url"] + "/health") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert http_ok(after["url"] + "/health")
+    finally:
+        deploy.stop_all(db)
+
+
+def test_a_crashed_engine_whose_files_changed_is_not_started_again(
+    db: Engine, settings: Settings, versions: list[int]
+) -> None:
+    import os
+    import signal
+    import time
+
+    restarts: dict[str, Any] = {}
+    try:
+        deploy.deploy(db, settings, versions[0], "bob")
+        before = served(db)["engines"][0]
+        with Session(db) as session:
+            version = session.get(ModelVersion, versions[0])
+            assert version is not None
+            (Path(version.path) / "model.safetensors").write_bytes(b"tampered")
+        os.kill(before["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            assert deploy.restart_crashed(db, settings, restarts) == []
+            time.sleep(0.2)
+        assert served(db)["engines"][0]["pid"] == before["pid"]  # left down, and the log says why
+    finally:
+        deploy.stop_all(db)
