@@ -218,6 +218,35 @@ def test_the_server_refuses_what_a_role_may_not_do(appliance: Appliance, browser
     operator.close()
 
 
+def test_an_admin_approves_retires_and_removes_a_version_from_the_console(
+    appliance: Appliance, browser: Browser, tmp_path: Path
+) -> None:
+    """The registry's buttons, clicked in the browser, change the version's state through the admin API, each by the
+    signed-in admin (its history says so). Deploy and roll back start engines and are exercised through the same
+    API by tests/unit/registry/test_deploy.py and tests/integration/test_registry.py."""
+    from tests.unit.registry.conftest import tiny_model
+
+    name = f"console-{RUN}"
+    imported = appliance.cli("models", "import", str(tiny_model(tmp_path / "model")), "--name", name, timeout=600)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    version_id = json.loads(imported.stdout)["id"]
+    admin = Session(browser, appliance, create_user(appliance, f"registrar-{RUN}", "admin"))
+    admin.page.on("dialog", lambda dialog: dialog.accept())  # the confirmations of retire and remove
+    page = admin.open("models")
+    row = page.get_by_role("row").filter(has_text=name)
+    expect(row).to_contain_text("imported")
+    for button, shown in (("Approve", "approved"), ("Retire", "retired"), ("Remove files", "(files removed)")):
+        row.get_by_role("button", name=button).click()
+        expect(page.get_by_role("row").filter(has_text=name)).to_contain_text(shown)
+        row = page.get_by_role("row").filter(has_text=name)
+    expect(row.get_by_role("button")).to_have_count(1)  # only "Show checksums and history" is left
+    admin.shot("models-registry")
+    admin.close()
+    history = json.loads(appliance.cli("models", "show", str(version_id)).stdout)["transitions"]
+    assert [t["action"] for t in history] == ["import", "approve", "retire", "remove"], history
+    assert all(t["actor"].endswith(f"registrar-{RUN}") for t in history[1:]), history
+
+
 def test_artifacts_hold_a_screenshot_of_every_page() -> None:
     saved = {path.stem for path in Path(ARTIFACTS).glob("*.png")}
     assert {f"platform-{section}" for section in PAGES} <= saved

@@ -15,6 +15,7 @@ import shutil
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -112,6 +113,21 @@ def listening(node: Node, port: int, deadline_s: float = 60) -> bool:
         " except OSError:\n"
         "  if time.monotonic() > end: raise\n"
         "  time.sleep(0.2)\n"
+    )
+    return node.run(["python3", "-c", code], timeout=deadline_s + 30).returncode == 0
+
+
+def healthy(node: Node, url: str, deadline_s: float) -> bool:
+    """Whether ``url`` (on the node's loopback) answers 200 within ``deadline_s``, asked from the node as root."""
+    code = (
+        "import time,urllib.request\n"
+        f"end = time.monotonic() + {deadline_s}\n"
+        "while True:\n"
+        " try:\n"
+        f"  urllib.request.urlopen({url!r}, timeout=3).close(); break\n"
+        " except OSError:\n"
+        "  if time.monotonic() > end: raise\n"
+        "  time.sleep(1)\n"
     )
     return node.run(["python3", "-c", code], timeout=deadline_s + 30).returncode == 0
 
@@ -336,6 +352,51 @@ def test_engines_are_reachable_only_through_the_gateway(node: Node, cafile: Path
         assert re.search(rf'appliance_engine_kv_cache_usage_ratio\{{[^}}]*model="{model}"', metrics.text), model
 
 
+REGISTRY_MODEL = "team-chat"
+REGISTRY_ENGINE = f"vllm-registry@{REGISTRY_MODEL}-v1.service"
+
+
+def test_the_registry_deploys_a_model_as_a_unit_of_the_engines_user(node: Node, cafile: Path, api_key: str) -> None:
+    """An organisation's own model, imported from a folder on the node, approved and deployed with the CLI: its
+    engine is a systemd unit of the engines' user (started by root's path unit from the spec the deploy wrote),
+    enabled for the next boot, behind the firewall like every engine, and served through the gateway."""
+    source = "/var/lib/appliance/import-src"
+    for command in (
+        ["cp", "-r", f"/var/lib/vllm/models/{MODELS[0]}", source],
+        ["chown", "-R", "appliance:appliance", source],
+    ):
+        assert node.run(command).returncode == 0, command
+    imported = node.cli("models", "import", source, "--name", REGISTRY_MODEL, user="appliance", timeout=900)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert json.loads(imported.stdout)["state"] == "imported"
+    approved = node.cli("models", "approve", f"{REGISTRY_MODEL}:v1", user="appliance")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    deployed = node.cli("models", "deploy", f"{REGISTRY_MODEL}:v1", user="appliance", timeout=1200)
+    assert deployed.returncode == 0, (
+        deployed.stdout
+        + deployed.stderr
+        + str(
+            node.run(["journalctl", "--no-pager", "-n", "60", "-u", REGISTRY_ENGINE, "-u", "appliance-registry"]).stdout
+        )
+    )
+    unit = show(node, REGISTRY_ENGINE, "ActiveState", "UnitFileState", "MainPID")
+    assert unit["ActiveState"] == "active" and unit["UnitFileState"] == "enabled", unit
+    owner = node.run(["ps", "-o", "user=", "-p", unit["MainPID"]]).stdout.strip()
+    assert owner == "vllm", owner
+    opened, error = connect(node, "127.0.0.1", 8201, "nobody")
+    assert not opened and "ConnectionRefused" in error, error
+    with nodelib.http_client(cafile) as http:
+        sdk = openai.OpenAI(base_url=f"https://{HOSTNAME}:{PORT}/v1", api_key=api_key, http_client=http, max_retries=0)
+        for _ in range(30):  # each gateway reads the served names every second
+            if REGISTRY_MODEL in {model.id for model in sdk.models.list()}:
+                break
+            time.sleep(1)
+        chat = sdk.chat.completions.create(
+            model=REGISTRY_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+    assert chat.choices[0].message.content and chat.model == REGISTRY_MODEL
+
+
 def test_a_second_converge_changes_nothing(node: Node, media: Media, tmp_path: Path) -> None:
     second = node.install(media.path, media.pubkey, tmp_path)
     assert second.ok, second.output[-6000:]
@@ -350,7 +411,12 @@ def test_after_a_reboot_everything_is_back(node: Node, cafile: Path, api_key: st
     with nodelib.http_client(cafile) as http:  # a new client: the node's old connections are gone
         sdk = openai.OpenAI(base_url=f"https://{HOSTNAME}:{PORT}/v1", api_key=api_key, http_client=http, max_retries=0)
         chat = sdk.chat.completions.create(model=MODELS[0], messages=[{"role": "user", "content": "Hi"}], max_tokens=8)
-    assert chat.choices[0].message.content
+        # The registry's engine came back with the node (its unit is enabled; its files verified before the start).
+        assert healthy(node, "http://127.0.0.1:8201/health", 900), node.run(["systemctl", "status", REGISTRY_ENGINE])
+        deployed = sdk.chat.completions.create(
+            model=REGISTRY_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+        )
+    assert chat.choices[0].message.content and deployed.choices[0].message.content
     verify = node.cli("audit", "verify", user="appliance")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "policy drop" in node.run(["nft", "list", "table", "inet", "appliance_egress"]).stdout
