@@ -2,7 +2,8 @@
 
 Signals (from the usage ledger, one value per request):
 - distributions: ``prompt_tokens``, ``completion_tokens`` (answer length), ``latency_ms``, ``ttft_ms``, ``depth``
-  (loop depth), ``injected_tokens`` (retrieval inflation);
+  (loop depth), ``injected_tokens`` (retrieval inflation), ``context_utilisation`` (prompt and completion tokens
+  over the serving engine's context length, for answered requests whose row records that length);
 - rates: ``retry_rate`` (share of requests that are a retry), ``refusal_rate`` (share refused with 4xx: budgets,
   limits), ``error_rate`` (5xx), ``truncation_rate`` (share of generations cut off by their output cap: finish
   reason `length`, among requests the engine finished).
@@ -23,7 +24,15 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
-DISTRIBUTIONS = ("prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "depth", "injected_tokens")
+DISTRIBUTIONS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+    "depth",
+    "injected_tokens",
+    "context_utilisation",
+)
 RATES = ("retry_rate", "refusal_rate", "error_rate", "truncation_rate")
 PSI_FINDING, PSI_MODERATE = 0.25, 0.10
 Z_FINDING = 3.0
@@ -43,8 +52,13 @@ class Request:
     retry: bool
     status_code: int
     finish_reason: str | None = None
+    context_length: int | None = None
 
     def value(self, signal: str) -> float | None:
+        if signal == "context_utilisation":
+            if not self.context_length or self.status_code != 200:
+                return None
+            return (self.prompt_tokens + self.completion_tokens) / self.context_length
         if signal == "retry_rate":
             return float(self.retry)
         if signal == "refusal_rate":
