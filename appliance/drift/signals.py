@@ -97,6 +97,11 @@ def psi(baseline: list[float], recent: list[float], bins: int = 10) -> float:
     return sum((a - b) * math.log(a / b) for a, b in zip(after, before, strict=True))
 
 
+def _rounded(value: float) -> float:
+    """Three decimals, or three significant digits below 1 (a context utilisation of 0.00723 stays readable)."""
+    return round(value, 3) if abs(value) >= 1 or value == 0 else float(f"{value:.3g}")
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -140,8 +145,8 @@ def compare(signal: str, baseline: list[Request], recent: list[Request], min_sam
         "statistic": round(index, 4),
         "threshold": PSI_FINDING,
         "level": "major" if index >= PSI_FINDING else ("moderate" if index >= PSI_MODERATE else "stable"),
-        "baseline": round(median_before, 3),
-        "recent": round(median_after, 3),
+        "baseline": _rounded(median_before),
+        "recent": _rounded(median_after),
         "median_change": round(change, 4),
         "samples": [len(before), len(after)],
         "finding": index >= PSI_FINDING and abs(change) >= MIN_MEDIAN_CHANGE,
