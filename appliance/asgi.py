@@ -59,6 +59,7 @@ from appliance.settings import GatewaySettings, Settings, get_settings
 from appliance.telemetry.gpu import GpuUtilization
 from appliance.telemetry.health import HealthController
 from appliance.telemetry.monitor import ConcurrencyMonitor, TelemetryCollector
+from appliance.telemetry.otlp import SpanExporter, span_middleware
 from appliance.telemetry.rollup import Rollups, gateway_name
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     admission = Admission(settings.admission) if settings.admission.enabled else None
     metrics.registry.register(TelemetryCollector(monitor, admission))
     drift = DriftWatcher(db_engine, settings.telemetry.drift_interval_s)
+    spans = SpanExporter(settings.tracing)
     metrics.registry.register(drift)
     leases = BudgetLeases(
         budgets,
@@ -148,9 +150,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await leases.start()
         await drift.start()
         await retention.start()
+        await spans.start()
         try:
             yield
         finally:
+            await spans.stop()
             await retention.stop()
             await drift.stop()
             # After the last requests: what they spent is committed and the slices given back, then the
@@ -200,7 +204,12 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "monitor": Provide(lambda: monitor, use_cache=True, sync_to_thread=False),
             "retrieval": Provide(lambda: retrieval, use_cache=True, sync_to_thread=False),
         },
-        middleware=[request_context_middleware, audit_middleware(audit), authentication_middleware(authenticator)],
+        middleware=[
+            request_context_middleware,
+            *([span_middleware(spans)] if spans.enabled else []),
+            audit_middleware(audit),
+            authentication_middleware(authenticator),
+        ],
         exception_handlers=EXCEPTION_HANDLERS,
         before_send=[add_request_id],
         lifespan=[lifespan],
@@ -209,4 +218,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     app.state.usage = usage
+    app.state.spans = spans
     return app

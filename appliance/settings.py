@@ -11,10 +11,12 @@ environment, so the CLI sees what the services see.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -370,6 +372,48 @@ class TelemetrySettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """Optional export of the gateway's request spans to an OpenTelemetry collector on the site network
+    (OTLP/HTTP with JSON bodies). Off unless ``otlp_enabled``; the collector's address must be on the site network:
+    inside ``site_networks`` when they are given, else any address that is not public (never the Internet)."""
+
+    otlp_enabled: bool = Field(default=False, description="export one span per /v1 request")
+    otlp_endpoint: str | None = Field(
+        default=None, description="the collector's OTLP/HTTP traces URL, e.g. http://collector.site:4318/v1/traces"
+    )
+    site_networks: list[str] = Field(
+        default_factory=list,
+        description="CIDRs the collector may be in (the site's subnet); empty: any non-public address",
+    )
+    service_name: str = Field(default="appliance-gateway", max_length=200, description="resource service.name")
+    batch_size: int = Field(default=256, ge=1, le=10_000, description="spans per export request at most")
+    flush_interval_s: float = Field(default=5.0, gt=0, description="how often queued spans are sent")
+    queue_size: int = Field(default=10_000, ge=1, description="spans kept while the collector is slow (then dropped)")
+    timeout_s: float = Field(default=10.0, gt=0, description="one export request's time limit")
+
+    @field_validator("site_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError: not a CIDR
+        return value
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parsed = urlsplit(value)
+            if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                raise ValueError("tracing.otlp_endpoint must be an http(s) URL with a host")
+        return value
+
+    @model_validator(mode="after")
+    def _enabled_needs_endpoint(self) -> TracingSettings:
+        if self.otlp_enabled and not self.otlp_endpoint:
+            raise ValueError("tracing.otlp_enabled needs tracing.otlp_endpoint")
+        return self
+
+
 # Qdrant Edge's HNSW defaults, chosen with bench/retrieval.py's trade-off table at 100,000 chunks: recall@10 0.980,
 # search P50 0.96 ms (m 16: 0.910 at the same ef); at 1,000,000 the same settings gave 0.776 (issue #20)
 HNSW_M, HNSW_EF_CONSTRUCT, HNSW_EF = 64, 128, 512
@@ -551,6 +595,7 @@ class Settings(BaseSettings):
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
     engines: EngineSettings = Field(default_factory=EngineSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)

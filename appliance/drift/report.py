@@ -28,6 +28,7 @@ def _request(row: UsageRecord) -> Request:
         retry=row.retry_attempt > 0,
         status_code=row.status_code,
         finish_reason=row.finish_reason,
+        context_length=row.context_length,
     )
 
 

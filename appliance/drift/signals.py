@@ -2,7 +2,8 @@
 
 Signals (from the usage ledger, one value per request):
 - distributions: ``prompt_tokens``, ``completion_tokens`` (answer length), ``latency_ms``, ``ttft_ms``, ``depth``
-  (loop depth), ``injected_tokens`` (retrieval inflation);
+  (loop depth), ``injected_tokens`` (retrieval inflation), ``context_utilisation`` (prompt and completion tokens
+  over the serving engine's context length, for answered requests whose row records that length);
 - rates: ``retry_rate`` (share of requests that are a retry), ``refusal_rate`` (share refused with 4xx: budgets,
   limits), ``error_rate`` (5xx), ``truncation_rate`` (share of generations cut off by their output cap: finish
   reason `length`, among requests the engine finished).
@@ -23,7 +24,15 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
-DISTRIBUTIONS = ("prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "depth", "injected_tokens")
+DISTRIBUTIONS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+    "depth",
+    "injected_tokens",
+    "context_utilisation",
+)
 RATES = ("retry_rate", "refusal_rate", "error_rate", "truncation_rate")
 PSI_FINDING, PSI_MODERATE = 0.25, 0.10
 Z_FINDING = 3.0
@@ -43,8 +52,13 @@ class Request:
     retry: bool
     status_code: int
     finish_reason: str | None = None
+    context_length: int | None = None
 
     def value(self, signal: str) -> float | None:
+        if signal == "context_utilisation":
+            if not self.context_length or self.status_code != 200:
+                return None
+            return (self.prompt_tokens + self.completion_tokens) / self.context_length
         if signal == "retry_rate":
             return float(self.retry)
         if signal == "refusal_rate":
@@ -81,6 +95,11 @@ def psi(baseline: list[float], recent: list[float], bins: int = 10) -> float:
 
     before, after = shares(baseline), shares(recent)
     return sum((a - b) * math.log(a / b) for a, b in zip(after, before, strict=True))
+
+
+def _rounded(value: float) -> float:
+    """Three decimals, or three significant digits below 1 (a context utilisation of 0.00723 stays readable)."""
+    return round(value, 3) if abs(value) >= 1 or value == 0 else float(f"{value:.3g}")
 
 
 def median(values: list[float]) -> float:
@@ -126,8 +145,8 @@ def compare(signal: str, baseline: list[Request], recent: list[Request], min_sam
         "statistic": round(index, 4),
         "threshold": PSI_FINDING,
         "level": "major" if index >= PSI_FINDING else ("moderate" if index >= PSI_MODERATE else "stable"),
-        "baseline": round(median_before, 3),
-        "recent": round(median_after, 3),
+        "baseline": _rounded(median_before),
+        "recent": _rounded(median_after),
         "median_change": round(change, 4),
         "samples": [len(before), len(after)],
         "finding": index >= PSI_FINDING and abs(change) >= MIN_MEDIAN_CHANGE,

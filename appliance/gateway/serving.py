@@ -184,6 +184,8 @@ class OpenAIServing:
         try:
             headers = await self._reserve(context, settlement, event)
             await self._admit(context, settlement)
+            # Known once the engine counted a prompt (the reservation did): context utilisation for drift.
+            event.context_length = self._counter.context_length(context.route)
             result = await self._call(context, settlement, event)
             result.headers.update(headers)
             return result

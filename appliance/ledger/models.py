@@ -49,3 +49,6 @@ class UsageRecord(SQLModel, table=True):
     finish_reason: str | None = Field(
         default=None, max_length=32, description="why generation ended: `length` if any choice was cut off"
     )
+    context_length: int | None = Field(
+        default=None, description="the serving engine's context length (max_model_len), where the gateway knew it"
+    )

@@ -67,6 +67,7 @@ class UsageEvent:
     injected_tokens: int = 0
     retrieval_cached: bool = False
     finish_reason: str | None = None
+    context_length: int | None = None
     created_at: datetime = field(default_factory=utcnow)
 
 

@@ -1,6 +1,8 @@
 """W3C trace context: a request's ``traceparent`` is accepted (or started when absent or malformed, as the
-specification asks) and each call the gateway makes to an engine carries it with the gateway's own span id,
-so a site's tracing (vLLM's OpenTelemetry included) links the engine's work to the client's trace."""
+specification asks); the gateway's handling of the request is one span of its own (a span id made per request,
+exported when OpenTelemetry export is on: :mod:`appliance.telemetry.otlp`) and each call it makes to an engine
+carries that span as the parent, so a site's tracing (vLLM's OpenTelemetry included) links the engine's work to
+the gateway's span and the client's trace."""
 
 from __future__ import annotations
 
@@ -39,14 +41,17 @@ def parse_traceparent(value: str | None) -> TraceContext:
 
 
 def outgoing_traceparent() -> str | None:
-    """The ``traceparent`` for a call made while handling the current request (None outside one)."""
-    trace_id = context().get("trace_id")
+    """The ``traceparent`` for a call made while handling the current request: the gateway's span as its parent
+    (None outside a request)."""
+    bound = context()
+    trace_id = bound.get("trace_id")
     if trace_id is None:
         return None
-    return TraceContext(trace_id, None, context().get("trace_flags", "01")).child()
+    return f"00-{trace_id}-{bound.get('span_id') or _span_id()}-{bound.get('trace_flags', '01')}"
 
 
 def bind_trace(value: str | None) -> TraceContext:
+    """The request's trace, bound with the gateway's own span id for it and the caller's span as its parent."""
     trace = parse_traceparent(value)
-    bind(trace_id=trace.trace_id, trace_flags=trace.flags)
+    bind(trace_id=trace.trace_id, trace_flags=trace.flags, span_id=_span_id(), parent_span_id=trace.parent_id)
     return trace

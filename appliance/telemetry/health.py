@@ -1,6 +1,7 @@
 """Liveness (``/healthz``), readiness (``/readyz``: 503 when an engine or the database is down) and
 Prometheus metrics (``/metrics``: platform admins and operators, e.g. a service client with the operator
-role, which Prometheus's ``oauth2`` scrape setting signs in with)."""
+role, which Prometheus's ``oauth2`` scrape setting signs in with; ``/metrics/engines``: the engines' own, for
+the same callers, see :mod:`appliance.telemetry.engine_metrics`)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from appliance.identity.auth import Authenticator
 from appliance.identity.sessions import SESSION_COOKIE
 from appliance.lib.errors import PermissionDeniedError
 from appliance.lib.principal import ADMIN, OPERATOR, Principal, principal_of
+from appliance.telemetry.engine_metrics import engine_metrics
 from appliance.telemetry.monitor import ConcurrencyMonitor
 
 
@@ -36,6 +38,13 @@ async def _optional_principal(request: Request[Any, Any, Any], authenticator: Au
     if not authorization and not session:
         return None
     return await authenticator.authenticate(authorization, session_cookie=session, method=request.method)
+
+
+def _require_metrics_reader(request: Request[Any, Any, Any]) -> None:
+    principal = principal_of(request.scope)
+    principal.require_role(ADMIN, OPERATOR)
+    if principal.tenant_id is not None:
+        raise PermissionDeniedError("Metrics cover every tenant: only platform admins and operators read them.")
 
 
 class HealthController(Controller):
@@ -93,11 +102,16 @@ class HealthController(Controller):
     async def metrics(
         self, request: Request[Any, Any, Any], metrics: NamedDependency[GatewayMetrics]
     ) -> Response[bytes]:
-        principal = principal_of(request.scope)
-        principal.require_role(ADMIN, OPERATOR)
-        if principal.tenant_id is not None:
-            raise PermissionDeniedError("Metrics cover every tenant: only platform admins and operators read them.")
+        _require_metrics_reader(request)
         return Response(content=metrics.render(), media_type=CONTENT_TYPE)
+
+    @get("/metrics/engines")
+    async def engines_metrics(
+        self, request: Request[Any, Any, Any], router: NamedDependency[EngineRouter]
+    ) -> Response[bytes]:
+        """Every engine's own Prometheus metrics (vLLM's ``vllm:*``), labelled with ``engine`` and ``model``."""
+        _require_metrics_reader(request)
+        return Response(content=await engine_metrics(router), media_type=CONTENT_TYPE)
 
     @get("/admin/health/concurrency")
     async def concurrency(

@@ -137,3 +137,39 @@ def test_a_rising_truncation_rate_is_a_finding() -> None:
     assert result["samples"] == [400, 200], "only requests the engine finished"
     steady = compare("truncation_rate", requests(400, 0.05), requests(200, 0.05), min_samples=30)
     assert steady is not None and not steady["finding"]
+
+
+def test_a_workflow_filling_more_of_its_context_is_a_finding(tmp_path: Path) -> None:
+    """Context utilisation (prompt and completion tokens over the engine's context length): a workflow whose
+    prompts grow from about 15 % to about 45 % of a 2048-token context is a finding; another that keeps its
+    prompts is not; rows without a recorded context length are left out of the signal."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    create_schema(engine)
+    rng = random.Random(5)
+    day = timedelta(days=1)
+
+    def made(count: int, start: datetime, span: timedelta, workflow: str, prompt: int, context: int | None):  # type: ignore[no-untyped-def]
+        found = rows(rng, count, start, span, workflow=workflow, agent=f"ag-{workflow}", completion=60, retry_rate=0)
+        for row in found:
+            row.prompt_tokens = max(1, int(rng.gauss(prompt, prompt * 0.1)))
+            row.context_length = context
+        return found
+
+    with Session(engine) as session:
+        for workflow in ("wf-growing", "wf-same"):
+            session.add_all(made(500, NOW - 8 * day, 7 * day, workflow, 250, 2048))
+            session.add_all(made(100, NOW - 8 * day, 7 * day, workflow, 2000, None))  # older rows: no length
+        session.add_all(made(150, NOW - day, day, "wf-growing", 850, 2048))
+        session.add_all(made(150, NOW - day, day, "wf-same", 250, 2048))
+        session.commit()
+    try:
+        report = drift_report(engine, window="day", now=NOW)
+    finally:
+        engine.dispose()
+    findings = {(f["id"], f["signal"]): f for f in report["findings"] if f["scope"] == "workflow"}
+    grown = findings[("wf-growing", "context_utilisation")]
+    assert grown["test"] == "population stability index" and grown["statistic"] >= 0.25
+    assert grown["samples"] == [500, 150], "rows without a context length are not counted"
+    assert 0.12 < grown["baseline"] < 0.18 and 0.40 < grown["recent"] < 0.50
+    assert "context_utilisation" in grown["summary"] and "wf-growing" in grown["summary"]
+    assert ("wf-same", "context_utilisation") not in findings

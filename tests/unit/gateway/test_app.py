@@ -202,3 +202,19 @@ async def test_usage_rows_say_why_generation_ended(client: AsyncTestClient[Any],
     assert (await client.post("/v1/chat/completions", json=chat("x", n=0))).status_code == 400
     rows = await wait_rows(tmp_path, 4)
     assert [row["finish_reason"] for row in rows[:4]] == ["length", "stop", "length", "stop"]
+
+
+async def test_usage_rows_record_the_context_length_they_were_served_with(
+    client: AsyncTestClient[Any], tmp_path: Path
+) -> None:
+    """The engine's context length (its /tokenize answers carry it) lands in every row it served, streamed or
+    not, so drift can follow context utilisation; a request refused before any engine counted it has none."""
+    assert (await client.post("/v1/chat/completions", json=chat("x", n=0))).status_code == 400
+    for extra in ({}, {"stream": True}):
+        response = await client.post("/v1/chat/completions", json=chat("how long is the context", **extra))
+        assert response.status_code == 200
+        await response.aread()
+    rows = await wait_rows(tmp_path, 2)
+    answered = [row for row in rows if row["status_code"] == 200]
+    assert [row["context_length"] for row in answered] == [8192, 8192]
+    assert all(row["context_length"] is None for row in rows if row["status_code"] == 400)
