@@ -104,8 +104,15 @@ def cost_figures(window: Window, alternatives: dict[str, AlternativePrice]) -> d
     tokens = prompt + generated
     figures: dict[str, Any] = {"prompt_tokens": prompt, "generation_tokens": generated, "on_prem_per_million": None}
     if window.hour_cost is not None and tokens > 0:
-        node_cost = window.hour_cost * window.days * 24
+        # The node costs money in every hour of the window it existed, busy or not, but not before it was
+        # observed: a node watched for a week is not charged the 90 days of the long window.
+        hours = window.days * 24.0
+        if window.hours:
+            first, last = min(h.start for h in window.hours), max(h.start for h in window.hours)
+            hours = min(hours, (last - first).total_seconds() / 3600 + 1)
+        node_cost = window.hour_cost * hours
         figures["node_cost"] = round(node_cost, 2)
+        figures["node_cost_hours"] = round(hours, 1)
         figures["on_prem_per_million"] = round(node_cost / tokens * 1e6, 4)
     priced = {}
     for name, price in sorted(alternatives.items()):

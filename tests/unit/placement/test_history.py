@@ -91,7 +91,9 @@ def test_the_report_prices_the_node_from_its_recorded_costs(db, tmp_path: Path) 
     report = build_report(db, settings, now=NOW)
     assert report["verdict"] == "on-prem-provisional" and report["hour_cost"] == pytest.approx(1.0)
     cost = report["windows"]["90d"]["cost"]
-    assert cost["on_prem_per_million"] == pytest.approx(90 * 24 * 1.0 / (72 * 1000) * 1e6)
+    # The node is charged for the 72 hours it was observed, not for the 90 days of the window.
+    assert cost["node_cost_hours"] == 72 and cost["node_cost"] == pytest.approx(72.0)
+    assert cost["on_prem_per_million"] == pytest.approx(72 * 1.0 / (72 * 1000) * 1e6)
 
 
 def test_the_cli_prints_the_report(tmp_path: Path) -> None:
