@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from sqlalchemy.engine import Engine
 
 from appliance.audit.chain import NoteKey
 from appliance.audit.store import AuditStore
@@ -20,7 +24,21 @@ def audit_dir(settings: Settings) -> Path:
 
 def audit_store(settings: Settings) -> AuditStore:
     """The store, with its own engine: appends hold the write lock for their whole transaction."""
+    return _store(settings, make_engine(settings.database_url, serialized_writes=True))
+
+
+@contextmanager
+def audit_store_for_once(settings: Settings) -> Iterator[AuditStore]:
+    """A store for one piece of work (a CLI command, a model transition, the supervisor's start and stop): its
+    database engine and connections are closed when the work is done."""
     engine = make_engine(settings.database_url, serialized_writes=True)
+    try:
+        yield _store(settings, engine)
+    finally:
+        engine.dispose()
+
+
+def _store(settings: Settings, engine: Engine) -> AuditStore:
     create_schema(engine)
     node = re.sub(r"[\s+]", "-", settings.audit.node or socket.gethostname())  # a log's name has neither
     origin = settings.audit.origin or f"{node}/audit"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Protocol
 
-from appliance.audit.setup import audit_store
+from appliance.audit.setup import audit_store_for_once
 from appliance.audit.store import AuditEvent
 from appliance.engines.models import ensure_prepared
 from appliance.engines.runner import (
@@ -218,13 +218,11 @@ class Supervisor:
         except KeyError:
             user = str(os.getuid())
         detail = {"engines": [e.spec.manifest.name for e in self.engines], "gateway": self.settings.gateway_url}
-        audit_store(self.settings).append(
-            [
-                AuditEvent(
-                    event_type, "success", component="supervisor", subject=user, subject_kind="os_user", detail=detail
-                )
-            ]
+        event = AuditEvent(
+            event_type, "success", component="supervisor", subject=user, subject_kind="os_user", detail=detail
         )
+        with audit_store_for_once(self.settings) as store:
+            store.append([event])
 
     def _stop_all(self) -> None:
         if self.gateway is not None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from appliance.audit.setup import audit_store
+from appliance.audit.setup import audit_store_for_once
 from appliance.audit.store import AuditEvent
 from appliance.lib.errors import ConflictError, NotFoundError, PermissionDeniedError
 from appliance.registry.models import (
@@ -33,20 +33,18 @@ def audit(
 ) -> None:
     """Every transition goes into the audit trail (the trail failing is logged, never hides the transition)."""
     try:
-        audit_store(settings).append(
-            [
-                AuditEvent(
-                    f"model.{action}",
-                    outcome,
-                    component="registry",
-                    subject=actor,
-                    subject_kind="admin",
-                    object_type="model_version",
-                    object_id=f"{version.served_name}:v{version.version}",
-                    detail={"version_id": version.id, "state": version.state, **detail},
-                )
-            ]
+        event = AuditEvent(
+            f"model.{action}",
+            outcome,
+            component="registry",
+            subject=actor,
+            subject_kind="admin",
+            object_type="model_version",
+            object_id=f"{version.served_name}:v{version.version}",
+            detail={"version_id": version.id, "state": version.state, **detail},
         )
+        with audit_store_for_once(settings) as store:
+            store.append([event])
     except Exception:
         log.exception("recording model.%s in the audit trail failed", action)
 
