@@ -137,8 +137,9 @@ def cmd_status(settings: Settings, as_json: bool, wait_s: float = 0.0) -> int:
 def _status_report(settings: Settings) -> dict[str, Any]:
     if settings.server.service_manager == "systemd":
         from appliance.engines.systemd import node_report
+        from appliance.registry.units import deployed_units
 
-        return node_report(settings)
+        return node_report(settings, deployed_units(settings))
     return status_report(read_state(settings.run_dir), data_dir=settings.data_dir, gateway_url=settings.gateway_url)
 
 

@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,8 +29,9 @@ class SystemdError(ApplianceError):
     code = "systemd_unavailable"
 
 
-def node_units(settings: Settings) -> list[tuple[str, str | None]]:
-    """(unit, health URL or None) for every service of this node, in start order."""
+def node_units(settings: Settings, deployed: Sequence[tuple[str, str | None]] = ()) -> list[tuple[str, str | None]]:
+    """(unit, health URL or None) for every service of this node, in start order; ``deployed``: the engine units
+    of the model registry's deployments."""
     units: list[tuple[str, str | None]] = []
     if settings.database_url.startswith("postgresql") and "/var/run/postgresql" in settings.database_url:
         units.append(("postgresql.service", None))
@@ -38,6 +40,7 @@ def node_units(settings: Settings) -> list[tuple[str, str | None]]:
         units.append(("qdrant.service", None))
     for spec in configured_specs(settings):
         units.append((f"vllm-{spec.name}.service", spec.url + "/health"))
+    units.extend(deployed)
     units.append(("appliance.service", None))
     return units
 
@@ -86,9 +89,9 @@ def gateway_ready(settings: Settings, timeout: float = 5.0) -> tuple[bool, str]:
         return False, str(getattr(exc, "reason", exc))
 
 
-def node_report(settings: Settings) -> dict[str, Any]:
+def node_report(settings: Settings, deployed: Sequence[tuple[str, str | None]] = ()) -> dict[str, Any]:
     """What ``appliance status --json`` prints on a node (the keys of the development report where they apply)."""
-    units = node_units(settings)
+    units = node_units(settings, deployed)
     states = unit_states([unit for unit, _ in units])
     rows = []
     for unit, health_url in units:

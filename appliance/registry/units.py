@@ -40,6 +40,35 @@ def exec_engine(settings: Settings, name: str) -> None:
     os.execve(command[0], command, env)  # noqa: S606 (the engines' own Python, from the settings)
 
 
+def deployed_units(settings: Settings) -> list[tuple[str, str | None]]:
+    """(unit, health URL) of each registry engine deployed on this node, for ``appliance status`` (none where
+    this user may not read the specs)."""
+    found: list[tuple[str, str | None]] = []
+    for name, text in _specs(settings):
+        try:
+            unit = UnitSpec.from_json(text, settings)
+        except UnitSpecError:
+            continue
+        found.append((UNIT_TEMPLATE.format(name=name), unit.spec.url + "/health"))
+    return found
+
+
+def _specs(settings: Settings) -> list[tuple[str, str]]:
+    """(name, text) of every unit spec on disk that can be read now."""
+    folder = units_dir(settings)
+    specs = []
+    try:
+        paths = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    except OSError:
+        return []
+    for path in paths:
+        try:
+            specs.append((path.stem, path.read_text()))
+        except OSError:  # removed while we read, or not ours to read
+            continue
+    return specs
+
+
 @dataclass(frozen=True)
 class Plan:
     """What reconciling does: units to start (or restart: their spec changed) and units to stop."""
@@ -59,17 +88,13 @@ def plan(wanted: dict[str, str], applied: dict[str, str], present: set[str]) -> 
 def wanted_units(settings: Settings) -> dict[str, str]:
     """name -> sha256 of each acceptable unit spec on disk (a refused one is logged and left out)."""
     wanted: dict[str, str] = {}
-    folder = units_dir(settings)
-    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for name, text in _specs(settings):
         try:
-            text = path.read_text()
             UnitSpec.from_json(text, settings)
-        except FileNotFoundError:  # removed while we read
-            continue
         except UnitSpecError as exc:
-            log.error("%s is refused: %s", path, exc)
+            log.error("the unit spec of %s is refused: %s", name, exc)
             continue
-        wanted[path.stem] = hashlib.sha256(text.encode()).hexdigest()
+        wanted[name] = hashlib.sha256(text.encode()).hexdigest()
     return wanted
 
 

@@ -383,6 +383,8 @@ def test_the_registry_deploys_a_model_as_a_unit_of_the_engines_user(node: Node, 
     assert unit["ActiveState"] == "active" and unit["UnitFileState"] == "enabled", unit
     owner = node.run(["ps", "-o", "user=", "-p", unit["MainPID"]]).stdout.strip()
     assert owner == "vllm", owner
+    report = json.loads(node.cli("status", "--json").stdout)
+    assert any(row["unit"] == REGISTRY_ENGINE and row["healthy"] for row in report["units"]), report["units"]
     opened, error = connect(node, "127.0.0.1", 8201, "nobody")
     assert not opened and "ConnectionRefused" in error, error
     with nodelib.http_client(cafile) as http:

@@ -114,3 +114,15 @@ def test_reconcile_starts_the_new_and_changed_and_stops_the_removed() -> None:
     assert plan.start == {"b-v2": "new", "c-v1": "3"}  # changed, and new
     assert plan.stop == ["d-v1", "e-v1"]  # removed, and a unit nobody wants
     assert units.plan({"a-v1": "1"}, {"a-v1": "1"}, set()) == units.Plan(start={"a-v1": "1"}, stop=[])  # gone
+
+
+def test_status_lists_the_deployed_engines_units(node_settings: Settings, db_node: Engine, model_dir: Path) -> None:
+    unit = a_unit(node_settings, db_node, model_dir)
+    assert units.deployed_units(node_settings) == []
+    units_dir(node_settings).mkdir(parents=True)
+    (units_dir(node_settings) / f"{unit.spec.name}.json").write_text(unit.to_json())
+    (units_dir(node_settings) / "broken.json").write_text("{")  # refused: not listed (reconcile logs it)
+    assert units.deployed_units(node_settings) == [
+        ("vllm-registry@team-chat-v1.service", "http://127.0.0.1:8202/health")
+    ]
+    assert units.wanted_units(node_settings).keys() == {"team-chat-v1"}
