@@ -134,9 +134,7 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
         )
         return int(amount)
 
-    started = time.monotonic()
     outcomes, dead_leases = asyncio.run(_load(pair, key["key"], held))
-    print(f"load {time.monotonic() - started:.1f}s")
     answered = {request_id for outcome, request_id in outcomes if outcome == "answered"}
     kinds = {outcome for outcome, _ in outcomes}
     assert len(answered) > 200 and "broken" in kinds, f"load before and after the kill: {sorted(kinds)}"
@@ -145,7 +143,6 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     while _query(database_url, "SELECT 1 FROM budget_reservations WHERE gateway_id = :g", g=dead_id):
         assert time.monotonic() < deadline, "the survivor never swept the dead process's leases"
         time.sleep(0.2)
-    print(f"swept {time.monotonic() - started:.1f}s")
     assert survivor.stop()  # a clean stop: its spending committed, its slices given back
 
     rows = dict(_query(database_url, "SELECT request_id, status_code FROM usage_records"))
@@ -156,7 +153,6 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     )
     unaudited = sorted(request_id for request_id in answered if audited.get(request_id) != "success")
     assert not unaudited, f"{len(unaudited)} answered requests have no audit record: {unaudited[:5]}"
-    print(f"stopped {time.monotonic() - started:.1f}s")
     verified = json.loads(cli(env, "audit", "verify", "--json"))
     assert verified["ok"], verified
 
