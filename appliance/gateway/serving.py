@@ -159,6 +159,10 @@ class OpenAIServing:
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         principal.require_inference()
+        # Fail closed, and fast: while the ledger or the audit log cannot take records, nothing starts.
+        self._usage.check_accepting()
+        if self._audit is not None:
+            self._audit.check_accepting()
         data, shape = self._parse(endpoint, body)
         policy = await self._policies.of(principal.tenant_id)
         if endpoint.client_model:

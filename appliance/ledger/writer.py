@@ -138,6 +138,7 @@ class UsageWriter:
         self._acquire_timeout_s = acquire_timeout_s
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._failing = False  # the last write failed: rows wait in the queue for the database
         self.written = 0
 
     async def start(self) -> None:
@@ -163,6 +164,12 @@ class UsageWriter:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def check_accepting(self) -> None:
+        """Refuse (503) while rows cannot be written (the last write failed and is being retried): a request is
+        refused before it reaches an engine, not after."""
+        if self._failing:
+            raise ServiceUnavailableError("The usage ledger is not accepting records.", code="ledger_unavailable")
 
     async def committed(self, future: asyncio.Future[None] | None) -> None:
         """Wait for a row handed over with ``durable`` to be committed. Fails closed: 503."""
@@ -203,10 +210,15 @@ class UsageWriter:
             try:
                 await self._write_isolating(batch)
             except Exception:
-                log.exception("writing %d usage records failed; retrying in %.1fs", len(batch), backoff)
+                if not self._failing:
+                    log.exception("writing %d usage records failed; retrying, and refusing new work", len(batch))
+                self._failing = True
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 continue
+            if self._failing:
+                log.warning("the usage ledger accepts records again")
+            self._failing = False
             backoff = 0.1
 
     async def _write_isolating(self, batch: list[UsageEvent]) -> None:
