@@ -157,13 +157,15 @@ def test_the_database_stopped_under_load_refuses_with_503_meters_every_answer_an
         assert outcome.error is not None and {"message", "type", "code"} <= set(outcome.error), outcome.error
     assert all(o.status != 0 for o in outcomes), "every request got an HTTP answer"
 
-    answered = {o.request_id for o in outcomes if o.status == 200 and o.whole}
+    answered = {str(o.request_id) for o in outcomes if o.status == 200 and o.whole}
     database_url = env["APPLIANCE_DATABASE__URL"]
     engine = create_engine(database_url)  # committed before each answer: nothing to wait for
     try:
         with engine.connect() as connection:
-            rows = dict(connection.execute(text("SELECT request_id, status_code FROM usage_records")).all())
-            audited = dict(
+            rows: dict[str, int] = dict(
+                connection.execute(text("SELECT request_id, status_code FROM usage_records")).all()
+            )
+            audited: dict[str, str] = dict(
                 connection.execute(
                     text("SELECT request_id, outcome FROM audit_records WHERE event_type LIKE 'inference.%'")
                 ).all()
