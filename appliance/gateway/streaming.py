@@ -14,7 +14,7 @@ import msgspec
 from appliance.gateway.settlement import Settlement
 from appliance.gateway.usage import StreamUsage, split_events, sse
 from appliance.ledger.writer import UsageEvent
-from appliance.lib.errors import UpstreamError
+from appliance.lib.errors import ApplianceError, UpstreamError
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,11 @@ class StreamRelay:
                     if self._usage.done:
                         # The answer is complete: settled (audit record durable) before the client sees the end.
                         self._outcome = _Outcome.FINISHED
-                        await self._settlement.close(self._final_event())
+                        try:
+                            await self._settlement.close(self._final_event())
+                        except ApplianceError as exc:  # its records are not durable in time: no end, an error
+                            yield sse(msgspec.json.encode(exc.envelope()))
+                            return
                     self._handed_at = time.monotonic()
                     yield sse(out)
                     self._handed_at = None
