@@ -137,7 +137,7 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     outcomes, dead_leases = asyncio.run(_load(pair, key["key"], held))
     answered = {str(request_id) for outcome, request_id in outcomes if outcome == "answered"}
     kinds = {outcome for outcome, _ in outcomes}
-    assert len(answered) > 200 and "broken" in kinds, f"load before and after the kill: {sorted(kinds)}"
+    assert len(answered) > 100 and "broken" in kinds, f"load before and after the kill: {sorted(kinds)}"
 
     deadline = time.monotonic() + 20
     while _query(database_url, "SELECT 1 FROM budget_reservations WHERE gateway_id = :g", g=dead_id):
