@@ -1,11 +1,12 @@
 """A stalled client on a stream (issue 21, item 2): the gateway does not buffer what the client does not read.
 
-A client asks for a large stream (32 choices of 8,000 tokens: about 50 MB of events from the engine) and then
+A client asks for a large stream (64 choices of 8,000 tokens: about 100 MB of events from the engine) and then
 reads nothing, with a receive buffer of 4 KiB. The gateway relays a chunk only once the one before was handed to
 the client's connection (uvicorn's flow control), and reads the engine only as it relays (aiohttp's reader
 pauses), so the engine is back-pressured: what it has written stops growing at what the sockets in between hold,
-a small part of the answer, and the gateway's resident memory stays flat. When the stalled client finally goes
-away, or once it has taken nothing for ``gateway.stream_stall_s`` (3 s here, 60 s by default) while keeping its
+a small part of the answer (about 10 MB of 100 here: what loopback's socket buffers took), and the gateway's
+resident memory stays flat. When the stalled client finally goes
+away, or once it has taken nothing for ``gateway.stream_stall_s`` (8 s here, 60 s by default) while keeping its
 connection open, the request is settled as a client that left: charged what the engine generated until then, and
 the engine's connection is closed. The engine is the fast fake of tests/support (it counts the bytes it has
 written)."""
@@ -25,8 +26,8 @@ from tests.support import fake_engine
 from tests.support.fake_engine import FakeEngine
 from tests.support.processes import Gateway, cli, node_env
 
-CHOICES, TOKENS = 32, 8_000
-STALL_S = 3.0
+CHOICES, TOKENS = 64, 8_000
+STALL_S = 8.0  # longer than the engine takes to fill the sockets on a loaded machine
 EVENT_BYTES = 190  # about, for one token of one choice
 ANSWER_BYTES = CHOICES * TOKENS * EVENT_BYTES
 
