@@ -127,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         default_max_tokens=settings.gateway.default_max_tokens,
         model_max_tokens=settings.gateway.model_max_tokens,
         cache_salts=CacheSalts.load_or_create(settings.secrets_dir / "cache-salt-key"),
+        stream_stall_s=settings.gateway.stream_stall_s,
     )
     retrieval = retrieval_service(settings, db_engine, serving, router, usage=usage, audit=audit, budgets=enforcer)
     # Removing a tenant, workflow or agent: budgets may refuse it, retrieval deletes a tenant's collections.

@@ -112,6 +112,12 @@ class GatewaySettings(BaseModel):
     )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0, description="longest silence allowed from an engine")
+    stream_stall_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a streaming client that takes nothing for this long is treated as gone: the engine's request "
+        "is aborted and settled (until then the engine is held back, never buffered for the client)",
+    )
     pool_size: int = Field(default=256, ge=1, description="pooled upstream connections per engine")
     health_timeout_s: float = Field(default=2.0, gt=0)
     session_affinity_ttl_s: float = Field(

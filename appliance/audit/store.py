@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from appliance.audit import tree
@@ -120,8 +121,8 @@ class AuditStore:
         if not events:
             return []
         with self._engine.begin() as connection:
-            head = connection.execute(select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == 1).with_for_update()).first()
-            seq, prev = (head[0], head[1]) if head is not None else (0, GENESIS)
+            head = _locked_head(connection)
+            seq, prev = head
             rows, contents = [], []
             for event in events:
                 seq += 1
@@ -135,10 +136,7 @@ class AuditStore:
             connection.execute(insert(RECORDS), rows)
             if contents:
                 connection.execute(insert(CONTENT), contents)
-            if head is None:
-                connection.execute(insert(HEAD).values(id=1, seq=seq, hash=prev))
-            else:
-                connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
+            connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
             due = self._checkpoint_due(connection, seq)
         if due:
             self._checkpoint_in_background()
@@ -555,6 +553,24 @@ _TEXT_LIMITS = {
     for column in RECORDS.columns
     if column.name in AuditEvent.__dataclass_fields__ and getattr(column.type, "length", None)
 }
+
+
+def _locked_head(connection: Connection) -> tuple[int, str]:
+    """The chain's head (sequence number, hash), locked until the transaction ends. Before the first record there
+    is no row to lock (``FOR UPDATE`` of nothing waits for nobody): the row is made first, at the genesis, by an
+    insert that waits for another transaction making it and then does nothing, so two processes appending the
+    first records at once take turns instead of both writing record 1. (SQLite's writers are serialised by
+    ``BEGIN IMMEDIATE`` already.)"""
+    query = select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == 1).with_for_update()
+    head = connection.execute(query).first()
+    if head is None:
+        genesis = {"id": 1, "seq": 0, "hash": GENESIS}
+        if connection.dialect.name == "postgresql":
+            connection.execute(postgresql.insert(HEAD).values(**genesis).on_conflict_do_nothing())
+        else:
+            connection.execute(sqlite.insert(HEAD).values(**genesis).on_conflict_do_nothing())
+        head = connection.execute(query).one()
+    return int(head[0]), str(head[1])
 
 
 def _content_row(event: AuditEvent) -> dict[str, Any]:

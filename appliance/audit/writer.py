@@ -2,7 +2,9 @@
 :meth:`AuditWriter.record`; many such callers share one transaction. :meth:`record_nowait` queues an
 event without waiting (for events whose request is not answered, such as a client that went away).
 
-A batch that fails because of the database (down, locked, full) is retried as it is. A batch that fails
+A batch that fails because of the database (down, locked, full) is retried as it is; until it is written,
+:meth:`AuditWriter.check_accepting` refuses new requests at once (503) instead of letting them reach an engine and
+wait for a record that cannot be written. A batch that fails
 because of its data is split until the one record the database refuses is found; that record is replaced by
 a well-formed ``audit.record_rejected`` record in its place in the chain (so the chain still accounts for it)
 and the rest are written: one bad record never holds up the others."""
@@ -34,6 +36,7 @@ class AuditWriter:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._failing = False  # the last append failed: records wait in the queue for the database
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -55,6 +58,12 @@ class AuditWriter:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
         except TimeoutError:
             raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable") from None
+
+    def check_accepting(self) -> None:
+        """Refuse (503) while the log cannot take records: the last append failed and is being retried. Work that
+        must be recorded is refused before it starts, not after it was done."""
+        if self._failing:
+            raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable")
 
     def record_nowait(self, event: AuditEvent) -> None:
         self._pending.append((event, None))
@@ -80,10 +89,15 @@ class AuditWriter:
             try:
                 await self._append(batch)
             except Exception:
-                log.exception("appending %d audit records failed; retrying", len(batch))
+                if not self._failing:
+                    log.exception("appending %d audit records failed; retrying, and refusing new work", len(batch))
+                self._failing = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            if self._failing:
+                log.warning("the audit log accepts records again")
+            self._failing = False
             backoff = 0.05
 
     async def _append(self, batch: list[tuple[AuditEvent, asyncio.Future[int] | None]]) -> None:

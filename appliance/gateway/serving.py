@@ -130,6 +130,7 @@ class OpenAIServing:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         model_max_tokens: dict[str, int] | None = None,
         cache_salts: CacheSalts | None = None,
+        stream_stall_s: float | None = None,
     ) -> None:
         # Without the node's key (tests that build the class alone), a key of this process: still one salt
         # per tenant, never a shared cache.
@@ -146,6 +147,7 @@ class OpenAIServing:
         self._audit = audit
         self._policies = tenant_policies or NO_POLICIES  # content capture and model allowlists, per tenant
         self._created = int(time.time())
+        self._stream_stall_s = stream_stall_s
 
     async def handle(
         self,
@@ -159,6 +161,10 @@ class OpenAIServing:
     ) -> JSONResult | StreamRelay:
         started = time.perf_counter()
         principal.require_inference()
+        # Fail closed, and fast: while the ledger or the audit log cannot take records, nothing starts.
+        self._usage.check_accepting()
+        if self._audit is not None:
+            self._audit.check_accepting()
         data, shape = self._parse(endpoint, body)
         policy = await self._policies.of(principal.tenant_id)
         if endpoint.client_model:
@@ -304,7 +310,7 @@ class OpenAIServing:
         )
         upstream_body = msgspec.json.encode(dict(shape.body, stream_options=UPSTREAM_STREAM_OPTIONS))
         response = await self._router.open(context.route, context.endpoint.upstream, upstream_body, context.request_id)
-        return StreamRelay(context.route, response, usage, settlement, event)
+        return StreamRelay(context.route, response, usage, settlement, event, self._stream_stall_s)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
         """The models this principal may call (what the node serves, less what its allowlists leave out)."""

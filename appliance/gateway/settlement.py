@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -172,17 +174,26 @@ class Settlement:
         return self.prompt is not None
 
     async def close(self, event: UsageEvent) -> None:
-        if self._settle(event) and self._audit is not None:
-            await self._audit.record(self._audit_event(event))
+        """Settle, and return once the usage row and the audit record are both committed (the answer waits for
+        them: a process killed after answering loses neither)."""
+        if self._done:
+            return
+        row = self._settle(event, durable=True)
+        waits: list[Awaitable[object]] = [self._slot.committed(row)]
+        if self._audit is not None:
+            waits.append(self._audit.record(self._audit_event(event)))
+        await asyncio.gather(*waits)
 
     def abandon(self, event: UsageEvent) -> None:
-        if self._settle(event) and self._audit is not None:
+        if self._done:
+            return
+        self._settle(event)
+        if self._audit is not None:
             self._audit.record_nowait(self._audit_event(event))
 
-    def _settle(self, event: UsageEvent) -> bool:
-        """Release what is held and hand the outcome to every sink but the audit log; False if done already."""
-        if self._done:
-            return False
+    def _settle(self, event: UsageEvent, durable: bool = False) -> asyncio.Future[None] | None:
+        """Release what is held and hand the outcome to every sink but the audit log; with ``durable``, the
+        future of the usage row's commit."""
         self._done = True
         event.cost_micros = self.price.cost(event.prompt_tokens, event.completion_tokens)
         while self._held:
@@ -191,10 +202,10 @@ class Settlement:
             self.meter.end(event.total_tokens)
         if self._metrics is not None:
             self._metrics.observe(event)
-        self._slot.submit(event)
+        row = self._slot.submit(event, durable=durable)
         if self.hold is not None:
             self.hold.settle(event.total_tokens, event.cost_micros, reached_engine=_reached_engine(event))
-        return True
+        return row
 
     def _audit_event(self, event: UsageEvent) -> AuditEvent:
         content = (self.prompt, "".join(self.answer)) if self.prompt is not None else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -13,7 +14,7 @@ import msgspec
 from appliance.gateway.settlement import Settlement
 from appliance.gateway.usage import StreamUsage, split_events, sse
 from appliance.ledger.writer import UsageEvent
-from appliance.lib.errors import UpstreamError
+from appliance.lib.errors import ApplianceError, UpstreamError
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class StreamRelay:
         usage: StreamUsage,
         settlement: Settlement,
         event: UsageEvent,
+        stall_s: float | None = None,
     ) -> None:
+        """``stall_s``: a client that takes none of the stream for this long is treated as gone (see
+        :meth:`_watch`)."""
         self._route = route
         self._response = response
         self._usage = usage
@@ -50,6 +54,9 @@ class StreamRelay:
         self._outcome = _Outcome.CLIENT_GONE
         self._events: AsyncGenerator[bytes, None] | None = None
         self._closed = False
+        self._stall_s = stall_s
+        self._handed_at: float | None = None  # when the chunk the client has not taken yet was handed over
+        self._watchdog: asyncio.TimerHandle | None = None
         self.headers: dict[str, str] = {}
         self.prelude: list[bytes] = []  # SSE events sent before the engine's (retrieval's citations)
 
@@ -67,6 +74,8 @@ class StreamRelay:
         if self._closed:
             return
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._response.close()
         self._settlement.abandon(self._final_event())  # a no-op when the answer was settled already
 
@@ -87,11 +96,30 @@ class StreamRelay:
             event.client_disconnected = self._outcome is _Outcome.CLIENT_GONE
         return event
 
+    def _watch(self) -> None:
+        """A client that has not taken a chunk for ``stall_s`` has stalled: the engine's connection is closed
+        (vLLM aborts the request) and the request settled as one whose client left, charged what the engine
+        generated so far; the stream ends when the client next reads, or with its connection. Until then
+        nothing more is read from the engine (back-pressure), so nothing piles up here."""
+        self._watchdog = None
+        if self._closed:
+            return
+        handed_at = self._handed_at
+        assert self._stall_s is not None
+        if handed_at is not None and time.monotonic() - handed_at >= self._stall_s:
+            log.warning("the client took none of the stream for %.0fs: cut from %s", self._stall_s, self._route.url)
+            self.close()
+            return
+        due = self._stall_s - (time.monotonic() - handed_at) if handed_at is not None else self._stall_s
+        self._watchdog = asyncio.get_running_loop().call_later(due, self._watch)
+
     async def _relay(self) -> AsyncGenerator[bytes, None]:
         buffer = bytearray()
         try:
             for event in self.prelude:
                 yield event
+            if self._stall_s is not None:
+                self._watchdog = asyncio.get_running_loop().call_later(self._stall_s, self._watch)
             async for chunk in self._response.content.iter_any():
                 buffer += chunk
                 for payload in split_events(buffer):
@@ -104,8 +132,16 @@ class StreamRelay:
                     if self._usage.done:
                         # The answer is complete: settled (audit record durable) before the client sees the end.
                         self._outcome = _Outcome.FINISHED
-                        await self._settlement.close(self._final_event())
+                        try:
+                            await self._settlement.close(self._final_event())
+                        except ApplianceError as exc:  # its records are not durable in time: no end, an error
+                            yield sse(msgspec.json.encode(exc.envelope()))
+                            return
+                    self._handed_at = time.monotonic()
                     yield sse(out)
+                    self._handed_at = None
+                    if self._closed:
+                        return  # cut while the client stalled (settled already)
             if not self._usage.done:
                 raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
         except (TimeoutError, aiohttp.ClientError) as exc:

@@ -6,6 +6,11 @@ in-flight requests plus unwritten records: when the database falls behind, new r
 ``acquire_timeout_s``, are refused with 503) instead of records being dropped. Handing a record over never
 awaits, so it is safe in cleanup code that runs while a request is being cancelled.
 
+A request that is answered waits for its row to be committed (:meth:`UsageSlot.submit` with ``durable``, awaited
+by the settlement with the audit record), so a process killed after an answer cannot lose its row: the rows of
+answered requests are written in the same group commits, without waiting for ``flush_interval_s``. Rows of
+requests that end without an answer (a client that left) are handed over without waiting.
+
 Text a client controls (a token's claims, say) is bounded to its column when the record is handed over. A
 batch that fails because of the database is retried as it is; one that fails because of its data is split
 until the row the database refuses is found, and that row is replaced by one with the same request id and
@@ -96,11 +101,17 @@ class UsageSlot:
         self._writer = writer
         self._done = False
 
-    def submit(self, event: UsageEvent) -> None:
+    def submit(self, event: UsageEvent, *, durable: bool = False) -> asyncio.Future[None] | None:
+        """Hand the row over; with ``durable``, a future done once it is committed (None when there is nothing to
+        wait for: submitted already, or a writer that is not running, as in tests that build a settlement alone)."""
         if self._done:
-            return
+            return None
         self._done = True
-        self._writer._enqueue(event)
+        return self._writer._enqueue(event, durable)
+
+    async def committed(self, future: asyncio.Future[None] | None) -> None:
+        """Wait for the row :meth:`submit` handed over with ``durable`` to be committed (503 past a timeout)."""
+        await self._writer.committed(future)
 
     def release(self) -> None:
         if not self._done:
@@ -121,12 +132,14 @@ class UsageWriter:
         self._engine = engine
         self._slots = asyncio.Semaphore(capacity)
         self._pending: deque[UsageEvent] = deque()
+        self._committed: deque[asyncio.Future[None] | None] = deque()  # one per pending row: who waits for it
         self._wakeup = asyncio.Event()
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
         self._acquire_timeout_s = acquire_timeout_s
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._failing = False  # the last write failed: rows wait in the queue for the database
         self.written = 0
 
     async def start(self) -> None:
@@ -153,14 +166,34 @@ class UsageWriter:
     def pending(self) -> int:
         return len(self._pending)
 
-    def _enqueue(self, event: UsageEvent) -> None:
+    def check_accepting(self) -> None:
+        """Refuse (503) while rows cannot be written (the last write failed and is being retried): a request is
+        refused before it reaches an engine, not after."""
+        if self._failing:
+            raise ServiceUnavailableError("The usage ledger is not accepting records.", code="ledger_unavailable")
+
+    async def committed(self, future: asyncio.Future[None] | None) -> None:
+        """Wait for a row handed over with ``durable`` to be committed. Fails closed: 503."""
+        if future is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self._acquire_timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailableError(
+                "The usage ledger is not accepting records.", code="ledger_unavailable"
+            ) from None
+
+    def _enqueue(self, event: UsageEvent, durable: bool = False) -> asyncio.Future[None] | None:
         for name, limit in _TEXT_LIMITS.items():
             value = getattr(event, name)
             if value is not None:
                 setattr(event, name, bounded(value if isinstance(value, str) else str(value), limit))
+        future = asyncio.get_running_loop().create_future() if durable and self._task is not None else None
         self._pending.append(event)
-        if len(self._pending) >= self._batch_size:
-            self._wakeup.set()
+        self._committed.append(future)
+        if future is not None or len(self._pending) >= self._batch_size:
+            self._wakeup.set()  # someone waits for it: written now, with whatever else is pending
+        return future
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -178,10 +211,15 @@ class UsageWriter:
             try:
                 await self._write_isolating(batch)
             except Exception:
-                log.exception("writing %d usage records failed; retrying in %.1fs", len(batch), backoff)
+                if not self._failing:
+                    log.exception("writing %d usage records failed; retrying, and refusing new work", len(batch))
+                self._failing = True
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = min(backoff * 2, 2.0)
                 continue
+            if self._failing:
+                log.warning("the usage ledger accepts records again")
+            self._failing = False
             backoff = 0.1
 
     async def _write_isolating(self, batch: list[UsageEvent]) -> None:
@@ -208,6 +246,9 @@ class UsageWriter:
                 await asyncio.to_thread(self._write, [replacement])  # raises: retried
         for _ in batch:
             self._pending.popleft()
+            future = self._committed.popleft()
+            if future is not None and not future.done():
+                future.set_result(None)
             self._slots.release()
         self.written += len(batch)
 

@@ -11,7 +11,9 @@ from litestar.datastructures import Headers, MutableScopeHeaders
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from sqlalchemy.exc import SQLAlchemyError
 
+from appliance.db.faults import is_transient
 from appliance.lib.errors import ApplianceError, error_envelope
 from appliance.lib.logging import bind, reset_context, restore_context
 from appliance.lib.tracing import bind_trace
@@ -108,8 +110,25 @@ def unexpected_error_handler(request: Request[Any, Any, Any], exc: Exception) ->
     )
 
 
+def database_error_handler(request: Request[Any, Any, Any], exc: SQLAlchemyError) -> Response[Any]:
+    """The database is down, unreachable or full (wherever a request met it: a credential's look-up, a budget,
+    an admin change): 503, as for any dependency that is missing, and the client may retry. Any other database
+    error is the appliance's own failure (500)."""
+    if not is_transient(exc):
+        return unexpected_error_handler(request, exc)
+    log.warning("the database is not available: %s", str(exc).partition("\n")[0])
+    return envelope_response(
+        503,
+        error_envelope(
+            "The database is not available; retry later.", "service_unavailable", None, "database_unavailable"
+        ),
+        {"Retry-After": "1"},
+    )
+
+
 EXCEPTION_HANDLERS: dict[int | type[Exception], Any] = {
     ApplianceError: appliance_error_handler,
+    SQLAlchemyError: database_error_handler,
     HTTPException: http_exception_handler,
     Exception: unexpected_error_handler,
 }

@@ -71,6 +71,7 @@ async def _hang(request: web.Request) -> web.Response:
     return web.json_response({"error": {"message": "hung for nobody", "type": "InternalServerError"}}, status=500)
 
 
+STREAMED_BYTES = [0]  # SSE bytes every stream has written so far (tests of back-pressure read it)
 RUNNING = [0]  # requests being answered now, exposed as vllm:num_requests_running on /metrics
 
 
@@ -145,7 +146,9 @@ async def _answer(request: web.Request) -> web.StreamResponse:
                 "choices": [{"index": index, **delta, "finish_reason": finished if step == tokens - 1 else None}],
                 "usage": _usage(step + 1),
             }
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            await response.write(event)  # waits while the reader (the gateway) does not take what was written
+            STREAMED_BYTES[0] += len(event)
     final = {"id": "cmpl-fake", "object": "chat.completion.chunk", "choices": [], "usage": total}
     await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
     await response.write(b"data: [DONE]\n\n")

@@ -1,0 +1,96 @@
+"""Gateway processes of their own (`appliance serve`, as a node runs them) for fault tests: started on a port,
+stopped with SIGTERM, or killed. The engine is whatever URL the caller routes the model `fake` to."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from tests.support.fake_engine import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def node_env(data_dir: Path, engine_url: str, **settings: str) -> dict[str, str]:
+    """The environment of gateways on ``data_dir`` whose one model, `fake`, is served at ``engine_url``."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return dict(
+        os.environ,
+        APPLIANCE_DATA_DIR=str(data_dir),
+        APPLIANCE_GATEWAY__ROUTES=json.dumps([{"model": "fake", "url": engine_url}]),
+        **settings,
+    )
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "appliance.cli", *args], env=env, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.strip()
+
+
+class Gateway:
+    """One `appliance serve` process (one worker: the process that answers is the one a signal reaches)."""
+
+    def __init__(self, env: dict[str, str], log: Path, port: int | None = None, **settings: str) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.env = dict(env, APPLIANCE_SERVER__PORT=str(self.port), **settings)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0, **preexec: Any) -> Gateway:
+        with self.log.open("ab") as handle:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "appliance.cli", "serve"],
+                env=self.env,
+                cwd=ROOT,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                **preexec,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the gateway exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"the gateway did not come up:\n{self.log.read_text()[-3000:]}")
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def kill(self) -> None:
+        """``kill -9``: nothing of the process's own runs after this."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> bool:
+        """SIGTERM, as systemd stops the unit; whether it stopped cleanly (uvicorn, once shut down, raises the
+        signal it caught again: a clean stop exits by SIGTERM, or 0)."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return False
+        return self.process.returncode in (0, -signal.SIGTERM)
