@@ -11,6 +11,7 @@ environment, so the CLI sees what the services see.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import os
 from functools import lru_cache
@@ -187,7 +188,27 @@ class AuditSettings(BaseModel):
         description="the log's name (origin and key name) in its signed checkpoints, such as "
         "audit.example.org/node-1; no spaces nor '+' (default: <node>/audit)",
     )
+    witnesses: list[str] = Field(
+        default_factory=list,
+        description="verifier keys (C2SP vkeys, Ed25519 cosignature/v1) of the witnesses whose co-signed "
+        "checkpoints `appliance audit witness-import` accepts",
+    )
     retention_days: int | None = Field(default=None, ge=1, description="`appliance audit prune` default age")
+
+    @field_validator("witnesses")
+    @classmethod
+    def _vkeys(cls, value: list[str]) -> list[str]:
+        for vkey in value:
+            name, _, rest = vkey.partition("+")
+            key_id, _, blob = rest.partition("+")
+            try:
+                raw = base64.b64decode(blob, validate=True)
+            except ValueError:
+                raw = b""
+            if not name or len(key_id) != 8 or len(raw) != 33 or raw[0] != 4:
+                raise ValueError(f"audit.witnesses: {vkey!r} is not an Ed25519 cosignature/v1 verifier key")
+        return value
+
     content_retention_days: int = Field(
         default=30, ge=1, description="captured prompts and answers kept this long (the gateway prunes hourly)"
     )

@@ -1,4 +1,4 @@
-"""``appliance audit verify | export | prune | checkpoint | prove | check-proof``."""
+"""``appliance audit verify | export | prune | checkpoint | prove | check-proof | witness-import | witnessed``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from pathlib import Path
 from appliance.audit.export import jsonl, syslog
 from appliance.audit.merkle import ProofError
 from appliance.audit.proofs import check_proof
-from appliance.audit.setup import audit_store
+from appliance.audit.setup import audit_store, cosigned_checkpoints
 from appliance.audit.store import AuditStore
 from appliance.audit.tree import TreeError
+from appliance.audit.witness import CosignatureError
 from appliance.lib.times import as_utc, duration_s
 from appliance.settings import Settings
 
@@ -55,6 +56,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     check.add_argument("proof", help="the JSON file `appliance audit prove` wrote (- for standard input)")
     check.add_argument("--vkey", required=True, help="the log's verifier key, as `checkpoint --vkey` prints it")
     check.add_argument("--old-checkpoint", help="for a consistency proof: the earlier checkpoint you kept (file)")
+    imported = audit_sub.add_parser(
+        "witness-import",
+        help="keep a checkpoint a trusted witness co-signed (C2SP tlog-cosignature; audit.witnesses)",
+    )
+    imported.add_argument("note", help="the co-signed checkpoint the witness returned (file, - for standard input)")
+    audit_sub.add_parser("witnessed", help="each trusted witness's newest co-signed checkpoint (JSON)")
 
 
 def _moment(text: str) -> datetime:
@@ -77,18 +84,23 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     store = audit_store(settings)
     if args.audit_command in ("checkpoint", "prove"):
         return _checkpoint_or_prove(store, args)
+    if args.audit_command in ("witness-import", "witnessed"):
+        return _witnesses(settings, store, args)
     if args.audit_command == "verify":
         result = store.verify()
+        contradicted = cosigned_checkpoints(settings, store).problems() if result.ok else []
         if args.json:
-            print(json.dumps(result.as_dict(), indent=2))
-        elif result.ok:
+            print(json.dumps({**result.as_dict(), "witness_problems": contradicted}, indent=2))
+        elif result.ok and not contradicted:
             print(
                 f"audit chain OK: {result.records} records ({result.first_seq}..{result.last_seq}), "
                 f"{result.checkpoints} signed checkpoints"
             )
+        elif contradicted:
+            print(f"audit log CONTRADICTS its witnesses: {'; '.join(contradicted)}", file=sys.stderr)
         else:
             print(f"audit chain BROKEN at record {result.first_bad_seq}: {result.reason}", file=sys.stderr)
-        return 0 if result.ok else 2
+        return 0 if result.ok and not contradicted else 2
     if args.audit_command == "export":
         render = syslog if args.format == "syslog" else jsonl
         for record in store.export(args.since):
@@ -103,6 +115,24 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     pruned = store.prune(now - timedelta(seconds=age), Path(args.archive))
     print(f"pruned {pruned} records into {args.archive}")
+    return 0
+
+
+def _witnesses(settings: Settings, store: AuditStore, args: argparse.Namespace) -> int:
+    try:
+        witnesses = cosigned_checkpoints(settings, store)
+    except ValueError as exc:
+        print(f"error: audit.witnesses: {exc}", file=sys.stderr)
+        return 2
+    if args.audit_command == "witnessed":
+        print(json.dumps(witnesses.listing(), indent=2))
+        return 0
+    note = sys.stdin.read() if args.note == "-" else Path(args.note).read_text(encoding="utf-8")
+    try:
+        print(json.dumps(witnesses.import_note(note), indent=2))
+    except CosignatureError as exc:
+        print(f"refused: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

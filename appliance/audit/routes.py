@@ -12,10 +12,12 @@ from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
 from appliance.audit.merkle import ProofError
+from appliance.audit.setup import cosigned_checkpoints
 from appliance.audit.tree import TreeError
 from appliance.audit.writer import AuditWriter
 from appliance.lib.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from appliance.lib.principal import ADMIN, AUDITOR, principal_of
+from appliance.settings import Settings
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
 Offset = Annotated[int, QueryParameter(ge=0, le=2**31 - 1)]  # an offset past a 64-bit integer was a 500
@@ -119,6 +121,16 @@ class AuditController(Controller):
         _platform_auditor(request)
         result: dict[str, Any] = await _prove(audit.store.prove_consistency, old, size)
         return result
+
+    @get("/witnessed")
+    async def witnessed(
+        self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter], settings: NamedDependency[Settings]
+    ) -> list[dict[str, Any]]:
+        """Each trusted witness's newest co-signed checkpoint (imported with ``appliance audit witness-import``)
+        and whether this database still holds the tree it states (``problem`` says why not)."""
+        _platform_auditor(request)
+        rows: list[dict[str, Any]] = await asyncio.to_thread(cosigned_checkpoints(settings, audit.store).listing)
+        return rows
 
     @get("/witness")
     async def witness(

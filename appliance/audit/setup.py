@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from appliance.audit.chain import NoteKey
 from appliance.audit.store import AuditStore
+from appliance.audit.witness import CosignedCheckpoints
 from appliance.db.engine import create_schema, make_engine
 from appliance.settings import Settings
 
@@ -56,3 +57,8 @@ def _store(settings: Settings, engine: Engine) -> AuditStore:
         node=settings.audit.node,
         legacy_key_name=settings.audit.node or "appliance",  # checkpoints signed before the Merkle tree
     )
+
+
+def cosigned_checkpoints(settings: Settings, store: AuditStore) -> CosignedCheckpoints:
+    """The witnesses' co-signed checkpoints, kept beside the audit key (``<data_dir>/audit/cosigned``)."""
+    return CosignedCheckpoints(store, audit_dir(settings) / "cosigned", settings.audit.witnesses)

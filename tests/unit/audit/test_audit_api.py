@@ -214,7 +214,15 @@ async def test_outside_auditors_get_the_checkpoint_and_proofs_that_verify_with_t
     assert witness.status_code == 200 and witness.headers["content-type"].startswith("text/plain")
     assert witness.text == f"old 0\n\n{latest['note']}"
 
+    witnessed = await client.get("/admin/audit/witnessed", headers=auth(settings, "auditor"))
+    assert witnessed.status_code == 200 and witnessed.json() == []  # no witness is trusted in these settings
+
     for headers in (auth(settings, "user"), auth(settings, "auditor", tenant="t1")):
-        for path in ("/admin/audit/checkpoint", "/admin/audit/proof/inclusion?seq=1", "/admin/audit/witness"):
+        for path in (
+            "/admin/audit/checkpoint",
+            "/admin/audit/proof/inclusion?seq=1",
+            "/admin/audit/witness",
+            "/admin/audit/witnessed",
+        ):
             assert (await client.get(path, headers=headers)).status_code == 403, path
     assert (await client.get("/admin/audit/checkpoint")).status_code == 401
