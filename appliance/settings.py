@@ -12,6 +12,7 @@ environment, so the CLI sees what the services see.
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import os
 from functools import lru_cache
@@ -205,8 +206,12 @@ class AuditSettings(BaseModel):
                 raw = base64.b64decode(blob, validate=True)
             except ValueError:
                 raw = b""
-            if not name or len(key_id) != 8 or len(raw) != 33 or raw[0] != 4:
+            if not name or any(ch.isspace() for ch in name) or len(raw) != 33 or raw[0] != 4:
                 raise ValueError(f"audit.witnesses: {vkey!r} is not an Ed25519 cosignature/v1 verifier key")
+            if hashlib.sha256(name.encode() + b"\n" + raw).digest()[:4].hex() != key_id:
+                raise ValueError(f"audit.witnesses: {vkey!r}: the key id does not match its name and key")
+        if len(set(value)) != len(value):
+            raise ValueError("audit.witnesses: a verifier key is listed twice")
         return value
 
     content_retention_days: int = Field(

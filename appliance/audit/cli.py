@@ -24,6 +24,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the hash chain and every signed checkpoint")
     verify.add_argument("--json", action="store_true")
+    verify.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also check that the database holds the tree of this checkpoint (a witness's or an auditor's own copy)",
+    )
     export = audit_sub.add_parser("export", help="write records to standard output for a SIEM")
     export.add_argument("--since", type=_moment, help="ISO 8601 time, or an age such as 24h")
     export.add_argument("--format", choices=("jsonl", "syslog"), default="jsonl")
@@ -88,7 +95,12 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return _witnesses(settings, store, args)
     if args.audit_command == "verify":
         result = store.verify()
-        contradicted = cosigned_checkpoints(settings, store).problems() if result.ok else []
+        witnesses = cosigned_checkpoints(settings, store)
+        contradicted = witnesses.problems() if result.ok else []
+        for path in args.against if result.ok else []:
+            problem = witnesses.contradiction(Path(path).read_text(encoding="utf-8"))
+            if problem:
+                contradicted.append(f"{path}: {problem}")
         if args.json:
             print(json.dumps({**result.as_dict(), "witness_problems": contradicted}, indent=2))
         elif result.ok and not contradicted:
@@ -97,7 +109,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
                 f"{result.checkpoints} signed checkpoints"
             )
         elif contradicted:
-            print(f"audit log CONTRADICTS its witnesses: {'; '.join(contradicted)}", file=sys.stderr)
+            print(f"audit log CONTRADICTS checkpoints kept outside it: {'; '.join(contradicted)}", file=sys.stderr)
         else:
             print(f"audit chain BROKEN at record {result.first_bad_seq}: {result.reason}", file=sys.stderr)
         return 0 if result.ok and not contradicted else 2

@@ -11,6 +11,7 @@ then no longer be hidden by re-signing, since the witness's copy is outside the 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -87,6 +88,7 @@ def cosign(private: Ed25519PrivateKey, name: str, note: str, timestamp: int) -> 
 class Cosignature:
     witness: str
     timestamp: int
+    key_id: str = ""  # hex: which of the witness's keys (a witness may be trusted under two keys while it rotates)
 
 
 def cosignatures(note: str, cosigners: list[Cosigner]) -> list[Cosignature]:
@@ -95,18 +97,18 @@ def cosignatures(note: str, cosigners: list[Cosigner]) -> list[Cosignature]:
     if not sep:
         return []
     body += "\n"
-    by_name = {cosigner.name: cosigner for cosigner in cosigners}
+    by_id = {(cosigner.name, cosigner.key_id): cosigner for cosigner in cosigners}
     found: list[Cosignature] = []
     for line in lines.splitlines():
         parts = line.split(" ")
-        cosigner = by_name.get(parts[1]) if len(parts) == 3 and parts[0] == EM_DASH else None
-        if cosigner is None:
+        if len(parts) != 3 or parts[0] != EM_DASH:
             continue
         try:
             blob = base64.b64decode(parts[2], validate=True)
         except ValueError:
             continue
-        if len(blob) != 4 + 8 + 64 or blob[:4] != cosigner.key_id:
+        cosigner = by_id.get((parts[1], blob[:4]))
+        if cosigner is None or len(blob) != 4 + 8 + 64:
             continue
         (timestamp,) = struct.unpack(">Q", blob[4:12])
         try:
@@ -114,7 +116,7 @@ def cosignatures(note: str, cosigners: list[Cosigner]) -> list[Cosignature]:
         except InvalidSignature:
             continue
         if timestamp < 2**63:
-            found.append(Cosignature(cosigner.name, timestamp))
+            found.append(Cosignature(cosigner.name, timestamp, cosigner.key_id.hex()))
     return found
 
 
@@ -139,15 +141,17 @@ class CosignedCheckpoints:
             raise CosignatureError("no cosignature by a trusted witness verifies on this checkpoint")
         self._folder.mkdir(parents=True, exist_ok=True)
         kept = []
-        for cosignature in signed:
-            path = self._path(cosignature.witness)
-            held = self._read(path)
-            if held is not None and held["tree_size"] >= checkpoint.tree_size:
-                continue
-            staging = path.with_name(path.name + ".tmp")
-            staging.write_text(note, encoding="utf-8")
-            os.replace(staging, path)
-            kept.append(cosignature.witness)
+        with (self._folder / ".lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one import at a time: a newer note is never replaced by an older
+            for cosignature in signed:
+                path = self._path(cosignature.witness, cosignature.key_id)
+                held = self._read(path)
+                if held is not None and (held["tree_size"] or 0) >= checkpoint.tree_size:
+                    continue
+                staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                staging.write_text(note, encoding="utf-8")
+                os.replace(staging, path)
+                kept.append(cosignature.witness)
         return {
             "tree_size": checkpoint.tree_size,
             "witnesses": [c.witness for c in signed],
@@ -158,7 +162,7 @@ class CosignedCheckpoints:
         """Each trusted witness's newest cosigned checkpoint, and whether the database still holds its tree."""
         rows = []
         for cosigner in self._cosigners:
-            held = self._read(self._path(cosigner.name))
+            held = self._read(self._path(cosigner.name, cosigner.key_id.hex()))
             if held is None:
                 rows.append({"witness": cosigner.name, "tree_size": None})
                 continue
@@ -196,9 +200,11 @@ class CosignedCheckpoints:
             note = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError) as exc:
+            return {"witness": path.stem, "tree_size": None, "problem": f"is unreadable ({path}: {exc})"}
         checkpoint = open_checkpoint(self._store.key, self._store.origin, note)
         signed = cosignatures(note, self._cosigners)
-        witness = next((c for c in signed if self._path(c.witness) == path), None)
+        witness = next((c for c in signed if self._path(c.witness, c.key_id) == path), None)
         if checkpoint is None or witness is None:
             return {"witness": path.stem, "tree_size": None, "problem": f"is unreadable ({path} was altered)"}
         return {
@@ -210,10 +216,20 @@ class CosignedCheckpoints:
             "note": note,
         }
 
-    def _path(self, witness: str) -> Path:
+    def _path(self, witness: str, key_id: str) -> Path:
+        """One file per witness key (a rotated key starts a file of its own; the old one is no longer read)."""
         safe = re.sub(r"[^A-Za-z0-9._-]", "_", witness)
         digest = hashlib.sha256(witness.encode()).hexdigest()[:8]
-        return self._folder / f"{safe}-{digest}.note"
+        return self._folder / f"{safe}-{digest}-{key_id}.note"
+
+    def contradiction(self, note: str) -> str | None:
+        """For an outside auditor holding a witness's own copy: None when ``note`` is this log's checkpoint and
+        the database holds the tree it states, else why not (no trust in the node's copies needed)."""
+        checkpoint = open_checkpoint(self._store.key, self._store.origin, note)
+        if checkpoint is None:
+            return f"it is not a checkpoint of this log ({self._store.origin}) with its signature"
+        problem = self._contradiction(checkpoint)
+        return f"its tree of {checkpoint.tree_size} records {problem}" if problem else None
 
 
 def as_json(rows: list[dict[str, Any]]) -> str:

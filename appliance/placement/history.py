@@ -81,7 +81,7 @@ def window(engine: Engine, days: int, now: datetime, hour_cost: float | None) ->
     since = now - timedelta(days=days)
     hours, source = hourly(engine, since, now)
     mix, retrieval = traffic(engine, since, now)
-    return Window(days, hours, hour_cost, mix, retrieval), source
+    return Window(days, hours, hour_cost, mix, retrieval, end=now), source
 
 
 def report_inputs(engine: Engine, now: datetime, hour_cost: float | None) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from appliance.settings import AlternativePrice, PlacementSettings
@@ -43,6 +43,7 @@ class Window:
     hour_cost: float | None = None  # the node's cost per hour (owned: it accrues whether busy or not)
     mix: dict[str, dict[str, int]] = field(default_factory=dict)  # endpoint -> {requests, tokens}
     retrieval: dict[str, int] = field(default_factory=dict)  # {requests, injected_tokens, chunks}
+    end: datetime | None = None  # the window's end (now): the node is charged from its first observed hour to it
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -108,8 +109,9 @@ def cost_figures(window: Window, alternatives: dict[str, AlternativePrice]) -> d
         # observed: a node watched for a week is not charged the 90 days of the long window.
         hours = window.days * 24.0
         if window.hours:
-            first, last = min(h.start for h in window.hours), max(h.start for h in window.hours)
-            hours = min(hours, (last - first).total_seconds() / 3600 + 1)
+            first = min(h.start for h in window.hours)
+            last = window.end or max(h.start for h in window.hours) + timedelta(hours=1)
+            hours = min(hours, max(1.0, (last - first).total_seconds() / 3600))
         node_cost = window.hour_cost * hours
         figures["node_cost"] = round(node_cost, 2)
         figures["node_cost_hours"] = round(hours, 1)

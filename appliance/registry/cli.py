@@ -74,7 +74,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         except ApplianceError as exc:
             print(f"error: {exc.message}", file=sys.stderr)
-            return 1
+            # A refused spec or changed files stay refused: the unit is not restarted (RestartPreventExitStatus).
+            return units.EXIT_REFUSED if args.units_command == "exec" else 1
     db = make_engine(settings.database_url)
     try:
         create_schema(db)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import shutil
 import socket
 import subprocess
 import time
@@ -38,11 +37,11 @@ from appliance.engines.runner import (
     stop_group,
     wait_healthy,
 )
-from appliance.lib.errors import ConflictError
+from appliance.lib.errors import ApplianceError, ConflictError
 from appliance.registry import service
 from appliance.registry.files import RegistryIntegrityError, verify_files
 from appliance.registry.importer import check_draft
-from appliance.registry.launch import Launcher, ProcessLauncher, UnitLauncher
+from appliance.registry.launch import Launcher, ProcessLauncher, UnitLauncher, gpu_node
 from appliance.registry.models import APPROVED, DEPLOYED, ModelVersion, ServedModel
 from appliance.registry.options import ServingOptions, parse_options, vllm_args
 from appliance.settings import EngineKind, Settings
@@ -121,10 +120,6 @@ def version_specs(
     return specs
 
 
-def gpu_node() -> bool:
-    return shutil.which("nvidia-smi") is not None
-
-
 def launch(settings: Settings, spec: EngineSpec, kind_name: str, index: int) -> subprocess.Popen[bytes]:
     """Start one engine: vLLM exactly as the supervisor does; another kind from its command template."""
     if kind_name == "vllm":
@@ -188,12 +183,17 @@ def drain(settings: Settings, engines: list[dict[str, Any]], kind: EngineKind) -
 
 
 @contextmanager
-def _name_lock(settings: Settings, served_name: str) -> Iterator[None]:
-    """One deployment of a served name at a time, whichever process runs it."""
+def _name_lock(settings: Settings, served_name: str, *, wait: bool = True) -> Iterator[bool]:
+    """One deployment of a served name at a time, whichever process runs it. Yields whether it is held (always,
+    when ``wait``)."""
     settings.registry_dir.mkdir(parents=True, exist_ok=True)
     with (settings.registry_dir / f".deploy-{served_name}.lock").open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def deploy(db: Engine, settings: Settings, version_id: int, actor: str, *, action: str = "deploy") -> dict[str, Any]:
@@ -219,7 +219,7 @@ def _deploy(db: Engine, settings: Settings, version_id: int, actor: str, action:
         ports = allocate_ports(session, settings, options.replicas)
         specs = version_specs(settings, version, ports, draft_dir)
     try:
-        engines = launcher(settings).start(specs, version.engine_kind, kind, version.files, what)
+        engines = launcher(settings).start(specs, version, kind, draft_dir)
     except BaseException:
         with Session(db) as session:
             service.audit(settings, action, service.get_version(session, version_id), actor, "failure")
@@ -287,49 +287,59 @@ class _Restarts:
 def restart_crashed(db: Engine, settings: Settings, restarts: dict[str, _Restarts]) -> list[str]:
     """Start again, without waiting for health, each deployed engine whose process has exited (the development
     supervisor calls this every second; on a node systemd does it). Backs off 2^n seconds, at most
-    ``MAX_RESTARTS`` times per engine. Returns the engines started."""
-    started = []
-    now = time.monotonic()
+    ``MAX_RESTARTS`` times per engine, never with files changed since import. A served name being deployed is
+    left to its deployment (its lock is held). Returns the engines started."""
+    started: list[str] = []
     with Session(db) as session:
-        for row in session.exec(select(ServedModel)).all():
-            dead = [(i, e) for i, e in enumerate(row.engines) if e.get("pid") and not pid_alive(int(e["pid"]))]
-            if not dead:
+        names = [row.served_name for row in session.exec(select(ServedModel)).all()]
+    for served_name in names:
+        with _name_lock(settings, served_name, wait=False) as held:
+            if held:
+                started += _restart_row(db, settings, served_name, restarts)
+    return started
+
+
+def _restart_row(db: Engine, settings: Settings, served_name: str, restarts: dict[str, _Restarts]) -> list[str]:
+    now = time.monotonic()
+    started: list[str] = []
+    with Session(db) as session:
+        row = session.get(ServedModel, served_name)
+        if row is None:
+            return []
+        dead = [(i, e) for i, e in enumerate(row.engines) if e.get("pid") and not pid_alive(int(e["pid"]))]
+        if not dead:
+            return []
+        version = service.get_version(session, row.version_id)
+        what = f"{version.served_name} v{version.version}"
+        engines = [dict(engine) for engine in row.engines]
+        ports = [int(e["port"]) for e in row.engines]
+        specs = {
+            s.name: s
+            for s in version_specs(settings, version, ports, check_draft(session, parse_options(version.options)))
+        }
+        for index, engine in dead:
+            state = restarts.setdefault(engine["name"], _Restarts())
+            if state.next_at == 0.0:
+                log.error("registry engine %s (pid %s) exited", engine["name"], engine["pid"])
+                state.next_at = now + min(60.0, 2.0**state.count)
                 continue
-            version = service.get_version(session, row.version_id)
-            engines = [dict(engine) for engine in row.engines]
-            specs = {
-                spec.name: spec
-                for spec in version_specs(
-                    settings,
-                    version,
-                    [int(e["port"]) for e in row.engines],
-                    check_draft(session, parse_options(version.options)),
-                )
-            }
-            for index, engine in dead:
-                state = restarts.setdefault(engine["name"], _Restarts())
-                if state.next_at == 0.0:
-                    log.error("registry engine %s (pid %s) exited", engine["name"], engine["pid"])
-                    state.next_at = now + min(60.0, 2.0**state.count)
-                    continue
-                if now < state.next_at or state.count >= MAX_RESTARTS or engine["name"] not in specs:
-                    continue
-                try:
-                    verify_files(Path(version.path), version.files, f"{version.served_name} v{version.version}")
-                except RegistryIntegrityError:
-                    log.exception("registry engine %s is not started again", engine["name"])
-                    state.count = MAX_RESTARTS
-                    continue
+            if now < state.next_at or state.count >= MAX_RESTARTS or engine["name"] not in specs:
+                continue
+            state.count += 1
+            state.next_at = 0.0
+            try:
+                verify_files(Path(version.path), version.files, what)
                 process = launch(settings, specs[engine["name"]], version.engine_kind, index)
-                state.count += 1
-                state.next_at = 0.0
-                engines[index]["pid"] = process.pid
-                started.append(engine["name"])
-                log.warning("registry engine %s restarted (restart %d)", engine["name"], state.count)
-            if started:
-                row.engines = engines
-                session.add(row)
-                session.commit()
+            except (RegistryIntegrityError, OSError, ApplianceError) as exc:
+                log.error("registry engine %s is not started again: %s", engine["name"], exc)
+                state.count = MAX_RESTARTS
+                continue
+            engines[index]["pid"] = process.pid
+            started.append(engine["name"])
+            row.engines = engines
+            session.add(row)
+            session.commit()  # each engine as it starts: an error with the next one does not orphan this one
+            log.warning("registry engine %s restarted (restart %d)", engine["name"], state.count)
     return started
 
 

@@ -43,15 +43,20 @@ class SpeculativeOptions(BaseModel):
 class ServingOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    quantization: str | None = Field(default=None, description="vLLM quantization method (the platform's)")
+    quantization: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$",
+        description="vLLM quantization method (the platform's)",
+    )
     prefix_caching: bool | None = Field(default=None, description="None: vLLM's default")
     speculative: SpeculativeOptions | None = None
     max_num_batched_tokens: int | None = Field(default=None, ge=1)
     context_length: int | None = Field(default=None, ge=1, description="--max-model-len; at most the config's")
     kv_cache_gib: int | None = Field(default=None, ge=1, description="KV-cache size of each engine")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = None
-    tool_call_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
-    reasoning_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    # A name, never something an argument parser could take for an option of its own.
+    tool_call_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+    reasoning_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
     replicas: int = Field(default=1, ge=1, le=16)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def test_the_key_id_and_signature_match_the_specification(witness_key: Ed25519Pr
         cosign_by_the_spec(witness_key, WITNESS, note, 1_700_000_000),
     )
     assert ours == theirs  # Ed25519 is deterministic: the same bytes as the specification's construction
-    assert cosignatures(theirs, [Cosigner.from_vkey(vkey)]) == [Cosignature(WITNESS, 1_700_000_000)]
+    key_id = vkey.split("+")[1]
+    assert cosignatures(theirs, [Cosigner.from_vkey(vkey)]) == [Cosignature(WITNESS, 1_700_000_000, key_id)]
     raw = witness_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     note_key = hashlib.sha256(WITNESS.encode() + b"\n\x01" + raw).digest()[:4].hex()
     with pytest.raises(ValueError, match="signature type 0x04"):  # an Ed25519 note key is not a cosigner key
@@ -130,10 +132,9 @@ def test_verify_fails_when_the_database_contradicts_a_witness(witness_key: Ed255
         "APPLIANCE_CONFIG": str(tmp_path / "no.toml"),
     }
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "appliance.cli", "audit", *args], env=env, capture_output=True, text=True
-        )
+    def cli(*args: str, note: str = "") -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "appliance.cli", "audit", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, input=note)
 
     assert cli("verify").returncode == 0
     assert json.loads(cli("witnessed").stdout)[0]["tree_size"] == 4
@@ -143,6 +144,36 @@ def test_verify_fails_when_the_database_contradicts_a_witness(witness_key: Ed255
     log_with(settings, 6, tag="rewritten")
     verify = cli("verify")
     assert verify.returncode == 2, verify.stdout + verify.stderr
-    assert "CONTRADICTS its witnesses" in verify.stderr and "its root differs" in verify.stderr
-    refused = cli("witness-import", "-")
-    assert refused.returncode == 1 and "refused" in refused.stderr
+    assert "CONTRADICTS checkpoints kept outside it" in verify.stderr and "its root differs" in verify.stderr
+    # The witness's own copy says the same to an auditor, whatever the node kept.
+    witness_copy = tmp_path / "witness-copy.note"
+    witness_copy.write_text(cosign_by_the_spec(witness_key, WITNESS, note, int(time.time())))
+    shutil.rmtree(tmp_path / "audit" / "cosigned")
+    assert cli("verify").returncode == 0  # the node's copies gone: only an outside copy can show it now
+    against = cli("verify", "--against", str(witness_copy))
+    assert against.returncode == 2 and "its root differs" in against.stderr, against.stderr
+    refused = cli("witness-import", "-", note=witness_copy.read_text())
+    assert refused.returncode == 1 and "does not hold: its root differs" in refused.stderr, refused.stderr
+
+
+def test_a_rotated_witness_key_starts_afresh_and_bad_keys_are_refused_at_start(tmp_path: Path) -> None:
+    old_key, new_key = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    settings = settings_for(tmp_path, vkey_by_the_spec(WITNESS, old_key))
+    note = log_with(settings, 3)
+    cosigned_checkpoints(settings, audit_store(settings)).import_note(
+        cosign_by_the_spec(old_key, WITNESS, note, int(time.time()))
+    )
+    rotated = settings_for(tmp_path, vkey_by_the_spec(WITNESS, new_key))
+    witnessed = cosigned_checkpoints(rotated, audit_store(rotated))
+    assert witnessed.listing() == [{"witness": WITNESS, "tree_size": None}] and witnessed.problems() == []
+    newer = log_with(rotated, 1)
+    assert witnessed.import_note(cosign_by_the_spec(new_key, WITNESS, newer, int(time.time())))["kept"] == [WITNESS]
+    assert witnessed.listing()[0]["tree_size"] == 4
+
+    good = vkey_by_the_spec(WITNESS, old_key)
+    name, key_id, blob = good.split("+")
+    for bad in (f"{name}+00000000+{blob}", f"two words+{key_id}+{blob}", "not-a-key"):
+        with pytest.raises(ValueError, match=r"audit\.witnesses"):
+            AuditSettings(witnesses=[bad])
+    with pytest.raises(ValueError, match="listed twice"):
+        AuditSettings(witnesses=[good, good])

@@ -313,5 +313,6 @@ def test_a_crashed_engine_whose_files_changed_is_not_started_again(
             assert deploy.restart_crashed(db, settings, restarts) == []
             time.sleep(0.2)
         assert served(db)["engines"][0]["pid"] == before["pid"]  # left down, and the log says why
+        assert restarts[before["name"]].count == deploy.MAX_RESTARTS  # given up on, not merely not due yet
     finally:
         deploy.stop_all(db)
