@@ -218,3 +218,21 @@ def _require_tool_choice(request: ChatCompletionRequest) -> None:
             f"`tool_choice` names `{choice.function.name}`, which is not one of the `tools`.",
             param="tool_choice.function.name",
         )
+
+
+class ResponsesRequest(Struct):
+    """``POST /v1/responses``: the fields the gateway counts and checks; the engine validates the items and tools
+    in depth (its 400 is passed on)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_output_tokens: PositiveInt | None = None
+    stream: bool | None = False
+    store: bool | None = None
+    previous_response_id: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    truncation: Literal["auto", "disabled"] | None = None

@@ -16,7 +16,7 @@ from litestar.response import Stream
 from litestar.types import Receive
 
 from appliance.budgets.store import CallLink
-from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, JSONResult, OpenAIServing
+from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES, Endpoint, JSONResult, OpenAIServing
 from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError
@@ -141,3 +141,27 @@ class OpenAIController(Controller):
         self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
     ) -> Response[Any]:
         return await _serve(serving, EMBEDDINGS, request)
+
+    @post("/responses", status_code=200)
+    async def create_response(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> Response[Any]:
+        return await _serve(serving, RESPONSES, request)
+
+    @get("/responses/{response_id:str}")
+    async def retrieve_response(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], response_id: FromPath[str]
+    ) -> Response[Any]:
+        principal = principal_of(request.scope)
+        result = await serving.stored_response(principal, response_id, request_id(request.scope), source_of(request))
+        return answer(result)
+
+    @post("/responses/{response_id:str}/cancel", status_code=200)
+    async def cancel_response(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], response_id: FromPath[str]
+    ) -> Response[Any]:
+        principal = principal_of(request.scope)
+        result = await serving.stored_response(
+            principal, response_id, request_id(request.scope), source_of(request), cancel=True
+        )
+        return answer(result)

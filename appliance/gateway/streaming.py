@@ -10,6 +10,7 @@ from enum import Enum
 import aiohttp
 import msgspec
 
+from appliance.gateway.responses import ResponsesStreamUsage
 from appliance.gateway.settlement import Settlement
 from appliance.gateway.usage import StreamUsage, split_events, sse
 from appliance.ledger.writer import UsageEvent
@@ -38,7 +39,7 @@ class StreamRelay:
         self,
         route: EngineRoute,
         response: aiohttp.ClientResponse,
-        usage: StreamUsage,
+        usage: StreamUsage | ResponsesStreamUsage,
         settlement: Settlement,
         event: UsageEvent,
     ) -> None:
@@ -105,7 +106,7 @@ class StreamRelay:
                         # The answer is complete: settled (audit record durable) before the client sees the end.
                         self._outcome = _Outcome.FINISHED
                         await self._settlement.close(self._final_event())
-                    yield sse(out)
+                    yield self._usage.frame(out)
             if not self._usage.done:
                 raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
         except (TimeoutError, aiohttp.ClientError) as exc:
