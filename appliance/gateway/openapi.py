@@ -23,7 +23,7 @@ from litestar.routes import BaseRoute
 from litestar.types import ControllerRouterHandler
 
 from appliance.gateway import shape
-from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest
 from appliance.identity.auth import PUBLIC_PATHS, PUBLIC_PREFIXES
 
 CONTRACT_PATH = "/openapi.json"
@@ -145,6 +145,26 @@ _ANSWERS: dict[str, dict[str, Any]] = {
             "usage": _USAGE,
         },
     },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "created_at": {"type": ["integer", "number"]},
+            "model": {"type": "string"},
+            "status": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+            "usage": {
+                "type": ["object", "null"],
+                "properties": {
+                    "input_tokens": {"type": "integer"},
+                    "output_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"},
+                },
+            },
+        },
+    },
     "Model": {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
@@ -176,6 +196,9 @@ _OPENAI: dict[tuple[str, str], tuple[type[msgspec.Struct] | None, str, shape.Kin
     ("/v1/chat/completions", "post"): (ChatCompletionRequest, "ChatCompletion", "chat", True),
     ("/v1/completions", "post"): (CompletionRequest, "Completion", "completions", True),
     ("/v1/embeddings", "post"): (EmbeddingRequest, "EmbeddingList", "embeddings", False),
+    ("/v1/responses", "post"): (ResponsesRequest, "Response", "responses", True),
+    ("/v1/responses/{response_id}", "get"): (None, "Response", None, False),
+    ("/v1/responses/{response_id}/cancel", "post"): (None, "Response", None, False),
     ("/v1/models", "get"): (None, "ModelList", None, False),
     ("/v1/models/{model_id}", "get"): (None, "Model", None, False),
 }
@@ -260,6 +283,16 @@ _REQUIRED: dict[shape.Kind, tuple[str, dict[str, Any] | None]] = {
     "chat": ("messages", None),
     "completions": ("prompt", _PROMPTS),
     "embeddings": ("input", _PROMPTS),
+    "responses": (
+        "input",
+        {
+            "description": "a text, or a non-empty list of input items (messages, function calls and their outputs)",
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "object"}},
+            ],
+        },
+    ),
 }
 
 
