@@ -236,3 +236,50 @@ class ResponsesRequest(Struct):
     temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     truncation: Literal["auto", "disabled"] | None = None
+
+
+ScoreTexts = str | Annotated[list[str], Meta(min_length=1)]
+
+
+class ScoreRequest(Struct):
+    """``POST /v1/score`` (vLLM's): each text of ``queries`` against each of ``documents`` (or ``text_1`` against
+    ``text_2``); texts only."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    queries: ScoreTexts | None = None
+    documents: ScoreTexts | None = None
+    text_1: ScoreTexts | None = None
+    text_2: ScoreTexts | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+
+
+class RerankRequest(Struct):
+    """``POST /v1/rerank`` (vLLM's, Jina/Cohere-shaped): ``documents`` ordered by relevance to ``query``."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    query: Annotated[str, Meta(min_length=1)]
+    documents: ScoreTexts
+    top_n: Annotated[int, Meta(ge=0)] | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+
+
+class TokenizeRequest(Struct, forbid_unknown_fields=True):
+    """``POST /v1/tokenize`` (vLLM's ``/tokenize``): a text (``prompt``) or a chat (``messages``, rendered with the
+    model's chat template) into the model's token ids."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(Struct, forbid_unknown_fields=True):
+    """``POST /v1/detokenize`` (vLLM's ``/detokenize``): token ids back into text."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    tokens: Annotated[list[Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(min_length=1)]

@@ -28,10 +28,15 @@ from appliance.gateway.owners import ResponseNotFoundError, ResponseOwners
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
+    TokenizeRequest,
     UsageOnly,
     decode_json_object,
+    validate,
 )
 from appliance.gateway.responses import (
     ResponsesStreamUsage,
@@ -59,7 +64,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     path: str  # what usage rows, audit records and errors name
-    schema: type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest]
+    schema: type[
+        ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest | ScoreRequest | RerankRequest
+    ]
     runner: str
     engine_path: str = ""  # the engine's path, when it is not ``path`` (retrieval calls the engines' own API)
     client_model: bool = True  # the client names the model (model allowlists apply)
@@ -78,6 +85,10 @@ CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "generate")
 EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingRequest, "pooling")
 RESPONSES = Endpoint("/v1/responses", ResponsesRequest, "generate")
+SCORE = Endpoint("/v1/score", ScoreRequest, "pooling", engine_path="/score")
+RERANK = Endpoint("/v1/rerank", RerankRequest, "pooling", engine_path="/rerank")
+TOKENIZE = "/v1/tokenize"
+DETOKENIZE = "/v1/detokenize"
 # What usage rows and audit records name for the calls about a stored response.
 RETRIEVE_RESPONSE = "/v1/responses/{response_id}"
 CANCEL_RESPONSE = "/v1/responses/{response_id}/cancel"
@@ -197,7 +208,7 @@ class OpenAIServing:
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         settlement.price = self._pricing.price(route.model)
         if policy.content_capture:
-            settlement.prompt = input_text(data) if endpoint is RESPONSES else prompt_text(data)
+            settlement.prompt = _captured(endpoint, data, shape)
         event = _outcome(context)
         if retrieval is not None:
             retrieval.apply(event)
@@ -432,6 +443,62 @@ class OpenAIServing:
         await settlement.close(event)
         return JSONResult(raw)
 
+    async def tokens(self, path: str, body: bytes, request_id: str, principal: Principal, source: Source) -> JSONResult:
+        """``/v1/tokenize`` and ``/v1/detokenize``: the engine's own tokenizer (and chat template), for any served
+        model the principal may call. Identity, allowlists, routing, a ledger row and an audit record as every /v1
+        request; no budget charge and no admission tier: the engine runs no model for it."""
+        started = time.perf_counter()
+        principal.require_inference()
+        data = decode_json_object(body)
+        request: TokenizeRequest | DetokenizeRequest
+        if path == DETOKENIZE:
+            request = validate(data, DetokenizeRequest)
+        else:
+            request = validate(data, TokenizeRequest)
+            if (request.prompt is None) == (request.messages is None):
+                raise InvalidRequestError("Send either `prompt` or `messages`.", param="prompt", code="missing_field")
+        policy = await self._policies.of(principal.tenant_id)
+        authorise_model(principal, policy, request.model)
+        route = self._router.route(request.model, None, principal.tenant_id)
+        event = UsageEvent(
+            request_id=request_id,
+            model=route.model,
+            engine=route.key,
+            endpoint=path,
+            status_code=0,
+            tenant_id=principal.tenant_id,
+            workflow_id=principal.workflow_id,
+            agent_id=principal.agent_id,
+            api_key_id=principal.api_key_id,
+            subject=principal.subject,
+        )
+        settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
+        if policy.content_capture:
+            settlement.prompt = prompt_text(data) if "tokens" not in data else str(data["tokens"])
+        forwarded = {name: value for name, value in data.items() if value is not None}
+        try:
+            settlement.acquire(self._router.lease(route))
+            response = await self._router.open(
+                route, path.removeprefix("/v1"), msgspec.json.encode(forwarded), request_id
+            )
+            try:
+                raw = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
+            finally:
+                response.release()
+            if settlement.capturing:
+                settlement.answer.append(raw.decode("utf-8", "replace"))
+        except Exception as exc:
+            mark_failed(event, exc)
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            await settlement.close(event)
+            raise
+        event.status_code = 200
+        event.latency_ms = (time.perf_counter() - started) * 1000.0
+        await settlement.close(event)
+        return JSONResult(raw)
+
     async def models(self, principal: Principal) -> dict[str, Any]:
         """The models this principal may call (what the node serves, less what its allowlists leave out)."""
         principal.require_inference()
@@ -471,6 +538,15 @@ def _response_usage(response: Any, settlement: Settlement, event: UsageEvent) ->
     event.finish_reason = finish_of(response)
     if settlement.capturing:
         settlement.answer.extend(output_texts(response))
+
+
+def _captured(endpoint: Endpoint, data: dict[str, Any], shape: RequestShape) -> str:
+    """A request's input as text, for content capture."""
+    if endpoint is RESPONSES:
+        return input_text(data)
+    if endpoint is SCORE or endpoint is RERANK:
+        return "\n".join(str(text) for text in shape.prompts)
+    return prompt_text(data)
 
 
 def _outcome(context: RequestContext) -> UsageEvent:

@@ -22,13 +22,15 @@ from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    RerankRequest,
     ResponsesRequest,
+    ScoreRequest,
     require_inputs,
     validate,
 )
 from appliance.lib.errors import InvalidRequestError
 
-Kind = Literal["chat", "completions", "embeddings", "responses"]
+Kind = Literal["chat", "completions", "embeddings", "responses", "score", "rerank"]
 Prompt = str | list[int]
 
 # OpenAI fields the engine reads, per endpoint (what the SDK's request types carry).
@@ -132,6 +134,14 @@ _CHAT_EXTRAS = _GENERATION_EXTRAS | {
     "chat_template_kwargs",
     "include_reasoning",
 }
+# Score and rerank: the texts, and options that only shorten them or shape the scores.
+_SCORE_OPENAI = frozenset(
+    {"model", "queries", "documents", "text_1", "text_2", "truncate_prompt_tokens", "max_tokens_per_query"}
+) | {"max_tokens_per_doc", "use_activation"}
+_RERANK_OPENAI = frozenset({"model", "query", "documents", "top_n", "truncate_prompt_tokens", "use_activation"}) | {
+    "max_tokens_per_query",
+    "max_tokens_per_doc",
+}
 _RESPONSES_EXTRAS = frozenset(
     {
         "top_k",
@@ -182,6 +192,17 @@ _REFUSED = {
 
 # Fields refused on one endpoint only (a name another endpoint serves under another meaning).
 _KIND_REFUSED: dict[str, dict[str, str]] = {
+    "score": {
+        "data_1": "send `queries` and `documents`",
+        "data_2": "send `queries` and `documents`",
+        "items": "send `queries` and `documents`",
+        "instruction": "scoring instructions (cross-encoder templates) are not served",
+        "chat_template_kwargs": "scoring templates are not served",
+    },
+    "rerank": {
+        "instruction": "scoring instructions (cross-encoder templates) are not served",
+        "chat_template_kwargs": "scoring templates are not served",
+    },
     "responses": {
         "background": "background responses are not served (a request's budget and audit record end with its "
         "connection)",
@@ -193,7 +214,7 @@ _KIND_REFUSED: dict[str, dict[str, str]] = {
         "image": "image generation is not served",
         "previous_input_messages": "an engine-internal field (use `previous_response_id`)",
         "enable_response_messages": "an engine-internal field",
-    }
+    },
 }
 _KIND_IGNORED: dict[str, frozenset[str]] = {
     # the SDK's only stream option asks for obfuscation padding, which the gateway's SSE does not carry
@@ -256,9 +277,13 @@ _CAP_FIELD: dict[Kind, str] = {
     "completions": "max_tokens",
     "embeddings": "max_tokens",
     "responses": "max_output_tokens",
+    "score": "max_tokens",
+    "rerank": "max_tokens",
 }
 
-Schema = type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest]
+Schema = type[
+    ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest | ScoreRequest | RerankRequest
+]
 
 
 def parse(data: dict[str, Any], schema: Schema) -> RequestShape:
@@ -267,6 +292,10 @@ def parse(data: dict[str, Any], schema: Schema) -> RequestShape:
         from appliance.gateway.responses import parse_responses  # a cycle: it builds on this module
 
         return parse_responses(data)
+    if schema is ScoreRequest or schema is RerankRequest:
+        from appliance.gateway.scoring import parse_rerank, parse_score  # a cycle: it builds on this module
+
+        return parse_score(data) if schema is ScoreRequest else parse_rerank(data)
     if schema is ChatCompletionRequest:
         return _chat(data)
     if schema is CompletionRequest:
@@ -279,6 +308,8 @@ _ALLOWED: dict[Kind, frozenset[str]] = {
     "completions": _COMPLETIONS_OPENAI | _GENERATION_EXTRAS | {"best_of"},
     "embeddings": _EMBEDDINGS_OPENAI | _EMBEDDINGS_EXTRAS,
     "responses": _RESPONSES_OPENAI | _RESPONSES_EXTRAS,
+    "score": _SCORE_OPENAI,
+    "rerank": _RERANK_OPENAI,
 }
 
 Verdict = Literal["forwarded", "ignored", "refused", "other_endpoint", "unknown"]
@@ -450,4 +481,6 @@ _PROMPT_FIELD: dict[Kind, str] = {
     "completions": "prompt",
     "embeddings": "input",
     "responses": "input",
+    "score": "queries",
+    "rerank": "documents",
 }
