@@ -172,6 +172,13 @@ def validate(data: dict[str, Any], schema: type[RequestT]) -> RequestT:
             field = missing.group("field")
             param = f"{param}.{field}" if param else field
             raise InvalidRequestError(f"Missing required field `{param}`.", param=param, code="missing_field") from None
+        unknown = re.match(r"Object contains unknown field `(?P<field>[^`]+)`", message)
+        if unknown:
+            field = unknown.group("field")
+            param = f"{param}.{field}" if param else field
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: `{param}`.", param=param, code="unsupported_field"
+            ) from None
         text = message[: match.start()] if match else message
         where = f" at `{param}`" if param else ""
         raise InvalidRequestError(f"Invalid value{where}: {text}", param=param, code="invalid_value") from None
