@@ -104,8 +104,9 @@ def _text(content: Any) -> str:
 
 
 def _chat_tool(tool: dict[str, Any]) -> dict[str, Any]:
-    function = {key: tool[key] for key in ("name", "description", "parameters") if tool.get(key) is not None}
-    return {"type": "function", "function": function}
+    """A flat Responses function tool as a chat tool, exactly as vLLM converts it (every key but ``type``, so
+    ``strict`` too: the template renders what it is given)."""
+    return {"type": "function", "function": {key: value for key, value in tool.items() if key != "type"}}
 
 
 def input_text(data: dict[str, Any]) -> str:

@@ -158,7 +158,7 @@ async def test_another_tenants_response_id_is_not_found_however_it_is_used(
 async def test_budgets_count_the_input_clamp_the_output_and_refuse_before_generation(appliance: Appliance) -> None:
     created = tenant_key(appliance, f"budgeted-responses-{uuid.uuid4().hex[:6]}")
     budget = {"scope_type": "workflow", "scope_id": created["workflow_id"], "kind": "tokens", "period": "day"}
-    await admin_post(appliance, "/admin/budgets/", {**budget, "limit": 80})
+    await admin_post(appliance, "/admin/budgets/", {**budget, "limit": 300})
     client = sdk(appliance, created["key"])
     tools: list[FunctionToolParam] = [
         {
@@ -175,10 +175,10 @@ async def test_budgets_count_the_input_clamp_the_output_and_refuse_before_genera
     response = raw.parse()
     assert response.usage is not None
     clamp = int(raw.headers["x-budget-max-tokens"])
-    assert clamp == 80 - response.usage.input_tokens, "instructions, input and tools counted as the engine counts"
+    assert clamp == 300 - response.usage.input_tokens, "instructions, input and tools counted as the engine counts"
     assert response.usage.output_tokens <= clamp
     with pytest.raises(RateLimitError) as refused:
-        client.responses.create(model=CHAT_MODEL, input="Tell me a long story about the sea. " * 20)
+        client.responses.create(model=CHAT_MODEL, input="Tell me a long story about the sea. " * 40)
     assert refused.value.response.json()["error"]["type"] == "budget_exceeded"
     row = appliance.usage_row(refused.value.response.headers["x-request-id"])
     assert (row["status_code"], row["completion_tokens"]) == (429, 0), "refused before the engine generated"

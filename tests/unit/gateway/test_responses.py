@@ -50,7 +50,9 @@ def test_the_input_items_and_tools_are_counted_as_the_chat_template_renders_them
             },
             {"role": "tool", "tool_call_id": "c1", "content": "18 C"},
         ],
-        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
+        "tools": [
+            {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}, "strict": True}}
+        ],
     }
     assert shape.generates and shape.sequences == 1 and shape.prompts == []
 
