@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import uuid
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 from openai import AsyncOpenAI, BadRequestError, NotFoundError, OpenAI, PermissionDeniedError, RateLimitError
 from openai.types.responses import FunctionToolParam
@@ -203,3 +205,42 @@ async def test_a_model_off_the_allowlist_and_unserved_features_are_refused(
     with pytest.raises(BadRequestError) as pooling:
         client.responses.create(model=EMBED_MODEL, input=QUESTION)
     assert pooling.value.response.json()["error"]["code"] == "model_not_supported"
+
+
+def captured(appliance: Appliance, request_id: str) -> tuple[str, str]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        connection = sqlite3.connect(appliance.data_dir / "appliance.db")
+        try:
+            row = connection.execute(
+                "SELECT prompt, answer FROM audit_content WHERE request_id = ?", (request_id,)
+            ).fetchone()
+        except sqlite3.OperationalError:
+            row = None
+        finally:
+            connection.close()
+        if row is not None:
+            return str(row[0]), str(row[1])
+        time.sleep(0.2)
+    raise AssertionError(f"no captured content for {request_id}")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_content_capture_keeps_the_input_and_the_output_text(appliance: Appliance, stream: bool) -> None:
+    admin = {"Authorization": f"Bearer {appliance.cli('admin', 'token', '--role', 'admin').stdout.strip()}"}
+    with httpx.Client(base_url=appliance.gateway_url, headers=admin, timeout=30) as http:
+        tenant = http.post(
+            "/admin/tenants", json={"name": f"captured-{uuid.uuid4().hex[:8]}", "content_capture": True}
+        ).json()
+        workflow = http.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}).json()
+        key = http.post("/admin/api-keys", json={"workflow_id": workflow["id"]}).json()["key"]
+    raw = sdk(appliance, key).responses.with_raw_response.create(
+        model=CHAT_MODEL, input=QUESTION, instructions=INSTRUCTIONS, max_output_tokens=12, temperature=0, stream=stream
+    )
+    if stream:
+        text = next(e.response.output_text for e in raw.parse() if e.type == "response.completed")
+    else:
+        text = raw.parse().output_text
+    prompt, answer = captured(appliance, raw.headers["x-request-id"])
+    assert prompt == f"system: {INSTRUCTIONS}\nuser: {QUESTION}"
+    assert answer == text and text
