@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import BadRequestError, OpenAI, PermissionDeniedError
+from openai import BadRequestError, OpenAI, PermissionDeniedError, RateLimitError
 
 from tests.integration.conftest import CHAT_MODEL, EMBED_MODEL, Appliance
 from tests.integration.test_responses import admin_post, audit_events, tenant_key
@@ -48,13 +48,10 @@ async def test_a_score_over_budget_is_refused_before_the_engine(appliance: Appli
     budget = {"scope_type": "workflow", "scope_id": created["workflow_id"], "kind": "tokens", "period": "day"}
     await admin_post(appliance, "/admin/budgets/", {**budget, "limit": 20})
     client = OpenAI(base_url=appliance.gateway_url + "/v1", api_key=created["key"], max_retries=0)
-    response = client.post(
-        "/score",
-        body={"model": EMBED_MODEL, "queries": "Where is Paris?", "documents": DOCUMENTS * 3},
-        cast_to=httpx.Response,
-    )
-    assert response.status_code == 429, response.text
-    row = appliance.usage_row(response.headers["x-request-id"])
+    with pytest.raises(RateLimitError) as refused:
+        post(client, "/score", {"model": EMBED_MODEL, "queries": "Where is Paris?", "documents": DOCUMENTS * 3})
+    assert refused.value.response.json()["error"]["type"] == "budget_exceeded"
+    row = appliance.usage_row(refused.value.response.headers["x-request-id"])
     assert (row["status_code"], row["prompt_tokens"]) == (429, 0)
 
 
