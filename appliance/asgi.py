@@ -34,6 +34,7 @@ from appliance.gateway.counting import TokenCounter
 from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
 from appliance.gateway.openapi import app_version, openapi_config
+from appliance.gateway.owners import ResponseOwners
 from appliance.gateway.routes import OpenAIController
 from appliance.gateway.serving import OpenAIServing
 from appliance.gateway.upstream import EngineRouter
@@ -128,6 +129,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         model_max_tokens=settings.gateway.model_max_tokens,
         cache_salts=CacheSalts.load_or_create(settings.secrets_dir / "cache-salt-key"),
         stream_stall_s=settings.gateway.stream_stall_s,
+        owners=ResponseOwners(db_engine),
     )
     retrieval = retrieval_service(settings, db_engine, serving, router, usage=usage, audit=audit, budgets=enforcer)
     # Removing a tenant, workflow or agent: budgets may refuse it, retrieval deletes a tenant's collections.

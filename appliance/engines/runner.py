@@ -167,6 +167,10 @@ def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, st
     # torch's gloo picks an interface the same way. Both stay on the engine's own address (seen with strace).
     env["VLLM_HOST_IP"] = spec.host
     env["GLOO_SOCKET_IFNAME"] = "lo"
+    if spec.manifest.runner == "generate":
+        # The Responses API's `store` and `previous_response_id` (kept in the engine's memory; the gateway keeps
+        # which tenant owns each id, see appliance.gateway.owners).
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     binding = cpu_binding(spec.manifest.runner, index, settings.engines.cpu_binding, len(os.sched_getaffinity(0)))
     if binding is not None:
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", binding)

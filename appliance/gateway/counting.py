@@ -1,7 +1,8 @@
 """Counting a request's prompt as the engine will see it, before the engine generates anything.
 
 - chat: one call to the engine's ``/tokenize`` with the messages, the tools and the template options the
-  request carries (the chat template is the engine's; only it knows the exact count);
+  request carries (the chat template is the engine's; only it knows the exact count); a Responses request the
+  same way, through its chat view (:mod:`appliance.gateway.responses`), plus the context it continues;
 - completions and embeddings: every prompt of the list. Token-id prompts are their length; texts are counted
   with the model's own ``tokenizer.json`` through ``tokenizers`` (no round trip per item), once that tokenizer
   has been checked against the engine's count on a probe; where it cannot be loaded or disagrees, the engine
@@ -86,12 +87,14 @@ class TokenCounter:
         return self._context.get(route.url)
 
     async def count(self, route: EngineRoute, shape: RequestShape, request_id: str) -> PromptTokens:
-        if shape.kind == "chat":
-            body = {key: shape.body[key] for key in _CHAT_TOKENIZE if key in shape.body}
+        if shape.kind in ("chat", "responses"):
+            view = shape.chat_view if shape.chat_view is not None else shape.body
+            body = {key: view[key] for key in _CHAT_TOKENIZE if key in view}
             body.setdefault("add_generation_prompt", True)
             count = self._truncated(
                 route, shape, await self._tokenize(route, dict(body, model=route.model), request_id)
             )
+            count += shape.prior_tokens  # the earlier response a Responses request continues
             return PromptTokens(count, count)
         special = shape.body.get("add_special_tokens", True) is not False
         counts = [

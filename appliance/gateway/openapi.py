@@ -23,7 +23,16 @@ from litestar.routes import BaseRoute
 from litestar.types import ControllerRouterHandler
 
 from appliance.gateway import shape
-from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    RerankRequest,
+    ResponsesRequest,
+    ScoreRequest,
+    TokenizeRequest,
+)
 from appliance.identity.auth import PUBLIC_PATHS, PUBLIC_PREFIXES
 
 CONTRACT_PATH = "/openapi.json"
@@ -145,6 +154,74 @@ _ANSWERS: dict[str, dict[str, Any]] = {
             "usage": _USAGE,
         },
     },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "created_at": {"type": ["integer", "number"]},
+            "model": {"type": "string"},
+            "status": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+            "usage": {
+                "type": ["object", "null"],
+                "properties": {
+                    "input_tokens": {"type": "integer"},
+                    "output_tokens": {"type": "integer"},
+                    "total_tokens": {"type": "integer"},
+                },
+            },
+        },
+    },
+    "ScoreList": {
+        "type": "object",
+        "required": ["object", "data", "model"],
+        "properties": {
+            "object": {"const": "list"},
+            "model": {"type": "string"},
+            "data": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "score"],
+                    "properties": {"index": {"type": "integer"}, "score": {"type": "number"}},
+                },
+            },
+            "usage": _USAGE,
+        },
+    },
+    "Rerank": {
+        "type": "object",
+        "required": ["results", "model"],
+        "properties": {
+            "model": {"type": "string"},
+            "results": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["index", "relevance_score"],
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "relevance_score": {"type": "number"},
+                        "document": {"type": ["object", "null"]},
+                    },
+                },
+            },
+            "usage": _USAGE,
+        },
+    },
+    "Tokens": {
+        "type": "object",
+        "required": ["count", "tokens"],
+        "properties": {
+            "count": {"type": "integer"},
+            "max_model_len": {"type": "integer"},
+            "tokens": {"type": "array", "items": {"type": "integer"}},
+            "token_strs": {"type": ["array", "null"], "items": {"type": "string"}},
+        },
+    },
+    "Text": {"type": "object", "required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
     "Model": {
         "type": "object",
         "required": ["id", "object", "created", "owned_by"],
@@ -176,6 +253,13 @@ _OPENAI: dict[tuple[str, str], tuple[type[msgspec.Struct] | None, str, shape.Kin
     ("/v1/chat/completions", "post"): (ChatCompletionRequest, "ChatCompletion", "chat", True),
     ("/v1/completions", "post"): (CompletionRequest, "Completion", "completions", True),
     ("/v1/embeddings", "post"): (EmbeddingRequest, "EmbeddingList", "embeddings", False),
+    ("/v1/responses", "post"): (ResponsesRequest, "Response", "responses", True),
+    ("/v1/responses/{response_id}", "get"): (None, "Response", None, False),
+    ("/v1/responses/{response_id}/cancel", "post"): (None, "Response", None, False),
+    ("/v1/score", "post"): (ScoreRequest, "ScoreList", "score", False),
+    ("/v1/rerank", "post"): (RerankRequest, "Rerank", "rerank", False),
+    ("/v1/tokenize", "post"): (TokenizeRequest, "Tokens", None, False),
+    ("/v1/detokenize", "post"): (DetokenizeRequest, "Text", None, False),
     ("/v1/models", "get"): (None, "ModelList", None, False),
     ("/v1/models/{model_id}", "get"): (None, "Model", None, False),
 }
@@ -215,8 +299,11 @@ def contract(schema: dict[str, Any]) -> dict[str, Any]:
         operation = schema.get("paths", {}).get(path, {}).get(method)
         if operation is None:
             continue
-        if struct is not None and kind is not None:
-            _complete_request(components[struct.__name__], kind)
+        if struct is not None:
+            if kind is not None:
+                _complete_request(components[struct.__name__], kind)
+            else:  # every field is the struct's own, and no other is accepted
+                components[struct.__name__]["additionalProperties"] = False
             operation["requestBody"] = {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": _REF.format(name=struct.__name__)}}},
@@ -256,10 +343,22 @@ _PROMPTS = {
     ],
 }
 # What the parse stage requires beyond the structs' own required fields (checked after conversion).
-_REQUIRED: dict[shape.Kind, tuple[str, dict[str, Any] | None]] = {
+_REQUIRED: dict[shape.Kind, tuple[str, dict[str, Any] | None] | None] = {
     "chat": ("messages", None),
     "completions": ("prompt", _PROMPTS),
     "embeddings": ("input", _PROMPTS),
+    "score": None,  # `queries` and `documents`, or `text_1` and `text_2`
+    "rerank": None,
+    "responses": (
+        "input",
+        {
+            "description": "a text, or a non-empty list of input items (messages, function calls and their outputs)",
+            "oneOf": [
+                {"type": "string", "minLength": 1},
+                {"type": "array", "minItems": 1, "items": {"type": "object"}},
+            ],
+        },
+    ),
 }
 
 
@@ -267,11 +366,13 @@ def _complete_request(definition: dict[str, Any], kind: shape.Kind) -> None:
     """Every field the parse stage accepts for ``kind`` is listed (typed where the struct types it); any other
     is refused with 400, which ``additionalProperties: false`` says."""
     properties = definition.setdefault("properties", {})
-    name, typed = _REQUIRED[kind]
-    definition["required"] = sorted({*definition.get("required", []), name})
-    if typed is not None:
-        properties[name] = copy.deepcopy(typed)
-    properties[name].pop("default", None)
+    required = _REQUIRED[kind]
+    if required is not None:
+        name, typed = required
+        definition["required"] = sorted({*definition.get("required", []), name})
+        if typed is not None:
+            properties[name] = copy.deepcopy(typed)
+        properties[name].pop("default", None)
     for name in sorted(shape.accepted_fields(kind)):
         if name not in properties:
             verdict = shape.field_verdict(kind, name)

@@ -172,6 +172,13 @@ def validate(data: dict[str, Any], schema: type[RequestT]) -> RequestT:
             field = missing.group("field")
             param = f"{param}.{field}" if param else field
             raise InvalidRequestError(f"Missing required field `{param}`.", param=param, code="missing_field") from None
+        unknown = re.match(r"Object contains unknown field `(?P<field>[^`]+)`", message)
+        if unknown:
+            field = unknown.group("field")
+            param = f"{param}.{field}" if param else field
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: `{param}`.", param=param, code="unsupported_field"
+            ) from None
         text = message[: match.start()] if match else message
         where = f" at `{param}`" if param else ""
         raise InvalidRequestError(f"Invalid value{where}: {text}", param=param, code="invalid_value") from None
@@ -218,3 +225,68 @@ def _require_tool_choice(request: ChatCompletionRequest) -> None:
             f"`tool_choice` names `{choice.function.name}`, which is not one of the `tools`.",
             param="tool_choice.function.name",
         )
+
+
+class ResponsesRequest(Struct):
+    """``POST /v1/responses``: the fields the gateway counts and checks; the engine validates the items and tools
+    in depth (its 400 is passed on)."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_output_tokens: PositiveInt | None = None
+    stream: bool | None = False
+    store: bool | None = None
+    previous_response_id: Annotated[str, Meta(min_length=1, max_length=200)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+
+
+ScoreTexts = str | Annotated[list[str], Meta(min_length=1)]
+
+
+class ScoreRequest(Struct):
+    """``POST /v1/score`` (vLLM's): each text of ``queries`` against each of ``documents`` (or ``text_1`` against
+    ``text_2``); texts only."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    queries: ScoreTexts | None = None
+    documents: ScoreTexts | None = None
+    text_1: ScoreTexts | None = None
+    text_2: ScoreTexts | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+
+
+class RerankRequest(Struct):
+    """``POST /v1/rerank`` (vLLM's, Jina/Cohere-shaped): ``documents`` ordered by relevance to ``query``."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    query: Annotated[str, Meta(min_length=1)]
+    documents: ScoreTexts
+    top_n: Annotated[int, Meta(ge=0)] | None = None
+    truncate_prompt_tokens: Annotated[int, Meta(ge=-1)] | None = None
+
+
+class TokenizeRequest(Struct, forbid_unknown_fields=True):
+    """``POST /v1/tokenize`` (vLLM's ``/tokenize``): a text (``prompt``) or a chat (``messages``, rendered with the
+    model's chat template) into the model's token ids."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
+    tools: list[Tool] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool | None = None
+    continue_final_message: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool | None = None
+
+
+class DetokenizeRequest(Struct, forbid_unknown_fields=True):
+    """``POST /v1/detokenize`` (vLLM's ``/detokenize``): token ids back into text."""
+
+    model: Annotated[str, Meta(min_length=1)]
+    tokens: Annotated[list[Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(min_length=1)]

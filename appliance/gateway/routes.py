@@ -16,7 +16,19 @@ from litestar.response import Stream
 from litestar.types import Receive
 
 from appliance.budgets.store import CallLink
-from appliance.gateway.serving import CHAT, COMPLETIONS, EMBEDDINGS, Endpoint, JSONResult, OpenAIServing
+from appliance.gateway.serving import (
+    CHAT,
+    COMPLETIONS,
+    DETOKENIZE,
+    EMBEDDINGS,
+    RERANK,
+    RESPONSES,
+    SCORE,
+    TOKENIZE,
+    Endpoint,
+    JSONResult,
+    OpenAIServing,
+)
 from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError
@@ -141,3 +153,51 @@ class OpenAIController(Controller):
         self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
     ) -> Response[Any]:
         return await _serve(serving, EMBEDDINGS, request)
+
+    @post("/responses", status_code=200)
+    async def create_response(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> Response[Any]:
+        return await _serve(serving, RESPONSES, request)
+
+    @get("/responses/{response_id:str}")
+    async def retrieve_response(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], response_id: FromPath[str]
+    ) -> Response[Any]:
+        principal = principal_of(request.scope)
+        result = await serving.stored_response(principal, response_id, request_id(request.scope), source_of(request))
+        return answer(result)
+
+    @post("/responses/{response_id:str}/cancel", status_code=200)
+    async def cancel_response(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], response_id: FromPath[str]
+    ) -> Response[Any]:
+        principal = principal_of(request.scope)
+        result = await serving.stored_response(
+            principal, response_id, request_id(request.scope), source_of(request), cancel=True
+        )
+        return answer(result)
+
+    @post("/score", status_code=200)
+    async def score(self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]) -> Response[Any]:
+        return await _serve(serving, SCORE, request)
+
+    @post("/rerank", status_code=200)
+    async def rerank(self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]) -> Response[Any]:
+        return await _serve(serving, RERANK, request)
+
+    @post("/tokenize", status_code=200)
+    async def tokenize(self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]) -> Response[Any]:
+        return await _tokens(serving, TOKENIZE, request)
+
+    @post("/detokenize", status_code=200)
+    async def detokenize(
+        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+    ) -> Response[Any]:
+        return await _tokens(serving, DETOKENIZE, request)
+
+
+async def _tokens(serving: OpenAIServing, path: str, request: Request[Any, Any, Any]) -> Response[Any]:
+    body = await request.body()
+    work = serving.tokens(path, body, request_id(request.scope), principal_of(request.scope), source_of(request))
+    return answer(await unless_client_leaves(request, work))

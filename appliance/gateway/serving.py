@@ -23,12 +23,28 @@ from appliance.gateway.admission import Admission
 from appliance.gateway.counting import TokenCounter
 from appliance.gateway.isolation import CacheSalts
 from appliance.gateway.metrics import GatewayMetrics
+from appliance.gateway.models import StoredResponse
+from appliance.gateway.owners import ResponseNotFoundError, ResponseOwners
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
+    RerankRequest,
+    ResponsesRequest,
+    ScoreRequest,
+    TokenizeRequest,
     UsageOnly,
     decode_json_object,
+    validate,
+)
+from appliance.gateway.responses import (
+    ResponsesStreamUsage,
+    finish_of,
+    input_text,
+    new_response_id,
+    output_texts,
+    usage_of,
 )
 from appliance.gateway.settlement import Settlement, Source, mark_failed
 from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, parse
@@ -48,7 +64,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     path: str  # what usage rows, audit records and errors name
-    schema: type[ChatCompletionRequest] | type[CompletionRequest] | type[EmbeddingRequest]
+    schema: type[
+        ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest | ScoreRequest | RerankRequest
+    ]
     runner: str
     engine_path: str = ""  # the engine's path, when it is not ``path`` (retrieval calls the engines' own API)
     client_model: bool = True  # the client names the model (model allowlists apply)
@@ -66,6 +84,14 @@ DEFAULT_MAX_TOKENS = 1024  # output cap per sequence of a request that names non
 CHAT = Endpoint("/v1/chat/completions", ChatCompletionRequest, "generate")
 COMPLETIONS = Endpoint("/v1/completions", CompletionRequest, "generate")
 EMBEDDINGS = Endpoint("/v1/embeddings", EmbeddingRequest, "pooling")
+RESPONSES = Endpoint("/v1/responses", ResponsesRequest, "generate")
+SCORE = Endpoint("/v1/score", ScoreRequest, "pooling", engine_path="/score")
+RERANK = Endpoint("/v1/rerank", RerankRequest, "pooling", engine_path="/rerank")
+TOKENIZE = "/v1/tokenize"
+DETOKENIZE = "/v1/detokenize"
+# What usage rows and audit records name for the calls about a stored response.
+RETRIEVE_RESPONSE = "/v1/responses/{response_id}"
+CANCEL_RESPONSE = "/v1/responses/{response_id}/cancel"
 
 
 @dataclass(slots=True)
@@ -131,6 +157,7 @@ class OpenAIServing:
         model_max_tokens: dict[str, int] | None = None,
         cache_salts: CacheSalts | None = None,
         stream_stall_s: float | None = None,
+        owners: ResponseOwners | None = None,
     ) -> None:
         # Without the node's key (tests that build the class alone), a key of this process: still one salt
         # per tenant, never a shared cache.
@@ -148,6 +175,8 @@ class OpenAIServing:
         self._policies = tenant_policies or NO_POLICIES  # content capture and model allowlists, per tenant
         self._created = int(time.time())
         self._stream_stall_s = stream_stall_s
+        # Who created each stored response; without it (no database) nothing is stored and nothing continued.
+        self._owners = owners
 
     async def handle(
         self,
@@ -170,6 +199,8 @@ class OpenAIServing:
         if endpoint.client_model:
             authorise_model(principal, policy, shape.body["model"])
         route = self._route(endpoint, shape, principal, link)
+        if endpoint is RESPONSES:
+            route = await self._continued(shape, principal, route, request_id)
         context = RequestContext(
             endpoint,
             request_id,
@@ -183,7 +214,7 @@ class OpenAIServing:
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         settlement.price = self._pricing.price(route.model)
         if policy.content_capture:
-            settlement.prompt = prompt_text(data)
+            settlement.prompt = _captured(endpoint, data, shape)
         event = _outcome(context)
         if retrieval is not None:
             retrieval.apply(event)
@@ -262,9 +293,63 @@ class OpenAIServing:
         settlement.acquire(self._router.lease(context.route))
         settlement.metering(self._pricing.meter)
 
+    async def _continued(
+        self, shape: RequestShape, principal: Principal, route: EngineRoute, request_id: str
+    ) -> EngineRoute:
+        """A Responses request: the new response's id, named here; for one that continues an earlier response
+        (``previous_response_id``), that response's owner checked (404 for another tenant's), the engine that
+        keeps it, and its context, which the engine will prepend, counted as prompt."""
+        shape.body["request_id"] = new_response_id()
+        if self._owners is None:
+            shape.body["store"] = False
+        previous = shape.body.get("previous_response_id")
+        if previous is None:
+            return route
+        if self._owners is None:
+            raise ResponseNotFoundError(previous, "previous_response_id")
+        owned = await self._owners.find(previous, principal, "previous_response_id")
+        if owned.model != route.model:
+            raise InvalidRequestError(
+                f"The response `{previous}` was made by `{owned.model}`; continue it with that model.", param="model"
+            )
+        route = self._keeper(owned)
+        earlier = await self._engine_json(route, "GET", f"/v1/responses/{owned.response_id}", request_id)
+        shape.prior_tokens = sum(usage_of(earlier))
+        return route
+
+    def _keeper(self, owned: StoredResponse) -> EngineRoute:
+        """The engine that keeps a stored response in its memory."""
+        route = next((route for route in self._router.routes if route.url == owned.engine_url), None)
+        if route is None:
+            raise ResponseNotFoundError(owned.response_id)
+        return route
+
+    async def _engine_json(self, route: EngineRoute, method: str, path: str, request_id: str) -> Any:
+        response = await self._router.open(route, path, None, request_id, method=method)
+        try:
+            return msgspec.json.decode(await response.read())
+        except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as exc:
+            raise UpstreamError(f"The engine serving `{route.model}` did not answer with its API.") from exc
+        finally:
+            response.release()
+
     async def _call(
         self, context: RequestContext, settlement: Settlement, event: UsageEvent
     ) -> JSONResult | StreamRelay:
+        body = context.shape.body
+        if context.endpoint is RESPONSES and body.get("store") is not False and self._owners is not None:
+            principal, route = context.principal, context.route
+            await self._owners.record(
+                StoredResponse(
+                    response_id=body["request_id"],
+                    tenant_id=principal.tenant_id,
+                    api_key_id=principal.api_key_id,
+                    subject=principal.subject,
+                    model=route.model,
+                    engine_url=route.url,
+                    request_id=context.request_id,
+                )
+            )
         if context.shape.streamed:
             return await self._open_stream(context, settlement, event)
         return await self._complete(context, settlement, event)
@@ -283,16 +368,12 @@ class OpenAIServing:
         finally:
             response.release()
         try:
-            answer = msgspec.json.decode(raw, type=UsageOnly)
+            if context.endpoint is RESPONSES:
+                _response_usage(msgspec.json.decode(raw), settlement, event)
+            else:
+                _usage(raw, settlement, event)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` answered with invalid JSON.") from exc
-        usage = answer.usage or {}
-        event.finish_reason = answer.finish_reason
-        if settlement.capturing:
-            settlement.answer.extend(choice_texts(msgspec.json.decode(raw)))
-        event.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        event.completion_tokens = int(usage.get("completion_tokens") or 0)
-        event.total_tokens = int(usage.get("total_tokens") or event.prompt_tokens + event.completion_tokens)
         event.status_code = 200
         event.latency_ms = (time.perf_counter() - context.started) * 1000.0
         await settlement.close(event)
@@ -300,6 +381,16 @@ class OpenAIServing:
 
     async def _open_stream(self, context: RequestContext, settlement: Settlement, event: UsageEvent) -> StreamRelay:
         shape = context.shape
+        if context.endpoint is RESPONSES:
+            events = ResponsesStreamUsage(
+                started_at=context.started,
+                counted_prompt=context.prompt.known,
+                cap=shape.cap,
+                answer=settlement.answer if settlement.capturing else None,
+            )
+            body = msgspec.json.encode(shape.body)
+            response = await self._router.open(context.route, context.endpoint.upstream, body, context.request_id)
+            return StreamRelay(context.route, response, events, settlement, event)
         usage = StreamUsage(
             client_include=shape.include_usage,
             client_continuous=shape.continuous_usage,
@@ -311,6 +402,110 @@ class OpenAIServing:
         upstream_body = msgspec.json.encode(dict(shape.body, stream_options=UPSTREAM_STREAM_OPTIONS))
         response = await self._router.open(context.route, context.endpoint.upstream, upstream_body, context.request_id)
         return StreamRelay(context.route, response, usage, settlement, event, self._stream_stall_s)
+
+    async def stored_response(
+        self, principal: Principal, response_id: str, request_id: str, source: Source, cancel: bool = False
+    ) -> JSONResult:
+        """``GET /v1/responses/{id}`` (or its ``/cancel``): a stored response of the principal's own tenant, from
+        the engine that keeps it; another tenant's id is not found. Recorded like every /v1 request (no tokens)."""
+        started = time.perf_counter()
+        principal.require_inference()
+        event = UsageEvent(
+            request_id=request_id,
+            model="",
+            endpoint=CANCEL_RESPONSE if cancel else RETRIEVE_RESPONSE,
+            status_code=0,
+            tenant_id=principal.tenant_id,
+            workflow_id=principal.workflow_id,
+            agent_id=principal.agent_id,
+            api_key_id=principal.api_key_id,
+            subject=principal.subject,
+        )
+        settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
+        settlement.audited_object = ("response", response_id[:100])
+        try:
+            if self._owners is None:
+                raise ResponseNotFoundError(response_id)
+            owned = await self._owners.find(response_id, principal)
+            event.model = owned.model
+            authorise_model(principal, await self._policies.of(principal.tenant_id), owned.model)
+            route = self._keeper(owned)
+            event.engine = route.key
+            path = f"/v1/responses/{owned.response_id}" + ("/cancel" if cancel else "")
+            response = await self._router.open(
+                route, path, b"{}" if cancel else None, request_id, method="POST" if cancel else "GET"
+            )
+            try:
+                raw = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
+            finally:
+                response.release()
+        except Exception as exc:
+            mark_failed(event, exc)
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            await settlement.close(event)
+            raise
+        event.status_code = 200
+        event.latency_ms = (time.perf_counter() - started) * 1000.0
+        await settlement.close(event)
+        return JSONResult(raw)
+
+    async def tokens(self, path: str, body: bytes, request_id: str, principal: Principal, source: Source) -> JSONResult:
+        """``/v1/tokenize`` and ``/v1/detokenize``: the engine's own tokenizer (and chat template), for any served
+        model the principal may call. Identity, allowlists, routing, a ledger row and an audit record as every /v1
+        request; no budget charge and no admission tier: the engine runs no model for it."""
+        started = time.perf_counter()
+        principal.require_inference()
+        data = decode_json_object(body)
+        request: TokenizeRequest | DetokenizeRequest
+        if path == DETOKENIZE:
+            request = validate(data, DetokenizeRequest)
+        else:
+            request = validate(data, TokenizeRequest)
+            if (request.prompt is None) == (request.messages is None):
+                raise InvalidRequestError("Send either `prompt` or `messages`.", param="prompt", code="missing_field")
+        policy = await self._policies.of(principal.tenant_id)
+        authorise_model(principal, policy, request.model)
+        route = self._router.route(request.model, None, principal.tenant_id)
+        event = UsageEvent(
+            request_id=request_id,
+            model=route.model,
+            engine=route.key,
+            endpoint=path,
+            status_code=0,
+            tenant_id=principal.tenant_id,
+            workflow_id=principal.workflow_id,
+            agent_id=principal.agent_id,
+            api_key_id=principal.api_key_id,
+            subject=principal.subject,
+        )
+        settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
+        if policy.content_capture:
+            settlement.prompt = prompt_text(data) if "tokens" not in data else str(data["tokens"])
+        forwarded = {name: value for name, value in data.items() if value is not None}
+        try:
+            settlement.acquire(self._router.lease(route))
+            response = await self._router.open(
+                route, path.removeprefix("/v1"), msgspec.json.encode(forwarded), request_id
+            )
+            try:
+                raw = await response.read()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
+            finally:
+                response.release()
+            if settlement.capturing:
+                settlement.answer.append(raw.decode("utf-8", "replace"))
+        except Exception as exc:
+            mark_failed(event, exc)
+            event.latency_ms = (time.perf_counter() - started) * 1000.0
+            await settlement.close(event)
+            raise
+        event.status_code = 200
+        event.latency_ms = (time.perf_counter() - started) * 1000.0
+        await settlement.close(event)
+        return JSONResult(raw)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
         """The models this principal may call (what the node serves, less what its allowlists leave out)."""
@@ -328,6 +523,38 @@ class OpenAIServing:
 
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "owned_by": "appliance", "created": self._created}
+
+
+def _usage(raw: bytes, settlement: Settlement, event: UsageEvent) -> None:
+    """A chat, completion or embedding answer's usage (and, when content is captured, its text)."""
+    answer = msgspec.json.decode(raw, type=UsageOnly)
+    usage = answer.usage or {}
+    event.finish_reason = answer.finish_reason
+    if settlement.capturing:
+        settlement.answer.extend(choice_texts(msgspec.json.decode(raw)))
+    event.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    event.completion_tokens = int(usage.get("completion_tokens") or 0)
+    event.total_tokens = int(usage.get("total_tokens") or event.prompt_tokens + event.completion_tokens)
+
+
+def _response_usage(response: Any, settlement: Settlement, event: UsageEvent) -> None:
+    """A Responses answer's usage (``input_tokens``, ``output_tokens``) and, when content is captured, its text."""
+    if not isinstance(response, dict):
+        raise msgspec.ValidationError("a response object is expected")
+    event.prompt_tokens, event.completion_tokens = usage_of(response)
+    event.total_tokens = event.prompt_tokens + event.completion_tokens
+    event.finish_reason = finish_of(response)
+    if settlement.capturing:
+        settlement.answer.extend(output_texts(response))
+
+
+def _captured(endpoint: Endpoint, data: dict[str, Any], shape: RequestShape) -> str:
+    """A request's input as text, for content capture."""
+    if endpoint is RESPONSES:
+        return input_text(data)
+    if endpoint is SCORE or endpoint is RERANK:
+        return "\n".join(str(text) for text in shape.prompts)
+    return prompt_text(data)
 
 
 def _outcome(context: RequestContext) -> UsageEvent:

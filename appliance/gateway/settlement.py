@@ -61,7 +61,7 @@ def audit_event(
             "injected_tokens": event.injected_tokens,
             "cached": event.retrieval_cached,
         }
-    name = event.endpoint.rsplit("/", 1)[-1]
+    name = _EVENT_NAMES.get(event.endpoint) or event.endpoint.rsplit("/", 1)[-1]
     object_type, object_id = audited_object or ("model", event.model)
     if audited_object is not None:
         detail["model"] = event.model
@@ -79,6 +79,12 @@ def audit_event(
         detail=detail,
         content=content,
     )
+
+
+_EVENT_NAMES = {  # routes whose last path segment does not name them
+    "/v1/responses/{response_id}": "responses.retrieve",
+    "/v1/responses/{response_id}/cancel": "responses.cancel",
+}
 
 
 def mark_failed(event: UsageEvent, exc: Exception) -> None:

@@ -22,12 +22,15 @@ from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
+    RerankRequest,
+    ResponsesRequest,
+    ScoreRequest,
     require_inputs,
     validate,
 )
 from appliance.lib.errors import InvalidRequestError
 
-Kind = Literal["chat", "completions", "embeddings"]
+Kind = Literal["chat", "completions", "embeddings", "responses", "score", "rerank"]
 Prompt = str | list[int]
 
 # OpenAI fields the engine reads, per endpoint (what the SDK's request types carry).
@@ -60,6 +63,28 @@ _CHAT_OPENAI = _SAMPLING | {
 }
 _COMPLETIONS_OPENAI = _SAMPLING | {"prompt", "echo"}
 _EMBEDDINGS_OPENAI = frozenset({"model", "input", "encoding_format", "dimensions"})
+_RESPONSES_OPENAI = frozenset(
+    {
+        "model",
+        "input",
+        "instructions",
+        "max_output_tokens",
+        "max_tool_calls",
+        "parallel_tool_calls",
+        "previous_response_id",
+        "reasoning",
+        "store",
+        "stream",
+        "temperature",
+        "text",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "truncation",
+        "include",
+    }
+)
 
 # OpenAI fields the engines do not act on: accepted (the SDK sends them), not forwarded.
 _IGNORED = frozenset(
@@ -109,6 +134,33 @@ _CHAT_EXTRAS = _GENERATION_EXTRAS | {
     "chat_template_kwargs",
     "include_reasoning",
 }
+# Score and rerank: the texts, and options that only shorten them or shape the scores.
+_SCORE_OPENAI = frozenset(
+    {"model", "queries", "documents", "text_1", "text_2", "truncate_prompt_tokens", "max_tokens_per_query"}
+) | {"max_tokens_per_doc", "use_activation"}
+_RERANK_OPENAI = frozenset({"model", "query", "documents", "top_n", "truncate_prompt_tokens", "use_activation"}) | {
+    "max_tokens_per_query",
+    "max_tokens_per_doc",
+}
+_RESPONSES_EXTRAS = frozenset(
+    {
+        "top_k",
+        "min_p",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "seed",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "skip_special_tokens",
+        "include_stop_str_in_output",
+        "structured_outputs",
+        "chat_template_kwargs",
+        "include_reasoning",
+    }
+)
 _EMBEDDINGS_EXTRAS = frozenset({"truncate_prompt_tokens", "add_special_tokens", "embed_dtype", "endianness"})
 
 # Refused with the reason, so a client learns why rather than meeting a generic "unknown field".
@@ -138,6 +190,37 @@ _REFUSED = {
     "logits_processors": "an engine-internal field",
 }
 
+# Fields refused on one endpoint only (a name another endpoint serves under another meaning).
+_KIND_REFUSED: dict[str, dict[str, str]] = {
+    "score": {
+        "data_1": "send `queries` and `documents`",
+        "data_2": "send `queries` and `documents`",
+        "items": "send `queries` and `documents`",
+        "instruction": "scoring instructions (cross-encoder templates) are not served",
+        "chat_template_kwargs": "scoring templates are not served",
+    },
+    "rerank": {
+        "instruction": "scoring instructions (cross-encoder templates) are not served",
+        "chat_template_kwargs": "scoring templates are not served",
+    },
+    "responses": {
+        "background": "background responses are not served (a request's budget and audit record end with its "
+        "connection)",
+        "background_options": "background responses are not served",
+        "conversation": "the Conversations API is not served; chain responses with `previous_response_id`",
+        "context_management": "server-side context compaction is not served",
+        "prompt": "stored prompt templates are not served; send `input` and `instructions`",
+        "access_programs": "not served by the engines",
+        "image": "image generation is not served",
+        "previous_input_messages": "an engine-internal field (use `previous_response_id`)",
+        "enable_response_messages": "an engine-internal field",
+    },
+}
+_KIND_IGNORED: dict[str, frozenset[str]] = {
+    # the SDK's only stream option asks for obfuscation padding, which the gateway's SSE does not carry
+    "responses": frozenset({"stream_options"}),
+}
+
 _OTHER_ENDPOINT = {
     "messages": "/v1/chat/completions",
     "prompt": "/v1/completions",
@@ -162,6 +245,8 @@ class RequestShape:
     include_usage: bool = False
     continuous_usage: bool = False
     cap: int = 0  # the output cap per sequence forwarded to the engine (set_cap)
+    chat_view: dict[str, Any] | None = None  # responses: the input as the chat template sees it (to count it)
+    prior_tokens: int = 0  # responses: the context of the response it continues (previous_response_id)
 
     @property
     def choices_per_prompt(self) -> int:
@@ -181,15 +266,36 @@ class RequestShape:
         self.cap = per_sequence
         self.body.pop("max_tokens", None)
         self.body.pop("max_completion_tokens", None)
-        self.body["max_completion_tokens" if self.kind == "chat" else "max_tokens"] = per_sequence
+        self.body.pop("max_output_tokens", None)
+        self.body[_CAP_FIELD[self.kind]] = per_sequence
         if isinstance(self.body.get("min_tokens"), int):
             self.body["min_tokens"] = min(self.body["min_tokens"], per_sequence)
 
 
-def parse(
-    data: dict[str, Any], schema: type[ChatCompletionRequest | CompletionRequest | EmbeddingRequest]
-) -> RequestShape:
+_CAP_FIELD: dict[Kind, str] = {
+    "chat": "max_completion_tokens",
+    "completions": "max_tokens",
+    "embeddings": "max_tokens",
+    "responses": "max_output_tokens",
+    "score": "max_tokens",
+    "rerank": "max_tokens",
+}
+
+Schema = type[
+    ChatCompletionRequest | CompletionRequest | EmbeddingRequest | ResponsesRequest | ScoreRequest | RerankRequest
+]
+
+
+def parse(data: dict[str, Any], schema: Schema) -> RequestShape:
     """Validate ``data`` for the endpoint whose request struct is ``schema`` and say what the engine gets."""
+    if schema is ResponsesRequest:
+        from appliance.gateway.responses import parse_responses  # a cycle: it builds on this module
+
+        return parse_responses(data)
+    if schema is ScoreRequest or schema is RerankRequest:
+        from appliance.gateway.scoring import parse_rerank, parse_score  # a cycle: it builds on this module
+
+        return parse_score(data) if schema is ScoreRequest else parse_rerank(data)
     if schema is ChatCompletionRequest:
         return _chat(data)
     if schema is CompletionRequest:
@@ -201,6 +307,9 @@ _ALLOWED: dict[Kind, frozenset[str]] = {
     "chat": _CHAT_OPENAI | _CHAT_EXTRAS,
     "completions": _COMPLETIONS_OPENAI | _GENERATION_EXTRAS | {"best_of"},
     "embeddings": _EMBEDDINGS_OPENAI | _EMBEDDINGS_EXTRAS,
+    "responses": _RESPONSES_OPENAI | _RESPONSES_EXTRAS,
+    "score": _SCORE_OPENAI,
+    "rerank": _RERANK_OPENAI,
 }
 
 Verdict = Literal["forwarded", "ignored", "refused", "other_endpoint", "unknown"]
@@ -208,7 +317,7 @@ Verdict = Literal["forwarded", "ignored", "refused", "other_endpoint", "unknown"
 
 def accepted_fields(kind: Kind) -> frozenset[str]:
     """Every top-level field a request of ``kind`` may carry (forwarded or accepted and dropped)."""
-    return _ALLOWED[kind] | _IGNORED
+    return _ALLOWED[kind] | _IGNORED | _KIND_IGNORED.get(kind, frozenset())
 
 
 def field_verdict(kind: Kind, name: str) -> Verdict:
@@ -216,14 +325,19 @@ def field_verdict(kind: Kind, name: str) -> Verdict:
     drop it, or refuse it with its reason (another endpoint's field, a refused one, or an unknown one)."""
     if name in _ALLOWED[kind]:
         return "forwarded"
-    if name in _IGNORED:
+    if name in _IGNORED or name in _KIND_IGNORED.get(kind, ()):
         return "ignored"
-    if name in _REFUSED:
+    if name in _REFUSED or name in _KIND_REFUSED.get(kind, {}):
         return "refused"
     return "other_endpoint" if name in _OTHER_ENDPOINT else "unknown"
 
 
-def _vet(data: dict[str, Any], kind: Kind) -> dict[str, Any]:
+def refusal(kind: Kind, name: str) -> str:
+    """Why a refused field is refused on ``kind``'s endpoint."""
+    return _KIND_REFUSED.get(kind, {}).get(name) or _REFUSED[name]
+
+
+def vet(data: dict[str, Any], kind: Kind) -> dict[str, Any]:
     """The body the engine gets. An explicit null is the field's absence, for every field the gateway knows (frameworks
     send null for what they leave unset, refused fields included); an unknown name is refused even when null."""
     body = {}
@@ -236,7 +350,7 @@ def _vet(data: dict[str, Any], kind: Kind) -> dict[str, Any]:
             continue
         elif verdict == "refused":
             raise InvalidRequestError(
-                f"`{name}` is not accepted: {_REFUSED[name]}.", param=name, code="unsupported_field"
+                f"`{name}` is not accepted: {refusal(kind, name)}.", param=name, code="unsupported_field"
             )
         elif verdict == "other_endpoint":
             raise InvalidRequestError(
@@ -252,7 +366,7 @@ def _vet(data: dict[str, Any], kind: Kind) -> dict[str, Any]:
 
 
 def _chat(data: dict[str, Any]) -> RequestShape:
-    body = _vet(data, "chat")
+    body = vet(data, "chat")
     request = validate(data, ChatCompletionRequest)
     require_inputs(request)
     # vLLM obeys max_completion_tokens when it is set, else max_tokens.
@@ -261,7 +375,7 @@ def _chat(data: dict[str, Any]) -> RequestShape:
 
 
 def _completions(data: dict[str, Any]) -> RequestShape:
-    body = _vet(data, "completions")
+    body = vet(data, "completions")
     request = validate(data, CompletionRequest)
     require_inputs(request)
     best_of = body.pop("best_of", None)
@@ -304,7 +418,7 @@ def _generation(
 
 
 def _embeddings(data: dict[str, Any]) -> RequestShape:
-    body = _vet(data, "embeddings")
+    body = vet(data, "embeddings")
     request = validate(data, EmbeddingRequest)
     require_inputs(request)
     prompts = _prompts(request.input, "input")
@@ -344,10 +458,12 @@ def output_cap(shape: RequestShape, prompt: PromptTokens, context: int | None, d
         raise InvalidRequestError(
             f"The prompt has {prompt.longest} tokens and the model's context is {context}: there is no room to "
             "generate.",
-            param="messages" if shape.kind == "chat" else "prompt",
+            param=_PROMPT_FIELD[shape.kind],
             code="context_length_exceeded",
         )
-    field = "max_completion_tokens" if shape.kind == "chat" and "max_completion_tokens" in shape.body else "max_tokens"
+    field = _CAP_FIELD[shape.kind]
+    if shape.kind == "chat" and "max_completion_tokens" not in shape.body:
+        field = "max_tokens"
     if shape.asked_cap is not None:
         if room is not None and shape.asked_cap > room:
             raise InvalidRequestError(
@@ -358,3 +474,13 @@ def output_cap(shape: RequestShape, prompt: PromptTokens, context: int | None, d
             )
         return shape.asked_cap
     return default if room is None else min(default, room)
+
+
+_PROMPT_FIELD: dict[Kind, str] = {
+    "chat": "messages",
+    "completions": "prompt",
+    "embeddings": "input",
+    "responses": "input",
+    "score": "queries",
+    "rerank": "documents",
+}

@@ -11,6 +11,7 @@ from enum import Enum
 import aiohttp
 import msgspec
 
+from appliance.gateway.responses import ResponsesStreamUsage
 from appliance.gateway.settlement import Settlement
 from appliance.gateway.usage import StreamUsage, split_events, sse
 from appliance.ledger.writer import UsageEvent
@@ -39,7 +40,7 @@ class StreamRelay:
         self,
         route: EngineRoute,
         response: aiohttp.ClientResponse,
-        usage: StreamUsage,
+        usage: StreamUsage | ResponsesStreamUsage,
         settlement: Settlement,
         event: UsageEvent,
         stall_s: float | None = None,
@@ -138,7 +139,7 @@ class StreamRelay:
                             yield sse(msgspec.json.encode(exc.envelope()))
                             return
                     self._handed_at = time.monotonic()
-                    yield sse(out)
+                    yield self._usage.frame(out)
                     self._handed_at = None
                     if self._closed:
                         return  # cut while the client stalled (settled already)

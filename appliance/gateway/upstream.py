@@ -154,13 +154,16 @@ class EngineRouter:
             headers["traceparent"] = traceparent
         return headers
 
-    async def open(self, route: EngineRoute, path: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
-        """POST ``body`` to the engine; return the open response once its status is 200.
+    async def open(
+        self, route: EngineRoute, path: str, body: bytes | None, request_id: str, method: str = "POST"
+    ) -> aiohttp.ClientResponse:
+        """POST ``body`` to the engine (or ``method`` it); return the open response once its status is 200.
 
         The caller owns the response and must ``close()``/``release()`` it. Errors are mapped here.
         """
         try:
-            response = await self.session.post(
+            response = await self.session.request(
+                method,
                 route.url + path,
                 data=body,
                 headers=self._headers(request_id),

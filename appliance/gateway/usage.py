@@ -125,6 +125,10 @@ class StreamUsage:
             chunk.pop("usage", None)
         return msgspec.json.encode(chunk)
 
+    @staticmethod
+    def frame(payload: bytes) -> bytes:
+        return sse(payload)
+
     def _observe(self, usage: dict[str, Any], choices: Any) -> None:
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or 0)

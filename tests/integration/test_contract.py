@@ -88,6 +88,11 @@ _MODEL_OF = {
     "/v1/completions": CHAT_MODEL,
     "/v1/rag/chat": CHAT_MODEL,
     "/v1/embeddings": EMBED_MODEL,
+    "/v1/responses": CHAT_MODEL,
+    "/v1/tokenize": CHAT_MODEL,
+    "/v1/detokenize": CHAT_MODEL,
+    "/v1/score": EMBED_MODEL,
+    "/v1/rerank": EMBED_MODEL,
 }
 
 

@@ -86,10 +86,10 @@ async def test_every_response_carries_a_request_id(client: AsyncTestClient[Any])
 
 
 async def test_unknown_route_and_method_get_the_envelope_naming_them(client: AsyncTestClient[Any]) -> None:
-    response = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
+    response = await client.post("/v1/audio/speech", json={"model": "m", "input": "hi"})
     assert response.status_code == 404
     assert_envelope(response.json(), type_="invalid_request_error", code="unknown_route")
-    assert "POST /v1/responses" in response.json()["error"]["message"]
+    assert "POST /v1/audio/speech" in response.json()["error"]["message"]
     response = await client.get("/v1/chat/completions")
     assert response.status_code == 405
     assert_envelope(response.json(), type_="invalid_request_error", code="method_not_allowed")

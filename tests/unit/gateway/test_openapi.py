@@ -64,6 +64,9 @@ async def test_every_field_the_gateway_accepts_is_in_the_request_schema_and_no_o
         ("/v1/chat/completions", "ChatCompletionRequest", "chat"),
         ("/v1/completions", "CompletionRequest", "completions"),
         ("/v1/embeddings", "EmbeddingRequest", "embeddings"),
+        ("/v1/responses", "ResponsesRequest", "responses"),
+        ("/v1/score", "ScoreRequest", "score"),
+        ("/v1/rerank", "RerankRequest", "rerank"),
     ):
         body = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{name}"}

@@ -33,7 +33,7 @@ def test_bodies_that_are_not_a_json_object_are_refused(body: bytes) -> None:
         ({"model": "m", "messages": [{"content": "x"}]}, "messages[0].role"),
         (chat(stream="yes"), "stream"),
         (chat(stream=True, stream_options={"include_usage": "no"}), "stream_options.include_usage"),
-        (chat(stream=True, stream_options={"nonsense": True}), "stream_options"),
+        (chat(stream=True, stream_options={"nonsense": True}), "stream_options.nonsense"),
     ],
 )
 def test_invalid_fields_name_their_path(data: dict[str, object], param: str) -> None:

@@ -6,8 +6,9 @@ from typing import Any
 import pytest
 from openai.types import completion_create_params, embedding_create_params
 from openai.types.chat import completion_create_params as chat_create_params
+from openai.types.responses import response_create_params
 
-from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ResponsesRequest
 from appliance.gateway.shape import Kind, field_verdict, parse
 from appliance.lib.errors import InvalidRequestError
 
@@ -18,12 +19,22 @@ SDK_TYPES: dict[Kind, tuple[Any, ...]] = {
         completion_create_params.CompletionCreateParamsNonStreaming,
     ),
     "embeddings": (embedding_create_params.EmbeddingCreateParams,),
+    "responses": (
+        response_create_params.ResponseCreateParamsStreaming,
+        response_create_params.ResponseCreateParamsNonStreaming,
+    ),
 }
-SCHEMAS = {"chat": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest}
+SCHEMAS = {
+    "chat": ChatCompletionRequest,
+    "completions": CompletionRequest,
+    "embeddings": EmbeddingRequest,
+    "responses": ResponsesRequest,
+}
 BASE: dict[Kind, dict[str, Any]] = {
     "chat": {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
     "completions": {"model": "m", "prompt": "hi"},
     "embeddings": {"model": "m", "input": "hi"},
+    "responses": {"model": "m", "input": "hi"},
 }
 
 
@@ -31,7 +42,7 @@ def sdk_fields(kind: Kind) -> set[str]:
     return {name for request_type in SDK_TYPES[kind] for name in request_type.__annotations__}
 
 
-@pytest.mark.parametrize("kind", ["chat", "completions", "embeddings"])
+@pytest.mark.parametrize("kind", ["chat", "completions", "embeddings", "responses"])
 def test_every_sdk_field_is_served_or_refused_with_a_reason(kind: Kind) -> None:
     fields = sdk_fields(kind)
     assert {"model", "stream" if kind != "embeddings" else "input"} <= fields, "the SDK's types were read"
@@ -39,7 +50,7 @@ def test_every_sdk_field_is_served_or_refused_with_a_reason(kind: Kind) -> None:
     assert unknown == [], f"the openai SDK sends fields the gateway does not know: {unknown}"
 
 
-@pytest.mark.parametrize("kind", ["chat", "completions", "embeddings"])
+@pytest.mark.parametrize("kind", ["chat", "completions", "embeddings", "responses"])
 def test_an_explicit_null_for_every_sdk_field_equals_absent(kind: Kind) -> None:
     """Agent frameworks send `null` for fields they leave unset: each is accepted as absent, refused fields too
     (a null asks for nothing), and none reaches the engine."""
