@@ -440,7 +440,7 @@ def main() -> None:
     parser.add_argument("--warmup-minutes", type=float, default=5.0)
     parser.add_argument("--workers", type=int, default=3, help="closed-loop clients")
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
-    parser.add_argument("--port", type=int, default=29080, help="the gateway's (below the ephemeral range); the engines follow --port + 21")
+    parser.add_argument("--port", type=int, default=29080, help="gateway port; engines from +21")
     args = parser.parse_args()
     data_dir = ROOT / "var" / "soak"
     shutil.rmtree(data_dir, ignore_errors=True)
