@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import sse
 from appliance.ledger.writer import RetrievalStats
-from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, UpstreamError
+from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError, UpstreamError
 from appliance.lib.principal import Principal
 from appliance.lib.work import WorkPool
 from appliance.retrieval.cache import RetrievalCache
@@ -123,6 +124,8 @@ class Retrieval:
             busy="Too many documents are being ingested at this moment; try again shortly.",
             retry_after_s=5,
         )
+        # Documents being ingested, per tenant (this process): one tenant's flood of uploads is held to its share.
+        self._ingesting: Counter[str] = Counter()
         self._cached_answers = cached_answers
         self._catalog = catalog
         self._store = store
@@ -221,6 +224,22 @@ class Retrieval:
                 f"The document is {len(upload.raw)} bytes; at most {self._settings.max_document_bytes} are accepted.",
                 param="file",
             )
+        tenant, most = collection.tenant_id, self._settings.max_ingestions_per_tenant
+        if self._ingesting[tenant] >= most:
+            raise RateLimitedError(
+                f"This tenant already has {most} documents being ingested; try again when one is done.",
+                retry_after=5,
+                code="too_many_ingestions",
+            )
+        self._ingesting[tenant] += 1
+        try:
+            return await self._ingest(caller, collection, upload)
+        finally:
+            self._ingesting[tenant] -= 1
+            if not self._ingesting[tenant]:
+                del self._ingesting[tenant]
+
+    async def _ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
         limits = ExtractionLimits(
             max_pages=self._settings.max_document_pages,
             max_characters=self._settings.max_document_characters,
