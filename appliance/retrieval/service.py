@@ -12,6 +12,8 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -214,6 +216,25 @@ class Retrieval:
 
     # documents
 
+    @contextmanager
+    def ingestion_slot(self, tenant_id: str) -> Iterator[None]:
+        """One of the tenant's ``max_ingestions_per_tenant`` slots for a document being ingested, taken before
+        its body is read (a flood is refused cheaply: 429 ``too_many_ingestions``) and held until it is done."""
+        most = self._settings.max_ingestions_per_tenant
+        if self._ingesting[tenant_id] >= most:
+            raise RateLimitedError(
+                f"This tenant already has {most} documents being ingested; try again when one is done.",
+                retry_after=5,
+                code="too_many_ingestions",
+            )
+        self._ingesting[tenant_id] += 1
+        try:
+            yield
+        finally:
+            self._ingesting[tenant_id] -= 1
+            if not self._ingesting[tenant_id]:
+                del self._ingesting[tenant_id]
+
     async def ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
         """Ingest a document into a collection the caller may change (:meth:`collection` with ``write``);
         ``(document, created)``.
@@ -224,22 +245,6 @@ class Retrieval:
                 f"The document is {len(upload.raw)} bytes; at most {self._settings.max_document_bytes} are accepted.",
                 param="file",
             )
-        tenant, most = collection.tenant_id, self._settings.max_ingestions_per_tenant
-        if self._ingesting[tenant] >= most:
-            raise RateLimitedError(
-                f"This tenant already has {most} documents being ingested; try again when one is done.",
-                retry_after=5,
-                code="too_many_ingestions",
-            )
-        self._ingesting[tenant] += 1
-        try:
-            return await self._ingest(caller, collection, upload)
-        finally:
-            self._ingesting[tenant] -= 1
-            if not self._ingesting[tenant]:
-                del self._ingesting[tenant]
-
-    async def _ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
         limits = ExtractionLimits(
             max_pages=self._settings.max_document_pages,
             max_characters=self._settings.max_document_characters,
