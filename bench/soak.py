@@ -97,16 +97,20 @@ def _describe(pid: int) -> tuple[str, int] | None:
 
 
 def sample_tree(root: int) -> dict[int, tuple[str, int]]:
+    """Every process under ``root``: (its name, prefixed with the engine it belongs to, if any; RSS)."""
     tree = _children()
     seen: dict[int, tuple[str, int]] = {}
-    stack = [root]
+    stack: list[tuple[int, str]] = [(root, "")]
     while stack:
-        pid = stack.pop()
+        pid, owner = stack.pop()
         described = _describe(pid)
         if described is None:
             continue
-        seen[pid] = described
-        stack.extend(tree.get(pid, []))
+        name, rss = described
+        if "served-model-name=" in name:
+            owner = name.split("served-model-name=", 1)[1].split()[0]
+        seen[pid] = (f"{owner}: {name}" if owner and "served-model-name=" not in name else name, rss)
+        stack.extend((child, owner) for child in tree.get(pid, []))
     return seen
 
 
@@ -384,6 +388,9 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     async def progress() -> None:
         while not stop.is_set():
             await asyncio.sleep(60)
+            # Admin tokens live identity.token_ttl_s (10 min): a fresh one every minute, as a console would.
+            fresh = ok(await asyncio.to_thread(cli, env, "admin", "token", "--role", "admin")).strip()
+            load.admin = {"Authorization": f"Bearer {fresh}"}
             total = sum(rss for _, rss in memory.samples[-1][1].values()) if memory.samples else 0
             print(
                 f"  {(time.monotonic() - started) / 60:5.1f} min: {sum(tally.done.values())} calls, "
@@ -414,6 +421,7 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     verify = cli(env, "audit", "verify", timeout=600)
     print(f"\n`appliance audit verify`: exit {verify.returncode}\n  " + (verify.stdout + verify.stderr).strip()[-600:])
 
+    admin = ok(cli(env, "admin", "token", "--role", "admin")).strip()
     rows = await books(gateway, admin, tenants, since)
     print("\nLedger against budgets (per tenant):")
     for name, kind, used, total in rows:
