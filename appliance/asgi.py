@@ -50,6 +50,7 @@ from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
+from appliance.lib.jsonbody import BoundedJsonRequest
 from appliance.lib.logging import configure_logging
 from appliance.placement.routes import PlacementController
 from appliance.registry.routes import ModelController
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         before_send=[add_request_id],
         lifespan=[lifespan],
         request_max_body_size=settings.server.max_body_bytes,
+        request_class=BoundedJsonRequest,
         openapi_config=openapi_config(app_version()),
         debug=False,
     )

@@ -465,6 +465,11 @@ class RetrievalSettings(BaseModel):
     embed_batch: int = Field(default=32, ge=1, description="chunks embedded per engine call while ingesting")
     max_document_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description="larger uploads get 413")
     max_document_chunks: int = Field(default=20_000, ge=1, description="documents with more chunks are refused")
+    max_ingestions_per_tenant: int = Field(
+        default=2,
+        ge=1,
+        description="documents one tenant may have being ingested at once, per gateway process; more get 429",
+    )
     default_top_k: int = Field(default=4, ge=1)
     max_top_k: int = Field(default=50, ge=1)
     max_context_tokens: int = Field(

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from appliance.lib.errors import InvalidRequestError
+from appliance.lib.jsonbody import decode_bounded
 
 PositiveInt = Annotated[int, Meta(ge=1)]
 
@@ -149,7 +150,7 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         raise InvalidRequestError("The request body is empty; a JSON object is expected.", code="invalid_json")
     try:
-        data = msgspec.json.decode(body)
+        data = decode_bounded(body)
     except msgspec.DecodeError as exc:
         raise InvalidRequestError(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):

@@ -109,7 +109,8 @@ def rag_controller(settings: Settings) -> type[Controller]:
             caller = _caller(request)
             # Before reading the body: who may write here.
             collection = await retrieval.collection(caller.principal, collection_id, write=True)
-            document, created = await retrieval.ingest(caller, collection, await _upload(request, name))
+            with retrieval.ingestion_slot(collection.tenant_id):  # before the body is read
+                document, created = await retrieval.ingest(caller, collection, await _upload(request, name))
             return Response(dict(document, created=created), status_code=201 if created else 200)
 
         @get("/collections/{collection_id:str}/documents")

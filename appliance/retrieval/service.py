@@ -11,6 +11,9 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import sse
 from appliance.ledger.writer import RetrievalStats
-from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, UpstreamError
+from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError, UpstreamError
 from appliance.lib.principal import Principal
 from appliance.lib.work import WorkPool
 from appliance.retrieval.cache import RetrievalCache
@@ -123,6 +126,8 @@ class Retrieval:
             busy="Too many documents are being ingested at this moment; try again shortly.",
             retry_after_s=5,
         )
+        # Documents being ingested, per tenant (this process): one tenant's flood of uploads is held to its share.
+        self._ingesting: Counter[str] = Counter()
         self._cached_answers = cached_answers
         self._catalog = catalog
         self._store = store
@@ -210,6 +215,25 @@ class Retrieval:
         return len(ids)
 
     # documents
+
+    @contextmanager
+    def ingestion_slot(self, tenant_id: str) -> Iterator[None]:
+        """One of the tenant's ``max_ingestions_per_tenant`` slots for a document being ingested, taken before
+        its body is read (a flood is refused cheaply: 429 ``too_many_ingestions``) and held until it is done."""
+        most = self._settings.max_ingestions_per_tenant
+        if self._ingesting[tenant_id] >= most:
+            raise RateLimitedError(
+                f"This tenant already has {most} documents being ingested; try again when one is done.",
+                retry_after=5,
+                code="too_many_ingestions",
+            )
+        self._ingesting[tenant_id] += 1
+        try:
+            yield
+        finally:
+            self._ingesting[tenant_id] -= 1
+            if not self._ingesting[tenant_id]:
+                del self._ingesting[tenant_id]
 
     async def ingest(self, caller: Caller, collection: RagCollection, upload: Upload) -> tuple[dict[str, Any], bool]:
         """Ingest a document into a collection the caller may change (:meth:`collection` with ``write``);

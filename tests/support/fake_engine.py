@@ -172,6 +172,10 @@ async def _tokenize(request: web.Request) -> web.Response:
 
 EMBEDDING_DIMENSIONS = 384  # as the bundled embedding model's
 EMBEDDINGS_SERVED: list[dict[str, Any]] = []  # every embeddings request received
+# While set, embeddings whose first input starts with ``hold:`` are not answered (a busy engine, made on purpose
+# so that a test holds ingestions in flight); ``EMBEDDINGS_HOLDING`` counts those waiting.
+EMBEDDINGS_HELD = threading.Event()
+EMBEDDINGS_HOLDING = [0]
 
 
 async def _embeddings(request: web.Request) -> web.Response:
@@ -180,6 +184,13 @@ async def _embeddings(request: web.Request) -> web.Response:
     EMBEDDINGS_SERVED.append(body)
     inputs = body.get("input")
     texts = inputs if isinstance(inputs, list) else [inputs]
+    if texts and str(texts[0]).startswith("hold:"):
+        EMBEDDINGS_HOLDING[0] += 1
+        try:
+            while EMBEDDINGS_HELD.is_set():
+                await asyncio.sleep(0.01)
+        finally:
+            EMBEDDINGS_HOLDING[0] -= 1
     data = []
     for index, text in enumerate(texts):
         seed = int.from_bytes(hashlib.sha256(str(text).encode()).digest()[:8], "big")

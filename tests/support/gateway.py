@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import httpx
 from litestar.testing import AsyncTestClient
 from sqlmodel import Session
 
@@ -30,7 +31,7 @@ def admin_headers(settings: Settings, roles: tuple[str, ...] = ("admin",), tenan
     return {"Authorization": f"Bearer {token}"}
 
 
-async def tenant_with_key(client: Client, admin: dict[str, str], name: str) -> dict[str, Any]:
+async def tenant_with_key(client: httpx.AsyncClient, admin: dict[str, str], name: str) -> dict[str, Any]:
     """A tenant, a workflow in it and an inference key of that workflow; ``headers`` authenticate as the key."""
     tenant = (await client.post("/admin/tenants", json={"name": name}, headers=admin)).json()
     workflow = (
