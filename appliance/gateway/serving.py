@@ -46,7 +46,7 @@ from appliance.gateway.responses import (
     output_texts,
     usage_of,
 )
-from appliance.gateway.settlement import Settlement, Source, mark_failed
+from appliance.gateway.settlement import Settlement, Source, settle
 from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, parse
 from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
@@ -233,9 +233,7 @@ class OpenAIServing:
             raise
         except Exception as exc:
             # The stream relay owns the settlement once it is returned; before that, the failure is settled here.
-            mark_failed(event, exc)
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            await settlement.close(event)
+            await settle(settlement, event, started, exc)
             raise
 
     # -- the stages --------------------------------------------------------------------------------------
@@ -358,15 +356,7 @@ class OpenAIServing:
         route, request_id = context.route, context.request_id
         body = msgspec.json.encode(context.shape.body)
         response = await self._router.open(route, context.endpoint.upstream, body, request_id)
-        try:
-            raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
-        except asyncio.CancelledError:
-            response.close()  # the client left: the connection goes, and vLLM aborts the request
-            raise
-        finally:
-            response.release()
+        raw = await _read_answer(response, route.model)
         try:
             if context.endpoint is RESPONSES:
                 _response_usage(msgspec.json.decode(raw), settlement, event)
@@ -435,20 +425,11 @@ class OpenAIServing:
             response = await self._router.open(
                 route, path, b"{}" if cancel else None, request_id, method="POST" if cancel else "GET"
             )
-            try:
-                raw = await response.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
-            finally:
-                response.release()
+            raw = await _read_answer(response, route.model)
         except Exception as exc:
-            mark_failed(event, exc)
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            await settlement.close(event)
+            await settle(settlement, event, started, exc)
             raise
-        event.status_code = 200
-        event.latency_ms = (time.perf_counter() - started) * 1000.0
-        await settlement.close(event)
+        await settle(settlement, event, started)
         return JSONResult(raw)
 
     async def tokens(self, path: str, body: bytes, request_id: str, principal: Principal, source: Source) -> JSONResult:
@@ -489,22 +470,13 @@ class OpenAIServing:
             response = await self._router.open(
                 route, path.removeprefix("/v1"), msgspec.json.encode(forwarded), request_id
             )
-            try:
-                raw = await response.read()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise UpstreamError(f"The engine serving `{route.model}` broke off its answer.") from exc
-            finally:
-                response.release()
+            raw = await _read_answer(response, route.model)
             if settlement.capturing:
                 settlement.answer.append(raw.decode("utf-8", "replace"))
         except Exception as exc:
-            mark_failed(event, exc)
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            await settlement.close(event)
+            await settle(settlement, event, started, exc)
             raise
-        event.status_code = 200
-        event.latency_ms = (time.perf_counter() - started) * 1000.0
-        await settlement.close(event)
+        await settle(settlement, event, started)
         return JSONResult(raw)
 
     async def models(self, principal: Principal) -> dict[str, Any]:
@@ -615,3 +587,17 @@ class _NoPolicies:
 
 
 NO_POLICIES: Any = _NoPolicies()
+
+
+async def _read_answer(response: aiohttp.ClientResponse, model: str) -> bytes:
+    """The engine's whole (non-streamed) answer. A broken one is an ``UpstreamError``; a client that leaves
+    closes the connection, so vLLM aborts the request."""
+    try:
+        return await response.read()
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamError(f"The engine serving `{model}` broke off its answer.") from exc
+    except asyncio.CancelledError:
+        response.close()
+        raise
+    finally:
+        response.release()

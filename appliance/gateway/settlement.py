@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
@@ -85,6 +86,17 @@ _EVENT_NAMES = {  # routes whose last path segment does not name them
     "/v1/responses/{response_id}": "responses.retrieve",
     "/v1/responses/{response_id}/cancel": "responses.cancel",
 }
+
+
+async def settle(settlement: Settlement, event: UsageEvent, started: float, failure: Exception | None = None) -> None:
+    """Close ``settlement`` with the request's outcome (200, or ``failure``'s status) and its latency since
+    ``started`` (a ``time.perf_counter()`` reading)."""
+    if failure is None:
+        event.status_code = 200
+    else:
+        mark_failed(event, failure)
+    event.latency_ms = (time.perf_counter() - started) * 1000.0
+    await settlement.close(event)
 
 
 def mark_failed(event: UsageEvent, exc: Exception) -> None:

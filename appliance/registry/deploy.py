@@ -35,7 +35,6 @@ from appliance.engines.runner import (
     pid_alive,
     start_engine,
     stop_group,
-    wait_healthy,
 )
 from appliance.lib.errors import ApplianceError, ConflictError
 from appliance.registry import service
@@ -361,23 +360,11 @@ def start_deployed(db: Engine, settings: Settings, cancelled: Callable[[], bool]
             verify_files(Path(version.path), version.files, what)
             draft_dir = check_draft(session, parse_options(version.options))
             specs = version_specs(settings, version, [int(e["port"]) for e in row.engines], draft_dir)
-        processes = [launch(settings, spec, version.engine_kind, index) for index, spec in enumerate(specs)]
-        deadline = time.monotonic() + settings.engines.startup_timeout_s
-        for spec, process in zip(specs, processes, strict=True):
-            wait_healthy(
-                spec.url + kind.health_path,
-                max(1.0, deadline - time.monotonic()),
-                process,
-                what=f"engine {spec.name} (log: {spec.log_path})",
-                cancelled=cancelled,
-            )
+        engines = ProcessLauncher(settings, launch).start(specs, version, kind, draft_dir, cancelled)
         with Session(db) as session:
             current = session.get(ServedModel, row.served_name)
             if current is not None and current.version_id == version.id:
-                current.engines = [
-                    {"name": spec.name, "url": spec.url, "port": spec.port, "pid": process.pid}
-                    for spec, process in zip(specs, processes, strict=True)
-                ]
+                current.engines = engines
                 session.add(current)
                 session.commit()
         log.info("registry: %s started again on %s", what, [spec.url for spec in specs])

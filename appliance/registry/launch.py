@@ -171,8 +171,15 @@ class ProcessLauncher:
     spawn: Callable[[Settings, EngineSpec, str, int], subprocess.Popen[bytes]]
 
     def start(
-        self, specs: list[EngineSpec], version: ModelVersion, kind: EngineKind, draft_dir: Path | None
+        self,
+        specs: list[EngineSpec],
+        version: ModelVersion,
+        kind: EngineKind,
+        draft_dir: Path | None,
+        cancelled: Callable[[], bool] | None = None,
     ) -> list[dict[str, Any]]:
+        """Start the engines and wait for their health (returns early once ``cancelled()``); stops them all if
+        one fails."""
         processes: list[subprocess.Popen[bytes]] = []
         try:
             for index, spec in enumerate(specs):
@@ -184,6 +191,7 @@ class ProcessLauncher:
                     max(1.0, deadline - time.monotonic()),
                     process,
                     what=f"engine {spec.name} (log: {spec.log_path})",
+                    cancelled=cancelled,
                 )
         except BaseException:
             for process in processes:

@@ -12,7 +12,7 @@ import time
 from appliance.audit.writer import AuditWriter
 from appliance.budgets.enforce import BudgetEnforcer
 from appliance.budgets.store import CallLink
-from appliance.gateway.settlement import Settlement, Source, mark_failed
+from appliance.gateway.settlement import Settlement, Source, settle
 from appliance.ledger.writer import UsageEvent, UsageWriter
 from appliance.lib.principal import Principal
 from appliance.settings import EngineRoute
@@ -77,10 +77,6 @@ class CachedAnswers:
             settlement.abandon(event)
             raise
         except Exception as exc:
-            mark_failed(event, exc)
-            event.latency_ms = (time.perf_counter() - started) * 1000.0
-            await settlement.close(event)
+            await settle(settlement, event, started, exc)
             raise
-        event.status_code = 200
-        event.latency_ms = (time.perf_counter() - started) * 1000.0
-        await settlement.close(event)
+        await settle(settlement, event, started)
