@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,14 @@ class Gateway:
                 self.kill()
                 return False
         return self.process.returncode in (0, -signal.SIGTERM)
+
+
+@contextmanager
+def running_gateway(env: dict[str, str], log: Path) -> Iterator[Gateway]:
+    """One ``appliance serve`` on ``env``'s data (its schema and secrets made first), killed afterwards."""
+    cli(env, "admin", "token", "--role", "admin")
+    gateway = Gateway(env, log).start()
+    try:
+        yield gateway
+    finally:
+        gateway.kill()

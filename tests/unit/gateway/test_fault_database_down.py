@@ -22,7 +22,7 @@ from sqlalchemy import create_engine, text
 
 from tests.support.fake_engine import FakeEngine
 from tests.support.postgres import PostgresServer
-from tests.support.processes import Gateway, cli, node_env
+from tests.support.processes import Gateway, cli, node_env, running_gateway
 
 RATE = 40  # requests a second
 BEFORE_S = 1.5
@@ -56,12 +56,8 @@ def gateway(tmp_path: Path, fake_engine: FakeEngine, database: PostgresServer) -
         APPLIANCE_DATABASE__URL=database.create_database("appliance"),
         APPLIANCE_SERVER__LOG_LEVEL="warning",
     )
-    cli(env, "admin", "token", "--role", "admin")
-    gateway = Gateway(env, tmp_path / "gateway.log").start()
-    try:
+    with running_gateway(env, tmp_path / "gateway.log") as gateway:
         yield gateway
-    finally:
-        gateway.kill()
 
 
 async def _one(session: aiohttp.ClientSession, url: str, key: str, stream: bool) -> Outcome:

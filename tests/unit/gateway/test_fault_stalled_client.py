@@ -24,7 +24,7 @@ import pytest
 
 from tests.support import fake_engine
 from tests.support.fake_engine import FakeEngine
-from tests.support.processes import Gateway, cli, node_env
+from tests.support.processes import Gateway, cli, node_env, running_gateway
 
 CHOICES, TOKENS = 64, 8_000
 STALL_S = 8.0  # longer than the engine takes to fill the sockets on a loaded machine
@@ -40,12 +40,8 @@ def gateway(tmp_path: Path, fake_engine: FakeEngine) -> Iterator[Gateway]:
         APPLIANCE_SERVER__LOG_LEVEL="warning",
         APPLIANCE_GATEWAY__STREAM_STALL_S=str(STALL_S),
     )
-    cli(env, "admin", "token", "--role", "admin")
-    gateway = Gateway(env, tmp_path / "gateway.log").start()
-    try:
+    with running_gateway(env, tmp_path / "gateway.log") as gateway:
         yield gateway
-    finally:
-        gateway.kill()
 
 
 def rss(pid: int) -> int:

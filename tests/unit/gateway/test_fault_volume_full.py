@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 
 from tests.support.fake_engine import FakeEngine
-from tests.support.processes import Gateway, cli, node_env
+from tests.support.processes import Gateway, cli, node_env, running_gateway
 
 VOLUME_MIB = 24
 LOAD_LIMIT_S = 60.0  # until the volume refuses writes, and until service is back
@@ -54,12 +54,8 @@ def volume(tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture
 def gateway(tmp_path: Path, volume: Path, fake_engine: FakeEngine) -> Iterator[Gateway]:
     env = node_env(volume / "data", fake_engine.url, APPLIANCE_SERVER__LOG_LEVEL="warning")
-    cli(env, "admin", "token", "--role", "admin")
-    gateway = Gateway(env, tmp_path / "gateway.log").start()
-    try:
+    with running_gateway(env, tmp_path / "gateway.log") as gateway:
         yield gateway
-    finally:
-        gateway.kill()
 
 
 def fill(folder: Path) -> Path:
