@@ -72,7 +72,7 @@ def test_the_key_id_and_signature_match_the_specification(witness_key: Ed25519Pr
         cosign_by_the_spec(witness_key, WITNESS, note, 1_700_000_000),
     )
     assert ours == theirs  # Ed25519 is deterministic: the same bytes as the specification's construction
-    key_id = vkey.split("+")[1]
+    key_id = vkey.split("+", 2)[1]
     assert cosignatures(theirs, [Cosigner.from_vkey(vkey)]) == [Cosignature(WITNESS, 1_700_000_000, key_id)]
     raw = witness_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     note_key = hashlib.sha256(WITNESS.encode() + b"\n\x01" + raw).digest()[:4].hex()
@@ -171,7 +171,7 @@ def test_a_rotated_witness_key_starts_afresh_and_bad_keys_are_refused_at_start(t
     assert witnessed.listing()[0]["tree_size"] == 4
 
     good = vkey_by_the_spec(WITNESS, old_key)
-    name, key_id, blob = good.split("+")
+    name, key_id, blob = good.split("+", 2)
     for bad in (f"{name}+00000000+{blob}", f"two words+{key_id}+{blob}", "not-a-key"):
         with pytest.raises(ValueError, match=r"audit\.witnesses"):
             AuditSettings(witnesses=[bad])
