@@ -50,6 +50,7 @@ from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
+from appliance.lib.journal import Journal
 from appliance.lib.jsonbody import BoundedJsonRequest
 from appliance.lib.logging import configure_logging
 from appliance.placement.routes import PlacementController
@@ -78,16 +79,22 @@ def create_app(settings: Settings | None = None) -> Litestar:
     router = EngineRouter(settings.gateway)
     registry_routes = RegistryRoutes(db_engine, router, settings.registry.poll_interval_s)
     routes = settings.gateway.routes
+    journals = settings.journal
     usage = UsageWriter(
         db_engine,
         capacity=settings.usage.queue_size,
         batch_size=settings.usage.batch_size,
         flush_interval_s=settings.usage.flush_interval_s,
+        journal=Journal(settings.journal_dir, "usage", fsync=journals.fsync) if journals.enabled else None,
+        adopt_interval_s=journals.adopt_interval_s,
     )
     audit = AuditWriter(
         audit_setup.audit_store(settings),
         batch_size=settings.audit.batch_size,
         checkpoint_interval_s=settings.audit.checkpoint_interval_s,
+        journal=Journal(settings.journal_dir, "audit", fsync=journals.fsync) if journals.enabled else None,
+        flush_interval_s=settings.usage.flush_interval_s,
+        adopt_interval_s=journals.adopt_interval_s,
     )
     retention = ContentRetention(audit.store, settings.audit.content_retention_days)
     gateway_id = new_gateway_id()
@@ -223,5 +230,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         debug=False,
     )
     app.state.usage = usage
+    app.state.audit = audit
     app.state.spans = spans
     return app

@@ -532,7 +532,26 @@ class UsageSettings(BaseModel):
         description="in-flight requests plus unwritten usage records before back-pressure",
     )
     batch_size: int = Field(default=500, ge=1)
-    flush_interval_s: float = Field(default=0.2, gt=0)
+    flush_interval_s: float = Field(
+        default=0.2, gt=0, description="journaled usage rows and audit records wait this long for a group commit"
+    )
+
+
+class JournalSettings(BaseModel):
+    """The gateway's record journals: an answer is released once its usage row and audit record are in them
+    (``<data_dir>/journal``), and the database takes them in group commits after it."""
+
+    enabled: bool = Field(
+        default=True, description="off: every answer waits for its usage row and audit record to be committed"
+    )
+    fsync: bool = Field(
+        default=False,
+        description="an answer also waits for fdatasync of the journals (shared by answers arriving meanwhile): "
+        "its records then survive a power cut, not only the gateway process being killed",
+    )
+    adopt_interval_s: float = Field(
+        default=5.0, gt=0, description="how often a gateway looks for dead processes' journals to write"
+    )
 
 
 class EngineSettings(BaseModel):
@@ -625,6 +644,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     usage: UsageSettings = Field(default_factory=UsageSettings)
+    journal: JournalSettings = Field(default_factory=JournalSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     budgets: BudgetSettings = Field(default_factory=BudgetSettings)
@@ -687,6 +707,11 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def journal_dir(self) -> Path:
+        """The gateway processes' record journals (``appliance/lib/journal.py``)."""
+        return self.data_dir / "journal"
 
     @property
     def registry_dir(self) -> Path:

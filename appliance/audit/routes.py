@@ -65,6 +65,7 @@ class AuditController(Controller):
                     "and a time without one is ambiguous.",
                     param=name,
                 )
+        await audit.flush()  # what was answered before this search is found by it
         return await asyncio.to_thread(
             audit.store.search,
             since=since,
@@ -83,6 +84,7 @@ class AuditController(Controller):
         principal.require_role(AUDITOR, ADMIN)
         if principal.tenant_id is not None:
             raise PermissionDeniedError("The chain covers every tenant: only platform auditors verify it.")
+        await audit.flush()
         result = await asyncio.to_thread(audit.store.verify)
         return result.as_dict()
 
@@ -90,6 +92,7 @@ class AuditController(Controller):
     async def checkpoint(self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter]) -> dict[str, Any]:
         """The newest signed checkpoint (C2SP tlog-checkpoint) and the key that verifies it (a C2SP vkey)."""
         _platform_auditor(request)
+        await audit.flush()
         latest = await asyncio.to_thread(audit.store.latest_checkpoint)
         if latest is None:
             raise NotFoundError("No checkpoint is signed yet.")

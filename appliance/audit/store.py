@@ -36,6 +36,7 @@ from appliance.audit.chain import (
 from appliance.audit.merkle import leaf_hash
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
+from appliance.db.marks import drop_mark, mark_of, set_mark
 from appliance.lib.bounded import bounded, bounded_detail
 from appliance.lib.times import as_utc
 
@@ -114,10 +115,11 @@ class AuditStore:
 
     # -- append ------------------------------------------------------------------------------------
 
-    def append(self, events: list[AuditEvent]) -> list[int]:
-        """Append ``events`` to the chain in one transaction; returns their sequence numbers. When a
-        checkpoint is due, a thread of its own grows the tree over the stored records and signs it: the
-        append (and the request waiting on it) does not wait for that."""
+    def append(self, events: list[AuditEvent], mark: tuple[str, int] | None = None) -> list[int]:
+        """Append ``events`` to the chain in one transaction; returns their sequence numbers. ``mark``: (journal,
+        entry number) committed with them (``appliance/db/marks.py``). When a checkpoint is due, a thread of its
+        own grows the tree over the stored records and signs it: the append (and the request waiting on it) does
+        not wait for that."""
         if not events:
             return []
         with self._engine.begin() as connection:
@@ -137,10 +139,21 @@ class AuditStore:
             if contents:
                 connection.execute(insert(CONTENT), contents)
             connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
+            if mark is not None:
+                set_mark(connection, *mark)
             due = self._checkpoint_due(connection, seq)
         if due:
             self._checkpoint_in_background()
         return [row["seq"] for row in rows]
+
+    def journal_mark(self, journal: str) -> int:
+        """How far ``journal`` is appended (0: not at all)."""
+        with self._engine.connect() as connection:
+            return mark_of(connection, journal)
+
+    def forget_journal(self, journal: str) -> None:
+        with self._engine.begin() as connection:
+            drop_mark(connection, journal)
 
     def _checkpoint_in_background(self) -> None:
         with self._background_lock:

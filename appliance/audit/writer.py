@@ -2,6 +2,11 @@
 :meth:`AuditWriter.record`; many such callers share one transaction. :meth:`record_nowait` queues an
 event without waiting (for events whose request is not answered, such as a client that went away).
 
+With a journal (``appliance/lib/journal.py``, the gateway's case), a record is durable once it is appended to
+this process's journal: :meth:`AuditWriter.record` returns then, and the record reaches the chain in the next
+group commit (every ``flush_interval_s``, or once ``batch_size`` records wait), which also commits how far the
+journal is appended; a dead process's journal is appended past that mark by the next writer that finds it.
+
 A batch that fails because of the database (down, locked, full) is retried as it is; until it is written,
 :meth:`AuditWriter.check_accepting` refuses new requests at once (503) instead of letting them reach an engine and
 wait for a record that cannot be written. A batch that fails
@@ -17,28 +22,49 @@ import logging
 import time
 from datetime import UTC, datetime
 
+import msgspec
+
 from appliance.audit.store import AuditEvent, AuditStore
 from appliance.db.faults import is_transient
+from appliance.lib.barriers import CountBarriers
 from appliance.lib.errors import ServiceUnavailableError
+from appliance.lib.journal import Journal, Orphan, orphans
 
 log = logging.getLogger(__name__)
 
 
 class AuditWriter:
     def __init__(
-        self, store: AuditStore, *, batch_size: int = 1000, checkpoint_interval_s: float = 60.0, timeout_s: float = 10.0
+        self,
+        store: AuditStore,
+        *,
+        batch_size: int = 1000,
+        checkpoint_interval_s: float = 60.0,
+        timeout_s: float = 10.0,
+        journal: Journal | None = None,
+        flush_interval_s: float = 0.2,
+        adopt_interval_s: float = 5.0,
     ) -> None:
         self.store = store
         self._batch_size = batch_size
         self._checkpoint_interval_s = checkpoint_interval_s
         self._timeout_s = timeout_s
-        self._pending: list[tuple[AuditEvent, asyncio.Future[int] | None]] = []
+        self._journal = journal
+        self._flush_interval_s = flush_interval_s if journal is not None else 1.0
+        self._adopt_interval_s = adopt_interval_s
+        self._appended = 0  # records committed by this writer
+        self._flushes = CountBarriers()  # who waits for every record handed over by then to be appended
+        # Queued events: who waits for their commit (None: nobody, or journaled), and their journal entry.
+        self._pending: list[tuple[AuditEvent, asyncio.Future[int] | None, int | None]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._failing = False  # the last append failed: records wait in the queue for the database
 
     async def start(self) -> None:
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.open)
+            await asyncio.to_thread(self._adopt)
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     async def stop(self) -> None:
@@ -47,37 +73,77 @@ class AuditWriter:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._journal is not None:
+            await asyncio.to_thread(self._adopt)
+            await asyncio.to_thread(self._close_journal)
         await asyncio.to_thread(self.store.checkpoint)
 
     async def record(self, event: AuditEvent) -> int:
-        """Append ``event``; returns once it is committed (its sequence number). Fails closed: 503."""
+        """Append ``event``; returns once it is durable: in the journal (its entry number; with the journal's
+        ``fsync``, once on the disk), or without one, committed to the chain (its sequence number). Fails
+        closed: 503."""
+        seq = self._journaled(event)
+        if seq is not None:
+            assert self._journal is not None
+            self._pending.append((event, None, seq))
+            if len(self._pending) >= self._batch_size:
+                self._wakeup.set()
+            if self._journal.syncs:
+                await self._journal.durable(seq)
+            return seq
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((event, future))
+        self._pending.append((event, future, None))
         self._wakeup.set()
         try:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
         except TimeoutError:
             raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable") from None
 
+    def _journaled(self, event: AuditEvent) -> int | None:
+        if self._journal is None or not self._journal.is_open or self._task is None:
+            return None
+        try:
+            return self._journal.append(msgspec.json.encode(event))
+        except OSError as exc:
+            log.warning("audit journal refused a record (%s); the answer waits for the chain", exc)
+            return None
+
+    async def flush(self) -> None:
+        """Return once every record handed over so far is in the chain (a search made after a request finds its
+        record: records are journaled, and appended in groups after the answer). Fails closed: 503."""
+        if not self._pending or self._task is None:
+            return
+        future = self._flushes.at(self._appended + len(self._pending))
+        self._wakeup.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+        except TimeoutError:
+            raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable") from None
+
     def check_accepting(self) -> None:
         """Refuse (503) while the log cannot take records: the last append failed and is being retried. Work that
         must be recorded is refused before it starts, not after it was done."""
-        if self._failing:
+        if self._failing or (self._journal is not None and not self._journal.accepting()):
             raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable")
 
     def record_nowait(self, event: AuditEvent) -> None:
-        self._pending.append((event, None))
-        self._wakeup.set()
+        seq = self._journaled(event)
+        self._pending.append((event, None, seq))
+        if seq is None or len(self._pending) >= self._batch_size:
+            self._wakeup.set()
 
     async def _run(self) -> None:
         backoff = 0.05
-        last_checkpoint = time.monotonic()
+        last_checkpoint = adopted = time.monotonic()
         while True:
+            if self._journal is not None and time.monotonic() - adopted >= self._adopt_interval_s:
+                adopted = time.monotonic()
+                await asyncio.to_thread(self._adopt)
             if not self._pending:
                 if self._stopping:
                     return
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), timeout=1.0)
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._flush_interval_s)
                 except TimeoutError:
                     pass
                 self._wakeup.clear()
@@ -100,33 +166,100 @@ class AuditWriter:
             self._failing = False
             backoff = 0.05
 
-    async def _append(self, batch: list[tuple[AuditEvent, asyncio.Future[int] | None]]) -> None:
+    async def _append(self, batch: list[tuple[AuditEvent, asyncio.Future[int] | None, int | None]]) -> None:
         """Append ``batch`` (the head of the queue), isolating a record the database refuses. What is committed
         leaves the queue at once, so a failure part-way (raised to be retried) never writes a record twice."""
+        numbers = [entry for _, _, entry in batch if entry is not None]
+        mark = (self._journal.name, numbers[-1]) if self._journal is not None and numbers else None
         try:
-            seqs = await asyncio.to_thread(self.store.append, [event for event, _ in batch])
+            seqs = await asyncio.to_thread(_append_isolating, self.store, [event for event, _, _ in batch], mark)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or len(batch) == 1:
                 raise
-            if len(batch) > 1:
-                middle = len(batch) // 2
-                await self._append(batch[:middle])
-                await self._append(batch[middle:])
-                return
-            log.error(
-                "an audit record was refused (%s: %s); it is replaced by a record saying so", type(exc).__name__, exc
-            )
-            seqs = await asyncio.to_thread(self.store.append, [rejected(batch[0][0], exc)])  # raises: retried
+            middle = len(batch) // 2
+            await self._append(batch[:middle])
+            await self._append(batch[middle:])
+            return
         del self._pending[: len(batch)]
-        for (_, future), seq in zip(batch, seqs, strict=True):
+        for (_, future, _), seq in zip(batch, seqs, strict=True):
             if future is not None and not future.done():
                 future.set_result(seq)
+        self._appended += len(batch)
+        self._flushes.reached(self._appended)
+        if mark is not None and self._journal is not None:
+            self._journal.committed(mark[1])
+
+    def _adopt(self) -> None:
+        """Append what dead processes' audit journals hold past their marks, then remove them (a journal the
+        database does not take now is tried again later)."""
+        assert self._journal is not None
+        try:
+            for orphan in orphans(self._journal.directory, self._journal.kind, own=self._journal):
+                try:
+                    _adopt_one(self.store, orphan, self._batch_size)
+                except Exception:
+                    log.exception("audit journal %s of a dead process not appended yet", orphan.path)
+                    orphan.close()
+        except OSError:
+            log.exception("the audit journals of dead processes could not be read")
+
+    def _close_journal(self) -> None:
+        assert self._journal is not None
+        if self._pending:  # the database refused them to the end: the next writer adopts the journal
+            self._journal.close(remove=False)
+            return
+        self._journal.close(remove=True)
+        try:
+            self.store.forget_journal(self._journal.name)
+        except Exception:
+            log.warning("the mark of audit journal %s is left in the database", self._journal.name)
 
     async def _checkpoint(self) -> None:
         try:
             await asyncio.to_thread(self.store.checkpoint)
         except Exception:
             log.exception("signing an audit checkpoint failed")
+
+
+def _append_isolating(store: AuditStore, events: list[AuditEvent], mark: tuple[str, int] | None) -> list[int]:
+    """Append ``events``; a single record the database refuses for its data is replaced by a record saying so."""
+    try:
+        return store.append(events, mark)
+    except Exception as exc:
+        if is_transient(exc) or len(events) > 1:
+            raise
+        log.error("an audit record was refused (%s: %s); it is replaced by a record saying so", type(exc).__name__, exc)
+        return store.append([rejected(events[0], exc)], mark)  # raises: retried
+
+
+def _adopt_one(store: AuditStore, orphan: Orphan, batch_size: int) -> None:
+    """Append a dead process's journal past its mark, in batches (each with its mark), then remove it."""
+    batch: list[tuple[int, AuditEvent]] = []
+    appended = 0
+
+    def flush() -> None:
+        nonlocal appended
+        if not batch:
+            return
+        try:
+            store.append([event for _, event in batch], (orphan.name, batch[-1][0]))
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            for seq, event in batch:  # isolate the record the database refuses; each commits its own mark
+                _append_isolating(store, [event], (orphan.name, seq))
+        appended += len(batch)
+        batch.clear()
+
+    for seq, payload in orphan.entries(store.journal_mark(orphan.name)):
+        batch.append((seq, msgspec.json.decode(payload, type=AuditEvent)))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    orphan.remove()
+    store.forget_journal(orphan.name)
+    if appended:
+        log.warning("appended %d audit records left in the journal of a dead process (%s)", appended, orphan.name)
 
 
 def rejected(event: AuditEvent, exc: BaseException) -> AuditEvent:

@@ -55,6 +55,7 @@ def import_models() -> None:
     """Register every domain's tables with SQLModel's metadata."""
     import appliance.audit.models
     import appliance.budgets.models
+    import appliance.db.marks
     import appliance.gateway.models
     import appliance.identity.models
     import appliance.ledger.models

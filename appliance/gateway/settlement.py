@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -192,15 +191,16 @@ class Settlement:
         return self.prompt is not None
 
     async def close(self, event: UsageEvent) -> None:
-        """Settle, and return once the usage row and the audit record are both committed (the answer waits for
-        them: a process killed after answering loses neither)."""
+        """Settle, and return once the usage row and the audit record are both durable: in this process's
+        journals, or committed where there are none (the answer waits for them: a process killed after answering
+        loses neither)."""
         if self._done:
             return
         row = self._settle(event, durable=True)
-        waits: list[Awaitable[object]] = [self._slot.committed(row)]
+        # Both are under way once handed over: waiting for one after the other costs the longer of the two.
         if self._audit is not None:
-            waits.append(self._audit.record(self._audit_event(event)))
-        await asyncio.gather(*waits)
+            await self._audit.record(self._audit_event(event))
+        await self._slot.committed(row)
 
     def abandon(self, event: UsageEvent) -> None:
         if self._done:

@@ -52,6 +52,9 @@ async def _read(
     principal = principal_of(request.scope)
     principal.require_role(ADMIN, OPERATOR)
     since, until = _period(start, end)
+    writer = getattr(request.app.state, "usage", None)
+    if writer is not None:
+        await writer.flush()  # what this process answered before the report is in it
     rows = await asyncio.to_thread(query, engine, start=since, end=until, tenant_id=principal.tenant_id, **options)
     return since, until, rows
 

@@ -6,10 +6,13 @@ in-flight requests plus unwritten records: when the database falls behind, new r
 ``acquire_timeout_s``, are refused with 503) instead of records being dropped. Handing a record over never
 awaits, so it is safe in cleanup code that runs while a request is being cancelled.
 
-A request that is answered waits for its row to be committed (:meth:`UsageSlot.submit` with ``durable``, awaited
-by the settlement with the audit record), so a process killed after an answer cannot lose its row: the rows of
-answered requests are written in the same group commits, without waiting for ``flush_interval_s``. Rows of
-requests that end without an answer (a client that left) are handed over without waiting.
+A process killed after an answer must not lose its row. With a journal (``appliance/lib/journal.py``, the
+gateway's case), every row is appended to this process's journal when it is handed over, and committed in group
+commits every ``flush_interval_s`` (or once ``batch_size`` rows wait), off the answer's path; each batch commits
+its last journal number with it, and a dead process's journal is written past that mark by the next writer that
+finds it. Without a journal (or when the journal's disk refuses a row), a request that is answered waits for its
+row to be committed (:meth:`UsageSlot.submit` with ``durable``, awaited by the settlement with the audit
+record), and such rows are written at once, without waiting for ``flush_interval_s``.
 
 Text a client controls (a token's claims, say) is bounded to its column when the record is handed over. A
 batch that fails because of the database is retried as it is; one that fails because of its data is split
@@ -24,19 +27,24 @@ import asyncio
 import dataclasses
 import logging
 import math
+import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+import msgspec
 from sqlalchemy import BigInteger, Table, insert
 from sqlalchemy.engine import Engine
 
 from appliance.db.faults import is_transient
+from appliance.db.marks import drop_mark, mark_of, set_mark
 from appliance.ledger.models import UsageRecord
+from appliance.lib.barriers import CountBarriers
 from appliance.lib.bounded import bounded
 from appliance.lib.errors import ServiceUnavailableError
+from appliance.lib.journal import Journal, Orphan, orphans
 from appliance.lib.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -128,11 +136,17 @@ class UsageWriter:
         batch_size: int = 500,
         flush_interval_s: float = 0.2,
         acquire_timeout_s: float = 10.0,
+        journal: Journal | None = None,
+        adopt_interval_s: float = 5.0,
     ) -> None:
         self._engine = engine
         self._slots = asyncio.Semaphore(capacity)
         self._pending: deque[UsageEvent] = deque()
         self._committed: deque[asyncio.Future[None] | None] = deque()  # one per pending row: who waits for it
+        self._seqs: deque[int | None] = deque()  # one per pending row: its journal entry, if journaled
+        self._journal = journal
+        self._adopt_interval_s = adopt_interval_s
+        self._flushes = CountBarriers()  # who waits for every row handed over by then to be written
         self._wakeup = asyncio.Event()
         self._batch_size = batch_size
         self._flush_interval_s = flush_interval_s
@@ -143,15 +157,21 @@ class UsageWriter:
         self.written = 0
 
     async def start(self) -> None:
+        if self._journal is not None:
+            await asyncio.to_thread(self._journal.open)
+            await asyncio.to_thread(self._adopt)
         self._task = asyncio.create_task(self._run(), name="usage-writer")
 
     async def stop(self) -> None:
-        """Write everything still pending, then stop."""
+        """Write everything still pending (and what dead processes' journals hold), then stop."""
         self._stopping = True
         self._wakeup.set()
         if self._task is not None:
             await self._task
             self._task = None
+        if self._journal is not None:
+            await asyncio.to_thread(self._adopt)
+            await asyncio.to_thread(self._close_journal)
 
     async def acquire(self) -> UsageSlot:
         try:
@@ -166,10 +186,19 @@ class UsageWriter:
     def pending(self) -> int:
         return len(self._pending)
 
+    async def flush(self) -> None:
+        """Return once every row handed over so far is committed (a report read after a request sees it: rows
+        are journaled, and committed in groups after the answer). Fails closed: 503."""
+        if not self._pending or self._task is None:
+            return
+        future = self._flushes.at(self.written + len(self._pending))
+        self._wakeup.set()
+        await self.committed(future)
+
     def check_accepting(self) -> None:
-        """Refuse (503) while rows cannot be written (the last write failed and is being retried): a request is
-        refused before it reaches an engine, not after."""
-        if self._failing:
+        """Refuse (503) while rows cannot be written (the last write failed and is being retried, or the journal's
+        disk is full): a request is refused before it reaches an engine, not after."""
+        if self._failing or (self._journal is not None and not self._journal.accepting()):
             raise ServiceUnavailableError("The usage ledger is not accepting records.", code="ledger_unavailable")
 
     async def committed(self, future: asyncio.Future[None] | None) -> None:
@@ -188,16 +217,38 @@ class UsageWriter:
             value = getattr(event, name)
             if value is not None:
                 setattr(event, name, bounded(value if isinstance(value, str) else str(value), limit))
-        future = asyncio.get_running_loop().create_future() if durable and self._task is not None else None
+        seq = self._journaled(event)
+        future: asyncio.Future[None] | None = None
+        if durable and self._task is not None:
+            if seq is None:
+                future = asyncio.get_running_loop().create_future()  # no journal: the answer waits for the commit
+            elif self._journal is not None and self._journal.syncs:
+                future = asyncio.ensure_future(self._journal.durable(seq))
         self._pending.append(event)
-        self._committed.append(future)
-        if future is not None or len(self._pending) >= self._batch_size:
-            self._wakeup.set()  # someone waits for it: written now, with whatever else is pending
+        self._committed.append(future if seq is None else None)
+        self._seqs.append(seq)
+        if (future is not None and seq is None) or len(self._pending) >= self._batch_size:
+            self._wakeup.set()  # someone waits for its commit: written now, with whatever else is pending
         return future
+
+    def _journaled(self, event: UsageEvent) -> int | None:
+        """The row's journal entry (None without a journal, or when its disk refuses: the answer then waits for
+        the database instead)."""
+        if self._journal is None or not self._journal.is_open or self._task is None:
+            return None
+        try:
+            return self._journal.append(msgspec.json.encode(event))
+        except OSError as exc:
+            log.warning("usage journal refused a row (%s); the answer waits for the database", exc)
+            return None
 
     async def _run(self) -> None:
         backoff = 0.1
+        adopted = time.monotonic()
         while True:
+            if self._journal is not None and time.monotonic() - adopted >= self._adopt_interval_s:
+                adopted = time.monotonic()
+                await asyncio.to_thread(self._adopt)
             if not self._pending:
                 if self._stopping:
                     return
@@ -207,9 +258,11 @@ class UsageWriter:
                     pass
                 self._wakeup.clear()
                 continue
-            batch = [self._pending[i] for i in range(min(self._batch_size, len(self._pending)))]
+            count = min(self._batch_size, len(self._pending))
+            batch = [self._pending[i] for i in range(count)]
+            seqs = [self._seqs[i] for i in range(count)]
             try:
-                await self._write_isolating(batch)
+                await self._write_isolating(batch, _last(seqs))
             except Exception:
                 if not self._failing:
                     log.exception("writing %d usage records failed; retrying, and refusing new work", len(batch))
@@ -222,40 +275,122 @@ class UsageWriter:
             self._failing = False
             backoff = 0.1
 
-    async def _write_isolating(self, batch: list[UsageEvent]) -> None:
+    async def _write_isolating(self, batch: list[UsageEvent], mark: int | None) -> None:
         """Write ``batch`` (the head of the queue), isolating a row the database refuses. What is committed
         leaves the queue at once, so a failure part-way (raised to be retried) never writes a row twice."""
+        journal = self._journal.name if self._journal is not None and mark is not None else None
         try:
-            await asyncio.to_thread(self._write, batch)
+            await asyncio.to_thread(_commit_rows, self._engine, batch, journal, mark)
         except Exception as exc:
-            if is_transient(exc):
+            if is_transient(exc) or len(batch) == 1:
                 raise
-            if len(batch) > 1:
-                middle = len(batch) // 2
-                await self._write_isolating(batch[:middle])
-                await self._write_isolating(batch[middle:])
-                return
-            log.error("a usage row was refused (%s): %.2000r; it is replaced by a row saying so", exc, batch[0])
-            replacement = rejected(batch[0])
-            try:
-                await asyncio.to_thread(self._write, [replacement])
-            except Exception as again:  # its request id is taken (a duplicate): keep both, told apart
-                if is_transient(again):
-                    raise
-                replacement.request_id = f"{replacement.request_id[:46]}~dup{uuid.uuid4().hex[:12]}"
-                await asyncio.to_thread(self._write, [replacement])  # raises: retried
+            seqs = [self._seqs[i] for i in range(len(batch))]
+            middle = len(batch) // 2
+            await self._write_isolating(batch[:middle], _last(seqs[:middle]))
+            await self._write_isolating(batch[middle:], _last(seqs[middle:]))
+            return
         for _ in batch:
             self._pending.popleft()
+            self._seqs.popleft()
             future = self._committed.popleft()
             if future is not None and not future.done():
                 future.set_result(None)
             self._slots.release()
         self.written += len(batch)
+        self._flushes.reached(self.written)
+        if mark is not None and self._journal is not None:
+            self._journal.committed(mark)
 
-    def _write(self, batch: list[UsageEvent]) -> None:
-        rows = [asdict(event) for event in batch]
-        with self._engine.begin() as connection:
-            connection.execute(insert(UsageRecord), rows)
+    def _adopt(self) -> None:
+        """Write what dead processes' usage journals hold past their marks, then remove them (a journal the
+        database does not take now is tried again later)."""
+        assert self._journal is not None
+        try:
+            for orphan in orphans(self._journal.directory, self._journal.kind, own=self._journal):
+                try:
+                    _adopt_one(self._engine, orphan, self._batch_size)
+                except Exception:
+                    log.exception("usage journal %s of a dead process not written yet", orphan.path)
+                    orphan.close()
+        except OSError:
+            log.exception("the usage journals of dead processes could not be read")
+
+    def _close_journal(self) -> None:
+        assert self._journal is not None
+        if self._pending:  # the database refused them to the end: the next writer adopts the journal
+            self._journal.close(remove=False)
+            return
+        self._journal.close(remove=True)
+        try:
+            with self._engine.begin() as connection:
+                drop_mark(connection, self._journal.name)
+        except Exception:
+            log.warning("the mark of usage journal %s is left in the database", self._journal.name)
+
+
+def _last(seqs: list[int | None]) -> int | None:
+    numbers = [seq for seq in seqs if seq is not None]
+    return numbers[-1] if numbers else None
+
+
+def _write(engine: Engine, batch: list[UsageEvent], journal: str | None, mark: int | None) -> None:
+    rows = [asdict(event) for event in batch]
+    with engine.begin() as connection:
+        connection.execute(insert(UsageRecord), rows)
+        if journal is not None and mark is not None:
+            set_mark(connection, journal, mark)
+
+
+def _commit_rows(engine: Engine, batch: list[UsageEvent], journal: str | None, mark: int | None) -> None:
+    """Write ``batch``; a single row the database refuses for its data is replaced by a row saying so."""
+    try:
+        _write(engine, batch, journal, mark)
+        return
+    except Exception as exc:
+        if is_transient(exc) or len(batch) > 1:
+            raise
+        log.error("a usage row was refused (%s): %.2000r; it is replaced by a row saying so", exc, batch[0])
+    replacement = rejected(batch[0])
+    try:
+        _write(engine, [replacement], journal, mark)
+    except Exception as again:  # its request id is taken (a duplicate): keep both, told apart
+        if is_transient(again):
+            raise
+        replacement.request_id = f"{replacement.request_id[:46]}~dup{uuid.uuid4().hex[:12]}"
+        _write(engine, [replacement], journal, mark)  # raises: retried
+
+
+def _adopt_one(engine: Engine, orphan: Orphan, batch_size: int) -> None:
+    """Write a dead process's journal past its mark, in batches (each with its mark), then remove it."""
+    with engine.connect() as connection:
+        after = mark_of(connection, orphan.name)
+    batch: list[tuple[int, UsageEvent]] = []
+    written = 0
+
+    def flush() -> None:
+        nonlocal written
+        if not batch:
+            return
+        try:
+            _write(engine, [event for _, event in batch], orphan.name, batch[-1][0])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            for seq, event in batch:  # isolate the row the database refuses; each row commits its own mark
+                _commit_rows(engine, [event], orphan.name, seq)
+        written += len(batch)
+        batch.clear()
+
+    for seq, payload in orphan.entries(after):
+        batch.append((seq, msgspec.json.decode(payload, type=UsageEvent)))
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    orphan.remove()
+    with engine.begin() as connection:
+        drop_mark(connection, orphan.name)
+    if written:
+        log.warning("wrote %d usage rows left in the journal of a dead process (%s)", written, orphan.name)
 
 
 _TABLE: Table = UsageRecord.__table__  # type: ignore[attr-defined]

@@ -69,22 +69,27 @@ class Appliance:
     def engine_url(self, model: str) -> str:
         return next(e["url"] for e in self.status()["engines"] if e["model"] == model)
 
-    def usage_row(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
-        """The ledger row of one request (written off the hot path: poll until it lands)."""
+    def rows(self, sql: str, *params: Any, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """What ``sql`` selects, once it selects something: usage rows and audit records are journaled before an
+        answer and committed in group commits after it (poll until they land)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             connection = sqlite3.connect(self.data_dir / "appliance.db")
             connection.row_factory = sqlite3.Row
             try:
-                row = connection.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchone()
+                rows = connection.execute(sql, params).fetchall()
             except sqlite3.OperationalError:
-                row = None
+                rows = []
             finally:
                 connection.close()
-            if row is not None:
-                return dict(row)
+            if rows:
+                return [dict(row) for row in rows]
             time.sleep(0.1)
-        raise AssertionError(f"no usage record for {request_id}")
+        raise AssertionError(f"nothing for {params} after {timeout} s: {sql}")
+
+    def usage_row(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The ledger row of one request."""
+        return self.rows("SELECT * FROM usage_records WHERE request_id = ?", request_id, timeout=timeout)[0]
 
 
 @pytest.fixture(scope="session")

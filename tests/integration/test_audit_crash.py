@@ -1,5 +1,6 @@
 """A gateway killed with SIGKILL under load leaves an audit chain that verifies, and every request that
-was answered has its record. (The upstream is the fake engine: the crash is the gateway's, not vLLM's.)"""
+was answered has its record and its usage row once the gateway is started again (as its unit is): what the dead
+process had journaled is written then. (The upstream is the fake engine: the crash is the gateway's, not vLLM's.)"""
 
 from __future__ import annotations
 
@@ -53,31 +54,27 @@ async def test_sigkill_under_load(tmp_path: Path) -> None:
         APPLIANCE_GATEWAY__ROUTES=f'[{{"model": "fake", "url": "{engine.url}"}}]',
         APPLIANCE_AUDIT__CHECKPOINT_EVERY="50",
     )
-    gateway = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "appliance.asgi:create_app",
-            "--factory",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        env=env,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen[bytes]:
+        command = ["-m", "uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port)]
+        return subprocess.Popen([sys.executable, *command, "--log-level", "warning", "--no-access-log"], env=env)
+
+    async def healthy(base: str) -> None:
         async with aiohttp.ClientSession() as session:
-            for _ in range(200):
+            for _ in range(400):
                 try:
                     async with session.get(base + "/healthz") as response:
                         if response.status == 200:
-                            break
+                            return
                 except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("the gateway did not come up")
+
+    gateway = start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await healthy(base)
         answered: list[str] = []
         stop = asyncio.Event()
         workers = [asyncio.create_task(load(base + "/v1/chat/completions", token, answered, stop)) for _ in range(32)]
@@ -89,6 +86,10 @@ async def test_sigkill_under_load(tmp_path: Path) -> None:
         await asyncio.sleep(0.3)
         stop.set()
         await asyncio.gather(*workers)
+        gateway = start()  # started again, as systemd does: it writes what the dead process journaled
+        await healthy(base)
+        gateway.terminate()
+        assert gateway.wait(30) == 0
     finally:
         if gateway.poll() is None:
             gateway.kill()
@@ -105,3 +106,8 @@ async def test_sigkill_under_load(tmp_path: Path) -> None:
     }
     missing = [rid for rid in answered if rid not in recorded]
     assert missing == [], f"{len(missing)} answered requests have no audit record"
+    database = sqlite3.connect(tmp_path / "appliance.db")
+    rows = {row[0] for row in database.execute("SELECT request_id FROM usage_records")}
+    unmetered = [rid for rid in answered if rid not in rows]
+    assert unmetered == [], f"{len(unmetered)} answered requests have no usage row"
+    assert list((tmp_path / "journal").glob("*.journal")) == [], "every journal is written and removed"

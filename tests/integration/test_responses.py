@@ -6,8 +6,6 @@ used; a model off the allowlist, background mode and built-in tools are refused.
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 import uuid
 from typing import Any
 
@@ -44,13 +42,7 @@ async def admin_post(appliance: Appliance, path: str, body: dict[str, Any]) -> d
 
 
 def audit_events(appliance: Appliance, request_id: str) -> list[dict[str, Any]]:
-    connection = sqlite3.connect(appliance.data_dir / "appliance.db")
-    connection.row_factory = sqlite3.Row
-    try:
-        rows = connection.execute("SELECT * FROM audit_records WHERE request_id = ?", (request_id,)).fetchall()
-    finally:
-        connection.close()
-    return [dict(row) for row in rows]
+    return appliance.rows("SELECT * FROM audit_records WHERE request_id = ?", request_id)
 
 
 def test_sync_create_settles_the_engine_usage_in_the_ledger_and_the_audit_log(
@@ -208,21 +200,8 @@ async def test_a_model_off_the_allowlist_and_unserved_features_are_refused(
 
 
 def captured(appliance: Appliance, request_id: str) -> tuple[str, str]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        connection = sqlite3.connect(appliance.data_dir / "appliance.db")
-        try:
-            row = connection.execute(
-                "SELECT prompt, answer FROM audit_content WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        except sqlite3.OperationalError:
-            row = None
-        finally:
-            connection.close()
-        if row is not None:
-            return str(row[0]), str(row[1])
-        time.sleep(0.2)
-    raise AssertionError(f"no captured content for {request_id}")
+    [row] = appliance.rows("SELECT prompt, answer FROM audit_content WHERE request_id = ?", request_id)
+    return str(row["prompt"]), str(row["answer"])
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -5,7 +5,6 @@ tenant isolation, idempotence, deletion, the cache, bad input, and a failure par
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -347,13 +346,7 @@ def test_a_user_token_without_a_tenant_sees_no_collection(
 
 
 def _audit_record(appliance: Appliance, request_id: str) -> dict[str, Any]:
-    connection = sqlite3.connect(appliance.data_dir / "appliance.db")
-    connection.row_factory = sqlite3.Row
-    try:
-        row = connection.execute("SELECT * FROM audit_records WHERE request_id = ?", (request_id,)).fetchone()
-    finally:
-        connection.close()
-    assert row is not None, f"no audit record for {request_id}"
+    row = appliance.rows("SELECT * FROM audit_records WHERE request_id = ?", request_id)[0]
     return dict(row, detail=json.loads(row["detail"]))
 
 

@@ -9,8 +9,6 @@ tool's schema; `json_schema` answers must validate against theirs."""
 from __future__ import annotations
 
 import json
-import sqlite3
-import time
 import uuid
 from typing import Any
 
@@ -298,22 +296,8 @@ def test_captured_content_keeps_the_tools_and_the_call(
     request_id = raw.headers["x-request-id"]
     if stream:
         assert any(chunk.choices and chunk.choices[0].delta.tool_calls for chunk in raw.parse())
-    deadline = time.monotonic() + 10
-    row = None
-    while row is None and time.monotonic() < deadline:
-        connection = sqlite3.connect(appliance.data_dir / "appliance.db")
-        try:
-            row = connection.execute(
-                "SELECT prompt, answer FROM audit_content WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        except sqlite3.OperationalError:
-            row = None
-        finally:
-            connection.close()
-        if row is None:
-            time.sleep(0.2)
-    assert row is not None, "content capture kept the request"
-    prompt, answer = row
+    [row] = appliance.rows("SELECT prompt, answer FROM audit_content WHERE request_id = ?", request_id)
+    prompt, answer = row["prompt"], row["answer"]
     assert '"name":"get_weather"' in prompt and prompt.startswith("user: What is the weather in Paris")
     assert "[tool call] get_weather {" in answer
     check_call_text = answer[answer.index("[tool call] get_weather ") + len("[tool call] get_weather ") :]

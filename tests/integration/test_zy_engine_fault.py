@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import time
 from typing import Any
 
@@ -21,22 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 def audit_record(appliance: Appliance, request_id: str, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        connection = sqlite3.connect(appliance.data_dir / "appliance.db")
-        connection.row_factory = sqlite3.Row
-        try:
-            row = connection.execute(
-                "SELECT * FROM audit_records WHERE request_id = ? AND event_type LIKE 'inference.%'", (request_id,)
-            ).fetchone()
-        except sqlite3.OperationalError:
-            row = None
-        finally:
-            connection.close()
-        if row is not None:
-            return dict(row)
-        time.sleep(0.1)
-    raise AssertionError(f"no audit record for {request_id}")
+    sql = "SELECT * FROM audit_records WHERE request_id = ? AND event_type LIKE 'inference.%'"
+    return appliance.rows(sql, request_id, timeout=timeout)[0]
 
 
 async def budget_of(session: aiohttp.ClientSession, appliance: Appliance, workflow_id: str) -> dict[str, Any]:

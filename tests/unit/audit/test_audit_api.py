@@ -16,6 +16,7 @@ from appliance.identity.setup import bootstrap, bootstrap_password_file, embedde
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import add_tenant
+from tests.support.records import committed
 
 Client = AsyncTestClient[Any]
 
@@ -116,6 +117,7 @@ async def test_no_secret_reaches_the_audit_trail(client: Client, settings: Setti
     secret = (await client.post("/admin/service-clients", json={"workflow_id": workflow["id"]}, headers=admin)).json()
     await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
     await client.get("/v1/models", headers={"Authorization": f"Bearer {key}x"})
+    await committed(client.app)
     dump = "\n".join(
         str(row)
         for row in sqlite3.connect(Path(settings.data_dir) / "appliance.db").execute("SELECT * FROM audit_records")
@@ -149,6 +151,7 @@ async def test_content_is_captured_only_for_tenants_that_enable_it_and_redacted(
             )
             assert response.status_code == 200
             ids.setdefault(name, []).append(response.headers["x-request-id"])
+    await committed(client.app)
     rows = (
         sqlite3.connect(Path(settings.data_dir) / "appliance.db")
         .execute("SELECT request_id, prompt, answer, redactions FROM audit_content ORDER BY request_id")

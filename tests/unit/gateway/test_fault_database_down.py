@@ -155,7 +155,8 @@ def test_the_database_stopped_under_load_refuses_with_503_meters_every_answer_an
 
     answered = {str(o.request_id) for o in outcomes if o.status == 200 and o.whole}
     database_url = env["APPLIANCE_DATABASE__URL"]
-    engine = create_engine(database_url)  # committed before each answer: nothing to wait for
+    assert gateway.stop(), "a clean stop: what it journaled is committed"
+    engine = create_engine(database_url)
     try:
         with engine.connect() as connection:
             rows: dict[str, int] = dict(

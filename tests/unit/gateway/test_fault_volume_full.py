@@ -85,6 +85,12 @@ async def _chat(
         if response.status != 200:
             return response.status, response.headers.get("x-request-id"), json.loads(payload)
         whole = payload.rstrip().endswith(b"data: [DONE]") if stream else "choices" in json.loads(payload)
+        if stream and not whole:
+            # A stream under way when the volume filled: it ends with the 503 error as its last event instead of
+            # `[DONE]` (README, audit): not answered, refused in-band.
+            last = json.loads(payload.rstrip().rsplit(b"data: ", 1)[1])
+            assert last["error"]["type"] == "service_unavailable", payload[-300:]
+            return 503, response.headers.get("x-request-id"), last
         assert whole, payload[-200:]
         return 200, response.headers.get("x-request-id"), {}
 

@@ -13,6 +13,7 @@ from appliance.retrieval.vectors import qdrant_name
 from appliance.settings import EngineRoute, GatewaySettings, Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import admin_headers, tenant_with_key
+from tests.support.records import committed
 
 
 def rows(data_dir: Path, sql: str) -> list[tuple[object, ...]]:
@@ -45,6 +46,7 @@ async def test_deleting_a_tenant_deletes_its_collections_and_captured_content(
             collections[tenant_id] = made.json()["id"]
             chat = {"model": "fake", "messages": [{"role": "user", "content": "my card is 4111 1111 1111 1111"}]}
             assert (await client.post("/v1/chat/completions", json=chat, headers=who["headers"])).status_code == 200
+        await committed(client.app)
         captured = rows(tmp_path, "SELECT tenant_id, prompt FROM audit_content")
         assert {tenant for tenant, _ in captured} == set(collections)
         assert all("4111" not in prompt for _, prompt in captured), "the card number was redacted"
