@@ -1,15 +1,19 @@
 """Counting a request's prompt as the engine will see it, before the engine generates anything.
 
-- chat: one call to the engine's ``/tokenize`` with the messages, the tools and the template options the
-  request carries (the chat template is the engine's; only it knows the exact count); a Responses request the
-  same way, through its chat view (:mod:`appliance.gateway.responses`), plus the context it continues;
+- chat: a plain chat (text messages of the system, user and assistant roles, no tools nor template options) is
+  rendered with the model's own chat template and counted with its ``tokenizer.json``
+  (:mod:`appliance.gateway.templates`), no round trip, once both agreed with the engine's counts on probe chats;
+  any other chat (or where they disagree or are missing) is one call to the engine's ``/tokenize`` with the
+  messages, the tools and the template options the request carries; a Responses request the same way, through its
+  chat view (:mod:`appliance.gateway.responses`), plus the context it continues;
 - completions and embeddings: every prompt of the list. Token-id prompts are their length; texts are counted
   with the model's own ``tokenizer.json`` through ``tokenizers`` (no round trip per item), once that tokenizer
   has been checked against the engine's count on a probe; where it cannot be loaded or disagrees, the engine
   counts each distinct text (concurrently, a few at a time).
 
 ``truncate_prompt_tokens`` is applied as the engine applies it. The engine's ``max_model_len`` comes back with
-every ``/tokenize`` answer and is remembered per engine: it bounds the output cap.
+every ``/tokenize`` answer and is remembered per engine: it bounds the output cap (a chat is counted here only
+for an engine whose ``max_model_len`` is known).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import msgspec
 from tokenizers import Tokenizer
 
 from appliance.gateway.shape import Prompt, PromptTokens, RequestShape
+from appliance.gateway.templates import ChatTemplate, plain_chat
 from appliance.gateway.upstream import EngineRouter
 from appliance.lib.errors import UpstreamError
 from appliance.settings import EngineRoute
@@ -32,6 +37,16 @@ log = logging.getLogger(__name__)
 PROBE = "Counting check: Hello, world! 1234 -- naïve café, 東京, \t tabs\nand a newline."
 _REMOTE_CONCURRENCY = 8
 _LOCAL_INLINE = 16  # lists longer than this are encoded in a worker thread
+_CHAT_INLINE = 16_384  # characters: a longer rendered chat is encoded in a worker thread
+PROBE_CHATS = (
+    [{"role": "user", "content": PROBE}],
+    [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "Name three colours."},
+        {"role": "assistant", "content": "Red, green and blue."},
+        {"role": "user", "content": PROBE},
+    ],
+)
 
 
 class _Tokenizers:
@@ -77,23 +92,86 @@ class _Tokenizers:
         return tokenizer
 
 
+class _LocalChat:
+    """A model's chat template and tokenizer, counting plain chats as its engine does."""
+
+    def __init__(self, template: ChatTemplate, tokenizer: Tokenizer) -> None:
+        self._template, self._tokenizer = template, tokenizer
+
+    def count(self, messages: list[dict[str, str]], generation: bool) -> int:
+        text = self._template.render(messages, generation)
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    async def count_async(self, messages: list[dict[str, str]], generation: bool) -> int:
+        if sum(len(message["content"]) for message in messages) <= _CHAT_INLINE:
+            return self.count(messages, generation)
+        return await asyncio.to_thread(self.count, messages, generation)
+
+
+class _ChatTemplates:
+    """Each model's local chat counting, loaded and checked once against its engine (None: the engine counts)."""
+
+    def __init__(self, folders: dict[str, Path]) -> None:
+        self._folders = folders
+        self._checked: dict[str, _LocalChat | None] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def checked(self, model: str) -> bool:
+        return self._checked.get(model) is not None
+
+    async def get(self, route: EngineRoute, tokenizer: Tokenizer | None, engine_count: Any) -> _LocalChat | None:
+        if route.model in self._checked:
+            return self._checked[route.model]
+        async with self._locks.setdefault(route.model, asyncio.Lock()):
+            if route.model not in self._checked:
+                self._checked[route.model] = await self._load(route, tokenizer, engine_count)
+        return self._checked[route.model]
+
+    async def _load(self, route: EngineRoute, tokenizer: Tokenizer | None, engine_count: Any) -> _LocalChat | None:
+        folder = self._folders.get(route.model)
+        template = await asyncio.to_thread(ChatTemplate.load, folder) if folder is not None else None
+        if template is None or tokenizer is None:
+            return None
+        local = _LocalChat(template, tokenizer)
+        for messages in PROBE_CHATS:
+            for generation in (True, False):
+                try:
+                    mine = local.count(messages, generation)
+                except Exception as exc:  # a template this module does not render as the engine does
+                    log.warning("chat template of %s not rendered here (%s): its engine counts chats", route.model, exc)
+                    return None
+                theirs = await engine_count(messages, generation)
+                if mine != theirs:
+                    log.warning(
+                        "chat template of %s counts %d tokens where its engine counts %d: the engine counts chats",
+                        route.model,
+                        mine,
+                        theirs,
+                    )
+                    return None
+        return local
+
+
 class TokenCounter:
     def __init__(self, router: EngineRouter, tokenizer_folders: dict[str, Path] | None = None) -> None:
         self._router = router
         self._tokenizers = _Tokenizers(tokenizer_folders or {})
+        self._chats = _ChatTemplates(tokenizer_folders or {})
         self._context: dict[str, int] = {}  # engine url -> max_model_len
 
     def context_length(self, route: EngineRoute) -> int | None:
         return self._context.get(route.url)
+
+    def counts_chats_of(self, model: str) -> bool:
+        """Whether plain chats of ``model`` are counted here (its template and tokenizer agreed with its engine)."""
+        return self._chats.checked(model)
 
     async def count(self, route: EngineRoute, shape: RequestShape, request_id: str) -> PromptTokens:
         if shape.kind in ("chat", "responses"):
             view = shape.chat_view if shape.chat_view is not None else shape.body
             body = {key: view[key] for key in _CHAT_TOKENIZE if key in view}
             body.setdefault("add_generation_prompt", True)
-            count = self._truncated(
-                route, shape, await self._tokenize(route, dict(body, model=route.model), request_id)
-            )
+            count = self._truncated(route, shape, await self._chat(route, body, request_id))
             count += shape.prior_tokens  # the earlier response a Responses request continues
             return PromptTokens(count, count)
         special = shape.body.get("add_special_tokens", True) is not False
@@ -101,6 +179,36 @@ class TokenCounter:
             self._truncated(route, shape, n) for n in await self._items(route, shape.prompts, special, request_id)
         ]
         return PromptTokens(sum(counts), max(counts, default=0))
+
+    async def _chat(self, route: EngineRoute, body: dict[str, Any], request_id: str) -> int:
+        plain = plain_chat(body)
+        if plain is not None and route.url in self._context:
+            tokenizer = await self._tokenizers.get(route, self._text_count(route, request_id))
+            local = await self._chats.get(route, tokenizer, self._chat_count(route, request_id))
+            if local is not None:
+                try:
+                    return await local.count_async(*plain)
+                except Exception:  # the template refuses this chat (say, roles out of turn): the engine says why
+                    log.debug("chat not counted locally for %s", route.model, exc_info=True)
+        return await self._tokenize(route, dict(body, model=route.model), request_id)
+
+    def _text_count(self, route: EngineRoute, request_id: str) -> Any:
+        """The engine's count of a text (checks the local tokenizer, counts where it cannot)."""
+
+        async def count(text: str, add_special: bool) -> int:
+            body = {"model": route.model, "prompt": text, "add_special_tokens": add_special}
+            return await self._tokenize(route, body, request_id)
+
+        return count
+
+    def _chat_count(self, route: EngineRoute, request_id: str) -> Any:
+        """The engine's count of a plain chat (checks the local chat template)."""
+
+        async def count(messages: list[dict[str, str]], generation: bool) -> int:
+            body = {"model": route.model, "messages": messages, "add_generation_prompt": generation}
+            return await self._tokenize(route, body, request_id)
+
+        return count
 
     def _truncated(self, route: EngineRoute, shape: RequestShape, count: int) -> int:
         keep = shape.truncation
@@ -112,11 +220,7 @@ class TokenCounter:
         return min(count, keep)
 
     async def _items(self, route: EngineRoute, prompts: list[Prompt], special: bool, request_id: str) -> list[int]:
-        async def engine_count(text: str, add_special: bool) -> int:
-            return await self._tokenize(
-                route, {"model": route.model, "prompt": text, "add_special_tokens": add_special}, request_id
-            )
-
+        engine_count = self._text_count(route, request_id)
         texts = [p for p in prompts if isinstance(p, str)]
         counted: dict[str, int] = {}
         if texts:

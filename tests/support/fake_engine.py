@@ -19,6 +19,7 @@ import math
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -159,15 +160,51 @@ TOKENIZE_SERVED: list[dict[str, Any]] = []  # every /tokenize request received
 
 
 async def _tokenize(request: web.Request) -> web.Response:
-    """A stand-in tokenizer: one token per word, plus 3 per chat message for its template and 10 per tool."""
+    """A stand-in tokenizer: one token per word, plus 3 per chat message for its template and 10 per tool; or,
+    for a fake given a model's folder, that model's tokenizer and chat template, as vLLM counts with them."""
     body = await request.json()
     TOKENIZE_SERVED.append(body)
-    if isinstance(body.get("messages"), list):
+    counter = request.app.get(_MODEL_COUNTER)
+    if counter is not None:
+        count = counter(body)
+    elif isinstance(body.get("messages"), list):
         count = sum(len(str(m.get("content", "")).split()) + 3 for m in body["messages"])
         count += 10 * len(body.get("tools") or [])
     else:
         count = len(str(body.get("prompt", "")).split())
     return web.json_response({"count": count, "tokens": list(range(count)), "max_model_len": 8192})
+
+
+_MODEL_COUNTER = web.AppKey("model_counter", object)
+
+
+def model_counter(folder: Path) -> Any:
+    """Counts a /tokenize body with the model's own files: its chat template rendered (with the appliance's
+    renderer, which the appliance's tests check against vLLM) and its tokenizer, no special tokens added to a
+    chat, as vLLM does."""
+    from tokenizers import Tokenizer
+
+    from appliance.gateway.templates import ChatTemplate
+
+    template, tokenizer = ChatTemplate.load(folder), Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert template is not None, f"no chat template in {folder}"
+
+    def count(body: dict[str, Any]) -> int:
+        if isinstance(body.get("messages"), list):
+            messages = [dict(m, content=_text_of(m.get("content"))) for m in body["messages"]]
+            text = template.render(messages, bool(body.get("add_generation_prompt", True)))
+            return len(tokenizer.encode(text, add_special_tokens=False).ids)
+        special = body.get("add_special_tokens", True) is not False
+        return len(tokenizer.encode(str(body.get("prompt", "")), add_special_tokens=special).ids)
+
+    return count
+
+
+def _text_of(content: Any) -> Any:
+    """A message's content as vLLM gives it to a text template: text parts joined by newlines."""
+    if isinstance(content, list):
+        return "\n".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return content
 
 
 EMBEDDING_DIMENSIONS = 384  # as the bundled embedding model's
@@ -216,9 +253,10 @@ class FakeEngine:
     """Runs in a thread of its own, with its own event loop, so that a caller that blocks its loop (a
     test client, a benchmark) cannot stall it."""
 
-    def __init__(self, port: int | None = None, metrics: bool = False) -> None:
+    def __init__(self, port: int | None = None, metrics: bool = False, model_folder: Path | None = None) -> None:
         self.port = port or free_port()
         self.metrics = metrics  # serve /metrics (requests in flight), which the default fake does not
+        self.model_folder = model_folder  # count /tokenize with this model's files, not by words
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
@@ -252,6 +290,8 @@ class FakeEngine:
         if self.metrics:
             app.router.add_get("/metrics", _metrics)
         app.router.add_post("/tokenize", _tokenize)
+        if self.model_folder is not None:
+            app[_MODEL_COUNTER] = model_counter(self.model_folder)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -265,8 +305,8 @@ class FakeEngine:
             self._thread.join(10)
 
 
-def serve_forever(port: int, metrics: bool = False) -> None:
+def serve_forever(port: int, metrics: bool = False, model_folder: str | None = None) -> None:
     """Run a fake engine in this process until it is killed (the benchmark runs it in its own process, the
     registry's tests as an engine kind of their own)."""
-    FakeEngine(port, metrics).start()
+    FakeEngine(port, metrics, Path(model_folder) if model_folder else None).start()
     threading.Event().wait()

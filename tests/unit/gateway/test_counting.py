@@ -80,3 +80,58 @@ async def test_chat_is_counted_by_the_engine_with_its_tools(router: Any) -> None
     counted = await counter.count(route, parse(data, ChatCompletionRequest), "r")
     assert counted.total == 2 + 3 + 20  # the tools' schemas are prompt tokens
     assert fake.TOKENIZE_SERVED[-1]["tools"] == [tool, tool] and fake.TOKENIZE_SERVED[-1]["add_generation_prompt"]
+
+
+SMOLLM = Path(__file__).resolve().parents[3] / "var" / "models" / "smollm2-135m-instruct"  # prepared by make setup
+PLAIN = {"model": "fake", "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+async def model_router() -> AsyncIterator[tuple[EngineRouter, EngineRoute]]:
+    """A fake engine that counts with smollm2's own tokenizer and chat template, as vLLM does."""
+    engine = FakeEngine(model_folder=SMOLLM)
+    engine.start()
+    route = EngineRoute(model="fake", url=engine.url)
+    router = EngineRouter(GatewaySettings(routes=[route]))
+    await router.start()
+    yield router, route
+    await router.stop()
+    engine.stop()
+
+
+async def test_a_plain_chat_is_counted_with_the_model_template_once_it_agrees_with_the_engine(
+    model_router: Any,
+) -> None:
+    engine_router, route = model_router
+    counter = TokenCounter(engine_router, {"fake": SMOLLM})
+    before = len(fake.TOKENIZE_SERVED)
+    first = await counter.count(route, parse(PLAIN, ChatCompletionRequest), "r1")
+    assert len(fake.TOKENIZE_SERVED) - before == 1, "the first chat is counted by the engine: its context is unknown"
+    second = await counter.count(route, parse(PLAIN, ChatCompletionRequest), "r2")
+    probes = len(fake.TOKENIZE_SERVED) - before
+    assert probes == 1 + 2 + 4, "then the tokenizer's check (2) and the template's (2 chats, with and without a turn)"
+    assert second.total == first.total
+    for n in range(5):
+        turns = [*PLAIN["messages"], {"role": "assistant", "content": "ok"}] * n
+        chat = dict(PLAIN, messages=turns + PLAIN["messages"])
+        local = await counter.count(route, parse(chat, ChatCompletionRequest), f"r{n}")
+        engine = fake.model_counter(SMOLLM)(dict(chat, add_generation_prompt=True))
+        assert local.total == engine
+    assert len(fake.TOKENIZE_SERVED) - before == probes, "no more round trips"
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+    for other in ({"tools": [tool]}, {"chat_template_kwargs": {"x": 1}}, {"continue_final_message": True}):
+        await counter.count(route, parse({**PLAIN, **other}, ChatCompletionRequest), "other")
+    named = {**PLAIN, "messages": [{"role": "user", "content": "hi", "name": "bob"}]}
+    parts = {**PLAIN, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    for other in (named, parts):
+        await counter.count(route, parse(other, ChatCompletionRequest), "other")
+    assert len(fake.TOKENIZE_SERVED) - before == probes + 5, "anything but a plain chat is counted by the engine"
+
+
+async def test_a_template_that_disagrees_with_the_engine_is_not_used(router: Any) -> None:
+    engine_router, route = router  # the word-counting fake: smollm2's template counts otherwise
+    counter = TokenCounter(engine_router, {"fake": SMOLLM})
+    for n in range(3):
+        counted = await counter.count(route, parse(PLAIN, ChatCompletionRequest), f"r{n}")
+        assert counted.total == 1 + 3 + 2 + 3  # the engine's count
+    assert fake.TOKENIZE_SERVED[-1]["messages"] == PLAIN["messages"], "still asked, every time"
