@@ -10,7 +10,10 @@ engine of tests/support, in a process of its own) is hit with open-loop Poisson 
 through the gateway (uvicorn, one worker), at rising rates; prints P50/P99 and achieved throughput.
 
 Usage: .venv/bin/python bench/gateway_overhead.py [--requests 60] [--rates 250,500,1000] [--reuse]
-(--reuse: use an appliance already up on the default ports instead of starting one for the benchmark).
+    [--skip-engine] [--workers 1,2] [--variants journal,journal+fsync,commit]
+(--reuse: use an appliance already up on the default ports instead of starting one for the benchmark;
+--variants: how answers' records are made durable, README "Audit": journal, journal with fdatasync, or the
+answer waiting for the database commit as before the journals).
 """
 
 from __future__ import annotations
@@ -150,9 +153,16 @@ def spawn(args: list[str], env: dict[str, str] | None = None, log: Path | None =
         return subprocess.Popen(args, env=env, stdout=handle, stderr=subprocess.STDOUT)
 
 
+MODEL_FILES = ROOT / "var" / "models" / CHAT_MODEL  # what the fake model counts with (make setup prepares it)
+
+
 def spawn_fake(port: int) -> subprocess.Popen[bytes]:
-    """The fake engine in a process of its own (it must not share the benchmark's CPU time slices)."""
-    return spawn([sys.executable, "-c", f"from tests.support.fake_engine import serve_forever; serve_forever({port})"])
+    """The fake engine in a process of its own (it must not share the benchmark's CPU time slices). It counts
+    prompts with smollm2's tokenizer and chat template, as vLLM would for that model, so the gateway counts plain
+    chats itself as it does for a real model."""
+    code = "from tests.support.fake_engine import serve_forever; serve_forever({}, model_folder={!r})"
+    code = code.format(port, str(MODEL_FILES))
+    return spawn([sys.executable, "-c", code])
 
 
 def spawn_gateway(port: int, env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
@@ -296,7 +306,14 @@ async def part2_rates(targets: dict[str, tuple[str, str]], rates: list[float], s
             report(rate, label, result, results["direct"])
 
 
-def part2(rates: list[float], seconds: float, workers: list[int]) -> None:
+VARIANTS = {  # how an answer's records are made durable before it is released (README, audit)
+    "journal": {},
+    "journal+fsync": {"APPLIANCE_JOURNAL__FSYNC": "true"},
+    "commit": {"APPLIANCE_JOURNAL__ENABLED": "false"},
+}
+
+
+def part2(rates: list[float], seconds: float, workers: list[int], variants: list[str]) -> None:
     fake_port, floor_port = free_port(), free_port()
     fake = spawn_fake(fake_port)
     floor = spawn_passthrough(floor_port, f"http://127.0.0.1:{fake_port}")
@@ -307,13 +324,16 @@ def part2(rates: list[float], seconds: float, workers: list[int]) -> None:
         f"\nPart 2: fast fake upstream (tests/support/fake_engine.py), open-loop Poisson, {seconds:.0f}s per run;"
         " auth on every request, admission tiers and the audit log on"
     )
+    runs = [(count, variants[0]) for count in workers] + [(workers[0], variant) for variant in variants[1:]]
     try:
-        for count in workers:
+        for count, variant in runs:
             data_dir = ROOT / "var" / f"bench-overhead-{count}"
             shutil.rmtree(data_dir, ignore_errors=True)
-            data_dir.mkdir(parents=True)
+            (data_dir / "models").mkdir(parents=True)
+            (data_dir / "models" / "fake").symlink_to(MODEL_FILES)  # the gateway counts with the model's files
             env = dict(
                 os.environ,
+                **VARIANTS[variant],
                 APPLIANCE_DATA_DIR=str(data_dir),
                 APPLIANCE_SERVER__WORKERS=str(count),
                 APPLIANCE_GATEWAY__ROUTES=json.dumps([{"model": "fake", "url": fake_url}]),
@@ -329,7 +349,7 @@ def part2(rates: list[float], seconds: float, workers: list[int]) -> None:
             try:
                 asyncio.run(wait_up(gateway_url + "/healthz"))
                 free, held = bench_keys(env, gateway_url)
-                print(f"\n  gateway with {count} worker process(es)")
+                print(f"\n  gateway with {count} worker process(es), records made durable by: {variant}")
                 targets = {
                     "direct": (fake_url + "/v1/chat/completions", free),
                     "bare pass-through": (floor_url + "/v1/chat/completions", free),
@@ -359,6 +379,12 @@ def main() -> None:
     parser.add_argument("--rates", default="50,150,500", help="request rates for part 2")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--workers", default="1,2", help="gateway worker processes in part 2, one run each")
+    parser.add_argument(
+        "--variants",
+        default="journal",
+        help=f"how answers' records are made durable ({', '.join(VARIANTS)}); the first with every worker count, "
+        "the others with the first count",
+    )
     parser.add_argument("--reuse", action="store_true", help="use the appliance already up (default ports)")
     parser.add_argument("--skip-engine", action="store_true", help="only part 2")
     args = parser.parse_args()
@@ -370,7 +396,12 @@ def main() -> None:
         finally:
             if started:
                 cli(env, "down")
-    part2([float(r) for r in args.rates.split(",")], args.seconds, [int(n) for n in args.workers.split(",")])
+    part2(
+        [float(r) for r in args.rates.split(",")],
+        args.seconds,
+        [int(n) for n in args.workers.split(",")],
+        args.variants.split(","),
+    )
 
 
 if __name__ == "__main__":
