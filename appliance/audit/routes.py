@@ -93,6 +93,7 @@ class AuditController(Controller):
         """The newest signed checkpoint (C2SP tlog-checkpoint) and the key that verifies it (a C2SP vkey)."""
         _platform_auditor(request)
         await audit.flush()
+        await asyncio.to_thread(audit.store.settle)  # a checkpoint the flush made due is signed by now
         latest = await asyncio.to_thread(audit.store.latest_checkpoint)
         if latest is None:
             raise NotFoundError("No checkpoint is signed yet.")

@@ -36,7 +36,7 @@ from appliance.audit.chain import (
 from appliance.audit.merkle import leaf_hash
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
-from appliance.db.marks import drop_mark, mark_of, set_mark
+from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
 from appliance.lib.bounded import bounded, bounded_detail
 from appliance.lib.times import as_utc
 
@@ -115,19 +115,28 @@ class AuditStore:
 
     # -- append ------------------------------------------------------------------------------------
 
-    def append(self, events: list[AuditEvent], mark: tuple[str, int] | None = None) -> list[int]:
-        """Append ``events`` to the chain in one transaction; returns their sequence numbers. ``mark``: (journal,
-        entry number) committed with them (``appliance/db/marks.py``). When a checkpoint is due, a thread of its
-        own grows the tree over the stored records and signs it: the append (and the request waiting on it) does
-        not wait for that."""
+    def append(
+        self, events: list[AuditEvent], journal: str | None = None, entries: list[int | None] | None = None
+    ) -> list[int]:
+        """Append ``events`` to the chain in one transaction; returns their sequence numbers (0 for one skipped).
+        ``journal``, ``entries``: the journal the events come from and their numbers in it; those its mark says are
+        in the chain already are skipped, and the new mark is committed with the rest (``appliance/db/marks.py``).
+        When a checkpoint is due, a thread of its own grows the tree over the stored records and signs it: the
+        append (and the request waiting on it) does not wait for that."""
         if not events:
             return []
         with self._engine.begin() as connection:
             head = _locked_head(connection)
+            keep, mark = unmarked(connection, journal, entries or [None] * len(events))
             seq, prev = head
             rows, contents = [], []
-            for event in events:
+            numbers = []
+            for event, kept in zip(events, keep, strict=True):
+                if not kept:
+                    numbers.append(0)
+                    continue
                 seq += 1
+                numbers.append(seq)
                 values = {**asdict(event), "seq": seq, "node": self.node, "prev_hash": prev}
                 values["detail"] = dict(event.detail)
                 del values["content"]
@@ -135,16 +144,17 @@ class AuditStore:
                     contents.append(_content_row(event))
                 prev = record_hash(values)
                 rows.append({**values, "hash": prev})
-            connection.execute(insert(RECORDS), rows)
+            if rows:
+                connection.execute(insert(RECORDS), rows)
             if contents:
                 connection.execute(insert(CONTENT), contents)
             connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
-            if mark is not None:
-                set_mark(connection, *mark)
+            if journal is not None and mark is not None:
+                set_mark(connection, journal, mark)
             due = self._checkpoint_due(connection, seq)
         if due:
             self._checkpoint_in_background()
-        return [row["seq"] for row in rows]
+        return numbers
 
     def journal_mark(self, journal: str) -> int:
         """How far ``journal`` is appended (0: not at all)."""

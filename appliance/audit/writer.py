@@ -100,13 +100,15 @@ class AuditWriter:
             raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable") from None
 
     def _journaled(self, event: AuditEvent) -> int | None:
-        if self._journal is None or not self._journal.is_open or self._task is None:
+        if self._journal is None or not self._journal.is_open:
             return None
         try:
             return self._journal.append(msgspec.json.encode(event))
         except OSError as exc:
             log.warning("audit journal refused a record (%s); the answer waits for the chain", exc)
-            return None
+        except (TypeError, ValueError) as exc:  # a value JSON cannot carry: the chain gets it as it is
+            log.error("an audit record could not be journaled (%s); the answer waits for the chain", exc)
+        return None
 
     async def flush(self) -> None:
         """Return once every record handed over so far is in the chain (a search made after a request finds its
@@ -169,10 +171,12 @@ class AuditWriter:
     async def _append(self, batch: list[tuple[AuditEvent, asyncio.Future[int] | None, int | None]]) -> None:
         """Append ``batch`` (the head of the queue), isolating a record the database refuses. What is committed
         leaves the queue at once, so a failure part-way (raised to be retried) never writes a record twice."""
-        numbers = [entry for _, _, entry in batch if entry is not None]
-        mark = (self._journal.name, numbers[-1]) if self._journal is not None and numbers else None
+        entries = [entry for _, _, entry in batch]
+        journal = self._journal.name if self._journal is not None else None
         try:
-            seqs = await asyncio.to_thread(_append_isolating, self.store, [event for event, _, _ in batch], mark)
+            seqs = await asyncio.to_thread(
+                _append_isolating, self.store, [event for event, _, _ in batch], journal, entries
+            )
         except Exception as exc:
             if is_transient(exc) or len(batch) == 1:
                 raise
@@ -186,8 +190,9 @@ class AuditWriter:
                 future.set_result(seq)
         self._appended += len(batch)
         self._flushes.reached(self._appended)
-        if mark is not None and self._journal is not None:
-            self._journal.committed(mark[1])
+        numbers = [entry for entry in entries if entry is not None]
+        if numbers and self._journal is not None:
+            self._journal.committed(numbers[-1])
 
     def _adopt(self) -> None:
         """Append what dead processes' audit journals hold past their marks, then remove them (a journal the
@@ -221,15 +226,17 @@ class AuditWriter:
             log.exception("signing an audit checkpoint failed")
 
 
-def _append_isolating(store: AuditStore, events: list[AuditEvent], mark: tuple[str, int] | None) -> list[int]:
+def _append_isolating(
+    store: AuditStore, events: list[AuditEvent], journal: str | None, entries: list[int | None]
+) -> list[int]:
     """Append ``events``; a single record the database refuses for its data is replaced by a record saying so."""
     try:
-        return store.append(events, mark)
+        return store.append(events, journal, entries)
     except Exception as exc:
         if is_transient(exc) or len(events) > 1:
             raise
         log.error("an audit record was refused (%s: %s); it is replaced by a record saying so", type(exc).__name__, exc)
-        return store.append([rejected(events[0], exc)], mark)  # raises: retried
+        return store.append([rejected(events[0], exc)], journal, entries)  # raises: retried
 
 
 def _adopt_one(store: AuditStore, orphan: Orphan, batch_size: int) -> None:
@@ -242,17 +249,17 @@ def _adopt_one(store: AuditStore, orphan: Orphan, batch_size: int) -> None:
         if not batch:
             return
         try:
-            store.append([event for _, event in batch], (orphan.name, batch[-1][0]))
+            store.append([event for _, event in batch], orphan.name, [seq for seq, _ in batch])
         except Exception as exc:
             if is_transient(exc):
                 raise
             for seq, event in batch:  # isolate the record the database refuses; each commits its own mark
-                _append_isolating(store, [event], (orphan.name, seq))
+                _append_isolating(store, [event], orphan.name, [seq])
         appended += len(batch)
         batch.clear()
 
     for seq, payload in orphan.entries(store.journal_mark(orphan.name)):
-        batch.append((seq, msgspec.json.decode(payload, type=AuditEvent)))
+        batch.append((seq, _decoded(payload)))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -260,6 +267,24 @@ def _adopt_one(store: AuditStore, orphan: Orphan, batch_size: int) -> None:
     store.forget_journal(orphan.name)
     if appended:
         log.warning("appended %d audit records left in the journal of a dead process (%s)", appended, orphan.name)
+
+
+def _decoded(payload: bytes) -> AuditEvent:
+    """A journaled record; one that does not decode as a record becomes the record saying so (with what of it can
+    be read), in its place in the chain."""
+    try:
+        return msgspec.json.decode(payload, type=AuditEvent)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        try:
+            raw = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            raw = {}
+        values = raw if isinstance(raw, dict) else {}
+        unread = AuditEvent(event_type=str(values.get("event_type") or "unknown"), outcome="failure")
+        for name in ("subject", "subject_kind", "tenant_id", "source_ip", "request_id", "outcome"):
+            if isinstance(values.get(name), str):
+                setattr(unread, name, values[name])
+        return rejected(unread, exc)
 
 
 def rejected(event: AuditEvent, exc: BaseException) -> AuditEvent:

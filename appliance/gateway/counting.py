@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 PROBE = "Counting check: Hello, world! 1234 -- naïve café, 東京, \t tabs\nand a newline."
 _REMOTE_CONCURRENCY = 8
 _LOCAL_INLINE = 16  # lists longer than this are encoded in a worker thread
-_CHAT_INLINE = 16_384  # characters: a longer rendered chat is encoded in a worker thread
+_CHAT_INLINE = 16_384  # characters: a longer chat is rendered and encoded in a worker thread
+_CHAT_INLINE_MESSAGES = 64  # as is one of more messages
 PROBE_CHATS = (
     [{"role": "user", "content": PROBE}],
     [
@@ -103,7 +104,8 @@ class _LocalChat:
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     async def count_async(self, messages: list[dict[str, str]], generation: bool) -> int:
-        if sum(len(message["content"]) for message in messages) <= _CHAT_INLINE:
+        """Small chats on the event loop; a long one (or one of many messages) in a worker thread."""
+        if len(messages) <= _CHAT_INLINE_MESSAGES and sum(len(m["content"]) for m in messages) <= _CHAT_INLINE:
             return self.count(messages, generation)
         return await asyncio.to_thread(self.count, messages, generation)
 

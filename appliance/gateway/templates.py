@@ -43,8 +43,8 @@ class ChatTemplate:
             config = json.loads((folder / "tokenizer_config.json").read_text())
         except (OSError, ValueError):
             return None
-        if not isinstance(config, dict):
-            return None
+        if not isinstance(config, dict) or config.get("split_special_tokens"):
+            return None  # (special tokens' text in a message counted piece by piece: the engine counts those)
         source: Any = None
         try:
             source = (folder / "chat_template.jinja").read_text()

@@ -100,8 +100,11 @@ class AdminController(Controller):
         await asyncio.to_thread(check)
         await removal.forget_tenant(item_id)
         await asyncio.to_thread(remove)
-        await audit.flush()  # captured text still on its way to the database is deleted with the rest
         await asyncio.to_thread(audit.store.forget_tenant_content, item_id)
+        try:
+            await audit.flush()  # captured text still on its way to the database goes too
+        finally:
+            await asyncio.to_thread(audit.store.forget_tenant_content, item_id)
 
     # -- workflows -----------------------------------------------------------------------------------
 

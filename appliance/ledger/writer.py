@@ -39,7 +39,7 @@ from sqlalchemy import BigInteger, Table, insert
 from sqlalchemy.engine import Engine
 
 from appliance.db.faults import is_transient
-from appliance.db.marks import drop_mark, mark_of, set_mark
+from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
 from appliance.ledger.models import UsageRecord
 from appliance.lib.barriers import CountBarriers
 from appliance.lib.bounded import bounded
@@ -234,13 +234,15 @@ class UsageWriter:
     def _journaled(self, event: UsageEvent) -> int | None:
         """The row's journal entry (None without a journal, or when its disk refuses: the answer then waits for
         the database instead)."""
-        if self._journal is None or not self._journal.is_open or self._task is None:
+        if self._journal is None or not self._journal.is_open:
             return None
         try:
             return self._journal.append(msgspec.json.encode(event))
         except OSError as exc:
             log.warning("usage journal refused a row (%s); the answer waits for the database", exc)
-            return None
+        except (TypeError, ValueError) as exc:  # a value JSON cannot carry: the database gets it as it is
+            log.error("a usage row could not be journaled (%s); the answer waits for the database", exc)
+        return None
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -262,7 +264,7 @@ class UsageWriter:
             batch = [self._pending[i] for i in range(count)]
             seqs = [self._seqs[i] for i in range(count)]
             try:
-                await self._write_isolating(batch, _last(seqs))
+                await self._write_isolating(batch, seqs)
             except Exception:
                 if not self._failing:
                     log.exception("writing %d usage records failed; retrying, and refusing new work", len(batch))
@@ -275,19 +277,19 @@ class UsageWriter:
             self._failing = False
             backoff = 0.1
 
-    async def _write_isolating(self, batch: list[UsageEvent], mark: int | None) -> None:
-        """Write ``batch`` (the head of the queue), isolating a row the database refuses. What is committed
-        leaves the queue at once, so a failure part-way (raised to be retried) never writes a row twice."""
-        journal = self._journal.name if self._journal is not None and mark is not None else None
+    async def _write_isolating(self, batch: list[UsageEvent], seqs: list[int | None]) -> None:
+        """Write ``batch`` (the head of the queue; ``seqs``: their journal entries), isolating a row the database
+        refuses. What is committed leaves the queue at once, so a failure part-way (raised to be retried) never
+        writes a row twice; nor does a retry of a commit that did land (the journal's mark says so)."""
+        journal = self._journal.name if self._journal is not None else None
         try:
-            await asyncio.to_thread(_commit_rows, self._engine, batch, journal, mark)
+            await asyncio.to_thread(_commit_rows, self._engine, batch, journal, seqs)
         except Exception as exc:
             if is_transient(exc) or len(batch) == 1:
                 raise
-            seqs = [self._seqs[i] for i in range(len(batch))]
             middle = len(batch) // 2
-            await self._write_isolating(batch[:middle], _last(seqs[:middle]))
-            await self._write_isolating(batch[middle:], _last(seqs[middle:]))
+            await self._write_isolating(batch[:middle], seqs[:middle])
+            await self._write_isolating(batch[middle:], seqs[middle:])
             return
         for _ in batch:
             self._pending.popleft()
@@ -298,6 +300,7 @@ class UsageWriter:
             self._slots.release()
         self.written += len(batch)
         self._flushes.reached(self.written)
+        mark = _last(seqs)
         if mark is not None and self._journal is not None:
             self._journal.committed(mark)
 
@@ -333,18 +336,21 @@ def _last(seqs: list[int | None]) -> int | None:
     return numbers[-1] if numbers else None
 
 
-def _write(engine: Engine, batch: list[UsageEvent], journal: str | None, mark: int | None) -> None:
-    rows = [asdict(event) for event in batch]
+def _write(engine: Engine, batch: list[UsageEvent], journal: str | None, seqs: list[int | None]) -> None:
+    """Insert the rows of ``batch`` not yet committed (by ``journal``'s mark), and the new mark, in one transaction."""
     with engine.begin() as connection:
-        connection.execute(insert(UsageRecord), rows)
+        keep, mark = unmarked(connection, journal, seqs)
+        rows = [asdict(event) for event, kept in zip(batch, keep, strict=True) if kept]
+        if rows:
+            connection.execute(insert(UsageRecord), rows)
         if journal is not None and mark is not None:
             set_mark(connection, journal, mark)
 
 
-def _commit_rows(engine: Engine, batch: list[UsageEvent], journal: str | None, mark: int | None) -> None:
+def _commit_rows(engine: Engine, batch: list[UsageEvent], journal: str | None, seqs: list[int | None]) -> None:
     """Write ``batch``; a single row the database refuses for its data is replaced by a row saying so."""
     try:
-        _write(engine, batch, journal, mark)
+        _write(engine, batch, journal, seqs)
         return
     except Exception as exc:
         if is_transient(exc) or len(batch) > 1:
@@ -352,12 +358,12 @@ def _commit_rows(engine: Engine, batch: list[UsageEvent], journal: str | None, m
         log.error("a usage row was refused (%s): %.2000r; it is replaced by a row saying so", exc, batch[0])
     replacement = rejected(batch[0])
     try:
-        _write(engine, [replacement], journal, mark)
+        _write(engine, [replacement], journal, seqs)
     except Exception as again:  # its request id is taken (a duplicate): keep both, told apart
         if is_transient(again):
             raise
         replacement.request_id = f"{replacement.request_id[:46]}~dup{uuid.uuid4().hex[:12]}"
-        _write(engine, [replacement], journal, mark)  # raises: retried
+        _write(engine, [replacement], journal, seqs)  # raises: retried
 
 
 def _adopt_one(engine: Engine, orphan: Orphan, batch_size: int) -> None:
@@ -372,17 +378,17 @@ def _adopt_one(engine: Engine, orphan: Orphan, batch_size: int) -> None:
         if not batch:
             return
         try:
-            _write(engine, [event for _, event in batch], orphan.name, batch[-1][0])
+            _write(engine, [event for _, event in batch], orphan.name, [seq for seq, _ in batch])
         except Exception as exc:
             if is_transient(exc):
                 raise
             for seq, event in batch:  # isolate the row the database refuses; each row commits its own mark
-                _commit_rows(engine, [event], orphan.name, seq)
+                _commit_rows(engine, [event], orphan.name, [seq])
         written += len(batch)
         batch.clear()
 
     for seq, payload in orphan.entries(after):
-        batch.append((seq, msgspec.json.decode(payload, type=UsageEvent)))
+        batch.append((seq, _decoded(payload)))
         if len(batch) >= batch_size:
             flush()
     flush()
@@ -391,6 +397,30 @@ def _adopt_one(engine: Engine, orphan: Orphan, batch_size: int) -> None:
         drop_mark(connection, orphan.name)
     if written:
         log.warning("wrote %d usage rows left in the journal of a dead process (%s)", written, orphan.name)
+
+
+def _decoded(payload: bytes) -> UsageEvent:
+    """A journaled row; one that does not decode as a row (a value JSON cannot carry, such as NaN) becomes the row
+    saying so, with what of it can be read."""
+    try:
+        return msgspec.json.decode(payload, type=UsageEvent)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        log.error("a journaled usage row does not decode (%s); it is replaced by a row saying so", exc)
+        try:
+            raw = msgspec.json.decode(payload)
+        except msgspec.DecodeError:
+            raw = {}
+        values = raw if isinstance(raw, dict) else {}
+        event = UsageEvent(
+            request_id=str(values.get("request_id") or f"req_unreadable_{uuid.uuid4().hex[:12]}"),
+            model=str(values.get("model") or ""),
+            endpoint=str(values.get("endpoint") or ""),
+            status_code=0,
+        )
+        for name in UsageEvent.__dataclass_fields__:
+            if name in values and name != "created_at":
+                setattr(event, name, values[name])
+        return rejected(event)
 
 
 _TABLE: Table = UsageRecord.__table__  # type: ignore[attr-defined]
@@ -416,8 +446,10 @@ def rejected(event: UsageEvent) -> UsageEvent:
             value = bounded(str(value), _TEXT_LIMITS[item.name]) if value is not None else None
         elif item.name in _INT_MAX:
             value = min(max(int(value), 0), _INT_MAX[item.name]) if isinstance(value, int | float) else 0
+        elif isinstance(default, float) and not (isinstance(value, int | float) and math.isfinite(value)):
+            value = default  # a figure that is required: its default where it is missing or not finite
         elif isinstance(value, float) and not math.isfinite(value):
-            value = default if isinstance(default, float) else None
+            value = None
         elif isinstance(default, bool):
             value = bool(value)
         elif item.name == "created_at" and not isinstance(value, datetime):

@@ -47,6 +47,7 @@ SUFFIX = ".journal"
 ROTATE_AT = 4 * 1024 * 1024  # bytes: a part grown past this is followed by a new one
 _RECHECK_S = 0.5  # a journal the disk refused is checked for room at most this often
 _ROOM = 1024 * 1024  # bytes: the room a refused journal needs before it takes entries again
+_WHOLE, _CUT, _DAMAGED = "whole", "cut", "damaged"  # how reading a part ended
 
 
 class _Part:
@@ -54,12 +55,23 @@ class _Part:
 
     __slots__ = ("fd", "last", "path")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, fsync: bool) -> None:
         # Made aside, locked, then renamed into place: no writer looking for dead processes' parts takes it.
         staged = path.with_name(path.name + ".new")
         fd = os.open(staged, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.replace(staged, path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.replace(staged, path)
+            if fsync:  # the part's name survives a power cut too
+                directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except OSError:
+            os.close(fd)
+            staged.unlink(missing_ok=True)
+            raise
         self.path, self.fd = path, fd
         self.last = 0  # the number of its last entry
 
@@ -88,7 +100,7 @@ class Journal:
 
     def _new_part(self) -> _Part:
         self._parts += 1
-        return _Part(self.directory / f"{self.name}-{self._parts:06d}{SUFFIX}")
+        return _Part(self.directory / f"{self.name}-{self._parts:06d}{SUFFIX}", fsync=self._fsync)
 
     @property
     def is_open(self) -> bool:
@@ -147,9 +159,13 @@ class Journal:
         try:
             os.posix_fallocate(self._part.fd, self._size, _ROOM)
             os.ftruncate(self._part.fd, self._size)
-        except OSError:
-            self._failed_at = time.monotonic()
-            return False
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._part.fd, self._size)
+            room = exc.errno not in (errno.ENOSPC, errno.EDQUOT) and _free(self.directory) >= _ROOM
+            if not room:  # (a filesystem without fallocate: its free space is read instead)
+                self._failed_at = time.monotonic()
+                return False
         self._failed_at = None
         return True
 
@@ -165,17 +181,27 @@ class Journal:
         upto = self._seq
         try:
             if self._part is not None:
-                await asyncio.to_thread(os.fdatasync, self._part.fd)
+                fd = os.dup(self._part.fd)  # the part may be retired and closed while the thread waits its turn
+                try:
+                    await asyncio.to_thread(os.fdatasync, fd)
+                finally:
+                    os.close(fd)
             self._synced = max(self._synced, upto)
         finally:
             self._syncing = None
 
     def committed(self, seq: int) -> None:
-        """Every entry up to ``seq`` is committed to the database: earlier parts holding none past it go."""
+        """Every entry up to ``seq`` is committed to the database: earlier parts holding none past it go, and the
+        current part is emptied once everything in it is committed (what it held, captured text included, does not
+        stay on the disk)."""
         while self._retired and self._retired[0].last <= seq:
             part = self._retired.pop(0)
             part.path.unlink(missing_ok=True)
             os.close(part.fd)
+        if seq >= self._seq and self._size and self._part is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._part.fd, 0)
+                self._size = 0
 
     def close(self, *, remove: bool) -> None:
         """Give the locks up; ``remove``: everything in the journal is committed, its files go."""
@@ -194,37 +220,47 @@ class Orphan:
         self.name = name
         self.path = parts[0][0]
         self._parts = parts
+        self._damaged = False  # reading stopped before the end of its last part: it is kept aside, not removed
 
     def entries(self, after: int) -> Iterator[tuple[int, bytes]]:
         """(number, payload) of every whole entry numbered past ``after``, in order; reading stops at the first
         damaged or cut-off entry."""
-        for path, fd in self._parts:
-            whole = yield from self._read(path, fd, after)
-            if not whole:
-                return
+        for index, (path, fd) in enumerate(self._parts):
+            ending = yield from self._read(path, fd, after)
+            if ending == _WHOLE:
+                continue
+            # A power cut can cut the end of the last part; damage anywhere else is kept aside, not removed.
+            self._damaged = ending == _DAMAGED or index < len(self._parts) - 1
+            return
 
-    def _read(self, path: Path, fd: int, after: int) -> Generator[tuple[int, bytes], None, bool]:
+    def _read(self, path: Path, fd: int, after: int) -> Generator[tuple[int, bytes], None, str]:
         with os.fdopen(os.dup(fd), "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
             handle.seek(0)
             while True:
                 header = handle.read(_FRAME.size)
                 if not header:
-                    return True
+                    return _WHOLE
                 if len(header) < _FRAME.size:
-                    log.error("journal %s ends with a cut-off entry; what follows it is lost", path)
-                    return False
+                    log.error("journal %s ends with a cut-off entry", path)
+                    return _CUT
                 length, seq, crc = _FRAME.unpack(header)
                 payload = handle.read(length) if length <= size - handle.tell() else b""
                 if len(payload) < length or _crc(length, seq, payload) != crc:
-                    log.error("journal %s has a damaged entry (number %d); what follows it is lost", path, seq)
-                    return False
+                    inside = len(payload) == length and handle.tell() < size
+                    log.error("journal %s has a damaged entry (number %d); what follows it is not read", path, seq)
+                    return _DAMAGED if inside else _CUT
                 if seq > after:
                     yield seq, payload
 
     def remove(self) -> None:
+        """Remove the parts once written; damaged ones are kept aside (``.damaged``) for someone to look at."""
         for path, _ in self._parts:
-            path.unlink(missing_ok=True)
+            if self._damaged:
+                path.rename(path.with_name(path.name + ".damaged"))
+                log.error("journal part %s is damaged: kept as %s.damaged", path, path.name)
+            else:
+                path.unlink(missing_ok=True)
         self.close()
 
     def close(self) -> None:
@@ -255,6 +291,14 @@ def orphans(directory: Path, kind: str, own: Journal | None = None) -> Iterator[
             continue
         for _, fd in locked:
             os.close(fd)
+
+
+def _free(directory: Path) -> int:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return 0
+    return stats.f_bavail * stats.f_frsize
 
 
 def _lock(path: Path) -> int | None:

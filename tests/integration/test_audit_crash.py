@@ -89,7 +89,7 @@ async def test_sigkill_under_load(tmp_path: Path) -> None:
         gateway = start()  # started again, as systemd does: it writes what the dead process journaled
         await healthy(base)
         gateway.terminate()
-        assert gateway.wait(30) == 0
+        assert gateway.wait(30) in (0, -signal.SIGTERM), "a clean stop"
     finally:
         if gateway.poll() is None:
             gateway.kill()

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import text
 
 from appliance.audit.setup import audit_store
-from appliance.audit.store import AuditStore
+from appliance.audit.store import AuditEvent, AuditStore
 from appliance.audit.writer import AuditWriter
 from appliance.lib.journal import Journal
 from appliance.settings import Settings
@@ -40,3 +40,14 @@ async def test_records_of_a_killed_process_are_appended_once_and_the_chain_verif
     assert list((tmp_path / "journal").glob("*.journal")) == []
     with store._engine.connect() as connection:
         assert connection.execute(text("SELECT count(*) FROM journal_marks")).scalar() == 0
+
+
+def test_records_appended_again_after_their_commit_landed_are_not_chained_twice(tmp_path: Path) -> None:
+    store = audit_store(Settings(data_dir=tmp_path))
+    events = [
+        AuditEvent(event_type="inference.completions", outcome="success", request_id=f"req_{n}") for n in range(3)
+    ]
+    assert store.append(events[:2], "audit-x", [1, 2]) == [1, 2]
+    assert store.append(events, "audit-x", [1, 2, 3]) == [0, 0, 3], "only the record not yet in the chain"
+    assert request_ids(store) == ["req_0", "req_1", "req_2"]
+    assert store.verify().ok

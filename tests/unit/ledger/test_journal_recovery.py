@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from appliance.db.engine import create_schema, make_engine
-from appliance.ledger.writer import UsageWriter
+from appliance.ledger.writer import UsageWriter, _commit_rows
 from appliance.lib.journal import Journal
 from tests.support.killed import killed_writer
 from tests.unit.ledger.test_writer import event
@@ -83,5 +84,37 @@ async def test_rows_handed_over_are_committed_after_the_answer_and_a_flush_waits
     assert request_ids(engine) == expected(5)
     [(journal, seq)] = marks(engine)
     assert (journal, seq) == (live._journal.name, 5)  # type: ignore[union-attr]
+    await live.stop()
+    engine.dispose()
+
+
+def test_a_batch_written_again_after_its_commit_landed_is_not_written_twice(tmp_path: Path) -> None:
+    """A commit whose outcome was lost (the connection dropped after the server committed) is retried: the journal's
+    mark, read under lock in the retry's own transaction, says which rows are in already."""
+    engine = make_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    create_schema(engine)
+    batch = [event(n) for n in range(4)]
+    _commit_rows(engine, batch[:3], "usage-x", [1, 2, 3])
+    _commit_rows(engine, batch, "usage-x", [1, 2, 3, 4])  # the retry, with one more row queued meanwhile
+    assert request_ids(engine) == expected(4)
+    assert marks(engine) == [("usage-x", 4)]
+    engine.dispose()
+
+
+async def test_a_journaled_row_that_does_not_decode_is_replaced_by_a_row_saying_so(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite:///{tmp_path / 'appliance.db'}")
+    create_schema(engine)
+    dead = Journal(tmp_path / "journal", "usage")
+    dead.open()
+    bad = event(0)
+    bad.latency_ms = float("nan")  # JSON has no NaN: the journal holds null, which a row's float refuses
+    for row in (bad, event(1)):
+        dead.append(msgspec.json.encode(row))
+    dead.close(remove=False)  # its process died
+    live = writer(engine, tmp_path)
+    await live.start()
+    with engine.connect() as connection:
+        rows = dict(connection.execute(text("SELECT request_id, error_code FROM usage_records")).all())
+    assert rows == {"req_0": "usage_record_rejected", "req_1": None}, "nothing after it is held up"
     await live.stop()
     engine.dispose()

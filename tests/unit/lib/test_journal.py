@@ -144,3 +144,24 @@ async def test_with_fsync_an_entry_is_durable_only_after_fdatasync(
     assert len(synced) <= 2, "without fsync nothing is synced"
     journal.close(remove=True)
     plain.close(remove=True)
+
+
+def test_a_part_damaged_inside_is_kept_aside_and_a_committed_journal_is_emptied(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, "usage")
+    journal.open()
+    for n in range(3):
+        journal.append(f"entry {n}".encode())
+    journal.committed(3)
+    assert journal.path.stat().st_size == 0, "nothing committed stays on the disk"
+    for n in range(3):
+        journal.append(f"entry {n}".encode())
+    path = journal.path
+    journal.close(remove=False)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # damage inside the second entry, whole entries after it
+    path.write_bytes(bytes(data))
+    [orphan] = list(orphans(tmp_path, "usage"))
+    assert [seq for seq, _ in orphan.entries(0)] == [4]
+    orphan.remove()
+    assert not path.exists() and path.with_name(path.name + ".damaged").exists(), "kept for someone to look at"
+    assert list(orphans(tmp_path, "usage")) == []
