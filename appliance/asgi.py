@@ -49,6 +49,7 @@ from appliance.identity.tenancy import TenantPolicies, check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
+from appliance.lib.guards import PRINCIPAL
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
 from appliance.lib.journal import Journal
 from appliance.lib.jsonbody import BoundedJsonRequest
@@ -197,6 +198,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ]
         + ([OidcController, LocalAccountController] if issuer is not None else []),
         dependencies={
+            "principal": PRINCIPAL,  # the authenticated caller; each route's role rule is a guard on it
             "serving": Provide(lambda: serving, use_cache=True, sync_to_thread=False),
             "router": Provide(lambda: router, use_cache=True, sync_to_thread=False),
             "db_engine": Provide(lambda: db_engine, use_cache=True, sync_to_thread=False),

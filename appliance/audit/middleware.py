@@ -22,6 +22,13 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _ACTIONS = {"POST": "create", "PUT": "replace", "PATCH": "update", "DELETE": "delete"}
 _PATH = re.compile(r"^/(?:v1/)?(?P<area>admin|console|rag)/(?P<resource>[a-z\-]+)(?:/(?P<id>[^/]+))?")
 _DETAIL_KEY = "appliance_audit_detail"
+AUDIT_ACTION_KEY = "audit_action"  # a route handler's `opt` key: its action when it is not plain CRUD
+
+
+def audit_action(action: str) -> dict[str, str]:
+    """``opt`` of a route whose audit records name an action that is not plain CRUD (``sign_out``, say): on
+    every record of the route, the refused ones included, whether or not its handler ran."""
+    return {AUDIT_ACTION_KEY: action}
 
 
 def add_audit_detail(scope: Scope, **fields: Any) -> None:
@@ -64,8 +71,11 @@ def _event(scope: Scope, audited_write: bool, status: int, held: list[Message]) 
     resource = match["resource"] if match else "unknown"
     detail = scope.get("state", {}).get(_DETAIL_KEY, {})
     if audited_write and match:
-        # A handler names an action that is not plain CRUD (reset_password, sign_out) in its audit detail.
-        action = detail.get("action") if isinstance(detail.get("action"), str) else _ACTIONS[method]
+        # A route names an action that is not plain CRUD (reset_password, sign_out) in its `opt`, or a handler
+        # in its audit detail.
+        action = detail.get("action")
+        if not isinstance(action, str):
+            action = _declared_action(scope) or _ACTIONS[method]
         event_type = f"{match['area']}.{resource}.{action}"
     else:
         event_type = "access.refused"
@@ -78,6 +88,12 @@ def _event(scope: Scope, audited_write: bool, status: int, held: list[Message]) 
         object_id=object_id,
         detail={**detail, "method": method, "status": status, "path": path[:300]},
     )
+
+
+def _declared_action(scope: Scope) -> str | None:
+    handler = scope.get("route_handler")
+    action = handler.opt.get(AUDIT_ACTION_KEY) if handler is not None else None
+    return action if isinstance(action, str) else None
 
 
 def _created_id(held: list[Message]) -> str | None:

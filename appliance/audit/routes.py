@@ -7,7 +7,7 @@ import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from litestar.params import FromQuery, QueryParameter
 
@@ -15,8 +15,9 @@ from appliance.audit.merkle import ProofError
 from appliance.audit.setup import cosigned_checkpoints
 from appliance.audit.tree import TreeError
 from appliance.audit.writer import AuditWriter
-from appliance.lib.errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from appliance.lib.principal import ADMIN, AUDITOR, principal_of
+from appliance.lib.errors import InvalidRequestError, NotFoundError
+from appliance.lib.guards import CurrentPrincipal, requires, requires_platform
+from appliance.lib.principal import ADMIN, AUDITOR
 from appliance.settings import Settings
 
 Limit = Annotated[int, QueryParameter(ge=1, le=500)]
@@ -26,11 +27,11 @@ Size = Annotated[int, QueryParameter(ge=0, le=SEQ_MAX)]
 OptionalSize = Annotated[int | None, QueryParameter(ge=0, le=SEQ_MAX)]
 
 
-def _platform_auditor(request: Request[Any, Any, Any]) -> None:
-    principal = principal_of(request.scope)
-    principal.require_role(AUDITOR, ADMIN)
-    if principal.tenant_id is not None:
-        raise PermissionDeniedError("The log covers every tenant: only platform auditors read its tree.")
+AUDITORS = [requires(AUDITOR, ADMIN)]  # a tenant-bound auditor reads its tenant's records
+TREE_READERS = [
+    requires_platform(AUDITOR, ADMIN, why="The log covers every tenant: only platform auditors read its tree.")
+]
+VERIFIERS = [requires_platform(AUDITOR, ADMIN, why="The chain covers every tenant: only platform auditors verify it.")]
 
 
 async def _prove(call: Any, *args: Any) -> Any:
@@ -43,10 +44,10 @@ async def _prove(call: Any, *args: Any) -> Any:
 class AuditController(Controller):
     path = "/admin/audit"
 
-    @get("/")
+    @get("/", guards=AUDITORS)
     async def search(
         self,
-        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         audit: NamedDependency[AuditWriter],
         since: FromQuery[datetime | None] = None,
         until: FromQuery[datetime | None] = None,
@@ -56,8 +57,6 @@ class AuditController(Controller):
         limit: Limit = 100,
         offset: Offset = 0,
     ) -> dict[str, Any]:
-        principal = principal_of(request.scope)
-        principal.require_role(AUDITOR, ADMIN)
         for name, moment in (("since", since), ("until", until)):
             if moment is not None and moment.utcoffset() is None:
                 raise InvalidRequestError(
@@ -78,20 +77,15 @@ class AuditController(Controller):
             offset=offset,
         )
 
-    @get("/verify")
-    async def verify(self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter]) -> dict[str, Any]:
-        principal = principal_of(request.scope)
-        principal.require_role(AUDITOR, ADMIN)
-        if principal.tenant_id is not None:
-            raise PermissionDeniedError("The chain covers every tenant: only platform auditors verify it.")
+    @get("/verify", guards=VERIFIERS)
+    async def verify(self, audit: NamedDependency[AuditWriter]) -> dict[str, Any]:
         await audit.flush()
         result = await asyncio.to_thread(audit.store.verify)
         return result.as_dict()
 
-    @get("/checkpoint")
-    async def checkpoint(self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter]) -> dict[str, Any]:
+    @get("/checkpoint", guards=TREE_READERS)
+    async def checkpoint(self, audit: NamedDependency[AuditWriter]) -> dict[str, Any]:
         """The newest signed checkpoint (C2SP tlog-checkpoint) and the key that verifies it (a C2SP vkey)."""
-        _platform_auditor(request)
         await audit.flush()
         await asyncio.to_thread(audit.store.settle)  # a checkpoint the flush made due is signed by now
         latest = await asyncio.to_thread(audit.store.latest_checkpoint)
@@ -99,49 +93,41 @@ class AuditController(Controller):
             raise NotFoundError("No checkpoint is signed yet.")
         return latest
 
-    @get("/proof/inclusion")
+    @get("/proof/inclusion", guards=TREE_READERS)
     async def inclusion(
         self,
-        request: Request[Any, Any, Any],
         audit: NamedDependency[AuditWriter],
         seq: Annotated[int, QueryParameter(ge=1, le=SEQ_MAX)],
         size: OptionalSize = None,
     ) -> dict[str, Any]:
         """RFC 6962 inclusion proof of record ``seq`` in the tree of ``size`` records (default: the newest
         checkpoint's)."""
-        _platform_auditor(request)
         result: dict[str, Any] = await _prove(audit.store.prove_inclusion, seq, size)
         return result
 
-    @get("/proof/consistency")
+    @get("/proof/consistency", guards=TREE_READERS)
     async def consistency(
         self,
-        request: Request[Any, Any, Any],
         audit: NamedDependency[AuditWriter],
         old: Annotated[int, QueryParameter(ge=1, le=SEQ_MAX)],
         size: OptionalSize = None,
     ) -> dict[str, Any]:
         """RFC 6962 consistency proof from the tree of ``old`` records to that of ``size`` (default: newest)."""
-        _platform_auditor(request)
         result: dict[str, Any] = await _prove(audit.store.prove_consistency, old, size)
         return result
 
-    @get("/witnessed")
+    @get("/witnessed", guards=TREE_READERS)
     async def witnessed(
-        self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter], settings: NamedDependency[Settings]
+        self, audit: NamedDependency[AuditWriter], settings: NamedDependency[Settings]
     ) -> list[dict[str, Any]]:
         """Each trusted witness's newest co-signed checkpoint (imported with ``appliance audit witness-import``)
         and whether this database still holds the tree it states (``problem`` says why not)."""
-        _platform_auditor(request)
         rows: list[dict[str, Any]] = await asyncio.to_thread(cosigned_checkpoints(settings, audit.store).listing)
         return rows
 
-    @get("/witness")
-    async def witness(
-        self, request: Request[Any, Any, Any], audit: NamedDependency[AuditWriter], old: Size = 0
-    ) -> Response[str]:
+    @get("/witness", guards=TREE_READERS)
+    async def witness(self, audit: NamedDependency[AuditWriter], old: Size = 0) -> Response[str]:
         """The body of a C2SP tlog-witness add-checkpoint request for the newest checkpoint, from the size the
         witness last co-signed (``old``), to carry to a witness."""
-        _platform_auditor(request)
         body: str = await _prove(audit.store.witness_request, old)
         return Response(content=body, media_type="text/plain")  # Litestar adds the charset (utf-8) itself

@@ -27,7 +27,8 @@ from appliance.identity import service as identity
 from appliance.identity.models import Tenant
 from appliance.ledger.pricing import to_currency, to_micros
 from appliance.lib.errors import ConflictError, InvalidRequestError
-from appliance.lib.principal import ADMIN, OPERATOR, principal_of
+from appliance.lib.guards import CurrentPrincipal, requires
+from appliance.lib.principal import ADMIN, OPERATOR
 from appliance.settings import Settings
 
 
@@ -79,34 +80,35 @@ def _audit(request: Request[Any, Any, Any], budget: Budget, old: int | None, new
     )
 
 
+ADMINS = [requires(ADMIN)]  # set budgets (which ones: access.check_create and check_change)
+
+
 class BudgetController(Controller):
     path = "/admin/budgets"
 
-    @get("/")
+    @get("/", guards=[requires(ADMIN, OPERATOR)])
     async def list_budgets(
         self,
-        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         budget_store: NamedDependency[BudgetStore],
         budget_leases: NamedDependency[BudgetLeases],
         settings: NamedDependency[Settings],
     ) -> dict[str, Any]:
         """Every budget with what it used: this process's spending committed first (another gateway process's is
         at most ``budgets.commit_interval_s`` behind), and what its requests in flight hold shown as reserved."""
-        principal = principal_of(request.scope)
-        principal.require_role(ADMIN, OPERATOR)
         await budget_leases.committed()
         data = await asyncio.to_thread(budget_store.status, principal.tenant_id, budget_leases.in_flight())
         return {"object": "list", "data": data, "total": len(data), "currency": settings.pricing.currency}
 
-    @post("/", sync_to_thread=True)
+    @post("/", sync_to_thread=True, guards=ADMINS)
     def create_budget(
         self,
         request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         db_engine: NamedDependency[Engine],
         budget_leases: NamedDependency[BudgetLeases],
         data: JSONBody[BudgetCreate],
     ) -> dict[str, Any]:
-        principal = principal_of(request.scope)
         owner = access.owner_of(principal)
         per_call = data.kind in ("max_tokens", "max_retries", "max_depth")
         if per_call != (data.period == "none"):
@@ -141,18 +143,17 @@ class BudgetController(Controller):
             session.refresh(budget)
             return _shown(budget)
 
-    @patch("/{item_id:str}", sync_to_thread=True)
+    @patch("/{item_id:str}", sync_to_thread=True, guards=ADMINS)
     def update_budget(
         self,
         request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         db_engine: NamedDependency[Engine],
         budget_leases: NamedDependency[BudgetLeases],
         item_id: FromPath[str],
         data: JSONBody[BudgetUpdate],
     ) -> dict[str, Any]:
         """Change a budget's limit; what it used this period stays (a lower limit can leave nothing)."""
-        principal = principal_of(request.scope)
-        principal.require_role(ADMIN)
         with Session(db_engine) as session:
             budget = identity.get_owned(session, principal, Budget, item_id)
             old, limit = budget.limit, _stored_limit(budget.kind, data.limit)
@@ -165,16 +166,15 @@ class BudgetController(Controller):
             session.refresh(budget)
             return _shown(budget)
 
-    @delete("/{item_id:str}", sync_to_thread=True)
+    @delete("/{item_id:str}", sync_to_thread=True, guards=ADMINS)
     def delete_budget(
         self,
         request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         db_engine: NamedDependency[Engine],
         budget_leases: NamedDependency[BudgetLeases],
         item_id: FromPath[str],
     ) -> None:
-        principal = principal_of(request.scope)
-        principal.require_role(ADMIN)
         with Session(db_engine) as session:
             budget = identity.get_owned(session, principal, Budget, item_id)
             _audit(request, budget, budget.limit, None)

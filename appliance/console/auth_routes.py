@@ -30,7 +30,7 @@ from appliance.identity.auth import Authenticator
 from appliance.identity.issuer import EmbeddedIssuer
 from appliance.identity.sessions import SESSION_COOKIE
 from appliance.lib.errors import AuthenticationError
-from appliance.lib.principal import principal_of
+from appliance.lib.guards import CONSOLE_SESSION, SIGNED_IN
 from appliance.settings import Settings
 
 Req = Request[Any, Any, State]
@@ -167,12 +167,11 @@ class ConsoleAuthController(Controller):
         """The console's single page; scripts, styles and data all come from this appliance."""
         return Response(content=console_page(), media_type="text/html", headers={**_NO_STORE, **SECURITY_HEADERS})
 
-    @get("/session")
+    @get("/session", guards=[CONSOLE_SESSION])
     async def session(self, request: Req, authenticator: NamedDependency[Authenticator]) -> dict[str, Any]:
         """Who is signed in, and the CSRF token the console sends with every change."""
-        principal = principal_of(request.scope)
         row = await asyncio.to_thread(authenticator.sessions.get, request.cookies.get(SESSION_COOKIE, ""))
-        if principal.kind != "session" or row is None:
+        if row is None:
             raise AuthenticationError()
         return {
             "username": row.username,
@@ -182,9 +181,8 @@ class ConsoleAuthController(Controller):
             "expires_at": row.expires_at.isoformat(),
         }
 
-    @post("/logout", status_code=200)
+    @post("/logout", status_code=200, guards=[SIGNED_IN])  # the middleware checked the session and its CSRF token
     async def logout(self, request: Req, authenticator: NamedDependency[Authenticator]) -> Response[Any]:
-        principal_of(request.scope)  # the middleware checked the session and its CSRF token
         await asyncio.to_thread(authenticator.sessions.end, request.cookies.get(SESSION_COOKIE, ""))
         return Response(content={"signed_out": True}, cookies=[_cookie(SESSION_COOKIE, "", 0, "strict")])
 

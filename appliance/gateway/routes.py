@@ -32,8 +32,9 @@ from appliance.gateway.serving import (
 from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
 from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError
+from appliance.lib.guards import INFERENCE, CurrentPrincipal
 from appliance.lib.http import request_id
-from appliance.lib.principal import principal_of
+from appliance.lib.principal import Principal
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -113,91 +114,129 @@ async def unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[
     return task.result()
 
 
-async def _serve(serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any]) -> Response[Any]:
+async def _serve(
+    serving: OpenAIServing, endpoint: Endpoint, request: Request[Any, Any, Any], principal: Principal
+) -> Response[Any]:
     body = await request.body()
     link = call_link(request.headers)
-    principal = principal_of(request.scope)
     work = serving.handle(endpoint, body, request_id(request.scope), principal, source_of(request), link)
     return answer(await unless_client_leaves(request, work))
 
 
 class OpenAIController(Controller):
     path = "/v1"
+    guards = [INFERENCE]  # serving checks it again: retrieval's grounded chat calls it too
 
     @get("/models")
-    async def list_models(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
-    ) -> dict[str, Any]:
-        return await serving.models(principal_of(request.scope))
+    async def list_models(self, principal: CurrentPrincipal, serving: NamedDependency[OpenAIServing]) -> dict[str, Any]:
+        return await serving.models(principal)
 
     @get("/models/{model_id:str}")
     async def retrieve_model(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], model_id: FromPath[str]
+        self, principal: CurrentPrincipal, serving: NamedDependency[OpenAIServing], model_id: FromPath[str]
     ) -> dict[str, Any]:
-        return await serving.model(principal_of(request.scope), model_id)
+        return await serving.model(principal, model_id)
 
     @post("/chat/completions", status_code=200)
     async def chat_completions(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
     ) -> Response[Any]:
-        return await _serve(serving, CHAT, request)
+        return await _serve(serving, CHAT, request, principal)
 
     @post("/completions", status_code=200)
     async def completions(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
     ) -> Response[Any]:
-        return await _serve(serving, COMPLETIONS, request)
+        return await _serve(serving, COMPLETIONS, request, principal)
 
     @post("/embeddings", status_code=200)
     async def embeddings(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
     ) -> Response[Any]:
-        return await _serve(serving, EMBEDDINGS, request)
+        return await _serve(serving, EMBEDDINGS, request, principal)
 
     @post("/responses", status_code=200)
     async def create_response(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
     ) -> Response[Any]:
-        return await _serve(serving, RESPONSES, request)
+        return await _serve(serving, RESPONSES, request, principal)
 
     @get("/responses/{response_id:str}")
     async def retrieve_response(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], response_id: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
+        response_id: FromPath[str],
     ) -> Response[Any]:
-        principal = principal_of(request.scope)
         result = await serving.stored_response(principal, response_id, request_id(request.scope), source_of(request))
         return answer(result)
 
     @post("/responses/{response_id:str}/cancel", status_code=200)
     async def cancel_response(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing], response_id: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
+        response_id: FromPath[str],
     ) -> Response[Any]:
-        principal = principal_of(request.scope)
         result = await serving.stored_response(
             principal, response_id, request_id(request.scope), source_of(request), cancel=True
         )
         return answer(result)
 
     @post("/score", status_code=200)
-    async def score(self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]) -> Response[Any]:
-        return await _serve(serving, SCORE, request)
+    async def score(
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
+    ) -> Response[Any]:
+        return await _serve(serving, SCORE, request, principal)
 
     @post("/rerank", status_code=200)
-    async def rerank(self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]) -> Response[Any]:
-        return await _serve(serving, RERANK, request)
+    async def rerank(
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
+    ) -> Response[Any]:
+        return await _serve(serving, RERANK, request, principal)
 
     @post("/tokenize", status_code=200)
-    async def tokenize(self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]) -> Response[Any]:
-        return await _tokens(serving, TOKENIZE, request)
+    async def tokenize(
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
+    ) -> Response[Any]:
+        return await _tokens(serving, TOKENIZE, request, principal)
 
     @post("/detokenize", status_code=200)
     async def detokenize(
-        self, request: Request[Any, Any, Any], serving: NamedDependency[OpenAIServing]
+        self,
+        request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
+        serving: NamedDependency[OpenAIServing],
     ) -> Response[Any]:
-        return await _tokens(serving, DETOKENIZE, request)
+        return await _tokens(serving, DETOKENIZE, request, principal)
 
 
-async def _tokens(serving: OpenAIServing, path: str, request: Request[Any, Any, Any]) -> Response[Any]:
+async def _tokens(
+    serving: OpenAIServing, path: str, request: Request[Any, Any, Any], principal: Principal
+) -> Response[Any]:
     body = await request.body()
-    work = serving.tokens(path, body, request_id(request.scope), principal_of(request.scope), source_of(request))
+    work = serving.tokens(path, body, request_id(request.scope), principal, source_of(request))
     return answer(await unless_client_leaves(request, work))

@@ -26,7 +26,7 @@ from appliance.identity.schemas import (
     TenantUpdate,
     WorkflowCreate,
 )
-from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError, PermissionDeniedError
+from appliance.lib.errors import ConflictError, InvalidRequestError, NotFoundError
 from appliance.lib.principal import ADMIN, OPERATOR, Principal
 from appliance.lib.times import as_utc
 
@@ -90,9 +90,7 @@ def _commit(session: Session, row: SQLModel) -> dict[str, Any]:
 
 
 def create_tenant(session: Session, principal: Principal, data: TenantCreate) -> dict[str, Any]:
-    principal.require_role(ADMIN)
-    if principal.tenant_id is not None:
-        raise PermissionDeniedError("Only a platform administrator creates tenants.")
+    principal.require_platform(ADMIN, why="Only a platform administrator creates tenants.")
     tenant = Tenant(
         name=data.name,
         description=data.description,
@@ -125,12 +123,10 @@ def rename(session: Session, principal: Principal, model: type[ModelT], item_id:
     if data.description is not None:
         row.description = data.description
     if isinstance(data, TenantUpdate) and data.content_capture is not None:
-        if principal.tenant_id is not None:
-            raise PermissionDeniedError("Only a platform administrator changes content capture.")
+        principal.require_platform(ADMIN, why="Only a platform administrator changes content capture.")
         row.content_capture = data.content_capture
     if isinstance(data, TenantUpdate) and data.allowed_models is not msgspec.UNSET:
-        if principal.tenant_id is not None:
-            raise PermissionDeniedError("Only a platform administrator decides which models a tenant may use.")
+        principal.require_platform(ADMIN, why="Only a platform administrator decides which models a tenant may use.")
         row.allowed_models = _models(data.allowed_models)
     return _commit(session, row)
 

@@ -20,7 +20,8 @@ from sqlalchemy.engine import Engine
 
 from appliance.ledger.report import COLUMNS, RECORD_COLUMNS, to_csv, usage_records, usage_report
 from appliance.lib.errors import InvalidRequestError
-from appliance.lib.principal import ADMIN, OPERATOR, principal_of
+from appliance.lib.guards import CurrentPrincipal, requires
+from appliance.lib.principal import ADMIN, OPERATOR, Principal
 from appliance.lib.times import as_utc
 from appliance.settings import Settings
 
@@ -42,15 +43,14 @@ def _period(start: datetime | None, end: datetime | None) -> tuple[datetime, dat
 
 async def _read(
     request: Request[Any, Any, Any],
+    principal: Principal,
     start: datetime | None,
     end: datetime | None,
     query: Callable[..., list[dict[str, Any]]],
     engine: Engine,
     **options: Any,
 ) -> tuple[datetime, datetime, list[dict[str, Any]]]:
-    """Run a ledger query over the asked period, for admins and operators, within the principal's tenant."""
-    principal = principal_of(request.scope)
-    principal.require_role(ADMIN, OPERATOR)
+    """Run a ledger query over the asked period, within the principal's tenant."""
     since, until = _period(start, end)
     writer = getattr(request.app.state, "usage", None)
     if writer is not None:
@@ -69,11 +69,13 @@ def _csv(body: str, name: str) -> Response[str]:
 
 class UsageController(Controller):
     path = "/admin/usage"
+    guards = [requires(ADMIN, OPERATOR)]
 
     @get("/")
     async def report(
         self,
         request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         db_engine: NamedDependency[Engine],
         settings: NamedDependency[Settings],
         group_by: FromQuery[Literal["tenant", "workflow", "agent", "model", "key"]] = "tenant",
@@ -84,7 +86,7 @@ class UsageController(Controller):
     ) -> Response[Any]:
         zone = ZoneInfo(settings.budgets.timezone)
         since, until, rows = await _read(
-            request, start, end, usage_report, db_engine, group_by=group_by, zone=zone, bucket=bucket
+            request, principal, start, end, usage_report, db_engine, group_by=group_by, zone=zone, bucket=bucket
         )
         if output == "csv":
             return _csv(to_csv(rows, COLUMNS), f"usage-by-{group_by}")
@@ -104,6 +106,7 @@ class UsageController(Controller):
     async def requests(
         self,
         request: Request[Any, Any, Any],
+        principal: CurrentPrincipal,
         db_engine: NamedDependency[Engine],
         settings: NamedDependency[Settings],
         start: From = None,
@@ -112,7 +115,9 @@ class UsageController(Controller):
         offset: Annotated[int, QueryParameter(ge=0, le=2**31 - 1)] = 0,
         output: Format = "json",
     ) -> Response[Any]:
-        _since, _until, rows = await _read(request, start, end, usage_records, db_engine, limit=limit, offset=offset)
+        _since, _until, rows = await _read(
+            request, principal, start, end, usage_records, db_engine, limit=limit, offset=offset
+        )
         if output == "csv":
             return _csv(to_csv(rows, RECORD_COLUMNS), "usage-requests")
         return Response(content={"object": "list", "currency": settings.pricing.currency, "data": rows})

@@ -43,6 +43,13 @@ class Principal:
         if not self.has_role(*roles):
             raise PermissionDeniedError()
 
+    def require_platform(self, *roles: str, why: str) -> None:
+        """One of ``roles`` and no tenant: what covers every tenant (the audit tree, metrics, the placement
+        report). ``why`` is the refusal's message for a tenant-bound principal with the role."""
+        self.require_role(*roles)
+        if self.tenant_id is not None:
+            raise PermissionDeniedError(why)
+
     @property
     def is_platform(self) -> bool:
         """A platform administrator or operator: tenant-less, it may act on every tenant."""

@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from appliance.lib.errors import ConflictError
-from appliance.lib.principal import ADMIN, OPERATOR, Principal, principal_of
+from appliance.lib.guards import CurrentPrincipal, requires
+from appliance.lib.principal import ADMIN, OPERATOR, Principal
 from appliance.registry import deploy, service
 from appliance.registry.importer import import_model
 from appliance.registry.models import APPROVED
@@ -36,18 +37,12 @@ class ImportRequest(BaseModel):
     engine_kind: str = "vllm"
 
 
-def _admin(request: Req) -> str:
-    principal = principal_of(request.scope)
-    principal.require_role(ADMIN)
-    return actor_of(principal)
+ADMINS = [requires(ADMIN)]  # change the registry
+READERS = [requires(ADMIN, OPERATOR)]  # read it
 
 
 def actor_of(principal: Principal) -> str:
     return principal.username or principal.subject
-
-
-def _reader(request: Req) -> None:
-    principal_of(request.scope).require_role(ADMIN, OPERATOR)
 
 
 def _in_background(request: Req, name: str, work: Any, *args: Any) -> None:
@@ -68,23 +63,25 @@ def _in_background(request: Req, name: str, work: Any, *args: Any) -> None:
 class ModelController(Controller):
     path = "/admin/models"
 
-    @get("/", sync_to_thread=True)
-    def list_versions(self, request: Req, db_engine: Db) -> dict[str, Any]:
-        _reader(request)
+    @get("/", sync_to_thread=True, guards=READERS)
+    def list_versions(self, db_engine: Db) -> dict[str, Any]:
         with Session(db_engine) as session:
             return {"data": service.list_versions(session), "served": service.served_models(session)}
 
-    @get("/{version_id:int}", sync_to_thread=True)
-    def show(self, request: Req, db_engine: Db, version_id: FromPath[int]) -> dict[str, Any]:
-        _reader(request)
+    @get("/{version_id:int}", sync_to_thread=True, guards=READERS)
+    def show(self, db_engine: Db, version_id: FromPath[int]) -> dict[str, Any]:
         with Session(db_engine) as session:
             return service.show(session, version_id)
 
-    @post("/", sync_to_thread=True, status_code=201)
+    @post("/", sync_to_thread=True, status_code=201, guards=ADMINS)
     def import_version(
-        self, request: Req, db_engine: Db, settings: NamedDependency[Settings], data: JSONBody[ImportRequest]
+        self,
+        principal: CurrentPrincipal,
+        db_engine: Db,
+        settings: NamedDependency[Settings],
+        data: JSONBody[ImportRequest],
     ) -> dict[str, Any]:
-        actor = _admin(request)
+        actor = actor_of(principal)
         options = parse_options(data.options)
         with Session(db_engine) as session:
             version = import_model(
@@ -99,21 +96,26 @@ class ModelController(Controller):
             )
             return service.show(session, version.id or 0)
 
-    @post("/{version_id:int}/approve", sync_to_thread=True, status_code=200)
+    @post("/{version_id:int}/approve", sync_to_thread=True, status_code=200, guards=ADMINS)
     def approve(
-        self, request: Req, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
+        self, principal: CurrentPrincipal, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
     ) -> dict[str, Any]:
-        actor = _admin(request)
+        actor = actor_of(principal)
         with Session(db_engine) as session:
             service.approve(session, settings, version_id, actor)
             return service.show(session, version_id)
 
-    @post("/{version_id:int}/deploy", status_code=202)
+    @post("/{version_id:int}/deploy", status_code=202, guards=ADMINS)
     async def deploy_version(
-        self, request: Req, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
+        self,
+        request: Req,
+        principal: CurrentPrincipal,
+        db_engine: Db,
+        settings: NamedDependency[Settings],
+        version_id: FromPath[int],
     ) -> dict[str, Any]:
         """Starts the version's engines; the name switches once they are healthy (see the version's state)."""
-        actor = _admin(request)
+        actor = actor_of(principal)
         with Session(db_engine) as session:
             version = service.get_version(session, version_id)
             if version.state != APPROVED:
@@ -121,28 +123,33 @@ class ModelController(Controller):
         _in_background(request, f"deploy {version_id}", deploy.deploy, db_engine, settings, version_id, actor)
         return {"version_id": version_id, "status": "deploying"}
 
-    @post("/served/{served_name:str}/rollback", status_code=202)
+    @post("/served/{served_name:str}/rollback", status_code=202, guards=ADMINS)
     async def rollback(
-        self, request: Req, db_engine: Db, settings: NamedDependency[Settings], served_name: FromPath[str]
+        self,
+        request: Req,
+        principal: CurrentPrincipal,
+        db_engine: Db,
+        settings: NamedDependency[Settings],
+        served_name: FromPath[str],
     ) -> dict[str, Any]:
-        actor = _admin(request)
+        actor = actor_of(principal)
         _in_background(request, f"rollback {served_name}", deploy.rollback, db_engine, settings, served_name, actor)
         return {"served_name": served_name, "status": "rolling back"}
 
-    @post("/{version_id:int}/retire", sync_to_thread=True, status_code=200)
+    @post("/{version_id:int}/retire", sync_to_thread=True, status_code=200, guards=ADMINS)
     def retire(
-        self, request: Req, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
+        self, principal: CurrentPrincipal, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
     ) -> dict[str, Any]:
-        actor = _admin(request)
+        actor = actor_of(principal)
         with Session(db_engine) as session:
             service.retire(session, settings, version_id, actor)
             return service.show(session, version_id)
 
-    @delete("/{version_id:int}/files", sync_to_thread=True, status_code=200)
+    @delete("/{version_id:int}/files", sync_to_thread=True, status_code=200, guards=ADMINS)
     def remove_files(
-        self, request: Req, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
+        self, principal: CurrentPrincipal, db_engine: Db, settings: NamedDependency[Settings], version_id: FromPath[int]
     ) -> dict[str, Any]:
-        actor = _admin(request)
+        actor = actor_of(principal)
         with Session(db_engine) as session:
             service.remove_files(session, settings, version_id, actor)
             return service.show(session, version_id)

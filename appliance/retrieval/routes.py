@@ -17,8 +17,14 @@ from msgspec import Meta, Struct
 
 from appliance.gateway.routes import answer, call_link, source_of, unless_client_leaves
 from appliance.lib.errors import InvalidRequestError
+from appliance.lib.guards import (
+    CHANGES_TENANT_DATA,
+    READS_TENANT_CONTENT,
+    READS_TENANT_DATA,
+    CurrentPrincipal,
+)
 from appliance.lib.http import request_id
-from appliance.lib.principal import principal_of
+from appliance.lib.principal import Principal
 from appliance.retrieval.extract import media_type_of
 from appliance.retrieval.service import Caller, Retrieval, Upload
 from appliance.settings import Settings
@@ -39,9 +45,9 @@ class QueryRequest(Struct, forbid_unknown_fields=True):
     top_k: int | None = None
 
 
-def _caller(request: Request[Any, Any, Any]) -> Caller:
+def _caller(request: Request[Any, Any, Any], principal: Principal) -> Caller:
     link = call_link(request.headers)
-    return Caller(principal_of(request.scope), request_id(request.scope), source_of(request), link)
+    return Caller(principal, request_id(request.scope), source_of(request), link)
 
 
 async def _upload(request: Request[Any, Any, Any], name: str | None) -> Upload:
@@ -66,88 +72,103 @@ def rag_controller(settings: Settings) -> type[Controller]:
     class RetrievalController(Controller):
         path = "/v1/rag"
 
-        @post("/collections", status_code=201)
+        @post("/collections", status_code=201, guards=[CHANGES_TENANT_DATA])
         async def create_collection(
             self,
-            request: Request[Any, Any, Any],
+            principal: CurrentPrincipal,
             retrieval: NamedDependency[Retrieval],
             data: JSONBody[CollectionCreate],
         ) -> dict[str, Any]:
             return await retrieval.create_collection(
-                principal_of(request.scope), tenant_id=data.tenant_id, name=data.name, description=data.description
+                principal, tenant_id=data.tenant_id, name=data.name, description=data.description
             )
 
-        @get("/collections")
+        @get("/collections", guards=[READS_TENANT_DATA])
         async def list_collections(
             self,
-            request: Request[Any, Any, Any],
+            principal: CurrentPrincipal,
             retrieval: NamedDependency[Retrieval],
             tenant_id: Annotated[str | None, QueryParameter()] = None,
         ) -> dict[str, Any]:
-            return await retrieval.list_collections(principal_of(request.scope), tenant_id)
+            return await retrieval.list_collections(principal, tenant_id)
 
-        @get("/collections/{collection_id:str}")
+        @get("/collections/{collection_id:str}", guards=[READS_TENANT_DATA])
         async def get_collection(
-            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
+            self, principal: CurrentPrincipal, retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
         ) -> dict[str, Any]:
-            return await retrieval.view(principal_of(request.scope), collection_id)
+            return await retrieval.view(principal, collection_id)
 
-        @delete("/collections/{collection_id:str}", status_code=204)
+        @delete("/collections/{collection_id:str}", status_code=204, guards=[CHANGES_TENANT_DATA])
         async def delete_collection(
-            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
+            self, principal: CurrentPrincipal, retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
         ) -> None:
-            await retrieval.delete_collection(principal_of(request.scope), collection_id)
+            await retrieval.delete_collection(principal, collection_id)
 
-        @post("/collections/{collection_id:str}/documents", request_max_body_size=upload_limit)
+        @post(
+            "/collections/{collection_id:str}/documents",
+            request_max_body_size=upload_limit,
+            guards=[CHANGES_TENANT_DATA],
+        )
         async def add_document(
             self,
             request: Request[Any, Any, Any],
+            principal: CurrentPrincipal,
             retrieval: NamedDependency[Retrieval],
             collection_id: FromPath[str],
             name: Annotated[str | None, QueryParameter(max_length=300)] = None,
         ) -> Response[Any]:
-            caller = _caller(request)
+            caller = _caller(request, principal)
             # Before reading the body: who may write here.
             collection = await retrieval.collection(caller.principal, collection_id, write=True)
             with retrieval.ingestion_slot(collection.tenant_id):  # before the body is read
                 document, created = await retrieval.ingest(caller, collection, await _upload(request, name))
             return Response(dict(document, created=created), status_code=201 if created else 200)
 
-        @get("/collections/{collection_id:str}/documents")
+        @get("/collections/{collection_id:str}/documents", guards=[READS_TENANT_DATA])
         async def list_documents(
-            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
+            self, principal: CurrentPrincipal, retrieval: NamedDependency[Retrieval], collection_id: FromPath[str]
         ) -> dict[str, Any]:
-            return await retrieval.documents(principal_of(request.scope), collection_id)
+            return await retrieval.documents(principal, collection_id)
 
-        @get("/collections/{collection_id:str}/documents/{document_id:str}")
+        @get("/collections/{collection_id:str}/documents/{document_id:str}", guards=[READS_TENANT_DATA])
         async def get_document(
             self,
-            request: Request[Any, Any, Any],
+            principal: CurrentPrincipal,
             retrieval: NamedDependency[Retrieval],
             collection_id: FromPath[str],
             document_id: FromPath[str],
         ) -> dict[str, Any]:
-            return await retrieval.document(principal_of(request.scope), collection_id, document_id)
+            return await retrieval.document(principal, collection_id, document_id)
 
-        @delete("/collections/{collection_id:str}/documents/{document_id:str}", status_code=204)
+        @delete(
+            "/collections/{collection_id:str}/documents/{document_id:str}",
+            status_code=204,
+            guards=[CHANGES_TENANT_DATA],
+        )
         async def delete_document(
             self,
-            request: Request[Any, Any, Any],
+            principal: CurrentPrincipal,
             retrieval: NamedDependency[Retrieval],
             collection_id: FromPath[str],
             document_id: FromPath[str],
         ) -> None:
-            await retrieval.delete_document(principal_of(request.scope), collection_id, document_id)
+            await retrieval.delete_document(principal, collection_id, document_id)
 
-        @post("/query", status_code=200)
+        @post("/query", status_code=200, guards=[READS_TENANT_CONTENT])
         async def query(
-            self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval], data: JSONBody[QueryRequest]
+            self,
+            request: Request[Any, Any, Any],
+            principal: CurrentPrincipal,
+            retrieval: NamedDependency[Retrieval],
+            data: JSONBody[QueryRequest],
         ) -> dict[str, Any]:
-            return await retrieval.query(_caller(request), data.collection_id, data.query, data.top_k)
+            return await retrieval.query(_caller(request, principal), data.collection_id, data.query, data.top_k)
 
-        @post("/chat", status_code=200)
-        async def chat(self, request: Request[Any, Any, Any], retrieval: NamedDependency[Retrieval]) -> Response[Any]:
+        @post("/chat", status_code=200, guards=[READS_TENANT_CONTENT])
+        async def chat(
+            self, request: Request[Any, Any, Any], principal: CurrentPrincipal, retrieval: NamedDependency[Retrieval]
+        ) -> Response[Any]:
             body = await request.body()
-            return answer(await unless_client_leaves(request, retrieval.chat(_caller(request), body)))
+            return answer(await unless_client_leaves(request, retrieval.chat(_caller(request, principal), body)))
 
     return RetrievalController

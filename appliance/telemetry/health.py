@@ -19,8 +19,8 @@ from appliance.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from appliance.gateway.upstream import EngineRouter
 from appliance.identity.auth import Authenticator
 from appliance.identity.sessions import SESSION_COOKIE
-from appliance.lib.errors import PermissionDeniedError
-from appliance.lib.principal import ADMIN, OPERATOR, Principal, principal_of
+from appliance.lib.guards import requires, requires_platform
+from appliance.lib.principal import ADMIN, OPERATOR, Principal
 from appliance.telemetry.engine_metrics import engine_metrics
 from appliance.telemetry.monitor import ConcurrencyMonitor
 
@@ -40,11 +40,10 @@ async def _optional_principal(request: Request[Any, Any, Any], authenticator: Au
     return await authenticator.authenticate(authorization, session_cookie=session, method=request.method)
 
 
-def _require_metrics_reader(request: Request[Any, Any, Any]) -> None:
-    principal = principal_of(request.scope)
-    principal.require_role(ADMIN, OPERATOR)
-    if principal.tenant_id is not None:
-        raise PermissionDeniedError("Metrics cover every tenant: only platform admins and operators read them.")
+METRICS_READERS = [
+    requires_platform(ADMIN, OPERATOR, why="Metrics cover every tenant: only platform admins and operators read them.")
+]
+HEALTH_READERS = [requires(ADMIN, OPERATOR)]
 
 
 class HealthController(Controller):
@@ -98,33 +97,23 @@ class HealthController(Controller):
         }
         return Response(content=body, status_code=code)
 
-    @get("/metrics")
-    async def metrics(
-        self, request: Request[Any, Any, Any], metrics: NamedDependency[GatewayMetrics]
-    ) -> Response[bytes]:
-        _require_metrics_reader(request)
+    @get("/metrics", guards=METRICS_READERS)
+    async def metrics(self, metrics: NamedDependency[GatewayMetrics]) -> Response[bytes]:
         return Response(content=metrics.render(), media_type=CONTENT_TYPE)
 
-    @get("/metrics/engines")
-    async def engines_metrics(
-        self, request: Request[Any, Any, Any], router: NamedDependency[EngineRouter]
-    ) -> Response[bytes]:
+    @get("/metrics/engines", guards=METRICS_READERS)
+    async def engines_metrics(self, router: NamedDependency[EngineRouter]) -> Response[bytes]:
         """Every engine's own Prometheus metrics (vLLM's ``vllm:*``), labelled with ``engine`` and ``model``."""
-        _require_metrics_reader(request)
         return Response(content=await engine_metrics(router), media_type=CONTENT_TYPE)
 
-    @get("/admin/health/concurrency")
-    async def concurrency(
-        self, request: Request[Any, Any, Any], monitor: NamedDependency[ConcurrencyMonitor]
-    ) -> dict[str, Any]:
+    @get("/admin/health/concurrency", guards=HEALTH_READERS)
+    async def concurrency(self, monitor: NamedDependency[ConcurrencyMonitor]) -> dict[str, Any]:
         """The concurrency health signal per engine and overall, with its reasons and inputs."""
-        principal_of(request.scope).require_role(ADMIN, OPERATOR)
         return monitor.report()
 
-    @get("/admin/health/history")
+    @get("/admin/health/history", guards=HEALTH_READERS)
     async def history(
         self,
-        request: Request[Any, Any, Any],
         monitor: NamedDependency[ConcurrencyMonitor],
         engine: Annotated[str | None, QueryParameter(max_length=200)] = None,
         since: Annotated[datetime | None, QueryParameter(name="from")] = None,
@@ -132,7 +121,6 @@ class HealthController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=10_080)] = 1440,
     ) -> dict[str, Any]:
         """Per-minute roll-ups of every engine (or one), oldest first: the last ``limit`` minutes of the period."""
-        principal_of(request.scope).require_role(ADMIN, OPERATOR)
         if monitor.rollups is None:
             return {"object": "list", "data": []}
         rows = await asyncio.to_thread(monitor.rollups.history, engine, since, until, limit)
