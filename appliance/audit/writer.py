@@ -28,7 +28,7 @@ from appliance.audit.store import AuditEvent, AuditStore
 from appliance.db.faults import is_transient
 from appliance.lib.barriers import CountBarriers
 from appliance.lib.errors import ServiceUnavailableError
-from appliance.lib.journal import Journal, Orphan, orphans
+from appliance.lib.journal import Journal, adopt, journaled, retire
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class AuditWriter:
         """Append ``event``; returns once it is durable: in the journal (its entry number; with the journal's
         ``fsync``, once on the disk), or without one, committed to the chain (its sequence number). Fails
         closed: 503."""
-        seq = self._journaled(event)
+        seq = journaled(self._journal, event)
         if seq is not None:
             assert self._journal is not None
             self._pending.append((event, None, seq))
@@ -98,17 +98,6 @@ class AuditWriter:
             return await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
         except TimeoutError:
             raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable") from None
-
-    def _journaled(self, event: AuditEvent) -> int | None:
-        if self._journal is None or not self._journal.is_open:
-            return None
-        try:
-            return self._journal.append(msgspec.json.encode(event))
-        except OSError as exc:
-            log.warning("audit journal refused a record (%s); the answer waits for the chain", exc)
-        except (TypeError, ValueError) as exc:  # a value JSON cannot carry: the chain gets it as it is
-            log.error("an audit record could not be journaled (%s); the answer waits for the chain", exc)
-        return None
 
     async def flush(self) -> None:
         """Return once every record handed over so far is in the chain (a search made after a request finds its
@@ -129,7 +118,7 @@ class AuditWriter:
             raise ServiceUnavailableError("The audit log is not accepting records.", code="audit_unavailable")
 
     def record_nowait(self, event: AuditEvent) -> None:
-        seq = self._journaled(event)
+        seq = journaled(self._journal, event)
         self._pending.append((event, None, seq))
         if seq is None or len(self._pending) >= self._batch_size:
             self._wakeup.set()
@@ -195,35 +184,43 @@ class AuditWriter:
             self._journal.committed(numbers[-1])
 
     def _adopt(self) -> None:
-        """Append what dead processes' audit journals hold past their marks, then remove them (a journal the
-        database does not take now is tried again later)."""
         assert self._journal is not None
-        try:
-            for orphan in orphans(self._journal.directory, self._journal.kind, own=self._journal):
-                try:
-                    _adopt_one(self.store, orphan, self._batch_size)
-                except Exception:
-                    log.exception("audit journal %s of a dead process not appended yet", orphan.path)
-                    orphan.close()
-        except OSError:
-            log.exception("the audit journals of dead processes could not be read")
+        adopt(self._journal, _Records(self.store), self._batch_size)
 
     def _close_journal(self) -> None:
         assert self._journal is not None
-        if self._pending:  # the database refused them to the end: the next writer adopts the journal
-            self._journal.close(remove=False)
-            return
-        self._journal.close(remove=True)
-        try:
-            self.store.forget_journal(self._journal.name)
-        except Exception:
-            log.warning("the mark of audit journal %s is left in the database", self._journal.name)
+        retire(self._journal, _Records(self.store), drained=not self._pending)
 
     async def _checkpoint(self) -> None:
         try:
             await asyncio.to_thread(self.store.checkpoint)
         except Exception:
             log.exception("signing an audit checkpoint failed")
+
+
+class _Records:
+    """Audit records' journal sink (``appliance/lib/journal.py``): the chain, with each journal's mark."""
+
+    def __init__(self, store: AuditStore) -> None:
+        self._store = store
+
+    def mark(self, journal: str) -> int:
+        return self._store.journal_mark(journal)
+
+    def decode(self, payload: bytes) -> AuditEvent:
+        return _decoded(payload)
+
+    def write(self, journal: str, entries: list[tuple[int, AuditEvent]]) -> None:
+        try:
+            self._store.append([event for _, event in entries], journal, [seq for seq, _ in entries])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            for seq, event in entries:  # isolate the record the database refuses; each commits its own mark
+                _append_isolating(self._store, [event], journal, [seq])
+
+    def forget(self, journal: str) -> None:
+        self._store.forget_journal(journal)
 
 
 def _append_isolating(
@@ -237,36 +234,6 @@ def _append_isolating(
             raise
         log.error("an audit record was refused (%s: %s); it is replaced by a record saying so", type(exc).__name__, exc)
         return store.append([rejected(events[0], exc)], journal, entries)  # raises: retried
-
-
-def _adopt_one(store: AuditStore, orphan: Orphan, batch_size: int) -> None:
-    """Append a dead process's journal past its mark, in batches (each with its mark), then remove it."""
-    batch: list[tuple[int, AuditEvent]] = []
-    appended = 0
-
-    def flush() -> None:
-        nonlocal appended
-        if not batch:
-            return
-        try:
-            store.append([event for _, event in batch], orphan.name, [seq for seq, _ in batch])
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            for seq, event in batch:  # isolate the record the database refuses; each commits its own mark
-                _append_isolating(store, [event], orphan.name, [seq])
-        appended += len(batch)
-        batch.clear()
-
-    for seq, payload in orphan.entries(store.journal_mark(orphan.name)):
-        batch.append((seq, _decoded(payload)))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    orphan.remove()
-    store.forget_journal(orphan.name)
-    if appended:
-        log.warning("appended %d audit records left in the journal of a dead process (%s)", appended, orphan.name)
 
 
 def _decoded(payload: bytes) -> AuditEvent:

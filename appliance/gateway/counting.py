@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 from tokenizers import Tokenizer
@@ -33,6 +34,7 @@ from appliance.lib.errors import UpstreamError
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PROBE = "Counting check: Hello, world! 1234 -- naïve café, 東京, \t tabs\nand a newline."
 _REMOTE_CONCURRENCY = 8
@@ -50,22 +52,35 @@ PROBE_CHATS = (
 )
 
 
+class _CheckedOnce(Generic[T]):
+    """Per model, what counts here in place of its engine, loaded and checked against the engine once (None: the
+    engine counts); concurrent first requests wait for the one check."""
+
+    def __init__(self) -> None:
+        self._checked: dict[str, T | None] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def usable(self, model: str) -> bool:
+        return self._checked.get(model) is not None
+
+    async def get(self, model: str, load: Callable[[], Awaitable[T | None]]) -> T | None:
+        if model in self._checked:
+            return self._checked[model]
+        async with self._locks.setdefault(model, asyncio.Lock()):
+            if model not in self._checked:
+                self._checked[model] = await load()
+        return self._checked[model]
+
+
 class _Tokenizers:
     """The local tokenizer of each model, loaded and checked once (None: count with the engine)."""
 
     def __init__(self, folders: dict[str, Path]) -> None:
         self._folders = folders
-        self._checked: dict[str, Tokenizer | None] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._checked: _CheckedOnce[Tokenizer] = _CheckedOnce()
 
     async def get(self, route: EngineRoute, engine_count: Any) -> Tokenizer | None:
-        if route.model in self._checked:
-            return self._checked[route.model]
-        lock = self._locks.setdefault(route.model, asyncio.Lock())
-        async with lock:
-            if route.model not in self._checked:
-                self._checked[route.model] = await self._load(route, engine_count)
-        return self._checked[route.model]
+        return await self._checked.get(route.model, lambda: self._load(route, engine_count))
 
     async def _load(self, route: EngineRoute, engine_count: Any) -> Tokenizer | None:
         folder = self._folders.get(route.model)
@@ -115,19 +130,13 @@ class _ChatTemplates:
 
     def __init__(self, folders: dict[str, Path]) -> None:
         self._folders = folders
-        self._checked: dict[str, _LocalChat | None] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._checked: _CheckedOnce[_LocalChat] = _CheckedOnce()
 
     def checked(self, model: str) -> bool:
-        return self._checked.get(model) is not None
+        return self._checked.usable(model)
 
     async def get(self, route: EngineRoute, tokenizer: Tokenizer | None, engine_count: Any) -> _LocalChat | None:
-        if route.model in self._checked:
-            return self._checked[route.model]
-        async with self._locks.setdefault(route.model, asyncio.Lock()):
-            if route.model not in self._checked:
-                self._checked[route.model] = await self._load(route, tokenizer, engine_count)
-        return self._checked[route.model]
+        return await self._checked.get(route.model, lambda: self._load(route, tokenizer, engine_count))
 
     async def _load(self, route: EngineRoute, tokenizer: Tokenizer | None, engine_count: Any) -> _LocalChat | None:
         folder = self._folders.get(route.model)

@@ -44,7 +44,7 @@ from appliance.ledger.models import UsageRecord
 from appliance.lib.barriers import CountBarriers
 from appliance.lib.bounded import bounded
 from appliance.lib.errors import ServiceUnavailableError
-from appliance.lib.journal import Journal, Orphan, orphans
+from appliance.lib.journal import Journal, adopt, journaled, retire
 from appliance.lib.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class UsageWriter:
             value = getattr(event, name)
             if value is not None:
                 setattr(event, name, bounded(value if isinstance(value, str) else str(value), limit))
-        seq = self._journaled(event)
+        seq = journaled(self._journal, event)
         future: asyncio.Future[None] | None = None
         if durable and self._task is not None:
             if seq is None:
@@ -230,19 +230,6 @@ class UsageWriter:
         if (future is not None and seq is None) or len(self._pending) >= self._batch_size:
             self._wakeup.set()  # someone waits for its commit: written now, with whatever else is pending
         return future
-
-    def _journaled(self, event: UsageEvent) -> int | None:
-        """The row's journal entry (None without a journal, or when its disk refuses: the answer then waits for
-        the database instead)."""
-        if self._journal is None or not self._journal.is_open:
-            return None
-        try:
-            return self._journal.append(msgspec.json.encode(event))
-        except OSError as exc:
-            log.warning("usage journal refused a row (%s); the answer waits for the database", exc)
-        except (TypeError, ValueError) as exc:  # a value JSON cannot carry: the database gets it as it is
-            log.error("a usage row could not be journaled (%s); the answer waits for the database", exc)
-        return None
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -305,30 +292,39 @@ class UsageWriter:
             self._journal.committed(mark)
 
     def _adopt(self) -> None:
-        """Write what dead processes' usage journals hold past their marks, then remove them (a journal the
-        database does not take now is tried again later)."""
         assert self._journal is not None
-        try:
-            for orphan in orphans(self._journal.directory, self._journal.kind, own=self._journal):
-                try:
-                    _adopt_one(self._engine, orphan, self._batch_size)
-                except Exception:
-                    log.exception("usage journal %s of a dead process not written yet", orphan.path)
-                    orphan.close()
-        except OSError:
-            log.exception("the usage journals of dead processes could not be read")
+        adopt(self._journal, _Rows(self._engine), self._batch_size)
 
     def _close_journal(self) -> None:
         assert self._journal is not None
-        if self._pending:  # the database refused them to the end: the next writer adopts the journal
-            self._journal.close(remove=False)
-            return
-        self._journal.close(remove=True)
+        retire(self._journal, _Rows(self._engine), drained=not self._pending)
+
+
+class _Rows:
+    """Usage rows' journal sink (``appliance/lib/journal.py``): the ledger, with each journal's mark."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def mark(self, journal: str) -> int:
+        with self._engine.connect() as connection:
+            return mark_of(connection, journal)
+
+    def decode(self, payload: bytes) -> UsageEvent:
+        return _decoded(payload)
+
+    def write(self, journal: str, entries: list[tuple[int, UsageEvent]]) -> None:
         try:
-            with self._engine.begin() as connection:
-                drop_mark(connection, self._journal.name)
-        except Exception:
-            log.warning("the mark of usage journal %s is left in the database", self._journal.name)
+            _write(self._engine, [event for _, event in entries], journal, [seq for seq, _ in entries])
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            for seq, event in entries:  # isolate the row the database refuses; each row commits its own mark
+                _commit_rows(self._engine, [event], journal, [seq])
+
+    def forget(self, journal: str) -> None:
+        with self._engine.begin() as connection:
+            drop_mark(connection, journal)
 
 
 def _last(seqs: list[int | None]) -> int | None:
@@ -364,39 +360,6 @@ def _commit_rows(engine: Engine, batch: list[UsageEvent], journal: str | None, s
             raise
         replacement.request_id = f"{replacement.request_id[:46]}~dup{uuid.uuid4().hex[:12]}"
         _write(engine, [replacement], journal, seqs)  # raises: retried
-
-
-def _adopt_one(engine: Engine, orphan: Orphan, batch_size: int) -> None:
-    """Write a dead process's journal past its mark, in batches (each with its mark), then remove it."""
-    with engine.connect() as connection:
-        after = mark_of(connection, orphan.name)
-    batch: list[tuple[int, UsageEvent]] = []
-    written = 0
-
-    def flush() -> None:
-        nonlocal written
-        if not batch:
-            return
-        try:
-            _write(engine, [event for _, event in batch], orphan.name, [seq for seq, _ in batch])
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            for seq, event in batch:  # isolate the row the database refuses; each row commits its own mark
-                _commit_rows(engine, [event], orphan.name, [seq])
-        written += len(batch)
-        batch.clear()
-
-    for seq, payload in orphan.entries(after):
-        batch.append((seq, _decoded(payload)))
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    orphan.remove()
-    with engine.begin() as connection:
-        drop_mark(connection, orphan.name)
-    if written:
-        log.warning("wrote %d usage rows left in the journal of a dead process (%s)", written, orphan.name)
 
 
 def _decoded(payload: bytes) -> UsageEvent:

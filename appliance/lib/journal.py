@@ -32,8 +32,12 @@ import uuid
 import zlib
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
+
+import msgspec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _FRAME = struct.Struct(">IQI")  # payload length, entry number, CRC-32 of both and of the payload
 _HEAD = struct.Struct(">IQ")
@@ -315,3 +319,77 @@ def _lock(path: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+class Sink(Protocol[T]):
+    """Where one kind of journaled record goes: the database, with each journal's mark."""
+
+    def mark(self, journal: str) -> int:
+        """How far ``journal`` is committed."""
+
+    def decode(self, payload: bytes) -> T:
+        """An entry as the record it holds (one that does not decode: the record saying so)."""
+
+    def write(self, journal: str, entries: list[tuple[int, T]]) -> None:
+        """Commit ``entries`` (number, record) with their mark; a record the database refuses is isolated."""
+
+    def forget(self, journal: str) -> None:
+        """Drop ``journal``'s mark (its files are gone)."""
+
+
+def adopt(journal: Journal, sink: Sink[T], batch_size: int) -> None:
+    """Write what dead processes' journals of ``journal``'s kind hold past their marks, in batches, then remove
+    them; one the database does not take now is tried again later."""
+    try:
+        for orphan in orphans(journal.directory, journal.kind, own=journal):
+            try:
+                written = _replay(orphan, sink, batch_size)
+            except Exception:
+                log.exception("journal %s of a dead process not written yet", orphan.path)
+                orphan.close()
+                continue
+            if written:
+                log.warning("wrote %d records left in the journal of a dead process (%s)", written, orphan.name)
+    except OSError:
+        log.exception("the %s journals of dead processes could not be read", journal.kind)
+
+
+def _replay(orphan: Orphan, sink: Sink[T], batch_size: int) -> int:
+    batch: list[tuple[int, T]] = []
+    written = 0
+    for seq, payload in orphan.entries(sink.mark(orphan.name)):
+        batch.append((seq, sink.decode(payload)))
+        if len(batch) >= batch_size:
+            sink.write(orphan.name, batch)
+            written, batch = written + len(batch), []
+    if batch:
+        sink.write(orphan.name, batch)
+        written += len(batch)
+    orphan.remove()
+    sink.forget(orphan.name)
+    return written
+
+
+def retire(journal: Journal, sink: Sink[T], *, drained: bool) -> None:
+    """Close this process's journal at stop: removed with its mark when everything in it is committed; else left
+    for the next writer to adopt."""
+    journal.close(remove=drained)
+    if drained:
+        try:
+            sink.forget(journal.name)
+        except Exception:
+            log.warning("the mark of journal %s is left in the database", journal.name)
+
+
+def journaled(journal: Journal | None, record: object) -> int | None:
+    """``record``'s entry in ``journal``, or None where it cannot have one (no journal, or not open; its disk
+    refuses; a value JSON cannot carry): whoever answers for it then waits for the database instead."""
+    if journal is None or not journal.is_open:
+        return None
+    try:
+        return journal.append(msgspec.json.encode(record))
+    except OSError as exc:
+        log.warning("%s journal refused a record (%s); the answer waits for the database", journal.kind, exc)
+    except (TypeError, ValueError) as exc:
+        log.error("a %s record could not be journaled (%s); the answer waits for the database", journal.kind, exc)
+    return None
