@@ -400,17 +400,7 @@ class OpenAIServing:
         the engine that keeps it; another tenant's id is not found. Recorded like every /v1 request (no tokens)."""
         started = time.perf_counter()
         principal.require_inference()
-        event = UsageEvent(
-            request_id=request_id,
-            model="",
-            endpoint=CANCEL_RESPONSE if cancel else RETRIEVE_RESPONSE,
-            status_code=0,
-            tenant_id=principal.tenant_id,
-            workflow_id=principal.workflow_id,
-            agent_id=principal.agent_id,
-            api_key_id=principal.api_key_id,
-            subject=principal.subject,
-        )
+        event = UsageEvent.attributed(principal, request_id, CANCEL_RESPONSE if cancel else RETRIEVE_RESPONSE, "")
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         settlement.audited_object = ("response", response_id[:100])
         try:
@@ -449,18 +439,7 @@ class OpenAIServing:
         policy = await self._policies.of(principal.tenant_id)
         authorise_model(principal, policy, request.model)
         route = self._router.route(request.model, None, principal.tenant_id)
-        event = UsageEvent(
-            request_id=request_id,
-            model=route.model,
-            engine=route.key,
-            endpoint=path,
-            status_code=0,
-            tenant_id=principal.tenant_id,
-            workflow_id=principal.workflow_id,
-            agent_id=principal.agent_id,
-            api_key_id=principal.api_key_id,
-            subject=principal.subject,
-        )
+        event = UsageEvent.attributed(principal, request_id, path, route.model, engine=route.key)
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
         if policy.content_capture:
             settlement.prompt = prompt_text(data) if "tokens" not in data else str(data["tokens"])
@@ -531,19 +510,13 @@ def _captured(endpoint: Endpoint, data: dict[str, Any], shape: RequestShape) -> 
 
 def _outcome(context: RequestContext) -> UsageEvent:
     """The request's outcome as the sinks receive it, filled in as it goes."""
-    principal = context.principal
-    return UsageEvent(
-        request_id=context.request_id,
-        model=context.route.model,
+    return UsageEvent.attributed(
+        context.principal,
+        context.request_id,
+        context.endpoint.path,
+        context.route.model,
         engine=context.route.key,
-        endpoint=context.endpoint.path,
-        status_code=0,
         streamed=context.shape.streamed,
-        tenant_id=principal.tenant_id,
-        workflow_id=principal.workflow_id,
-        agent_id=principal.agent_id,
-        api_key_id=principal.api_key_id,
-        subject=principal.subject,
     )
 
 

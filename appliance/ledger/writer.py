@@ -45,6 +45,7 @@ from appliance.lib.barriers import CountBarriers
 from appliance.lib.bounded import bounded
 from appliance.lib.errors import ServiceUnavailableError
 from appliance.lib.journal import Journal, adopt, journaled, retire
+from appliance.lib.principal import Principal
 from appliance.lib.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,22 @@ class UsageEvent:
     finish_reason: str | None = None
     context_length: int | None = None
     created_at: datetime = field(default_factory=utcnow)
+
+    @classmethod
+    def attributed(cls, principal: Principal, request_id: str, endpoint: str, model: str, **fields: Any) -> UsageEvent:
+        """A request's row, not settled yet, attributed to its principal's tenant, workflow, agent, key and subject."""
+        return cls(
+            request_id=request_id,
+            model=model,
+            endpoint=endpoint,
+            status_code=0,
+            tenant_id=principal.tenant_id,
+            workflow_id=principal.workflow_id,
+            agent_id=principal.agent_id,
+            api_key_id=principal.api_key_id,
+            subject=principal.subject,
+            **fields,
+        )
 
 
 @dataclass(frozen=True, slots=True)

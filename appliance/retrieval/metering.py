@@ -49,19 +49,8 @@ class CachedAnswers:
         principal.require_inference()
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind)
         settlement.audited_object = (COLLECTION, collection_id)
-        event = UsageEvent(
-            request_id=request_id,
-            model=route.model,
-            endpoint=endpoint,
-            status_code=0,
-            tenant_id=principal.tenant_id,
-            workflow_id=principal.workflow_id,
-            agent_id=principal.agent_id,
-            api_key_id=principal.api_key_id,
-            subject=principal.subject,
-            embed_ms=0.0,
-            search_ms=0.0,
-            retrieval_cached=True,
+        event = UsageEvent.attributed(
+            principal, request_id, endpoint, route.model, embed_ms=0.0, search_ms=0.0, retrieval_cached=True
         )
         try:
             if self._budgets is not None:
