@@ -18,6 +18,7 @@ import msgspec
 
 from appliance.gateway.protocol import ResponsesRequest, validate
 from appliance.gateway.shape import RequestShape, vet
+from appliance.gateway.usage import StreamFigures
 from appliance.lib.errors import InvalidRequestError
 
 RESPONSE_ID_PREFIX = "resp_"
@@ -163,7 +164,7 @@ def finish_of(response: Any) -> str | None:
     return "stop" if status == "completed" else (str(status)[:32] if status else None)
 
 
-class ResponsesStreamUsage:
+class ResponsesStreamUsage(StreamFigures):
     """The usage of one streamed response, read from its events as they are relayed (the interface of
     :class:`appliance.gateway.usage.StreamUsage`). The engine reports usage only in the final event
     (``response.completed``); a stream cut off before it is charged its counted prompt and its whole reserved
@@ -174,21 +175,12 @@ class ResponsesStreamUsage:
         "_counted_prompt",
         "_final",
         "_finish",
-        "answer",
-        "done",
-        "error",
-        "first_token_at",
-        "started_at",
     )
 
     def __init__(
         self, *, started_at: float, counted_prompt: int | None, cap: int, answer: list[str] | None = None
     ) -> None:
-        self.started_at = started_at
-        self.answer = answer
-        self.first_token_at: float | None = None
-        self.done = False
-        self.error: str | None = None
+        super().__init__(started_at, answer)
         self._counted_prompt = counted_prompt or 0
         self._cap = cap
         self._final: tuple[int, int] | None = None
@@ -207,16 +199,6 @@ class ResponsesStreamUsage:
         if self._final is not None:
             return self._final[1]
         return self._cap if self.first_token_at is not None else 0  # cut off while prefilling: nothing made
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def ttft_ms(self) -> float | None:
-        if self.first_token_at is None:
-            return None
-        return (self.first_token_at - self.started_at) * 1000.0
 
     def rewrite(self, payload: bytes) -> bytes | None:
         try:

@@ -18,7 +18,39 @@ UPSTREAM_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True
 DONE = b"[DONE]"
 
 
-class StreamUsage:
+class StreamFigures:
+    """What one relayed stream has shown so far, as the settlement reads it: its tokens, its time to first token,
+    whether it ended (``done``) or why it broke off (``error``), and, when content is captured, its text."""
+
+    __slots__ = ("answer", "done", "error", "first_token_at", "started_at")
+
+    def __init__(self, started_at: float, answer: list[str] | None) -> None:
+        self.started_at = started_at
+        self.answer = answer  # when content is captured: the generated text is collected here
+        self.first_token_at: float | None = None
+        self.done = False
+        self.error: str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def completion_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.started_at) * 1000.0
+
+
+class StreamUsage(StreamFigures):
     """Rewrites one SSE stream's ``data:`` payloads for the client and remembers the usage seen.
 
     With ``continuous_usage_stats`` vLLM puts on each chunk the usage of that chunk's choice alone (its prompt's
@@ -32,13 +64,8 @@ class StreamUsage:
         "_final",
         "_finished",
         "_prompt",
-        "answer",
         "client_continuous",
         "client_include",
-        "done",
-        "error",
-        "first_token_at",
-        "started_at",
     )
 
     def __init__(
@@ -51,13 +78,9 @@ class StreamUsage:
         choices_per_prompt: int = 1,
         counted_prompt: int | None = None,
     ) -> None:
-        self.answer = answer  # when content is captured: the generated text is collected here
+        super().__init__(started_at, answer)
         self.client_include = client_include
         self.client_continuous = client_continuous and client_include
-        self.started_at = started_at
-        self.first_token_at: float | None = None
-        self.done = False
-        self.error: str | None = None
         self._choices_per_prompt = max(1, choices_per_prompt)
         self._counted_prompt = counted_prompt  # the gateway's count of every prompt, when it made one
         self._completion: dict[int, int] = {}  # choice index -> its tokens so far
@@ -79,16 +102,6 @@ class StreamUsage:
     @property
     def completion_tokens(self) -> int:
         return self._final[1] if self._final is not None else sum(self._completion.values())
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def ttft_ms(self) -> float | None:
-        if self.first_token_at is None:
-            return None
-        return (self.first_token_at - self.started_at) * 1000.0
 
     def rewrite(self, payload: bytes) -> bytes | None:
         """One event's data -> what the client gets (``None``: nothing)."""
