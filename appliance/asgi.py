@@ -13,6 +13,7 @@ from litestar import Litestar
 from litestar.di import Provide
 
 from appliance.audit import setup as audit_setup
+from appliance.audit.digest import RefusalDigest
 from appliance.audit.middleware import audit_middleware
 from appliance.audit.retention import ContentRetention
 from appliance.audit.routes import AuditController
@@ -49,11 +50,13 @@ from appliance.identity.tenancy import TenantPolicies, check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
+from appliance.lib.dependencies import resolve_in_order
 from appliance.lib.guards import PRINCIPAL
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
 from appliance.lib.journal import Journal
 from appliance.lib.jsonbody import BoundedJsonRequest
 from appliance.lib.logging import configure_logging
+from appliance.lib.tarpit import Tarpit
 from appliance.placement.routes import PlacementController
 from appliance.registry.routes import ModelController
 from appliance.registry.routing import RegistryRoutes
@@ -71,6 +74,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings | None = None) -> Litestar:
     settings = settings or get_settings()
+    resolve_in_order()  # every provider below is synchronous: no task per dependency
     configure_logging(settings.server.log_level, settings.server.log_format)
     db_engine = make_engine(settings.database_url, echo=settings.database.echo)
     if not settings.gateway.routes and settings.server.service_manager == "systemd":
@@ -97,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         flush_interval_s=settings.usage.flush_interval_s,
         adopt_interval_s=journals.adopt_interval_s,
     )
+    refusals = RefusalDigest(audit)  # unauthenticated refusals: a flood of them cannot flood the log
     retention = ContentRetention(audit.store, settings.audit.content_retention_days)
     gateway_id = new_gateway_id()
     budgets = BudgetStore(
@@ -146,7 +151,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
-    login_limiter = LoginLimiter()
+    login_limiter = LoginLimiter(tarpit=Tarpit(settings.identity.refusal_delay_s))
     password_work = PasswordWork()
 
     @asynccontextmanager
@@ -172,6 +177,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # After the last requests: what they spent is committed and the slices given back, then the
             # gateway leaves (older settlements landed, or wait in the journal).
             await upkeep.stop(leases_returned=await leases.stop())
+            refusals.summarise()
             await audit.stop()
             await usage.stop()
             await monitor.stop()
@@ -209,6 +215,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             "password_work": Provide(lambda: password_work, use_cache=True, sync_to_thread=False),
             "authenticator": Provide(lambda: authenticator, use_cache=True, sync_to_thread=False),
             "audit": Provide(lambda: audit, use_cache=True, sync_to_thread=False),
+            "refusals": Provide(lambda: refusals, use_cache=True, sync_to_thread=False),
             "budget_store": Provide(lambda: budgets, use_cache=True, sync_to_thread=False),
             "budget_leases": Provide(lambda: leases, use_cache=True, sync_to_thread=False),
             "tenant_policies": Provide(lambda: tenant_policies, use_cache=True, sync_to_thread=False),
@@ -220,7 +227,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         middleware=[
             request_context_middleware,
             *([span_middleware(spans)] if spans.enabled else []),
-            audit_middleware(audit),
+            audit_middleware(audit, refusals),
             authentication_middleware(authenticator),
         ],
         exception_handlers=EXCEPTION_HANDLERS,

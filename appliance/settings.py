@@ -164,6 +164,13 @@ class IdentitySettings(BaseModel):
     allowed_clients: list[str] = Field(default_factory=list, description="accepted `azp` values; empty: any")
     leeway_s: float = Field(default=30.0, ge=0, le=300)
     jwks_min_refresh_s: float = Field(default=60.0, ge=1)
+    refusal_delay_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=10,
+        description="a client past a limit on failures (sign-in attempts, unknown API keys) is refused after this "
+        "delay, which paces a client that retries at once; 0: at once",
+    )
     token_ttl_s: int = Field(default=600, ge=30, le=86_400)
     console_session_s: int = Field(default=8 * 3600, ge=300, le=7 * 86_400, description="console sign-in lifetime")
     default_tenant: str | None = Field(

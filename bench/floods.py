@@ -7,6 +7,8 @@ with no flood first (the baseline), then while each flood runs, then with no flo
 
 - sign-in: POST /oidc/authorize with random usernames and wrong passwords (limits per address and overall,
   checked before any password is hashed; hashing on its own small pool);
+- unknown keys: chat completions with well-formed API keys nobody holds (401; refusals of requests that name
+  nobody are digested in the audit log, a few recorded one by one per address, the rest counted);
 - uploads: another tenant uploads ~200 KB text documents as fast as it can (per-tenant ingestion limit,
   extraction on its own pool);
 - oversized: bodies past server.max_body_bytes on /v1 and /admin (413 before the body is read in full);
@@ -15,7 +17,7 @@ with no flood first (the baseline), then while each flood runs, then with no flo
 Prints, per phase, the victim's P50/P99 and their ratio to the baseline, its errors, and what the flood got
 back (statuses). Every flood comes from one address (loopback): the per-address sign-in limit answers first.
 
-Usage: .venv/bin/python bench/floods.py [--seconds 10] [--rate 20] [--flooders 32]
+Usage: .venv/bin/python bench/floods.py [--seconds 10] [--rate 20] [--flooders 32] [--floods sign-in,uploads,...]
 """
 
 from __future__ import annotations
@@ -153,6 +155,19 @@ def sign_in_flood(redirect: str) -> Flood:
     return attempt
 
 
+def bad_key_flood() -> Flood:
+    body = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+
+    async def send(session: aiohttp.ClientSession, rng: random.Random) -> int:
+        key = f"apk_{rng.getrandbits(80):020x}_{secrets.token_urlsafe(32)}"  # well-formed, held by nobody
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        async with session.post("/v1/chat/completions", data=body, headers=headers) as response:
+            await response.read()
+            return response.status
+
+    return send
+
+
 def upload_flood(key: str, collection: str) -> Flood:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "text/plain"}
     words = "valve turbine coolant sensor relay breaker transformer pump filter bearing rotor winding".split()
@@ -220,6 +235,8 @@ async def flooding(url: str, flood: Flood, flooders: int, stop: asyncio.Event) -
 def make_flood(name: str, url: str, keys: dict[str, str], max_body: int) -> Flood:
     if name == "sign-in":
         return sign_in_flood(f"{url}/console/callback")
+    if name == "bad-keys":
+        return bad_key_flood()
     if name == "uploads":
         return upload_flood(keys["flooder"], keys["collection"])
     if name == "oversized":
@@ -240,6 +257,7 @@ async def flood_process(args: argparse.Namespace) -> None:
 FLOODS = [
     ("no flood (baseline)", None),
     ("sign-in, random usernames", "sign-in"),
+    ("unknown API keys on /v1", "bad-keys"),
     ("uploads of 200 KB documents", "uploads"),
     ("oversized bodies (/v1, /admin)", "oversized"),
     ("nested JSON, 1 MB (/v1, /admin)", "nested"),
@@ -270,7 +288,8 @@ async def phases(args: argparse.Namespace, url: str, env: dict[str, str]) -> Non
     header = f"  {'phase':<34} {'n':>5} {'P50 ms':>8} {'P99 ms':>8} {'x P50':>7} {'x P99':>7} {'errors':>7}  flood got"
     print(header)
     base: tuple[float, float] | None = None
-    for index, (name, flood) in enumerate(FLOODS):
+    chosen = [(name, flood) for name, flood in FLOODS if flood is None or flood in args.floods.split(",")]
+    for index, (name, flood) in enumerate(chosen):
         child = None
         if flood is not None:
             command = [sys.executable, __file__, "--flood", flood, "--url", url, "--keys", keys]
@@ -302,6 +321,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="victim measurement per phase")
     parser.add_argument("--rate", type=float, default=20.0, help="victim requests per second")
     parser.add_argument("--flooders", type=int, default=32, help="concurrent flood connections")
+    parser.add_argument(
+        "--floods", default="sign-in,bad-keys,uploads,oversized,nested", help="which floods, in that order"
+    )
     parser.add_argument("--max-body", type=int, default=4 * 1024 * 1024, help="server.max_body_bytes")
     parser.add_argument("--flood", help=argparse.SUPPRESS)  # the child that floods
     parser.add_argument("--url", help=argparse.SUPPRESS)

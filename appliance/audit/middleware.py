@@ -1,5 +1,7 @@
 """Auditing at the HTTP edge: every state-changing admin or console request, and every refusal (401/403)
-anywhere, gets a record that is committed *before* the response leaves (the response is held until then)."""
+anywhere, gets a record that is committed *before* the response leaves (the response is held until then).
+Refusals of requests that name nobody (401) go through the :class:`RefusalDigest`: past a few per address, they
+are counted and summarised instead of recorded one by one."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from litestar.datastructures import Headers
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from appliance.audit.digest import RefusalDigest
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.lib.errors import ApplianceError
@@ -107,7 +110,14 @@ def _created_id(held: list[Message]) -> str | None:
     return str(value)[:300] if value is not None else None
 
 
-def audit_middleware(writer: AuditWriter) -> Any:
+def audit_middleware(writer: AuditWriter, refusals: RefusalDigest) -> Any:
+    async def record(scope: Scope, audited_write: bool, status: int, held: list[Message]) -> None:
+        event = _event(scope, audited_write, status, held)
+        if status == 401 or _principal(scope) is None:
+            await refusals.refused(event)
+        else:
+            await writer.record(event)
+
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != ScopeType.HTTP:
@@ -132,10 +142,10 @@ def audit_middleware(writer: AuditWriter) -> Any:
                 await app(scope, receive, hold)
             except ApplianceError as exc:  # raised past the handler: the outer exception handler answers
                 if audited_write or exc.status_code in (401, 403):
-                    await writer.record(_event(scope, audited_write, exc.status_code, held))
+                    await record(scope, audited_write, exc.status_code, held)
                 raise
             if audited_write or status in (401, 403):
-                await writer.record(_event(scope, audited_write, status, held))
+                await record(scope, audited_write, status, held)
                 for message in held:
                     await send(message)
 

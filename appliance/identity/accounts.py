@@ -7,11 +7,11 @@ import asyncio
 import math
 import secrets
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -22,7 +22,9 @@ from sqlmodel import Session, select
 from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, Principal
+from appliance.lib.recent import RecentCounts
 from appliance.lib.secret_files import write_secret
+from appliance.lib.tarpit import Tarpit
 from appliance.lib.work import WorkPool
 
 T = TypeVar("T")
@@ -92,77 +94,56 @@ class LoginLimiter:
         global_burst: float = 30.0,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        tarpit: Tarpit | None = None,
     ) -> None:
-        self._attempts = attempts
-        self._window_s = window_s
-        self._per_address = per_address
-        self._address_window_s = address_window_s
+        self.tarpit = tarpit or Tarpit(0)  # what a refused attempt waits before its answer
         self._rate = global_rate_per_s
         self._burst = global_burst
         self._tokens = global_burst
         self._refilled = clock()
-        self._max_entries = max_entries
         self._clock = clock
-        self._failures: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
-        self._by_address: OrderedDict[str, deque[float]] = OrderedDict()
+        self._failures: RecentCounts[tuple[str, str]] = RecentCounts(
+            attempts, window_s, max_entries=max_entries, clock=clock
+        )
+        self._by_address: RecentCounts[str] = RecentCounts(
+            per_address, address_window_s, max_entries=max_entries, clock=clock
+        )
 
     def admit(self, username: str, address: str) -> int:
         """Before hashing: 0 to go ahead (the attempt is counted), else the seconds to wait."""
-        wait = self.retry_after(username, address)
+        wait = self.retry_after(username, address) or self.blocked(address)
+        if wait:
+            return wait
+        self._tokens -= 1
+        self._by_address.add(address)
+        return 0
+
+    def blocked(self, address: str) -> int:
+        """Seconds before any attempt from ``address`` is accepted, whatever its username (0: it may try); the
+        sign-in route asks before it even reads the form. Counts nothing."""
+        wait = self._by_address.wait(address)
         if wait:
             return wait
         now = self._clock()
-        recent = self._recent(self._by_address, address, self._address_window_s)
-        if recent is not None and len(recent) >= self._per_address:
-            return max(1, int(recent[0] + self._address_window_s - now) + 1)
         self._tokens = min(self._burst, self._tokens + (now - self._refilled) * self._rate)
         self._refilled = now
         if self._tokens < 1:
             return max(1, math.ceil((1 - self._tokens) / self._rate))
-        self._tokens -= 1
-        self._append(self._by_address, address, now, self._per_address)
         return 0
 
     def retry_after(self, username: str, address: str) -> int:
         """Seconds to wait before another attempt with this username is accepted (0: go ahead)."""
-        failures = self._recent(self._failures, (username, address), self._window_s)
-        if failures is None or len(failures) < self._attempts:
-            return 0
-        return max(1, int(failures[0] + self._window_s - self._clock()) + 1)
+        return self._failures.wait((username, address))
 
     def failed(self, username: str, address: str) -> None:
-        self._recent(self._failures, (username, address), self._window_s)
-        self._append(self._failures, (username, address), self._clock(), self._attempts)
+        self._failures.add((username, address))
 
     def succeeded(self, username: str, address: str) -> None:
-        self._failures.pop((username, address), None)
+        self._failures.forget((username, address))
 
     def entries(self) -> int:
         """Keys held, all tables together (bounded by twice ``max_entries``)."""
         return len(self._failures) + len(self._by_address)
-
-    def _recent(self, table: OrderedDict[Any, deque[float]], key: Any, window_s: float) -> deque[float] | None:
-        """The key's times within the window (None: none; an emptied key is dropped). Never adds a key."""
-        times = table.get(key)
-        if times is None:
-            return None
-        cutoff = self._clock() - window_s
-        while times and times[0] < cutoff:
-            times.popleft()
-        if not times:
-            del table[key]
-            return None
-        return times
-
-    def _append(self, table: OrderedDict[Any, deque[float]], key: Any, moment: float, keep: int) -> None:
-        times = table.get(key)
-        if times is None:
-            while len(table) >= self._max_entries:
-                table.popitem(last=False)
-            times = table[key] = deque(maxlen=keep)
-        else:
-            table.move_to_end(key)
-        times.append(moment)
 
 
 class PasswordWork(WorkPool):

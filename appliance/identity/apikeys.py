@@ -20,8 +20,10 @@ from sqlmodel import Session
 from appliance.identity.models import ApiKey
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, USER, Principal
+from appliance.lib.recent import RecentCounts
 from appliance.lib.recheck import RECHECK_S, Recheck
 from appliance.lib.secret_files import write_secret
+from appliance.lib.tarpit import Tarpit
 from appliance.lib.times import as_utc
 
 KEY_PATTERN = re.compile(r"^apk_(?P<id>[0-9a-f]{20})_(?P<secret>[A-Za-z0-9_-]{43})$")
@@ -73,20 +75,44 @@ class ApiKeyAuthenticator:
     """Keys checked against the database once per ``recheck_s`` each (a revoked or expired key stops working in
     every gateway process within that time; expiry itself is checked on every request)."""
 
-    def __init__(self, engine: Engine, hasher: KeyHasher, *, recheck_s: float = RECHECK_S) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        hasher: KeyHasher,
+        *,
+        recheck_s: float = RECHECK_S,
+        unknown_per_address: int = 20,
+        unknown_window_s: float = 10.0,
+        tarpit: Tarpit | None = None,
+    ) -> None:
         self._engine = engine
         self._hasher = hasher
         self._last_used_written: dict[str, float] = {}
         self._known: Recheck[tuple[str, str], tuple[Principal, datetime | None] | None] = Recheck(
             self._look_up, ttl_s=recheck_s
         )
+        # Keys looked up and not found, per client address: past the limit, a key from that address that was not
+        # found valid before is refused without a database read (a flood of made-up keys costs no thread, no
+        # query); keys already known valid are still looked up again as usual.
+        self._unknown: RecentCounts[str] = RecentCounts(unknown_per_address, unknown_window_s)
+        self._tarpit = tarpit or Tarpit(0)
 
-    async def authenticate(self, credential: str) -> Principal:
+    async def authenticate(self, credential: str, address: str | None = None) -> Principal:
         match = KEY_PATTERN.match(credential)
         if match is None:
             raise AuthenticationError()
-        found = await self._known.get((f"key_{match['id']}", self._hasher.digest(match["secret"])))
+        key = (f"key_{match['id']}", self._hasher.digest(match["secret"]))
+        if address is not None and self._known.kept(key) is None:
+            wait = self._unknown.wait(address)
+            if wait:
+                await self._tarpit.hold()
+                raise AuthenticationError(
+                    f"Too many unknown credentials from this address; try again in {wait} seconds."
+                )
+        found = await self._known.get(key)
         if found is None:
+            if address is not None:
+                self._unknown.add(address)
             raise AuthenticationError()
         principal, expires_at = found
         if expires_at is not None and expires_at <= datetime.now(UTC):

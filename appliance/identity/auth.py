@@ -57,10 +57,13 @@ class Authenticator:
         session_cookie: str | None = None,
         method: str = "GET",
         csrf_token: str | None = None,
+        address: str | None = None,
     ) -> Principal:
         """A bearer credential (JWT or API key) or, failing that, a console session cookie; a tenant-less
-        `user` is bound to the default tenant where one is configured; a tenant that does not exist is refused."""
-        principal = await self._credential(authorization, session_cookie, method, csrf_token)
+        `user` is bound to the default tenant where one is configured; a tenant that does not exist is refused.
+        ``address`` is the client's: an address that sent many unknown API keys lately is refused without a
+        database read."""
+        principal = await self._credential(authorization, session_cookie, method, csrf_token, address)
         if self._default_tenant is not None:
             principal = await self._default_tenant.bind(principal)
         if self._tenants is not None:
@@ -71,7 +74,12 @@ class Authenticator:
         self._api_keys.forget(key_id)
 
     async def _credential(
-        self, authorization: str | None, session_cookie: str | None, method: str, csrf_token: str | None
+        self,
+        authorization: str | None,
+        session_cookie: str | None,
+        method: str,
+        csrf_token: str | None,
+        address: str | None,
     ) -> Principal:
         if not authorization:
             if session_cookie:
@@ -82,7 +90,7 @@ class Authenticator:
         if scheme.lower() != "bearer" or not credential:
             raise AuthenticationError()
         if credential.startswith("apk_"):
-            return await self._api_keys.authenticate(credential)
+            return await self._api_keys.authenticate(credential, address)
         return await self.from_token(credential)
 
     async def from_token(self, token: str) -> Principal:
@@ -124,11 +132,13 @@ def authentication_middleware(authenticator: Authenticator) -> Any:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == ScopeType.HTTP and not is_public(scope["path"]):
                 headers = Headers.from_scope(scope)
+                client = scope.get("client")
                 principal = await authenticator.authenticate(
                     headers.get("authorization"),
                     session_cookie=_cookie(headers.get("cookie"), SESSION_COOKIE),
                     method=scope["method"],
                     csrf_token=headers.get(CSRF_HEADER),
+                    address=client[0] if client else None,
                 )
                 scope.setdefault("state", {})[STATE_KEY] = principal
                 bind(tenant=principal.tenant_id, workflow=principal.workflow_id)

@@ -19,6 +19,7 @@ from litestar.response import Redirect
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.audit.digest import RefusalDigest
 from appliance.audit.store import AuditEvent
 from appliance.audit.writer import AuditWriter
 from appliance.identity import oauth
@@ -105,7 +106,16 @@ class OidcController(Controller):
         login_limiter: NamedDependency[LoginLimiter],
         password_work: NamedDependency[PasswordWork],
         audit: NamedDependency[AuditWriter],
+        refusals: NamedDependency[RefusalDigest],
     ) -> Response[Any]:
+        address = request.client.host if request.client else "-"
+        # An address past its limit (or everyone, past the global one) is refused before its form is even read:
+        # a flood's refusals must cost next to nothing, and their records are digested.
+        wait = login_limiter.blocked(address)
+        if wait:
+            await refusals.refused(_sign_in_event(request, None, "denied", "rate_limited"))
+            await login_limiter.tarpit.hold()
+            return _refused_page(wait)
         form = {key: str(value) for key, value in (await request.form()).items()}
         try:
             parsed = oauth.AuthorizeRequest.parse(
@@ -113,17 +123,18 @@ class OidcController(Controller):
             )
         except oauth.OAuthError as exc:
             return _oauth_error(exc)
-        username, address = form.get("username", "")[:100], request.client.host if request.client else "-"
+        username = form.get("username", "")[:100]
         # Every limit is checked before the password is hashed; hashing runs on its own bounded pool.
         wait = login_limiter.admit(username, address) or (2 if password_work.full else 0)
         if wait:
-            return await _too_many(request, audit, parsed, username, wait)
+            await login_limiter.tarpit.hold()
+            return await _too_many(request, refusals, parsed, username, wait)
         try:
             outcome = await password_work.run(
                 _sign_in, db_engine, parsed, username, form, bootstrap_password_file(settings)
             )
         except RateLimitedError as exc:
-            return await _too_many(request, audit, parsed, username, exc.retry_after)
+            return await _too_many(request, refusals, parsed, username, exc.retry_after)
         if isinstance(outcome, Response) and outcome.status_code == 401:
             login_limiter.failed(username, address)
             await audit.record(_sign_in_event(request, username, "failure", "wrong_credentials"))
@@ -143,14 +154,15 @@ class OidcController(Controller):
         db_engine: NamedDependency[Engine],
         key_hasher: NamedDependency[KeyHasher],
         audit: NamedDependency[AuditWriter],
+        refusals: NamedDependency[RefusalDigest],
     ) -> Response[Any]:
         form = {key: str(value) for key, value in (await request.form()).items()}
         client = _client_auth(request, form) if form.get("grant_type") == "client_credentials" else ("", "")
         grant = form.get("grant_type", "")[:50]
         try:
             body = await asyncio.to_thread(_grant, db_engine, issuer, key_hasher, form, client)
-        except oauth.OAuthError as exc:
-            await audit.record(
+        except oauth.OAuthError as exc:  # nobody was authenticated: digested, so a flood cannot flood the log
+            await refusals.refused(
                 _sign_in_event(request, client[0] or None, "failure", exc.error, event_type=f"auth.token.{grant}")
             )
             return _oauth_error(exc)
@@ -161,12 +173,26 @@ class OidcController(Controller):
 
 
 async def _too_many(
-    request: Req, audit: AuditWriter, parsed: oauth.AuthorizeRequest, username: str, wait: int
+    request: Req, refusals: RefusalDigest, parsed: oauth.AuthorizeRequest, username: str, wait: int
 ) -> Response[Any]:
-    await audit.record(_sign_in_event(request, username, "denied", "rate_limited"))
+    await refusals.refused(_sign_in_event(request, username, "denied", "rate_limited"))
     response = _login_page(parsed, "Too many sign-in attempts. Try again later.", status_code=429)
     response.headers["Retry-After"] = str(wait)
     return response
+
+
+def _refused_page(wait: int) -> Response[str]:
+    """The answer to an address past its sign-in limit: no form (the attempt was not read), when to come back."""
+    page = (
+        "<!doctype html><html lang=en><meta charset=utf-8><title>Sign-in refused</title>"
+        f"<p role=alert>Too many sign-in attempts from this address. Try again in {wait} seconds.</p></html>"
+    )
+    return Response(
+        content=page,
+        media_type="text/html",
+        status_code=429,
+        headers={**_PAGE_HEADERS, "Retry-After": str(wait)},
+    )
 
 
 def _sign_in_event(

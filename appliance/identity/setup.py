@@ -19,6 +19,7 @@ from appliance.identity.signing import SigningKey
 from appliance.identity.tenancy import DefaultTenant, TenantCheck
 from appliance.identity.tokens import FetchJwks, JwksCache, TokenValidator
 from appliance.identity.users import UserMirror
+from appliance.lib.tarpit import Tarpit
 from appliance.settings import Settings
 
 
@@ -73,7 +74,7 @@ def authenticator(
     sessions = SessionStore(engine, timedelta(seconds=identity.console_session_s))
     return Authenticator(
         validator,
-        ApiKeyAuthenticator(engine, hasher),
+        ApiKeyAuthenticator(engine, hasher, tarpit=Tarpit(identity.refusal_delay_s)),
         UserMirror(engine, settings.issuer_url),
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,

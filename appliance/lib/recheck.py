@@ -77,6 +77,11 @@ class Recheck(Generic[K, V]):
         finally:
             del self._inflight[key]
 
+    def kept(self, key: K) -> V | None:
+        """The answer kept for ``key``, fresh or not (None: none is kept)."""
+        entry = self._entries.get(key)
+        return entry[1] if entry is not None else None
+
     def forget(self, key: K) -> None:
         """Drop what is kept for ``key`` (this process changed it and knows the answer is stale)."""
         self._entries.pop(key, None)

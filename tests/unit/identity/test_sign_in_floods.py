@@ -1,6 +1,6 @@
-"""A flood of sign-in attempts cannot stall the appliance (issue #21): limits per address and overall are
-checked before any password is hashed, the limiter's memory is bounded, and password hashing runs on its own
-small pool, so other requests are still answered while a flood runs."""
+"""A flood of sign-in attempts (or of made-up API keys) cannot stall the appliance (issue #21): limits per
+address and overall are checked before any password is hashed, the limiter's memory is bounded, and password
+hashing runs on its own small pool, so other requests are still answered while a flood runs."""
 
 from __future__ import annotations
 
@@ -15,14 +15,17 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
 from appliance.identity.accounts import LoginLimiter, PasswordWork, hash_password
+from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.setup import bootstrap
 from appliance.lib.errors import RateLimitedError
+from appliance.lib.tarpit import Tarpit
 from appliance.settings import Settings
 from tests.support.fake_engine import free_port
-from tests.support.gateway import admin_headers
+from tests.support.gateway import admin_headers, tenant_with_key
 from tests.unit.identity.test_oidc_flows import authorize_params, pkce
 
 
@@ -127,3 +130,48 @@ async def test_a_sign_in_flood_with_random_usernames_does_not_stall_other_reques
     assert max(latencies) < 2.0, latencies
     assert statuses.count(429) >= 30, statuses
     assert set(statuses) <= {401, 429}
+
+
+async def test_a_flood_of_made_up_api_keys_from_one_address_stops_costing_database_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past 20 unknown keys in 10 s from one address, its keys not known valid are refused without a lookup; a
+    key already known valid keeps working from that address, its fresh lookups included."""
+    settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.2})
+    lookups: list[str] = []
+    real_check = ApiKeyAuthenticator._check
+
+    def counted(self: ApiKeyAuthenticator, key_id: str, digest: str) -> Any:  # a spy: the real lookup, counted
+        lookups.append(key_id)
+        return real_check(self, key_id, digest)
+
+    monkeypatch.setattr(ApiKeyAuthenticator, "_check", counted)
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        known = await tenant_with_key(client, admin_headers(settings), "acme")
+        assert (await client.get("/v1/models", headers=known["headers"])).status_code == 200
+        lookups.clear()
+        refusals = []
+        for _ in range(30):
+            made_up = f"apk_{secrets.token_hex(10)}_{secrets.token_urlsafe(32)}"
+            started = time.perf_counter()
+            response = await client.get("/v1/models", headers={"Authorization": f"Bearer {made_up}"})
+            refusals.append((response.status_code, response.json()["error"]["message"], time.perf_counter() - started))
+        assert all(status == 401 for status, _, _ in refusals)
+        assert len(lookups) == 20, "only the first 20 unknown keys of the window were looked up"
+        assert all("Too many unknown credentials" in message for _, message, _ in refusals[20:])
+        assert all(took >= 0.2 for _, _, took in refusals[20:]), "refusals past the limit are held (the tarpit)"
+        await asyncio.sleep(1.1)  # the known key's answer is stale: it is looked up again, and still works
+        assert (await client.get("/v1/models", headers=known["headers"])).status_code == 200
+        assert lookups[-1] == known["key"]["id"]
+
+
+async def test_the_tarpit_holds_refusals_and_a_bounded_number_of_them() -> None:
+    tarpit = Tarpit(delay_s=0.3, max_held=3)
+    started = time.perf_counter()
+    held = [asyncio.ensure_future(tarpit.hold()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert tarpit.held == 3
+    await tarpit.hold()  # the fourth is answered at once
+    assert time.perf_counter() - started < 0.2
+    await asyncio.gather(*held)
+    assert time.perf_counter() - started >= 0.3 and tarpit.held == 0
