@@ -99,6 +99,10 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
         if isinstance(first, dict):
             param = first.get("key")
     headers = dict(exc.headers or {})
+    if status == 413:
+        # The rest of the body is still on its way: close the connection rather than read it to keep the
+        # connection alive (reading megabytes only to discard them is what an oversized flood costs).
+        headers["Connection"] = "close"
     return envelope_response(status, error_envelope(message, error_type, param, code), headers)
 
 

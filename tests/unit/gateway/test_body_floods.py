@@ -94,3 +94,5 @@ async def test_bodies_past_the_limit_are_413_on_every_area(app: tuple[Client, Se
         response = await client.post(path, content=big, headers={**headers, "Content-Type": content_type})
         assert response.status_code == 413, (path, response.text)
         assert response.json()["error"]["code"] == "request_too_large", path
+        # The rest of such a body is not read to keep the connection: it is closed.
+        assert response.headers["connection"] == "close", path
