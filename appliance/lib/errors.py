@@ -145,6 +145,8 @@ class RateLimitedError(ApplianceError):
     error_type = "rate_limit_error"
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int = 1, code: str | None = None) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))}, code=code)
+    def __init__(
+        self, message: str, *, retry_after: int = 1, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, headers={**(headers or {}), "Retry-After": str(max(1, retry_after))}, code=code)
         self.retry_after = max(1, retry_after)

@@ -118,6 +118,8 @@ def rag_controller(settings: Settings) -> type[Controller]:
             name: Annotated[str | None, QueryParameter(max_length=300)] = None,
         ) -> Response[Any]:
             caller = _caller(request, principal)
+            if principal.tenant_id is not None:  # a flood of uploads is refused before any lookup
+                retrieval.check_ingestion_room(principal.tenant_id)
             # Before reading the body: who may write here.
             collection = await retrieval.collection(caller.principal, collection_id, write=True)
             with retrieval.ingestion_slot(collection.tenant_id):  # before the body is read

@@ -216,17 +216,24 @@ class Retrieval:
 
     # documents
 
-    @contextmanager
-    def ingestion_slot(self, tenant_id: str) -> Iterator[None]:
-        """One of the tenant's ``max_ingestions_per_tenant`` slots for a document being ingested, taken before
-        its body is read (a flood is refused cheaply: 429 ``too_many_ingestions``) and held until it is done."""
+    def check_ingestion_room(self, tenant_id: str) -> None:
+        """Refuse (429 ``too_many_ingestions``) when the tenant's ingestion slots are all taken: the route asks
+        before anything else, even looking the collection up. The refusal closes the connection: the document
+        it carries is not read."""
         most = self._settings.max_ingestions_per_tenant
         if self._ingesting[tenant_id] >= most:
             raise RateLimitedError(
                 f"This tenant already has {most} documents being ingested; try again when one is done.",
                 retry_after=5,
                 code="too_many_ingestions",
+                headers={"Connection": "close"},
             )
+
+    @contextmanager
+    def ingestion_slot(self, tenant_id: str) -> Iterator[None]:
+        """One of the tenant's ``max_ingestions_per_tenant`` slots for a document being ingested, taken before
+        its body is read (a flood is refused cheaply: 429 ``too_many_ingestions``) and held until it is done."""
+        self.check_ingestion_room(tenant_id)
         self._ingesting[tenant_id] += 1
         try:
             yield

@@ -84,6 +84,7 @@ async def test_one_tenant_flooding_uploads_is_held_to_its_share_and_others_still
                 assert response.status_code == 429, response.text
                 assert response.json()["error"]["code"] == "too_many_ingestions"
                 assert int(response.headers["Retry-After"]) >= 1
+                assert response.headers["Connection"] == "close", "the unread document is not read to keep it"
             assert EMBEDDINGS_HOLDING[0] == 2
             # Another tenant is not refused: its document is ingested while the flood's two are held.
             answer = await upload(other, "a document of another tenant")
