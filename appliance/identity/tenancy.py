@@ -73,8 +73,9 @@ UNKNOWN_TENANT = "The tenant this credential is bound to does not exist (any mor
 class TenantCheck:
     """Every tenant-bound principal's tenant exists: a token whose `tenant` claim names no tenant (a typo in
     the identity provider, a deleted tenant) is refused with 403, never served without budgets. A tenant seen
-    to exist is trusted for ``recheck_s``, so a deleted one is refused within that time; a missing one is
-    looked up on every request (a signed token is needed to make one)."""
+    to exist is trusted for ``recheck_s`` (:class:`Recheck`: one lookup at a time, refreshed in the background
+    under load), so a deleted one is refused within that time; a missing one is looked up on every request (a
+    signed token is needed to make one)."""
 
     def __init__(
         self,
@@ -85,24 +86,17 @@ class TenantCheck:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
-        self._recheck_s = recheck_s
-        self._max_entries = max_entries
-        self._clock = clock
-        self._seen: dict[str, float] = {}  # tenant id -> when it was last seen to exist
+        self._seen: Recheck[str, bool] = Recheck(self._look_up, ttl_s=recheck_s, max_entries=max_entries, clock=clock)
 
     async def check(self, principal: Principal) -> None:
-        tenant_id = principal.tenant_id
-        if tenant_id is None:
-            return
-        seen = self._seen.get(tenant_id)
-        if seen is not None and self._clock() - seen < self._recheck_s:
-            return
-        self._seen.pop(tenant_id, None)
+        if principal.tenant_id is not None:
+            await self._seen.get(principal.tenant_id)
+
+    async def _look_up(self, tenant_id: str) -> bool:
+        """True, or refused (an answer that raises is not kept: a missing tenant is looked up again)."""
         if not await asyncio.to_thread(self._exists, tenant_id):
             raise PermissionDeniedError(UNKNOWN_TENANT)
-        while len(self._seen) >= self._max_entries:
-            self._seen.pop(next(iter(self._seen)))
-        self._seen[tenant_id] = self._clock()
+        return True
 
     def _exists(self, tenant_id: str) -> bool:
         with Session(self._engine) as session:
