@@ -137,6 +137,7 @@ class BudgetLeases:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._topping_up: set[asyncio.Task[None]] = set()  # refills ahead of need, in the background
 
     # -- what applies ------------------------------------------------------------------------------------
 
@@ -205,6 +206,8 @@ class BudgetLeases:
             spent_out = {id(lease) for (lease, _, _), enough in zip(short, refilled, strict=True) if not enough}
             hold = self._take(periodic, prompt_tokens, cap, max_tokens, price, min_output, now, spent_out)
             if hold is not None:
+                for _, lease in periodic:
+                    self._top_up_if_low(lease)
                 return hold
         raise _exceeded(periodic[0][0], 0, periodic[0][1].end, self._clock(), fits_a_window=True)
 
@@ -289,6 +292,34 @@ class BudgetLeases:
             await asyncio.shield(asyncio.create_task(grant()))
             return lease.free >= least
 
+    def _top_up_if_low(self, lease: Lease) -> None:
+        """Refill ahead of need: once a lease has less than half its slice free, one background grant brings it
+        back to a slice (never more: a process holds at most ``lease_fraction`` of a limit, as without it), so
+        the requests that follow find it full instead of waiting for the database."""
+        slice_ = math.ceil(lease.budget["limit"] * self._fraction)
+        if self._stopping or lease.free >= slice_ / 2 or lease.refill.locked():
+            return
+        task = asyncio.create_task(self._top_up(lease, slice_))
+        self._topping_up.add(task)
+        task.add_done_callback(self._topped_up)
+
+    async def _top_up(self, lease: Lease, slice_: int) -> None:
+        async with lease.refill:
+            short = slice_ - lease.free
+            if short <= slice_ / 2:
+                return  # a request's refill came first
+            # need 0: only the extra, which takes at most half of what remains (fair to the other processes).
+            granted, remaining = await asyncio.to_thread(
+                self.store.grant, lease.id, lease.budget["id"], lease.start, need=0, least=0, extra=short
+            )
+            lease.granted += granted
+            lease.remaining = remaining
+
+    def _topped_up(self, task: asyncio.Task[None]) -> None:
+        self._topping_up.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("refilling a budget lease ahead of need failed: %s", task.exception())
+
     # -- committing --------------------------------------------------------------------------------------
 
     def in_flight(self) -> dict[tuple[str, datetime], int]:
@@ -322,6 +353,8 @@ class BudgetLeases:
         """Commit what was spent and give every lease back (after the last request). False: the database
         refused, and the leases stay with this process's gateway row (the sweep charges them in full)."""
         self._stopping = True
+        if self._topping_up:  # what they are granted is given back with the rest
+            await asyncio.wait(list(self._topping_up))
         self._dirty.set()
         if self._task is not None:
             await self._task
