@@ -75,11 +75,15 @@ class Recheck(Generic[K, V]):
         self._inflight[key] = future
         task = asyncio.ensure_future(self._look_up(key, future))
         self._refreshing.add(task)
-        task.add_done_callback(self._refreshed)
+        task.add_done_callback(lambda done: self._refreshed(done, key, future))
 
-    def _refreshed(self, task: asyncio.Task[V]) -> None:
+    def _refreshed(self, task: asyncio.Task[V], key: K, future: asyncio.Future[V]) -> None:
         self._refreshing.discard(task)
-        if not task.cancelled():
+        if task.cancelled():  # cancelled before it ran (the loop closing): nobody may wait for it for ever
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
+            future.cancel()
+        else:
             task.exception()  # a failed refresh is retried by a later request; nobody waits for this one
 
     async def _look_up(self, key: K, future: asyncio.Future[V] | None = None) -> V:
