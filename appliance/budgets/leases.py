@@ -278,25 +278,31 @@ class BudgetLeases:
         async with lease.refill:
             if lease.free >= want:
                 return True
-            need, at_least = want - lease.free, least - lease.free
-            extra = math.ceil(lease.budget["limit"] * self._fraction)
-
-            async def grant() -> None:
-                granted, remaining = await asyncio.to_thread(
-                    self.store.grant, lease.id, lease.budget["id"], lease.start, need=need, least=at_least, extra=extra
-                )
-                lease.granted += granted
-                lease.remaining = remaining
-
-            # Shielded: a request that leaves meanwhile must not lose what the database granted to the lease.
-            await asyncio.shield(asyncio.create_task(grant()))
+            await self._grant(lease, need=want - lease.free, least=least - lease.free, extra=self._slice(lease))
             return lease.free >= least
+
+    async def _grant(self, lease: Lease, *, need: int, least: int, extra: int) -> None:
+        """One grant from the database into ``lease`` (the caller holds its refill lock). Shielded: a request that
+        leaves meanwhile must not lose what the database granted to the lease."""
+
+        async def grant() -> None:
+            granted, remaining = await asyncio.to_thread(
+                self.store.grant, lease.id, lease.budget["id"], lease.start, need=need, least=least, extra=extra
+            )
+            lease.granted += granted
+            lease.remaining = remaining
+
+        await asyncio.shield(asyncio.create_task(grant()))
+
+    def _slice(self, lease: Lease) -> int:
+        """What one grant adds for later requests: ``lease_fraction`` of the budget's limit."""
+        return math.ceil(int(lease.budget["limit"]) * self._fraction)
 
     def _top_up_if_low(self, lease: Lease) -> None:
         """Refill ahead of need: once a lease has less than half its slice free, one background grant brings it
         back to a slice (never more: a process holds at most ``lease_fraction`` of a limit, as without it), so
         the requests that follow find it full instead of waiting for the database."""
-        slice_ = math.ceil(lease.budget["limit"] * self._fraction)
+        slice_ = self._slice(lease)
         if self._stopping or lease.free >= slice_ / 2 or lease.refill.locked():
             return
         task = asyncio.create_task(self._top_up(lease, slice_))
@@ -309,11 +315,7 @@ class BudgetLeases:
             if short <= slice_ / 2:
                 return  # a request's refill came first
             # need 0: only the extra, which takes at most half of what remains (fair to the other processes).
-            granted, remaining = await asyncio.to_thread(
-                self.store.grant, lease.id, lease.budget["id"], lease.start, need=0, least=0, extra=short
-            )
-            lease.granted += granted
-            lease.remaining = remaining
+            await self._grant(lease, need=0, least=0, extra=short)
 
     def _topped_up(self, task: asyncio.Task[None]) -> None:
         self._topping_up.discard(task)
