@@ -36,6 +36,7 @@ from appliance.audit.chain import (
 from appliance.audit.merkle import leaf_hash
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
+from appliance.db.engine import reading
 from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
 from appliance.lib.bounded import bounded, bounded_detail
 from appliance.lib.times import as_utc
@@ -153,19 +154,21 @@ class AuditStore:
                 set_mark(connection, journal, mark)
             due = self._checkpoint_due(connection, seq)
         if due:
-            self._checkpoint_in_background()
+            self.checkpoint_in_background()
         return numbers
 
     def journal_mark(self, journal: str) -> int:
         """How far ``journal`` is appended (0: not at all)."""
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             return mark_of(connection, journal)
 
     def forget_journal(self, journal: str) -> None:
         with self._engine.begin() as connection:
             drop_mark(connection, journal)
 
-    def _checkpoint_in_background(self) -> None:
+    def checkpoint_in_background(self) -> None:
+        """Sign a checkpoint on a thread of its own (when one is due after an append, and every interval from
+        the writer), unless one is being signed already."""
         with self._background_lock:
             if self._background is not None and self._background.is_alive():
                 return  # records it does not take in are taken in by the next checkpoint
@@ -197,17 +200,21 @@ class AuditStore:
     def checkpoint(self) -> str | None:
         """Grow the tree over every stored record and sign a checkpoint of it, unless one of that size exists
         (on shutdown, every interval from the writer, and when one is due after an append). The signed note,
-        or None. The tree grows in transactions of a thousand records, so appends wait little for it.
+        or None. The tree grows a thousand records at a time, each hashed from a snapshot and stored in a short
+        transaction, so appends wait little for it.
 
         A node that pruned records before it had a tree cannot build one (its first leaves are gone): it goes on
         signing the chain's head in the legacy format, as it did before, and says so in its log."""
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             target = connection.execute(select(HEAD.c.seq).where(HEAD.c.id == 1)).scalar_one_or_none() or 0
         try:
             while True:  # up to the head as it was: under a load it cannot catch up with, it still signs
-                with self._engine.begin() as connection:
-                    before, after = tree.grow(connection)
-                if before == after or after >= target:
+                with reading(self._engine) as connection:  # hashing a thousand records holds no lock
+                    growth = tree.plan(connection, tree.size_of(connection))
+                if growth.rows:
+                    with self._engine.begin() as connection:
+                        tree.extend(connection, growth)  # or another grower took it further: plan from there
+                if not growth.rows or growth.size >= target:
                     break
         except tree.TreeError as exc:
             log.warning("no Merkle tree: %s; the chain's head is signed instead", exc)
@@ -285,7 +292,7 @@ class AuditStore:
         node, and every signed checkpoint (a Merkle root, or a legacy chain head) against them."""
         result = VerifyResult(ok=True)
         latest = self._latest_on_disk()  # first: the tree may grow, and this file move on, while we read
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             heads: dict[int, str] = {}  # tree size -> the chain's hash of that record
             roots: dict[int, str] = {}  # tree size -> signed Merkle root
             anchor_sizes = set()
@@ -385,7 +392,7 @@ class AuditStore:
 
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest signed Merkle checkpoint: its note, size and root, and the verifier key."""
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             row = (
                 connection.execute(
                     select(CHECKPOINTS)
@@ -409,7 +416,7 @@ class AuditStore:
 
     def _proof_size(self, size: int | None) -> tuple[int, str | None]:
         """The tree size a proof is made against (default: the newest checkpoint's), and its signed note."""
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             query = select(CHECKPOINTS.c.tree_size, CHECKPOINTS.c.note).where(CHECKPOINTS.c.root_hash.is_not(None))
             if size is not None:
                 query = query.where(CHECKPOINTS.c.tree_size == size)
@@ -424,7 +431,7 @@ class AuditStore:
         """That record ``seq`` is leaf ``seq - 1`` of the tree of ``size`` records (default: the newest
         checkpoint), with the record itself (None if pruned: its leaf hash is still proven)."""
         size, note = self._proof_size(size)
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             if not 0 < seq <= size:
                 raise tree.TreeError(f"record {seq} is not in a tree of {size} records")
             proof = tree.inclusion(connection, seq - 1, size)
@@ -446,7 +453,7 @@ class AuditStore:
     def prove_consistency(self, old: int, size: int | None = None) -> dict[str, Any]:
         """That the tree of ``size`` records (default: the newest checkpoint) extends the tree of ``old``."""
         size, note = self._proof_size(size)
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             proof = tree.consistency(connection, old, size)
             old_root, root = tree.root(connection, old), tree.root(connection, size)
         return {
@@ -491,7 +498,7 @@ class AuditStore:
             conditions.append(RECORDS.c.ts >= since)
         if until is not None:
             conditions.append(RECORDS.c.ts < until)
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             total = connection.execute(select(func.count()).select_from(RECORDS).where(*conditions)).scalar_one()
             rows = (
                 connection.execute(
@@ -505,7 +512,7 @@ class AuditStore:
 
     def export(self, since: datetime | None = None) -> Iterator[dict[str, Any]]:
         last = 0
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             while True:
                 query = select(RECORDS).where(RECORDS.c.seq > last)
                 if since is not None:
@@ -553,7 +560,7 @@ class AuditStore:
 
     def _has_tree(self) -> bool:
         """Whether the tree holds every record from the first (false on a node that pruned before it had one)."""
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             first = connection.execute(select(func.min(RECORDS.c.seq))).scalar_one()
             return first is None or first == 1 or tree.size_of(connection) >= first
 

@@ -11,6 +11,7 @@ every checkpoint signed before.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -77,18 +78,29 @@ def size_of(connection: Connection) -> int:
     return int(connection.execute(select(TREE.c.size).where(TREE.c.id == 1)).scalar_one_or_none() or 0)
 
 
+@dataclass(frozen=True)
+class Growth:
+    """The nodes that take the tree from ``start`` to ``size`` records, computed from a snapshot."""
+
+    start: int
+    size: int
+    rows: list[dict[str, Any]]
+
+
 def grow(connection: Connection, limit: int = 1000) -> tuple[int, int]:
     """Add up to ``limit`` of the records the tree does not hold yet, in sequence order, within the caller's
     transaction (the tree's row is locked: one grower at a time). Returns (size before, size after)."""
-    row = connection.execute(select(TREE.c.size).where(TREE.c.id == 1).with_for_update()).first()
-    if row is None:
-        connection.execute(insert(TREE).values(id=1, size=0))
-        size = 0
-    else:
-        size = int(row[0])
+    growth = plan(connection, _locked_size(connection), limit)
+    _store(connection, growth)
+    return growth.start, growth.size
+
+
+def plan(connection: Connection, size: int, limit: int = 1000) -> Growth:
+    """The growth over up to ``limit`` records past ``size``: reads only, so a snapshot will do and the hashing
+    holds no lock (records are never changed once stored; ``extend`` checks the tree is still at ``size``)."""
     records = read_records(connection, size, limit)
     if not records:
-        return size, size
+        return Growth(size, size, [])
     if records[0]["seq"] != size + 1:
         raise TreeError(
             f"the tree holds {size} records but the next record stored is {records[0]['seq']}: records "
@@ -109,9 +121,31 @@ def grow(connection: Connection, limit: int = 1000) -> tuple[int, int]:
             rows.append({"level": level, "idx": idx, "hash": digest})
         frontier[level] = digest
         size += 1
-    connection.execute(insert(NODES), rows)
-    connection.execute(update(TREE).where(TREE.c.id == 1).values(size=size))
-    return start, size
+    return Growth(start, size, rows)
+
+
+def extend(connection: Connection, growth: Growth) -> bool:
+    """Store ``growth`` within the caller's write transaction, if the tree still holds ``growth.start``
+    records; False when another grower took it further meanwhile (plan again from where it is)."""
+    if _locked_size(connection) != growth.start:
+        return False
+    _store(connection, growth)
+    return True
+
+
+def _locked_size(connection: Connection) -> int:
+    row = connection.execute(select(TREE.c.size).where(TREE.c.id == 1).with_for_update()).first()
+    if row is None:
+        connection.execute(insert(TREE).values(id=1, size=0))
+        return 0
+    return int(row[0])
+
+
+def _store(connection: Connection, growth: Growth) -> None:
+    if not growth.rows:
+        return
+    connection.execute(insert(NODES), growth.rows)
+    connection.execute(update(TREE).where(TREE.c.id == 1).values(size=growth.size))
 
 
 def _frontier(size: int) -> set[Node]:

@@ -76,6 +76,7 @@ class AuditWriter:
         if self._journal is not None:
             await asyncio.to_thread(self._adopt)
             await asyncio.to_thread(self._close_journal)
+        await asyncio.to_thread(self.store.settle)  # a checkpoint of the interval still signing
         await asyncio.to_thread(self.store.checkpoint)
 
     async def record(self, event: AuditEvent) -> int:
@@ -140,7 +141,7 @@ class AuditWriter:
                 self._wakeup.clear()
                 if time.monotonic() - last_checkpoint >= self._checkpoint_interval_s:
                     last_checkpoint = time.monotonic()
-                    await self._checkpoint()
+                    self.store.checkpoint_in_background()  # appends go on while the tree grows
                 continue
             batch = self._pending[: self._batch_size]
             try:
@@ -190,12 +191,6 @@ class AuditWriter:
     def _close_journal(self) -> None:
         assert self._journal is not None
         retire(self._journal, _Records(self.store), drained=not self._pending)
-
-    async def _checkpoint(self) -> None:
-        try:
-            await asyncio.to_thread(self.store.checkpoint)
-        except Exception:
-            log.exception("signing an audit checkpoint failed")
 
 
 class _Records:

@@ -35,6 +35,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from appliance.budgets.journal import Settlement, SettlementJournal
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation
 from appliance.budgets.ratelimit import RateWindow, keep_tightest, window_headers
+from appliance.db.engine import reading
 from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
 from appliance.lib.windows import window
@@ -218,7 +219,7 @@ class BudgetStore:
 
     def chain_budgets(self, chain: dict[str, str]) -> list[dict[str, Any]]:
         """Every budget of the chain, ordered by id (what enforcement keeps in memory for a second)."""
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             return [dict(row) for row in _chain_budgets(connection, chain)]
 
     @_retrying
@@ -510,7 +511,7 @@ class BudgetStore:
         requests in flight hold of its leases, by (budget, window start): shown as reserved, not leased."""
         in_flight = in_flight or {}
         now = self._clock()
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             query = select(BUDGETS)
             if tenant_id is not None:
                 query = query.where(BUDGETS.c.tenant_id == tenant_id)
@@ -555,7 +556,7 @@ class BudgetStore:
         return out
 
     def dangling(self) -> int:
-        with self._engine.connect() as connection:
+        with reading(self._engine) as connection:
             return len(connection.execute(select(RESERVATIONS.c.request_id)).all())
 
 

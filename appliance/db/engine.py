@@ -9,14 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import create_engine
 
 
 def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False) -> Engine:
     """An engine for ``url``. ``serialized_writes``: every transaction takes the write lock when it begins
     (SQLite ``BEGIN IMMEDIATE``), for read-then-append work such as the audit chain; on PostgreSQL the
-    caller locks rows with ``SELECT ... FOR UPDATE`` instead."""
+    caller locks rows with ``SELECT ... FOR UPDATE`` instead. Reads on such an engine go through
+    ``reading``, which takes no lock."""
     parsed = make_url(url)
     kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
     if parsed.get_backend_name() == "sqlite":
@@ -31,8 +32,26 @@ def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False
         if serialized_writes:
             # pysqlite's own transaction handling would defer BEGIN; take it over (SQLAlchemy's recipe).
             event.listen(engine, "connect", _no_implicit_begin)
-            event.listen(engine, "begin", lambda connection: connection.exec_driver_sql("BEGIN IMMEDIATE"))
+            event.listen(engine, "begin", _begin_serialized)
     return engine
+
+
+@contextmanager
+def reading(engine: Engine) -> Iterator[Connection]:
+    """A connection for reads only. On an engine made with ``serialized_writes`` its transaction is SQLite's
+    deferred one: a snapshot of the database that waits for no writer and makes none wait (WAL), where
+    ``BEGIN IMMEDIATE`` would queue a read behind every write, and every write behind it."""
+    with engine.connect() as connection:
+        connection.execution_options(**{_READS_ONLY: True})
+        yield connection
+
+
+_READS_ONLY = "appliance_reads_only"
+
+
+def _begin_serialized(connection: Connection) -> None:
+    deferred = connection.get_execution_options().get(_READS_ONLY, False)
+    connection.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
 
 def _no_implicit_begin(dbapi_connection: Any, _record: Any) -> None:

@@ -299,3 +299,32 @@ def test_a_node_that_pruned_before_it_had_a_tree_keeps_signing_its_chain(tmp_pat
     assert result.ok and (result.first_seq, result.records) == (8, 6), result
     connection.execute("UPDATE audit_records SET outcome = 'denied' WHERE seq = 10")
     assert store.verify().first_bad_seq == 10
+
+
+def test_appends_and_other_growers_go_on_while_a_checkpoint_hashes(tmp_path: Path, monkeypatch) -> None:
+    """The tree's hashing (about 0.1 ms a record in Python) holds no lock: an append made while it runs is not
+    kept waiting. Another process growing the tree meanwhile makes this grower plan again, not write twice."""
+    store = make_store(tmp_path, every=10_000)
+    store.append([event(n) for n in range(40)])
+    store.settle()
+    for n in range(40, 60):
+        store.append([event(n)])
+    hashing = tree.leaf_hash
+    during: list[bool] = []
+
+    def hash_and_interfere(data: bytes) -> bytes:
+        if not during:
+            appended = threading.Thread(target=store.append, args=([event(999)],))
+            appended.start()
+            appended.join(5)
+            during.append(not appended.is_alive())
+            with store._engine.begin() as other:  # another gateway process's checkpoint, on the same database
+                tree.grow(other)
+        return hashing(data)
+
+    monkeypatch.setattr(tree, "leaf_hash", hash_and_interfere)
+    assert store.checkpoint() is not None
+    assert during == [True], "an append waited for the tree's hashing"
+    assert db(tmp_path).execute("SELECT size FROM audit_tree").fetchone() == (61,)
+    monkeypatch.undo()
+    assert store.verify().ok

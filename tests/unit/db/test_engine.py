@@ -52,3 +52,43 @@ def test_migrating_twice_and_concurrently_is_safe(tmp_path: Path) -> None:
         thread.join()
     assert errors == []
     assert "alembic_version" in inspect(make_engine(url)).get_table_names()
+
+
+def test_reads_on_a_serialized_engine_wait_for_no_writer_and_writes_still_take_the_lock(tmp_path: Path) -> None:
+    """``reading`` is a snapshot: a write transaction held open elsewhere (the tree growing, a settlement)
+    neither delays it nor shows in it. The engine's own transactions still begin by taking the write lock."""
+    import sqlite3
+    import threading
+
+    from sqlalchemy import text
+
+    from appliance.db.engine import reading
+
+    path = tmp_path / "serial.db"
+    engine = make_engine(f"sqlite:///{path}", serialized_writes=True)
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+        connection.execute(text("INSERT INTO t VALUES (1)"))
+    writer = sqlite3.connect(path, isolation_level=None, timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO t VALUES (2)")
+    began = threading.Event()
+
+    def write() -> None:
+        with engine.begin() as connection:
+            began.set()
+            connection.execute(text("INSERT INTO t VALUES (3)"))
+
+    thread = threading.Thread(target=write)
+    try:
+        with reading(engine) as connection:
+            assert connection.execute(text("SELECT count(*) FROM t")).scalar_one() == 1
+        thread.start()
+        assert not began.wait(0.5), "a transaction of the engine's own began while another held the write lock"
+    finally:
+        writer.execute("COMMIT")
+    thread.join(10)
+    assert began.is_set()
+    with reading(engine) as connection:
+        assert connection.execute(text("SELECT count(*) FROM t")).scalar_one() == 3
+    engine.dispose()
