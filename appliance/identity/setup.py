@@ -74,11 +74,13 @@ def authenticator(
     sessions = SessionStore(engine, timedelta(seconds=identity.console_session_s))
     return Authenticator(
         validator,
-        ApiKeyAuthenticator(engine, hasher, tarpit=Tarpit(identity.refusal_delay_s)),
+        ApiKeyAuthenticator(
+            engine, hasher, tarpit=Tarpit(identity.refusal_delay_s), keep_warm_s=settings.gateway.keep_warm_s
+        ),
         UserMirror(engine, settings.issuer_url),
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,
-        TenantCheck(engine),
+        TenantCheck(engine, keep_warm_s=settings.gateway.keep_warm_s),
         AccountCheck(engine) if issuer is not None else None,
     )
 

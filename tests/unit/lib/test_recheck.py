@@ -79,3 +79,45 @@ async def test_a_refresh_that_fails_leaves_nothing_stale_behind() -> None:
     await asyncio.sleep(source.delay_s * 3)  # the refresh failed
     with pytest.raises(RuntimeError):
         await facts.get("k")  # no stale answer left: this request looks up itself, and fails closed
+
+
+async def test_an_answer_used_lately_is_kept_fresh_in_the_background_then_left_to_go_stale() -> None:
+    """A client that calls less often than ttl_s finds its answer fresh (no wait for the database); one that
+    stopped calling costs no lookups once keep_warm_s has passed; close() stops it at once."""
+    source = Source()
+    source.delay_s = 0.02
+    recheck: Recheck[str, str] = Recheck(source, ttl_s=0.2, keep_warm_s=0.6)
+    assert await recheck.get("k") == "k:v1"
+    source.value = "v2"  # changed in the database while the client is quiet
+    await asyncio.sleep(0.45)  # past ttl_s: without keeping warm, the next get would wait for a lookup
+    assert source.lookups >= 3
+    started = asyncio.get_running_loop().time()
+    assert await recheck.get("k") == "k:v2"
+    assert asyncio.get_running_loop().time() - started < source.delay_s, "the request waited for the database"
+    await asyncio.sleep(0.9)  # unused for longer than keep_warm_s
+    quiet = source.lookups
+    await asyncio.sleep(0.4)
+    assert source.lookups == quiet, "an answer nobody asked for lately was still looked up"
+
+    await recheck.get("k")
+    await asyncio.sleep(0.25)
+    recheck.close()
+    await asyncio.sleep(0.05)  # a refresh already under way finishes
+    closed = source.lookups
+    await asyncio.sleep(0.4)
+    assert source.lookups == closed
+
+
+async def test_answers_refused_for_warmth_are_never_looked_up_unasked() -> None:
+    """Not-found answers (a flood of made-up keys) and failed lookups are not kept warm."""
+    source = Source()
+    source.delay_s = 0.0
+    recheck: Recheck[str, str] = Recheck(source, ttl_s=0.1, keep_warm_s=5.0, warm=lambda value: "made-up" not in value)
+    for n in range(50):
+        await recheck.get(f"made-up-{n}")
+    source.fail = True
+    with pytest.raises(RuntimeError):
+        await recheck.get("failing")
+    asked = source.lookups
+    await asyncio.sleep(0.35)
+    assert source.lookups == asked
