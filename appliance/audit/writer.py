@@ -141,7 +141,10 @@ class AuditWriter:
                 self._wakeup.clear()
                 if time.monotonic() - last_checkpoint >= self._checkpoint_interval_s:
                     last_checkpoint = time.monotonic()
-                    self.store.checkpoint_in_background()  # appends go on while the tree grows
+                    try:
+                        self.store.checkpoint_in_background()  # appends go on while the tree grows
+                    except Exception:  # no thread to be had: the next interval tries again
+                        log.exception("starting an audit checkpoint failed")
                 continue
             batch = self._pending[: self._batch_size]
             try:
