@@ -126,10 +126,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lease_fraction=settings.budgets.lease_fraction,
         idle_s=settings.budgets.lease_idle_s,
         commit_interval_s=settings.budgets.commit_interval_s,
-        keep_warm_s=settings.gateway.keep_warm_s,
     )
     enforcer = BudgetEnforcer(budgets, leases)
-    tenant_policies = TenantPolicies(db_engine, keep_warm_s=settings.gateway.keep_warm_s)
+    tenant_policies = TenantPolicies(db_engine)
     serving = OpenAIServing(
         router,
         usage,
@@ -172,8 +171,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            authenticator.close()  # nothing looked up in the background once requests have stopped
-            tenant_policies.close()
             await spans.stop()
             await retention.stop()
             await drift.stop()

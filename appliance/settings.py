@@ -138,14 +138,6 @@ class GatewaySettings(BaseModel):
         default_factory=dict, description="model -> its own default output cap, instead of default_max_tokens"
     )
 
-    keep_warm_s: float = Field(
-        default=30.0,
-        ge=0,
-        description="what a request needs to know (its key, tenant, policies, budgets) is looked up again in the "
-        "background for this long after the last request that used it, so a client calling every few seconds "
-        "finds it fresh instead of waiting for the database (0: looked up when a request finds it stale)",
-    )
-
     @model_validator(mode="after")
     def _name_engines(self) -> GatewaySettings:
         pairs = [(route.model, route.url) for route in self.routes]

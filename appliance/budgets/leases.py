@@ -116,7 +116,6 @@ class BudgetLeases:
         idle_s: float = 10.0,
         commit_interval_s: float = 0.05,
         recheck_s: float = RECHECK_S,
-        keep_warm_s: float = 0.0,
         clock: Callable[[], datetime] | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
@@ -129,7 +128,7 @@ class BudgetLeases:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._monotonic = monotonic or time.monotonic
         self._rules: Recheck[tuple[tuple[str, str], ...], list[dict[str, Any]]] = Recheck(
-            self._look_up_rules, ttl_s=recheck_s, keep_warm_s=keep_warm_s
+            self._look_up_rules, ttl_s=recheck_s
         )
         self._leases: dict[tuple[str, datetime], Lease] = {}
         self._windows: dict[str, tuple[datetime, datetime]] = {}
@@ -356,7 +355,6 @@ class BudgetLeases:
         """Commit what was spent and give every lease back (after the last request). False: the database
         refused, and the leases stay with this process's gateway row (the sweep charges them in full)."""
         self._stopping = True
-        self._rules.close()
         if self._topping_up:  # what they are granted is given back with the rest
             await asyncio.wait(list(self._topping_up))
         self._dirty.set()

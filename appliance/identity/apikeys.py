@@ -84,13 +84,12 @@ class ApiKeyAuthenticator:
         unknown_per_address: int = 20,
         unknown_window_s: float = 10.0,
         tarpit: Tarpit | None = None,
-        keep_warm_s: float = 0.0,
     ) -> None:
         self._engine = engine
         self._hasher = hasher
         self._last_used_written: dict[str, float] = {}
         self._known: Recheck[tuple[str, str], tuple[Principal, datetime | None] | None] = Recheck(
-            self._look_up, ttl_s=recheck_s, keep_warm_s=keep_warm_s, warm=lambda found: found is not None
+            self._look_up, ttl_s=recheck_s
         )
         # Keys looked up and not found, per client address: past the limit, a key from that address that was not
         # found valid before is refused without a database read (a flood of made-up keys costs no thread, no
@@ -119,9 +118,6 @@ class ApiKeyAuthenticator:
         if expires_at is not None and expires_at <= datetime.now(UTC):
             raise AuthenticationError()
         return principal
-
-    def close(self) -> None:
-        self._known.close()
 
     def forget(self, key_id: str) -> None:
         """This process revoked ``key_id``: refused from the next request on (other processes: within a second)."""

@@ -50,12 +50,6 @@ class Authenticator:
         self._tenants = tenants
         self._accounts = accounts
 
-    def close(self) -> None:
-        """Stop refreshing what requests lately needed (the process is stopping)."""
-        self._api_keys.close()
-        if self._tenants is not None:
-            self._tenants.close()
-
     async def authenticate(
         self,
         authorization: str | None,

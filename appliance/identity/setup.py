@@ -74,13 +74,11 @@ def authenticator(
     sessions = SessionStore(engine, timedelta(seconds=identity.console_session_s))
     return Authenticator(
         validator,
-        ApiKeyAuthenticator(
-            engine, hasher, tarpit=Tarpit(identity.refusal_delay_s), keep_warm_s=settings.gateway.keep_warm_s
-        ),
+        ApiKeyAuthenticator(engine, hasher, tarpit=Tarpit(identity.refusal_delay_s)),
         UserMirror(engine, settings.issuer_url),
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,
-        TenantCheck(engine, keep_warm_s=settings.gateway.keep_warm_s),
+        TenantCheck(engine),
         AccountCheck(engine) if issuer is not None else None,
     )
 

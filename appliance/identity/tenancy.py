@@ -83,20 +83,14 @@ class TenantCheck:
         *,
         recheck_s: float = RECHECK_EVERY_S,
         max_entries: int = 10_000,
-        keep_warm_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._engine = engine
-        self._seen: Recheck[str, bool] = Recheck(
-            self._look_up, ttl_s=recheck_s, max_entries=max_entries, keep_warm_s=keep_warm_s, clock=clock
-        )
+        self._seen: Recheck[str, bool] = Recheck(self._look_up, ttl_s=recheck_s, max_entries=max_entries, clock=clock)
 
     async def check(self, principal: Principal) -> None:
         if principal.tenant_id is not None:
             await self._seen.get(principal.tenant_id)
-
-    def close(self) -> None:
-        self._seen.close()
 
     async def _look_up(self, tenant_id: str) -> bool:
         """True, or refused (an answer that raises is not kept: a missing tenant is looked up again)."""
@@ -121,20 +115,15 @@ class TenantPolicies:
     """Each tenant's :class:`TenantPolicy`, from memory: looked up again every second, so a change made by
     another process applies within a second (one made here, at once)."""
 
-    def __init__(self, engine: Engine, *, recheck_s: float = RECHECK_EVERY_S, keep_warm_s: float = 0.0) -> None:
+    def __init__(self, engine: Engine, *, recheck_s: float = RECHECK_EVERY_S) -> None:
         self._engine = engine
-        self._known: Recheck[str, TenantPolicy] = Recheck(
-            self._look_up, ttl_s=recheck_s, keep_warm_s=keep_warm_s, warm=lambda policy: policy is not NO_POLICY
-        )
+        self._known: Recheck[str, TenantPolicy] = Recheck(self._look_up, ttl_s=recheck_s)
 
     async def of(self, tenant_id: str | None) -> TenantPolicy:
         return NO_POLICY if tenant_id is None else await self._known.get(tenant_id)
 
     def changed(self, tenant_id: str) -> None:
         self._known.forget(tenant_id)
-
-    def close(self) -> None:
-        self._known.close()
 
     async def _look_up(self, tenant_id: str) -> TenantPolicy:
         return await asyncio.to_thread(self._policy, tenant_id)

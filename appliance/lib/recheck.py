@@ -11,14 +11,7 @@ Refreshed ahead: an answer older than ``refresh_s`` (half of ``ttl_s`` unless sa
 still served from memory, and the first request to find it so starts one lookup in the background. Under load
 no request waits for the database (every request arriving during a lookup used to), and no answer served is
 older than ``ttl_s``, as before. A refresh that fails (the database down, or a lookup that refuses) drops the
-answer: the next request waits for a lookup of its own, and fails closed with it.
-
-Kept warm (``keep_warm_s``): refreshing ahead helps only while requests keep coming. A client that sends one
-request every few seconds would find every answer older than ``ttl_s`` and wait for each lookup in turn (key,
-tenant, policies, budgets: tens of milliseconds on a busy node). An answer used within ``keep_warm_s`` is
-looked up again in the background every ``refresh_s`` instead, so it is fresh when the next request comes;
-unused that long, it is left to go stale. Only answers ``warm`` accepts are kept warm (not "no such key": a
-flood of made-up keys must not become background lookups)."""
+answer: the next request waits for a lookup of its own, and fails closed with it."""
 
 from __future__ import annotations
 
@@ -31,23 +24,10 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 RECHECK_S = 1.0  # how stale a fact the hot path answers from memory may be
-KEEP_WARM_S = 30.0  # how long after its last request a fact is still refreshed in the background
 
 
 class Recheck(Generic[K, V]):
-    __slots__ = (
-        "_clock",
-        "_entries",
-        "_inflight",
-        "_keep_warm_s",
-        "_lookup",
-        "_max_entries",
-        "_refresh_s",
-        "_refreshing",
-        "_ttl_s",
-        "_used",
-        "_warm",
-    )
+    __slots__ = ("_clock", "_entries", "_inflight", "_lookup", "_max_entries", "_refresh_s", "_refreshing", "_ttl_s")
 
     def __init__(
         self,
@@ -56,8 +36,6 @@ class Recheck(Generic[K, V]):
         ttl_s: float = RECHECK_S,
         refresh_s: float | None = None,
         max_entries: int = 10_000,
-        keep_warm_s: float = 0.0,
-        warm: Callable[[V], bool] = lambda _value: True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._lookup = lookup
@@ -68,13 +46,8 @@ class Recheck(Generic[K, V]):
         self._entries: dict[K, tuple[float, V]] = {}  # key -> (when it was looked up, the answer)
         self._inflight: dict[K, asyncio.Future[V]] = {}
         self._refreshing: set[asyncio.Task[V]] = set()  # background refreshes (held: the loop keeps weak refs)
-        self._keep_warm_s = keep_warm_s
-        self._warm = warm
-        self._used: dict[K, float] = {}  # key kept warm -> when a request last asked for it
 
     async def get(self, key: K) -> V:
-        if key in self._used:
-            self._used[key] = self._clock()
         while True:
             entry = self._entries.get(key)
             if entry is not None:
@@ -125,7 +98,6 @@ class Recheck(Generic[K, V]):
             raise
         except BaseException as exc:
             self._entries.pop(key, None)  # a refresh that fails leaves no stale answer behind: fail closed
-            self._used.pop(key, None)
             future.set_exception(exc)
             future.exception()  # the waiters re-raise it; nobody else need retrieve it
             raise
@@ -133,27 +105,11 @@ class Recheck(Generic[K, V]):
             future.set_result(value)
             self._entries.pop(key, None)
             while len(self._entries) >= self._max_entries:
-                oldest = next(iter(self._entries))  # the oldest inserted goes first
-                self._entries.pop(oldest)
-                self._used.pop(oldest, None)
+                self._entries.pop(next(iter(self._entries)))  # the oldest inserted goes first
             self._entries[key] = (looked_up_at, value)
-            if self._keep_warm_s and self._warm(value):
-                self._used.setdefault(key, looked_up_at)  # bounded by the entries: only answers kept warm
-                asyncio.get_running_loop().call_later(self._refresh_s, self._keep_warm, key)
-            else:
-                self._used.pop(key, None)
             return value
         finally:
             del self._inflight[key]
-
-    def _keep_warm(self, key: K) -> None:
-        """Refresh ``key`` ahead of its next request if one used it lately (each refresh schedules the next)."""
-        used = self._used.get(key)
-        if used is None or self._clock() - used >= self._keep_warm_s:
-            self._used.pop(key, None)
-            return
-        if key in self._entries and key not in self._inflight:
-            self._refresh(key)
 
     def kept(self, key: K) -> V | None:
         """The answer kept for ``key``, fresh or not (None: none is kept)."""
@@ -163,18 +119,10 @@ class Recheck(Generic[K, V]):
     def forget(self, key: K) -> None:
         """Drop what is kept for ``key`` (this process changed it and knows the answer is stale)."""
         self._entries.pop(key, None)
-        self._used.pop(key, None)
 
     def forget_matching(self, matches: Callable[[K], bool]) -> None:
         for key in [key for key in self._entries if matches(key)]:
             self._entries.pop(key, None)
-            self._used.pop(key, None)
-
-    def close(self) -> None:
-        """Keep nothing warm any more (the process is stopping: no background lookup may outlive it)."""
-        self._keep_warm_s = 0.0
-        self._used.clear()
 
     def clear(self) -> None:
         self._entries.clear()
-        self._used.clear()
