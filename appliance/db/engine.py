@@ -38,16 +38,11 @@ def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False
 
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
-    """A connection for reads only, on one snapshot of the database. On an engine made with ``serialized_writes``
-    its transaction is SQLite's deferred one, which waits for no writer and makes none wait (WAL), where
-    ``BEGIN IMMEDIATE`` would queue a read behind every write, and every write behind it. On PostgreSQL it is
-    REPEATABLE READ, so reads that belong together (the tree's size, then the records past it) agree even while
-    another process prunes."""
+    """A connection for reads only. On an engine made with ``serialized_writes`` its transaction is SQLite's
+    deferred one: a snapshot of the database that waits for no writer and makes none wait (WAL), where
+    ``BEGIN IMMEDIATE`` would queue a read behind every write, and every write behind it."""
     with engine.connect() as connection:
-        if connection.dialect.name == "postgresql":  # one snapshot for all its statements, as on SQLite
-            connection.execution_options(isolation_level="REPEATABLE READ")
-        else:
-            connection.execution_options(**{_READS_ONLY: True})
+        connection.execution_options(**{_READS_ONLY: True})
         yield connection
 
 
