@@ -97,19 +97,22 @@ class Recheck(Generic[K, V]):
             future.cancel()
             raise
         except BaseException as exc:
-            self._entries.pop(key, None)  # a refresh that fails leaves no stale answer behind: fail closed
+            if self._inflight.get(key) is future:  # a refresh that fails leaves no stale answer: fail closed
+                self._entries.pop(key, None)
             future.set_exception(exc)
             future.exception()  # the waiters re-raise it; nobody else need retrieve it
             raise
         else:
             future.set_result(value)
-            self._entries.pop(key, None)
-            while len(self._entries) >= self._max_entries:
-                self._entries.pop(next(iter(self._entries)))  # the oldest inserted goes first
-            self._entries[key] = (looked_up_at, value)
+            if self._inflight.get(key) is future:  # not forgotten meanwhile: a revocation is not undone
+                self._entries.pop(key, None)
+                while len(self._entries) >= self._max_entries:
+                    self._entries.pop(next(iter(self._entries)))  # the oldest inserted goes first
+                self._entries[key] = (looked_up_at, value)
             return value
         finally:
-            del self._inflight[key]
+            if self._inflight.get(key) is future:
+                del self._inflight[key]
 
     def kept(self, key: K) -> V | None:
         """The answer kept for ``key``, fresh or not (None: none is kept)."""
@@ -117,12 +120,16 @@ class Recheck(Generic[K, V]):
         return entry[1] if entry is not None else None
 
     def forget(self, key: K) -> None:
-        """Drop what is kept for ``key`` (this process changed it and knows the answer is stale)."""
+        """Drop what is kept for ``key`` (this process changed it and knows the answer is stale). A lookup in
+        flight for it still answers those waiting on it, but its answer, perhaps read before the change, is not
+        kept."""
         self._entries.pop(key, None)
+        self._inflight.pop(key, None)
 
     def forget_matching(self, matches: Callable[[K], bool]) -> None:
-        for key in [key for key in self._entries if matches(key)]:
-            self._entries.pop(key, None)
+        for key in [key for key in [*self._entries, *self._inflight] if matches(key)]:
+            self.forget(key)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._inflight.clear()

@@ -79,3 +79,26 @@ async def test_a_refresh_that_fails_leaves_nothing_stale_behind() -> None:
     await asyncio.sleep(source.delay_s * 3)  # the refresh failed
     with pytest.raises(RuntimeError):
         await facts.get("k")  # no stale answer left: this request looks up itself, and fails closed
+
+
+async def test_a_lookup_in_flight_when_the_answer_is_forgotten_is_not_kept() -> None:
+    """A key revoked in this process while its lookup (begun before) is in flight: the lookup's answer, read
+    before the revocation, must not be put back; the next request looks up again."""
+    database = {"k": "valid"}
+    lookups = 0
+
+    async def read_then_wait(key: str) -> str:  # the read happens first; the answer lands later
+        nonlocal lookups
+        lookups += 1
+        value = database[key]
+        await asyncio.sleep(0.1)
+        return value
+
+    recheck: Recheck[str, str] = Recheck(read_then_wait, ttl_s=10.0)
+    looking = asyncio.ensure_future(recheck.get("k"))
+    await asyncio.sleep(0.02)
+    database["k"] = "revoked"
+    recheck.forget("k")
+    assert await looking == "valid"  # the request that asked before the change gets what was read then
+    assert await recheck.get("k") == "revoked"
+    assert lookups == 2
