@@ -36,6 +36,9 @@ def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False
     return engine
 
 
+_READS_ONLY = "appliance_reads_only"  # an execution option: this connection's transaction only reads
+
+
 @contextmanager
 def reading(engine: Engine) -> Iterator[Connection]:
     """A connection for reads only. On an engine made with ``serialized_writes`` its transaction is SQLite's
@@ -44,9 +47,6 @@ def reading(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as connection:
         connection.execution_options(**{_READS_ONLY: True})
         yield connection
-
-
-_READS_ONLY = "appliance_reads_only"
 
 
 def _begin_serialized(connection: Connection) -> None:
