@@ -223,6 +223,24 @@ def _deploy(db: Engine, settings: Settings, version_id: int, actor: str, action:
         with Session(db) as session:
             service.audit(settings, action, service.get_version(session, version_id), actor, "failure")
         raise
+    result, old_engines, old_kind = switch(db, settings, version_id, engines, kind, actor, action)
+    log.info("%s: %s v%s serves on %s", action, result["served_name"], result["version"], [e["url"] for e in engines])
+    if old_engines:
+        drain(settings, old_engines, old_kind)
+    return result
+
+
+def switch(
+    db: Engine,
+    settings: Settings,
+    version_id: int,
+    engines: list[dict[str, Any]],
+    kind: EngineKind,
+    actor: str,
+    action: str,
+) -> tuple[dict[str, Any], list[dict[str, Any]], EngineKind]:
+    """Point the served name at ``engines`` in one transaction: the mapping, the new version's state and the
+    old one's. Returns the version's view, the engines it replaced and their kind (to drain)."""
     with Session(db) as session:
         version = service.get_version(session, version_id)
         current = session.get(ServedModel, version.served_name)
@@ -249,10 +267,7 @@ def _deploy(db: Engine, settings: Settings, version_id: int, actor: str, action:
         session.refresh(version)
         result = service.show(session, version_id)
         service.audit(settings, action, version, actor, engines=[e["url"] for e in engines])
-    log.info("%s: %s v%s serves on %s", action, version.served_name, version.version, [e["url"] for e in engines])
-    if old_engines:
-        drain(settings, old_engines, old_kind)
-    return result
+    return result, old_engines, old_kind
 
 
 def rollback(db: Engine, settings: Settings, served_name: str, actor: str) -> dict[str, Any]:

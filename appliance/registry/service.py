@@ -186,6 +186,12 @@ def list_versions(session: Session, served_name: str | None = None) -> list[dict
 
 
 def show(session: Session, version_id: int) -> dict[str, Any]:
+    # Each read sees what is committed when it runs (SQLite outside a write, PostgreSQL's READ COMMITTED), so the
+    # served mapping is read first: a switch commits it with the version's new state, and a view that says
+    # "serving" then never shows the state from before the switch.
+    query = select(ModelVersion.served_name).where(ModelVersion.id == version_id)
+    served_name = session.exec(query).first() if 0 < version_id <= ID_MAX else None
+    served = session.get(ServedModel, served_name) if served_name is not None else None
     version = get_version(session, version_id)
     transitions = list(
         session.exec(
@@ -193,7 +199,6 @@ def show(session: Session, version_id: int) -> dict[str, Any]:
         ).all()
     )
     view = version_view(version, transitions)
-    served = session.get(ServedModel, version.served_name)
     view["serving"] = served is not None and served.version_id == version.id
     if served is not None and view["serving"]:
         view["engines"] = served.engines

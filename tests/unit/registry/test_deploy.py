@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from sqlalchemy import delete, event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from appliance.asgi import create_app
 from appliance.engines.runner import http_ok, pid_alive
@@ -29,7 +30,7 @@ from appliance.lib.errors import ConflictError, PermissionDeniedError
 from appliance.registry import deploy, service
 from appliance.registry.files import RegistryIntegrityError
 from appliance.registry.importer import import_model
-from appliance.registry.models import ModelVersion
+from appliance.registry.models import ModelTransition, ModelVersion, ServedModel
 from appliance.settings import REPO_ROOT, EngineKind, RegistrySettings, Settings
 from tests.support.fake_engine import free_port
 from tests.support.gateway import add_tenant, admin_headers
@@ -259,6 +260,44 @@ async def test_deploy_and_rollback_over_the_admin_api(db: Engine, settings: Sett
             assert served(db)["version_id"] == versions[0]
     finally:
         deploy.stop_all(db)
+
+
+def test_a_version_shown_as_serving_is_shown_deployed_whenever_the_switch_commits(
+    db: Engine, settings: Settings, versions: list[int]
+) -> None:
+    """The view reads several rows, each as committed when it runs; a switch committed between any two of them
+    must not yield "serving" with the state from before the switch (seen in CI: polled until serving, the
+    version still said approved)."""
+    engines = [{"name": "e0", "url": "http://127.0.0.1:1", "port": 1, "pid": 0}]
+    statements = 0
+    k = 0
+    while True:
+        k += 1
+        with Session(db) as session:
+            session.exec(delete(ModelTransition).where(col(ModelTransition.action) == "deploy"))
+            session.exec(delete(ServedModel))
+            session.get(ModelVersion, versions[0]).state = "approved"  # type: ignore[union-attr]
+            session.commit()
+        seen = 0
+
+        def switch_after_k(*_args: Any) -> None:
+            nonlocal seen
+            seen += 1
+            if seen == k:
+                deploy.switch(db, settings, versions[0], engines, FAKE_KIND, "root", "deploy")
+
+        event.listen(db, "after_cursor_execute", switch_after_k)
+        try:
+            with Session(db) as session:
+                shown = service.show(session, versions[0])
+        finally:
+            event.remove(db, "after_cursor_execute", switch_after_k)
+        assert not shown["serving"] or shown["state"] == "deployed", f"torn after statement {k}: {shown}"
+        if k == 1:
+            statements = seen  # the view's own statements (and the switch's, run inside the first)
+        if seen < k:  # the switch never ran: every interleaving was tried
+            break
+    assert k > 2 and statements > 2
 
 
 def test_a_crashed_engine_is_started_again_on_its_port(db: Engine, settings: Settings, versions: list[int]) -> None:
