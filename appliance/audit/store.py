@@ -209,12 +209,8 @@ class AuditStore:
             target = connection.execute(select(HEAD.c.seq).where(HEAD.c.id == 1)).scalar_one_or_none() or 0
         try:
             while True:  # up to the head as it was: under a load it cannot catch up with, it still signs
-                with reading(self._engine) as connection:  # hashing a thousand records holds no lock
-                    growth = tree.plan(connection, tree.size_of(connection))
-                if growth.rows:
-                    with self._engine.begin() as connection:
-                        tree.extend(connection, growth)  # or another grower took it further: plan from there
-                if not growth.rows or growth.size >= target:
+                grown, size = self._grow_tree()
+                if not grown or size >= target:
                     break
         except tree.TreeError as exc:
             log.warning("no Merkle tree: %s; the chain's head is signed instead", exc)
@@ -229,6 +225,23 @@ class AuditStore:
             note = self._sign(connection, size)
         self._write_latest(note)
         return note
+
+    def _grow_tree(self) -> tuple[bool, int]:
+        """One step of the tree's growth: whether it grew, and the size planned to."""
+        try:
+            with reading(self._engine) as connection:  # hashing a thousand records holds no lock
+                growth = tree.plan(connection, tree.size_of(connection))
+        except tree.TreeError:
+            # On PostgreSQL each read sees what is committed when it runs: another process's prune may have
+            # grown the tree and deleted the records past the size just read. Under the tree's lock nothing
+            # moves; a node that truly lacks its first leaves raises again there.
+            with self._engine.begin() as connection:
+                before, after = tree.grow(connection)
+            return after > before, after
+        if growth.rows:
+            with self._engine.begin() as connection:
+                tree.extend(connection, growth)  # or another grower took it further: plan from there
+        return bool(growth.rows), growth.size
 
     def _legacy_checkpoint(self) -> str | None:
         """The chain's head, signed as before the tree (for a node that cannot build one)."""

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from appliance.audit import tree
 from appliance.audit.chain import NoteKey, leaf_data, open_checkpoint, record_hash, sign_legacy_checkpoint
@@ -328,3 +328,46 @@ def test_appends_and_other_growers_go_on_while_a_checkpoint_hashes(tmp_path: Pat
     assert db(tmp_path).execute("SELECT size FROM audit_tree").fetchone() == (61,)
     monkeypatch.undo()
     assert store.verify().ok
+
+
+def test_on_postgresql_a_prune_between_a_checkpoints_reads_still_yields_a_merkle_checkpoint(
+    postgres: PostgresServer, tmp_path: Path, monkeypatch
+) -> None:
+    """On PostgreSQL each read of a checkpoint's plan sees what is committed when it runs. Another process's
+    prune committed between the plan's read of the tree's size and its read of the records (the tree grown, the
+    oldest records deleted) must not make this process sign the chain's head in the legacy format."""
+    url = postgres.create_database(f"audit_prune_{uuid.uuid4().hex[:12]}")
+    key = NoteKey.load_or_create(tmp_path / "audit-key", "audit.example.org/pg")
+    stores = []
+    for n in range(2):
+        engine = make_engine(url, serialized_writes=True)
+        create_schema(engine)
+        stores.append(
+            AuditStore(engine, key, latest_checkpoint_file=tmp_path / "latest", checkpoint_every=10_000, node=f"gw{n}")
+        )
+    this, other = stores
+    this.append([event(n) for n in range(10)])
+    this.settle()  # the first checkpoint, signed in the background: the tree holds 10
+    this.append([event(n) for n in range(10, 20)])
+    this.append([event(n) for n in range(20, 30)])
+    [cutoff] = [record for record in this.export() if record["seq"] == 21]
+    reading_records = tree.read_records
+    interfered: list[int] = []
+
+    def prune_in_between(connection, size, limit):  # type: ignore[no-untyped-def]
+        if not interfered:
+            interfered.append(size)
+            assert other.prune(datetime.fromisoformat(cutoff["ts"]), tmp_path / "archive.jsonl") == 20
+            other.append([event(99)])
+        return reading_records(connection, size, limit)
+
+    monkeypatch.setattr(tree, "read_records", prune_in_between)
+    note = this.checkpoint()
+    monkeypatch.undo()
+    assert interfered == [10]
+    assert note is not None and this.latest_checkpoint()["root_hash"] is not None  # type: ignore[index]
+    assert this.latest_checkpoint()["tree_size"] == 31  # type: ignore[index]
+    with this._engine.connect() as connection:
+        legacy = connection.execute(select(CHECKPOINTS.c.id).where(CHECKPOINTS.c.root_hash.is_(None))).all()
+    assert legacy == []
+    assert this.verify().ok
