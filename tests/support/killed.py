@@ -1,7 +1,8 @@
-"""Run tests/support/journaled_writer.py until its records are acknowledged, then kill it with SIGKILL."""
+"""Run tests/support/journaled_writer.py: it acknowledges its records, then kills itself with SIGKILL."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ def killed_writer(kind: str, data_dir: Path, records: int, committed: int) -> No
     try:
         assert process.stdout is not None
         assert process.stdout.readline().strip() == "ready", "the writer did not acknowledge its records"
+        assert process.wait(timeout=30) == -signal.SIGKILL, "the writer did not die by SIGKILL"
     finally:
         process.kill()
         process.wait()
