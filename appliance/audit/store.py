@@ -36,7 +36,7 @@ from appliance.audit.chain import (
 from appliance.audit.merkle import leaf_hash
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
-from appliance.db.engine import reading
+from appliance.db.engine import reading, writing
 from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
 from appliance.lib.bounded import bounded, bounded_detail
 from appliance.lib.times import as_utc
@@ -126,7 +126,7 @@ class AuditStore:
         append (and the request waiting on it) does not wait for that."""
         if not events:
             return []
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             head = _locked_head(connection)
             keep, mark = unmarked(connection, journal, entries or [None] * len(events))
             seq, prev = head
@@ -163,7 +163,7 @@ class AuditStore:
             return mark_of(connection, journal)
 
     def forget_journal(self, journal: str) -> None:
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             drop_mark(connection, journal)
 
     def checkpoint_in_background(self) -> None:
@@ -215,7 +215,7 @@ class AuditStore:
         except tree.TreeError as exc:
             log.warning("no Merkle tree: %s; the chain's head is signed instead", exc)
             return self._legacy_checkpoint()
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             size = tree.size_of(connection)
             signed = connection.execute(
                 select(CHECKPOINTS.c.id).where(CHECKPOINTS.c.tree_size == size, CHECKPOINTS.c.root_hash.is_not(None))
@@ -235,17 +235,17 @@ class AuditStore:
             # On PostgreSQL each read sees what is committed when it runs: another process's prune may have
             # grown the tree and deleted the records past the size just read. Under the tree's lock nothing
             # moves; a node that truly lacks its first leaves raises again there.
-            with self._engine.begin() as connection:
+            with writing(self._engine) as connection:
                 before, after = tree.grow(connection)
             return after > before, after
         if growth.rows:
-            with self._engine.begin() as connection:
+            with writing(self._engine) as connection:
                 tree.extend(connection, growth)  # or another grower took it further: plan from there
         return bool(growth.rows), growth.size
 
     def _legacy_checkpoint(self) -> str | None:
         """The chain's head, signed as before the tree (for a node that cannot build one)."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             row = connection.execute(select(HEAD.c.seq, HEAD.c.hash).where(HEAD.c.id == 1)).first()
             known = connection.execute(select(func.max(CHECKPOINTS.c.tree_size))).scalar_one()
             if row is None or known == row[0]:
@@ -545,7 +545,7 @@ class AuditStore:
         in every record: its leaves outlive the records, so proofs still reach them."""
         self.checkpoint()
         merkle = self._has_tree()
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             last = connection.execute(select(func.max(RECORDS.c.seq)).where(RECORDS.c.ts < older_than)).scalar_one()
             if last is None:
                 return 0
@@ -580,13 +580,13 @@ class AuditStore:
     def prune_content(self, older_than: datetime) -> int:
         """Delete captured prompts and answers older than ``older_than`` (they are not chained: the chain stays
         whole); the number deleted."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             count = connection.execute(delete(CONTENT).where(CONTENT.c.created_at < older_than)).rowcount
         return int(count or 0)
 
     def forget_tenant_content(self, tenant_id: str) -> int:
         """Delete every captured prompt and answer of a tenant (when the tenant is deleted)."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             count = connection.execute(delete(CONTENT).where(CONTENT.c.tenant_id == tenant_id)).rowcount
         return int(count or 0)
 

@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from appliance.budgets.journal import Settlement, SettlementJournal
 from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation
 from appliance.budgets.ratelimit import RateWindow, keep_tightest, window_headers
-from appliance.db.engine import reading
+from appliance.db.engine import reading, writing
 from appliance.ledger.pricing import Price, to_currency
 from appliance.lib.errors import ApplianceError, InvalidRequestError
 from appliance.lib.windows import window
@@ -155,7 +155,7 @@ class BudgetStore:
         no such budget applies (``strict`` lacks its kind), a parent or original that was never recorded is
         taken as a root: depth 1 for its child, attempt counted from the retries that name it."""
         tenant = chain.get("tenant")
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             depth = 0
             if call.parent_request_id:
                 parent = _call(connection, call.parent_request_id, tenant)
@@ -231,7 +231,7 @@ class BudgetStore:
         atomically with every other grant: nothing at all unless ``least`` fits. The extra is at most half of
         what remains beyond the need, so near the end of a budget one process does not take what the others
         may need. Returns (granted, what remains after it)."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             limit = connection.execute(select(BUDGETS.c.limit).where(BUDGETS.c.id == budget_id)).scalar()
             if limit is None:
                 return 0, 0  # deleted meanwhile
@@ -270,7 +270,7 @@ class BudgetStore:
         it no longer holds. A lease whose row is gone (the sweep took this gateway for dead) still has its
         spending counted; nothing is given back twice. Returns the (lease, budget) pairs whose row was gone."""
         gone: set[tuple[str, str]] = set()
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             for move in sorted(moves, key=lambda m: (m.budget_id, m.lease_id)):
                 amount = connection.execute(
                     select(RESERVATIONS.c.amount)
@@ -316,7 +316,7 @@ class BudgetStore:
         fit beside the prompt (one per sequence the engine may produce; 0 for embeddings)."""
         price = price or Price()
         now = self._clock()
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             budgets = _chain_budgets(connection, chain)
             if not budgets:
                 return Grant(max_tokens, clamped=False, reserved=False)
@@ -382,7 +382,7 @@ class BudgetStore:
         """Turn the request's reservations into usage (its real tokens, its cost, one call) and free the rest.
         Idempotent: reservations already settled or released (rows gone) change nothing. Returns how many
         reservation rows (one per budget) it settled."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             taken = _take(connection, RESERVATIONS.c.request_id == request_id)
             kinds = _kinds(connection, {row["budget_id"] for row in taken})
             for row in taken:
@@ -453,7 +453,7 @@ class BudgetStore:
         """Announce this gateway process (its heartbeat starts now)."""
         assert self.gateway_id is not None, "a gateway that registers has an id"
         now = self._clock()
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             connection.execute(delete(GATEWAYS).where(GATEWAYS.c.id == self.gateway_id))
             connection.execute(
                 insert(GATEWAYS).values(id=self.gateway_id, host=host[:200], pid=pid, started_at=now, heartbeat_at=now)
@@ -462,7 +462,7 @@ class BudgetStore:
     @_retrying
     def heartbeat(self, gateway_id: str) -> bool:
         """Say ``gateway_id`` is alive; False when its row is gone (declared dead: register again)."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             beat = connection.execute(
                 update(GATEWAYS).where(GATEWAYS.c.id == gateway_id).values(heartbeat_at=self._clock())
             )
@@ -471,7 +471,7 @@ class BudgetStore:
     @_retrying
     def deregister(self, gateway_id: str) -> None:
         """Remove a gateway's row: whatever it still holds is released by the next sweep."""
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             connection.execute(delete(GATEWAYS).where(GATEWAYS.c.id == gateway_id))
 
     @_retrying
@@ -490,7 +490,7 @@ class BudgetStore:
                 RESERVATIONS.c.created_at < now - timedelta(seconds=unowned_ttl_s),
             ),
         )
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             taken = _take(connection, orphaned)
             for row in taken:
                 # A dead process's lease is charged in full: what it spent since its last commit is not known,

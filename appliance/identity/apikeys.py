@@ -17,6 +17,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from appliance.db.engine import writing
 from appliance.identity.models import ApiKey
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, USER, Principal
@@ -140,6 +141,6 @@ class ApiKeyAuthenticator:
             if time.monotonic() - self._last_used_written.get(key_id, -float("inf")) >= LAST_USED_EVERY_S:
                 self._last_used_written[key_id] = time.monotonic()
                 now = datetime.now(UTC)
-                session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))  # type: ignore[arg-type]
-                session.commit()
+                with writing(self._engine) as connection:
+                    connection.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))  # type: ignore[arg-type]
             return principal, expires_at

@@ -38,6 +38,7 @@ import msgspec
 from sqlalchemy import BigInteger, Table, insert
 from sqlalchemy.engine import Engine
 
+from appliance.db.engine import writing
 from appliance.db.faults import is_transient
 from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
 from appliance.ledger.models import UsageRecord
@@ -340,7 +341,7 @@ class _Rows:
                 _commit_rows(self._engine, [event], journal, [seq])
 
     def forget(self, journal: str) -> None:
-        with self._engine.begin() as connection:
+        with writing(self._engine) as connection:
             drop_mark(connection, journal)
 
 
@@ -351,7 +352,7 @@ def _last(seqs: list[int | None]) -> int | None:
 
 def _write(engine: Engine, batch: list[UsageEvent], journal: str | None, seqs: list[int | None]) -> None:
     """Insert the rows of ``batch`` not yet committed (by ``journal``'s mark), and the new mark, in one transaction."""
-    with engine.begin() as connection:
+    with writing(engine) as connection:
         keep, mark = unmarked(connection, journal, seqs)
         rows = [asdict(event) for event, kept in zip(batch, keep, strict=True) if kept]
         if rows:

@@ -92,3 +92,49 @@ def test_reads_on_a_serialized_engine_wait_for_no_writer_and_writes_still_take_t
     with reading(engine) as connection:
         assert connection.execute(text("SELECT count(*) FROM t")).scalar_one() == 3
     engine.dispose()
+
+
+def test_writers_of_one_process_queue_on_its_lock_not_on_sqlites_busy_handler(tmp_path: Path) -> None:
+    """Writers through ``writing`` on two engines of one file (the audit and budget stores' serialized engine,
+    the ledger's plain one) never meet SQLite's lock: with its busy handler turned off, not one of them is
+    refused "database is locked", while the same writers through ``engine.begin()`` are."""
+    import threading
+
+    from sqlalchemy import event, text
+
+    from appliance.db.engine import writing
+
+    path = tmp_path / "writers.db"
+    engines = [make_engine(f"sqlite:///{path}", serialized_writes=True), make_engine(f"sqlite:///{path}")]
+    for engine in engines:  # no waiting inside SQLite: a writer that finds the lock taken fails at once
+        event.listen(engine, "connect", lambda dbapi, _record: dbapi.execute("PRAGMA busy_timeout=0"))
+    with engines[0].begin() as connection:
+        connection.execute(text("CREATE TABLE t (x INTEGER)"))
+
+    def run(begin) -> list[BaseException]:  # type: ignore[no-untyped-def]
+        errors: list[BaseException] = []
+
+        def write(engine, n: int) -> None:  # type: ignore[no-untyped-def]
+            try:
+                for i in range(40):
+                    with begin(engine) as connection:
+                        connection.execute(text("INSERT INTO t VALUES (:x)"), {"x": n * 1000 + i})
+                        connection.execute(text("SELECT count(*) FROM t")).scalar_one()
+                        connection.execute(text("INSERT INTO t VALUES (:x)"), {"x": -(n * 1000 + i)})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(engines[n % 2], n)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return errors
+
+    assert run(writing) == []
+    with engines[1].connect() as connection:
+        assert connection.execute(text("SELECT count(*) FROM t")).scalar_one() == 4 * 40 * 2
+    unqueued = run(lambda engine: engine.begin())
+    assert unqueued and "database is locked" in str(unqueued[0]), "the check itself would not see contention"
+    for engine in engines:
+        engine.dispose()
