@@ -9,7 +9,7 @@ import yaml
 
 from appliance.engines import cli
 from appliance.engines.manifest import MANIFEST_FILE, PREPARED_MARKER, load_manifest, sha256_file
-from appliance.engines.runner import engine_routes
+from appliance.engines.runner import configured_specs, engine_env, engine_routes
 from appliance.settings import REPO_ROOT, EngineSettings, Settings
 
 
@@ -59,8 +59,11 @@ def test_exec_prints_the_runner_command_with_the_offline_and_no_egress_environme
         "VLLM_HOST_IP": "127.0.0.1",
         "GLOO_SOCKET_IFNAME": "lo",
         "VLLM_CPU_KVCACHE_SPACE": "2",
+        "MALLOC_MMAP_THRESHOLD_": "262144",  # an embedding worker's memory stays flat (see engine_env)
     }.items():
         assert env[name] == value, name
+    chat = next(spec for spec in configured_specs(settings) if spec.manifest.runner == "generate")
+    assert "MALLOC_MMAP_THRESHOLD_" not in engine_env(settings, chat, 0), "only for pooling engines"
 
 
 def test_exec_refuses_an_unknown_engine_and_altered_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
