@@ -80,6 +80,9 @@ def _config(dimensions: int, indexing_threshold_kb: int | None, m: int, ef_const
     )
 
 
+COMPACT_EVERY = 1_000  # points written between two looks at how many of them a shard still holds
+
+
 class _Shard:
     """One open shard; ``write`` serialises updates and the swap; ``pending`` holds the writes made while a
     copy of it is being indexed (replayed on the copy before it replaces this one)."""
@@ -89,6 +92,7 @@ class _Shard:
         self.write = threading.Lock()
         self.swap = threading.RLock()  # held by queries for their call, by the swap for its renames
         self.written = 0  # points written since the last build
+        self.checked = 0  # ``written`` when it was last weighed against the points the shard holds
         self.building = False
         self.pending: list[qe.UpdateOperation] | None = None
 
@@ -276,8 +280,23 @@ class EdgeStore:
         ]
         self._apply(shard, qe.UpdateOperation.upsert_points(points))
         shard.written += len(points)
-        if shard.written >= self._optimize_after and not shard.building:
+        if not shard.building and self._build_due(shard):
             self._start_build(name, shard)
+
+    def _build_due(self, shard: _Shard) -> bool:
+        """Past ``optimize_after`` points written, or, weighed every ``COMPACT_EVERY`` points, when most of what
+        was written since the last build is gone again (documents deleted or written again). A shard keeps the
+        points deleted since its last build in memory (about 6 KB each, measured), and a build drops them: a
+        collection whose documents are replaced grew by those 6 KB a point until ``optimize_after`` (the
+        gateway grew 14 % in the 30-minute soak), and now stays within a few times what it holds."""
+        if shard.written >= self._optimize_after:
+            return True
+        if shard.written - shard.checked < COMPACT_EVERY:
+            return False
+        shard.checked = shard.written
+        with shard.swap:
+            held = int(shard.shard.count(qe.CountRequest(exact=True)))
+        return shard.written > 2 * held
 
     def _vectors(self, vector: list[float], payload: dict[str, Any]) -> dict[str, Any]:
         return {DENSE: vector, SPARSE: self.bm25.embed_document(str(payload.get("text", "")))}
@@ -395,7 +414,7 @@ class EdgeStore:
                 shard.shard.flush()
                 shutil.copytree(self._path(name), copy)
                 shard.pending = []
-                shard.written = 0
+                shard.written = shard.checked = 0
             if self._closing:
                 raise RuntimeError("the store is closing")
             m, ef_construct = self._hnsw

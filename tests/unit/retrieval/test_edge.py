@@ -145,6 +145,30 @@ def hnsw_of_segments(shard: Path) -> list[tuple[int, int]]:
     return found
 
 
+async def test_a_collection_whose_documents_are_replaced_is_compacted_and_a_growing_one_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """A shard keeps deleted points in memory until its next build: one whose documents keep being replaced
+    (the soak's RAG uploads, each deleting the oldest) is rebuilt long before ``optimize_after``, which drops
+    them; one that only grows waits for ``optimize_after`` as before."""
+    store = EdgeStore(tmp_path / "q", optimize_after=1 << 62)
+    await store.create("churn", 8)
+    await store.create("grow", 8)
+    for n in range(24):  # 24 documents of 50 points, two kept: 1,200 written, 100 held
+        ids = [point_id(f"d{n}", i) for i in range(50)]
+        await store.upsert("churn", ids, [unit(i % 8) for i in range(50)], [{"document_id": f"d{n}"}] * 50)
+        await store.upsert("grow", ids, [unit(i % 8) for i in range(50)], [{"document_id": f"d{n}"}] * 50)
+        if n >= 2:
+            await store.delete_document("churn", f"d{n - 2}")
+    store.wait_for_builds()
+    churn, grow = store._shards["churn"], store._shards["grow"]
+    assert churn.written < 1_000 and not churn.building, "the replaced documents' points were compacted away"
+    assert await store.count("churn") == 100 and await store.count("churn", "d23") == 50
+    assert grow.written == 1_200 and not grow.building, "a growing collection is not rebuilt before its time"
+    assert await store.count("grow") == 1_200
+    store.close()
+
+
 async def test_the_hnsw_settings_shape_the_built_index_and_a_changed_setting_applies_to_the_next_build(
     tmp_path: Path,
 ) -> None:
