@@ -223,20 +223,26 @@ def test_a_rollback_behind_the_checkpoint_on_disk_is_found(store: AuditStore, tm
     assert not result.ok and "rolled back" in result.reason
 
 
-def test_on_postgresql_concurrent_checkpoints_grow_one_tree_and_proofs_verify(
-    postgres: PostgresServer, tmp_path: Path
-) -> None:
-    """Two gateway processes share PostgreSQL: each appends and signs checkpoints; the tree grows once per
-    record (its row is locked while it grows) and every checkpoint verifies."""
-    url = postgres.create_database(f"audit_tree_{uuid.uuid4().hex[:12]}")
+def postgres_stores(postgres: PostgresServer, tmp_path: Path, every: int) -> list[AuditStore]:
+    """Two gateway processes' audit stores on one new PostgreSQL database, with one signing key."""
+    url = postgres.create_database(f"audit_{uuid.uuid4().hex[:12]}")
     key = NoteKey.load_or_create(tmp_path / "audit-key", "audit.example.org/pg")
     stores = []
     for n in range(2):
         engine = make_engine(url, serialized_writes=True)
         create_schema(engine)
         stores.append(
-            AuditStore(engine, key, latest_checkpoint_file=tmp_path / "latest", checkpoint_every=7, node=f"gw{n}")
+            AuditStore(engine, key, latest_checkpoint_file=tmp_path / "latest", checkpoint_every=every, node=f"gw{n}")
         )
+    return stores
+
+
+def test_on_postgresql_concurrent_checkpoints_grow_one_tree_and_proofs_verify(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """Two gateway processes share PostgreSQL: each appends and signs checkpoints; the tree grows once per
+    record (its row is locked while it grows) and every checkpoint verifies."""
+    stores = postgres_stores(postgres, tmp_path, every=7)
 
     stores[0].append([event(0)])  # the head row exists (two first appends at once race on its creation)
 
@@ -336,16 +342,7 @@ def test_on_postgresql_a_prune_between_a_checkpoints_reads_still_yields_a_merkle
     """On PostgreSQL each read of a checkpoint's plan sees what is committed when it runs. Another process's
     prune committed between the plan's read of the tree's size and its read of the records (the tree grown, the
     oldest records deleted) must not make this process sign the chain's head in the legacy format."""
-    url = postgres.create_database(f"audit_prune_{uuid.uuid4().hex[:12]}")
-    key = NoteKey.load_or_create(tmp_path / "audit-key", "audit.example.org/pg")
-    stores = []
-    for n in range(2):
-        engine = make_engine(url, serialized_writes=True)
-        create_schema(engine)
-        stores.append(
-            AuditStore(engine, key, latest_checkpoint_file=tmp_path / "latest", checkpoint_every=10_000, node=f"gw{n}")
-        )
-    this, other = stores
+    this, other = postgres_stores(postgres, tmp_path, every=10_000)
     this.append([event(n) for n in range(10)])
     this.settle()  # the first checkpoint, signed in the background: the tree holds 10
     this.append([event(n) for n in range(10, 20)])
