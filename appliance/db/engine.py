@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,7 @@ def writing(engine: Engine) -> Iterator[Connection]:
     sleeps in its busy handler, in steps that grow to 100 ms, and so waits on average far longer than the
     writer before it took, while one waiting on a lock of ours starts the moment the lock is free. Writers in
     other processes still meet in the busy handler. PostgreSQL: ``engine.begin()``, unchanged."""
-    lock = _write_lock(engine)
-    if lock is None:
-        with engine.begin() as connection:
-            yield connection
-        return
-    with lock, engine.begin() as connection:
+    with _write_lock(engine.dialect.name, engine.url.database) or nullcontext(), engine.begin() as connection:
         yield connection
 
 
@@ -71,16 +67,12 @@ _WRITE_LOCKS: dict[str, threading.RLock] = {}  # SQLite file -> its writers' loc
 _WRITE_LOCKS_GUARD = threading.Lock()
 
 
-def _write_lock(engine: Engine) -> threading.RLock | None:
-    database = engine.url.database
-    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+@functools.cache  # the path is resolved once per database name, not on every write
+def _write_lock(dialect: str, database: str | None) -> threading.RLock | None:
+    if dialect != "sqlite" or not database or database == ":memory:":
         return None
-    key = os.path.realpath(database)
-    lock = _WRITE_LOCKS.get(key)
-    if lock is None:
-        with _WRITE_LOCKS_GUARD:
-            lock = _WRITE_LOCKS.setdefault(key, threading.RLock())
-    return lock
+    with _WRITE_LOCKS_GUARD:  # two names of one file share its lock
+        return _WRITE_LOCKS.setdefault(os.path.realpath(database), threading.RLock())
 
 
 def _begin_serialized(connection: Connection) -> None:
