@@ -21,6 +21,7 @@ from appliance.identity import cli as identity_cli
 from appliance.identity.setup import bootstrap_password_file
 from appliance.lib.errors import ApplianceError
 from appliance.lib.logging import configure_logging
+from appliance.lib.malloc import cap_arenas
 from appliance.media import cli as media_cli
 from appliance.registry import cli as registry_cli
 from appliance.settings import NODE_CONFIG, Settings, config_file, get_settings, is_checkout
@@ -85,6 +86,8 @@ def _up_detached(settings: Settings, timeout_s: float) -> int:
 
 def cmd_serve(settings: Settings) -> int:
     """The gateway in this process (a node's appliance.service; ``appliance up`` starts it the same way)."""
+    cap_arenas()  # first: before any thread of this process, and inherited by the workers uvicorn starts
+
     import uvicorn
 
     from appliance.db.engine import create_schema, make_engine
