@@ -3,8 +3,9 @@
 glibc gives threads that contend for its lock arenas of their own, up to eight per core. Memory freed in one arena
 is reused only by the threads that land on it, so a process whose pools of threads (database work, password
 hashing, document extraction, vector search, the tokenizer's threads) each allocate and free a little at a time
-keeps growing: the gateway's resident memory rose by 10-14 % over a 15 to 30 minute soak (bench/soak.py) while the
-memory Python itself held (tracemalloc) stayed within a few MiB, and the growth sat in glibc's arenas.
+keeps growing: the gateway's resident memory rose by 8-14 % over 15 to 30 minute soaks (bench/soak.py) while the
+memory Python itself held (tracemalloc) stayed within a few MiB, and the growth sat in glibc's arenas. With two
+arenas, the 30-minute soak's gateway grew by 8.0 % where it had grown by 14.1 %.
 
 ``MALLOC_ARENA_MAX`` is glibc's own setting: read when a process starts, so :func:`cap_arenas` both applies it
 to this process (``mallopt``, before the process starts its threads) and leaves it in the environment for the
