@@ -49,7 +49,8 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     env = engine_env(settings, spec, index)
     if args.print:
-        own = {k: v for k, v in env.items() if k in OFFLINE_ENV or k.startswith(("VLLM_", "GLOO_", "MALLOC_"))}
+        prefixes = ("VLLM_", "GLOO_", "MALLOC_", "ONEDNN_")
+        own = {k: v for k, v in env.items() if k in OFFLINE_ENV or k.startswith(prefixes)}
         print(json.dumps({"command": command, "env": own}))  # what the engine's environment sets, whatever ours is
         return 0
     sys.stdout.flush()
