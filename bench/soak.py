@@ -5,8 +5,8 @@ Two tenants, each with a tokens budget and a requests budget, then a closed loop
 chat, streamed chat read to the end, streams left mid-way (the client disconnects), embeddings, RAG uploads
 (the oldest documents deleted again so the store stays the same size) and queries, and admin calls (tenants,
 usage, budgets, audit records). The warm-up opens with the largest embedding batches (16-64 inputs of up to
-150 words, `--prime-minutes`), so the embedding engine reaches the high-water mark those set before the memory
-verdict's first window rather than climbing toward it during the run. The resident memory (RSS) of every process
+150 words, `--prime-minutes`), so the embedding engine reaches the high-water mark its batch shapes set before the
+memory verdict's first window rather than climbing toward it during the run. The resident memory (RSS) of every process
 under the supervisor (supervisor, gateway and its workers, engines and their engine-core processes) is sampled
 throughout.
 
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -164,6 +165,9 @@ def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
 
+Action = Callable[[aiohttp.ClientSession, Tenant, random.Random], Awaitable[None]]
+
+
 class Load:
     def __init__(self, gateway: str, admin: str, tenants: list[Tenant], tally: Tally) -> None:
         self.gateway = gateway
@@ -259,28 +263,23 @@ class Load:
         )
         await self.expect(session, "admin", "GET", path, 200, headers=self.admin)
 
-    async def prime(self, seed: int, deadline: float) -> None:
+    async def large_embeddings(self, session: aiohttp.ClientSession, tenant: Tenant, rng: random.Random) -> None:
         """The warm-up's first part: the largest embedding batches, of every length up to the model's context.
 
-        An engine's resident memory rises to a high-water mark set by the largest batches it has run (allocator
-        arenas and cached blocks, not a leak): 1-8 short inputs at a time climb toward it for many minutes, batches
-        of up to 64 inputs reach it in about a minute and then stay flat. Sending those first puts the warm-up's end
-        at that mark, so what the verdict measures afterwards is growth, not the climb to it."""
-        rng = random.Random(1000 + seed)
-        timeout = aiohttp.ClientTimeout(total=300)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while time.monotonic() < deadline:
-                tenant = rng.choice(self.tenants)
-                inputs = [sentence(rng, rng.randint(3, 150)) for _ in range(rng.randint(16, 64))]
-                body = {"model": EMBED_MODEL, "input": inputs}
-                started = time.perf_counter()
-                await self.expect(session, "prime", "POST", "/v1/embeddings", 200, json=body, headers=tenant.headers)
-                self.tally.done["prime"] += 1
-                self.tally.latency.setdefault("prime", []).append((time.perf_counter() - started) * 1000)
+        An embedding worker's resident memory rises to a high-water mark set by the batch shapes it has run (oneDNN
+        keeps a compiled primitive per shape, see ``engine_env``; not a leak): 1-8 short inputs at a time climb
+        toward it for many minutes, batches of up to 64 inputs reach it in about a minute and then stay flat.
+        Sending those first puts the warm-up's end at that mark, so what the verdict measures afterwards is growth,
+        not the climb to it."""
+        inputs = [sentence(rng, rng.randint(3, 150)) for _ in range(rng.randint(16, 64))]
+        body = {"model": EMBED_MODEL, "input": inputs}
+        await self.expect(session, "prime", "POST", "/v1/embeddings", 200, json=body, headers=tenant.headers)
+
+    async def prime(self, seed: int, deadline: float) -> None:
+        await self.run(random.Random(1000 + seed), deadline, [("prime", 1, self.large_embeddings)])
 
     async def worker(self, seed: int, deadline: float) -> None:
-        rng = random.Random(seed)
-        actions = [
+        actions: list[tuple[str, int, Action]] = [
             ("chat", 5, self.chat),
             ("stream", 4, lambda s, t, r: self.stream(s, t, r, leave=False)),
             ("stream left mid-way", 2, lambda s, t, r: self.stream(s, t, r, leave=True)),
@@ -289,6 +288,11 @@ class Load:
             ("rag query", 3, self.query),
             ("admin", 2, self.admin_call),
         ]
+        await self.run(random.Random(seed), deadline, actions)
+
+    async def run(self, rng: random.Random, deadline: float, actions: list[tuple[str, int, Action]]) -> None:
+        """A closed loop until ``deadline``: an action drawn by weight, for a tenant drawn at random, timed and
+        tallied."""
         weights = [weight for _, weight, _ in actions]
         timeout = aiohttp.ClientTimeout(total=300)
         async with aiohttp.ClientSession(timeout=timeout) as session:
