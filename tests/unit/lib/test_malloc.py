@@ -41,7 +41,8 @@ COUNT_ARENAS = textwrap.dedent(
     for thread in threads:
         thread.start()
     barrier.wait()
-    path = tempfile.mktemp()
+    handle, path = tempfile.mkstemp()
+    os.close(handle)
     stream = libc.fopen(path.encode(), b"w")
     libc.malloc_info(0, stream)
     libc.fclose(stream)
