@@ -31,6 +31,7 @@ from appliance.gateway.shape import Prompt, PromptTokens, RequestShape
 from appliance.gateway.templates import ChatTemplate, plain_chat
 from appliance.gateway.upstream import EngineRouter
 from appliance.lib.errors import UpstreamError
+from appliance.lib.tokens import encode
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class _LocalChat:
 
     def count(self, messages: list[dict[str, str]], generation: bool) -> int:
         text = self._template.render(messages, generation)
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(encode(self._tokenizer, text).ids)
 
     async def count_async(self, messages: list[dict[str, str]], generation: bool) -> int:
         """Small chats on the event loop; a long one (or one of many messages) in a worker thread."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from appliance.lib.errors import ServiceUnavailableError
+from appliance.lib.tokens import encode
 
 _SENTENCE_ENDS = (".", "!", "?", ":", ";")
 _BREAK_ZONE = 0.6  # a break is looked for after this share of the window
@@ -54,7 +55,7 @@ class Chunker:
         return cls(tokenizer, size, overlap)
 
     def count(self, text: str) -> int:
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(encode(self._tokenizer, text).ids)
 
     def split(self, text: str) -> tuple[list[Chunk], int]:
         """The text's chunks and its token count."""
@@ -99,7 +100,7 @@ class Chunker:
                 if cut < 0:
                     cut = max(text.rfind(" ", floor, end), text.rfind("\t", floor, end))
                 end = cut + 1 if cut >= 0 else end  # no space in half a segment: cut inside a word
-            encoding = self._tokenizer.encode(text[position:end], add_special_tokens=False)
+            encoding = encode(self._tokenizer, text[position:end])  # the event loop goes on meanwhile
             yield [(a + position, b + position) for a, b in encoding.offsets if b > a]
             position = end
 
