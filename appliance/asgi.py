@@ -56,6 +56,7 @@ from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_conte
 from appliance.lib.journal import Journal
 from appliance.lib.jsonbody import BoundedJsonRequest
 from appliance.lib.logging import configure_logging
+from appliance.lib.pacing import RefusalPacer, refusal_pacing_middleware
 from appliance.lib.tarpit import Tarpit
 from appliance.placement.routes import PlacementController
 from appliance.registry.routes import ModelController
@@ -152,6 +153,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     hasher = identity_setup.key_hasher(settings)
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
     login_limiter = LoginLimiter(tarpit=Tarpit(settings.identity.refusal_delay_s))
+    pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, Tarpit(settings.identity.refusal_delay_s))
     password_work = PasswordWork()
 
     @asynccontextmanager
@@ -226,6 +228,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         },
         middleware=[
             request_context_middleware,
+            refusal_pacing_middleware(pacer),
             *([span_middleware(spans)] if spans.enabled else []),
             audit_middleware(audit, refusals),
             authentication_middleware(authenticator),

@@ -59,6 +59,12 @@ class ServerSettings(BaseModel):
         description="gateway worker processes sharing the port and the database (budgets stay exact across them)",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger requests get 413")
+    paced_refusals_per_address: int = Field(
+        default=20,
+        ge=1,
+        description="refusals of bodies too large or nested too deeply and of uploads past the tenant's ingestion "
+        "slots, from one address in 10 s; past it each is held identity.refusal_delay_s (appliance.lib.pacing)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one object per line with request id, route, trace, tenant, workflow"

@@ -15,6 +15,10 @@ class ApplianceError(Exception):
     status_code: int = 500
     error_type: str = "server_error"
     code: str | None = "internal_error"
+    # A refusal that a well-behaved client does not provoke again and again (a body too large or nested too
+    # deeply, a full ingestion queue): past a limit per client address, it is answered slowly
+    # (``appliance.lib.pacing``). Every 413 is paced, whatever its class.
+    paced: bool = False
 
     def __init__(
         self,
@@ -23,12 +27,15 @@ class ApplianceError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        paced: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if paced is not None:
+            self.paced = paced
         self.headers = headers or {}
 
     def envelope(self) -> dict[str, Any]:
@@ -122,6 +129,7 @@ class PayloadTooLargeError(ApplianceError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+    paced = True
 
 
 class ClientDisconnectedError(ApplianceError):
@@ -146,7 +154,15 @@ class RateLimitedError(ApplianceError):
     code = "rate_limited"
 
     def __init__(
-        self, message: str, *, retry_after: int = 1, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        message: str,
+        *,
+        retry_after: int = 1,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        paced: bool | None = None,
     ) -> None:
-        super().__init__(message, headers={**(headers or {}), "Retry-After": str(max(1, retry_after))}, code=code)
+        super().__init__(
+            message, headers={**(headers or {}), "Retry-After": str(max(1, retry_after))}, code=code, paced=paced
+        )
         self.retry_after = max(1, retry_after)

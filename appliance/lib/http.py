@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from appliance.db.faults import is_transient
 from appliance.lib.errors import ApplianceError, error_envelope
 from appliance.lib.logging import bind, reset_context, restore_context
+from appliance.lib.pacing import mark_paced
 from appliance.lib.tracing import bind_trace
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,11 @@ def envelope_response(status: int, body: dict[str, Any], headers: dict[str, str]
     return Response(content=body, status_code=status, headers=headers, media_type="application/json")
 
 
-def appliance_error_handler(_request: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
+def appliance_error_handler(request: Request[Any, Any, Any], exc: ApplianceError) -> Response[Any]:
     if exc.status_code >= 500:
         log.warning("%s: %s", type(exc).__name__, exc.message)
+    if exc.paced or exc.status_code == 413:
+        mark_paced(request.scope)
     return envelope_response(exc.status_code, exc.envelope(), exc.headers)
 
 
@@ -103,6 +106,7 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
         # The rest of the body is still on its way: close the connection rather than read it to keep the
         # connection alive (reading megabytes only to discard them is what an oversized flood costs).
         headers["Connection"] = "close"
+        mark_paced(request.scope)
     return envelope_response(status, error_envelope(message, error_type, param, code), headers)
 
 

@@ -24,6 +24,7 @@ def too_deep(*, unread: bool = False) -> InvalidRequestError:
         f"The JSON body is nested deeper than {MAX_DEPTH} levels.",
         code="json_too_deep",
         headers={"Connection": "close"} if unread else None,
+        paced=True,
     )
 
 

@@ -227,6 +227,7 @@ class Retrieval:
                 retry_after=5,
                 code="too_many_ingestions",
                 headers={"Connection": "close"},
+                paced=True,
             )
 
     @contextmanager

@@ -4,17 +4,20 @@ area, sign-in included; the appliance answers the next request as usual."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
 from appliance.lib.errors import InvalidRequestError
 from appliance.lib.jsonbody import MAX_DEPTH, decode_bounded
-from appliance.settings import EngineRoute, GatewaySettings, ServerSettings, Settings
+from appliance.settings import EngineRoute, GatewaySettings, IdentitySettings, ServerSettings, Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.gateway import admin_headers, tenant_with_key
 
@@ -96,3 +99,73 @@ async def test_bodies_past_the_limit_are_413_on_every_area(app: tuple[Client, Se
         assert response.json()["error"]["code"] == "request_too_large", path
         # The rest of such a body is not read to keep the connection: it is closed.
         assert response.headers["connection"] == "close", path
+
+
+@pytest.fixture
+async def paced_app(tmp_path: Path, fake_engine: FakeEngine) -> AsyncIterator[tuple[Client, Settings, dict[str, Any]]]:
+    """At most 3 paced refusals per address, then each is held 2 s (what is not held takes far less)."""
+    settings = Settings(
+        data_dir=tmp_path,
+        server=ServerSettings(max_body_bytes=256 * 1024, paced_refusals_per_address=3),
+        identity=IdentitySettings(refusal_delay_s=2.0),
+        gateway=GatewaySettings(
+            routes=[
+                EngineRoute(model="fake", url=fake_engine.url),
+                EngineRoute(model="minilm-l6-v2", url=fake_engine.url, runner="pooling"),
+            ]
+        ),
+    )
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        tenant = await tenant_with_key(client, admin_headers(settings), "acme")
+        yield client, settings, tenant
+
+
+async def timed(request: Awaitable[httpx.Response]) -> tuple[httpx.Response, float]:
+    started = time.monotonic()
+    response = await request
+    return response, time.monotonic() - started
+
+
+async def test_a_flood_of_hostile_bodies_is_answered_slowly_past_the_limit_and_other_requests_are_not(
+    paced_app: tuple[Client, Settings, dict[str, Any]],
+) -> None:
+    """The floods of bench/floods.py, cut short: nested and oversized bodies from one address are refused at once
+    up to the limit, then each refusal is held (still the same refusal); the same client's valid requests and
+    refusals of other kinds are answered at once all along."""
+    client, _settings, tenant = paced_app
+    headers = {**tenant["headers"], "Content-Type": "application/json"}
+    deep = '{"model":"fake","messages":' + nested(1000) + "}"
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    for content in (deep, deep, "x" * (300 * 1024)):
+        response, took = await timed(client.post("/v1/chat/completions", content=content, headers=headers))
+        assert response.status_code in (400, 413) and took < 1.5, (response.text, took)
+    for content, status in ((deep, 400), ("x" * (300 * 1024), 413), (deep, 400)):
+        response, took = await timed(client.post("/v1/chat/completions", content=content, headers=headers))
+        assert response.status_code == status and took >= 2.0, (response.status_code, took)
+        assert response.json()["error"]["code"] in ("json_too_deep", "request_too_large")
+        answer, took = await timed(client.post("/v1/chat/completions", json=chat, headers=tenant["headers"]))
+        assert answer.status_code == 200 and took < 1.5, (answer.text, took)
+        # A refusal of another kind (not JSON at all) is not held either.
+        broken, took = await timed(client.post("/v1/chat/completions", content="{", headers=headers))
+        assert broken.status_code == 400 and took < 1.5, (broken.text, took)
+
+
+async def test_refusals_of_full_ingestion_slots_are_paced_too(
+    paced_app: tuple[Client, Settings, dict[str, Any]],
+) -> None:
+    client, _settings, tenant = paced_app
+    collection = (await client.post("/v1/rag/collections", json={"name": "c"}, headers=tenant["headers"])).json()
+    path = f"/v1/rag/collections/{collection['id']}/documents"
+    tenant_id = tenant["tenant"]["id"]
+    service = client.app.dependencies["retrieval"].dependency()
+    with ExitStack() as slots:  # every slot of the tenant taken, as by uploads in progress
+        for _ in range(service._settings.max_ingestions_per_tenant):
+            slots.enter_context(service.ingestion_slot(tenant_id))
+        tooks = []
+        for _ in range(4):
+            response, took = await timed(
+                client.post(path, content=b"some text", headers={**tenant["headers"], "Content-Type": "text/plain"})
+            )
+            assert response.status_code == 429 and response.json()["error"]["code"] == "too_many_ingestions"
+            tooks.append(took)
+    assert max(tooks[:3]) < 1.5 and tooks[3] >= 2.0, tooks
