@@ -9,6 +9,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from appliance.audit.store import AuditStore
+from appliance.lib.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +27,8 @@ class ContentRetention:
         self._task = asyncio.create_task(self._run(), name="audit-content-retention")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def prune(self) -> int:
         count = await asyncio.to_thread(self._store.prune_content, datetime.now(UTC) - self._age)

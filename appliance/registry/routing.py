@@ -4,7 +4,6 @@ deployed served name and points its router at them (a deployment's switch reache
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from sqlalchemy.engine import Engine
@@ -12,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, select
 
 from appliance.gateway.upstream import EngineRouter
+from appliance.lib.tasks import cancel
 from appliance.registry.models import ServedModel
 from appliance.settings import EngineRoute
 
@@ -62,8 +62,5 @@ class RegistryRoutes:
                 log.warning("registry: reading the served models failed: %s", exc)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None

@@ -24,21 +24,30 @@ from tests.support.gateway import admin_headers, tenant_with_key
 Client = AsyncTestClient[Any]
 
 
-@pytest.fixture
-async def app(tmp_path: Path, fake_engine: FakeEngine) -> AsyncIterator[tuple[Client, Settings, dict[str, Any]]]:
+async def started(
+    tmp_path: Path, fake_engine: FakeEngine, server: ServerSettings, **more: Any
+) -> AsyncIterator[tuple[Client, Settings, dict[str, Any]]]:
+    """The app in front of the fake engine (chat and embeddings), with a tenant and its key."""
     settings = Settings(
         data_dir=tmp_path,
-        server=ServerSettings(max_body_bytes=256 * 1024),
+        server=server,
         gateway=GatewaySettings(
             routes=[
                 EngineRoute(model="fake", url=fake_engine.url),
                 EngineRoute(model="minilm-l6-v2", url=fake_engine.url, runner="pooling"),
             ]
         ),
+        **more,
     )
     async with AsyncTestClient(app=create_app(settings)) as client:
         tenant = await tenant_with_key(client, admin_headers(settings), "acme")
         yield client, settings, tenant
+
+
+@pytest.fixture
+async def app(tmp_path: Path, fake_engine: FakeEngine) -> AsyncIterator[tuple[Client, Settings, dict[str, Any]]]:
+    async for started_app in started(tmp_path, fake_engine, ServerSettings(max_body_bytes=256 * 1024)):
+        yield started_app
 
 
 def nested(depth: int) -> str:
@@ -104,20 +113,9 @@ async def test_bodies_past_the_limit_are_413_on_every_area(app: tuple[Client, Se
 @pytest.fixture
 async def paced_app(tmp_path: Path, fake_engine: FakeEngine) -> AsyncIterator[tuple[Client, Settings, dict[str, Any]]]:
     """At most 3 paced refusals per address, then each is held 2 s (what is not held takes far less)."""
-    settings = Settings(
-        data_dir=tmp_path,
-        server=ServerSettings(max_body_bytes=256 * 1024, paced_refusals_per_address=3),
-        identity=IdentitySettings(refusal_delay_s=2.0),
-        gateway=GatewaySettings(
-            routes=[
-                EngineRoute(model="fake", url=fake_engine.url),
-                EngineRoute(model="minilm-l6-v2", url=fake_engine.url, runner="pooling"),
-            ]
-        ),
-    )
-    async with AsyncTestClient(app=create_app(settings)) as client:
-        tenant = await tenant_with_key(client, admin_headers(settings), "acme")
-        yield client, settings, tenant
+    server = ServerSettings(max_body_bytes=256 * 1024, paced_refusals_per_address=3)
+    async for started_app in started(tmp_path, fake_engine, server, identity=IdentitySettings(refusal_delay_s=2.0)):
+        yield started_app
 
 
 async def timed(request: Awaitable[httpx.Response]) -> tuple[httpx.Response, float]:
