@@ -56,6 +56,7 @@ from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_conte
 from appliance.lib.journal import Journal
 from appliance.lib.jsonbody import BoundedJsonRequest
 from appliance.lib.logging import configure_logging
+from appliance.lib.malloc import HeapTrimmer
 from appliance.lib.pacing import RefusalPacer, refusal_pacing_middleware
 from appliance.lib.tarpit import Tarpit
 from appliance.placement.routes import PlacementController
@@ -155,6 +156,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     login_limiter = LoginLimiter(tarpit=Tarpit(settings.identity.refusal_delay_s))
     pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, Tarpit(settings.identity.refusal_delay_s))
     password_work = PasswordWork()
+    heap = HeapTrimmer(settings.server.malloc_trim_interval_s)
 
     @asynccontextmanager
     async def lifespan(_app: Litestar) -> AsyncIterator[None]:
@@ -170,9 +172,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await drift.start()
         await retention.start()
         await spans.start()
+        await heap.start()
         try:
             yield
         finally:
+            await heap.stop()
             await spans.stop()
             await retention.stop()
             await drift.stop()

@@ -59,6 +59,11 @@ class ServerSettings(BaseModel):
         description="gateway worker processes sharing the port and the database (budgets stay exact across them)",
     )
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="larger requests get 413")
+    malloc_trim_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="hand the allocator's free memory back to the kernel this often (malloc_trim); 0: never",
+    )
     paced_refusals_per_address: int = Field(
         default=20,
         ge=1,

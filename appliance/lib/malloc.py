@@ -14,10 +14,13 @@ worker processes it starts. A value an operator set is kept.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
 from collections.abc import MutableMapping
+
+from appliance.lib.tasks import cancel
 
 log = logging.getLogger(__name__)
 
@@ -42,3 +45,38 @@ def cap_arenas(environ: MutableMapping[str, str] = os.environ) -> int | None:
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return arenas if mallopt(M_ARENA_MAX, arenas) == 1 else None
+
+
+def trim() -> bool:
+    """Hand the free memory of every glibc arena back to the kernel (``malloc_trim(0)``: free pages inside the
+    heaps too, not only at their tops); False where the C library is not glibc."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    malloc_trim(0)
+    return True
+
+
+class HeapTrimmer:
+    """:func:`trim` every ``interval_s`` seconds in a worker thread (0: never). glibc returns freed memory to the
+    kernel only from the top of a heap; memory freed below live blocks stays resident until reused, and the
+    gateway's many small, short-lived allocations (requests, database rows, vectors) leave such holes."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self._interval_s > 0 and trim():
+            self._task = asyncio.create_task(self._run(), name="heap-trim")
+
+    async def stop(self) -> None:
+        await cancel(self._task)
+        self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            await asyncio.to_thread(trim)
