@@ -22,6 +22,7 @@ Pass, printed with the figures at the end:
 
 Not part of CI. Usage (it uses the engines' ports: run it alone, e.g. under the integration lock):
     flock /tmp/integration.lock .venv/bin/python bench/soak.py [--minutes 30] [--warmup-minutes 5] [--workers 3]
+        [--without 'rag upload,rag query']
 """
 
 from __future__ import annotations
@@ -280,8 +281,9 @@ class Load:
     async def prime(self, seed: int, deadline: float) -> None:
         await self.run(random.Random(1000 + seed), deadline, [("prime", 1, self.large_embeddings)])
 
-    async def worker(self, seed: int, deadline: float) -> None:
-        actions: list[tuple[str, int, Action]] = [
+    def mix(self) -> list[tuple[str, int, Action]]:
+        """The workers' actions: name, weight, what it does."""
+        return [
             ("chat", 5, self.chat),
             ("stream", 4, lambda s, t, r: self.stream(s, t, r, leave=False)),
             ("stream left mid-way", 2, lambda s, t, r: self.stream(s, t, r, leave=True)),
@@ -290,6 +292,9 @@ class Load:
             ("rag query", 3, self.query),
             ("admin", 2, self.admin_call),
         ]
+
+    async def worker(self, seed: int, deadline: float, without: frozenset[str] = frozenset()) -> None:
+        actions = [action for action in self.mix() if action[0] not in without]
         await self.run(random.Random(seed), deadline, actions)
 
     async def run(self, rng: random.Random, deadline: float, actions: list[tuple[str, int, Action]]) -> None:
@@ -414,6 +419,7 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     print(
         f"soak: {args.minutes:g} min of mixed load, {args.workers} workers, warm-up {args.warmup_minutes:g} min "
         f"(of which {min(args.prime_minutes, args.warmup_minutes):g} min of the largest embedding batches)"
+        + (f"; left out: {', '.join(sorted(args.without))}" if args.without else "")
     )
 
     async def progress() -> None:
@@ -432,7 +438,7 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     reporter = asyncio.create_task(progress())
     primed = started + min(args.prime_minutes * 60, warmup_s)
     await asyncio.gather(*(load.prime(n, primed) for n in range(args.workers)))
-    await asyncio.gather(*(load.worker(n, started + total_s) for n in range(args.workers)))
+    await asyncio.gather(*(load.worker(n, started + total_s, args.without) for n in range(args.workers)))
     stop.set()
     await watcher
     reporter.cancel()
@@ -483,9 +489,18 @@ def main() -> None:
         "--prime-minutes", type=float, default=0.0, help="the warm-up's first part: the largest embedding batches"
     )
     parser.add_argument("--workers", type=int, default=3, help="closed-loop clients")
+    parser.add_argument(
+        "--without",
+        default="",
+        help="actions left out of the mix, comma-separated (e.g. 'rag upload'): which load makes a process grow",
+    )
     parser.add_argument("--sample-s", type=float, default=10.0, help="seconds between memory samples")
     parser.add_argument("--port", type=int, default=29080, help="gateway port; engines from +21")
     args = parser.parse_args()
+    args.without = frozenset(name.strip() for name in args.without.split(",") if name.strip())
+    unknown = args.without - {name for name, _, _ in Load("", "", [], Tally()).mix()}
+    if unknown:
+        parser.error(f"--without: no action named {', '.join(sorted(unknown))}")
     data_dir = ROOT / "var" / "soak"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
