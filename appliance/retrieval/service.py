@@ -118,15 +118,13 @@ class Retrieval:
     ) -> None:
         self._settings = settings
         # Text extraction and chunking on a pool of their own: a few large documents cannot take the threads
-        # database work (every request's) runs on; more uploads than it holds are refused (429). Its thread runs
-        # at a lower priority: on a busy node, answers get the CPU before documents do.
+        # database work (every request's) runs on; more uploads than it holds are refused (429).
         self._extraction = extraction or WorkPool(
             "document-extraction",
             workers=1,
             queue=4,
             busy="Too many documents are being ingested at this moment; try again shortly.",
             retry_after_s=5,
-            nice=10,
         )
         # Documents being ingested, per tenant (this process): one tenant's flood of uploads is held to its share.
         self._ingesting: Counter[str] = Counter()

@@ -4,7 +4,6 @@ flood of it is refused at once (429) instead of queued without bound."""
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
@@ -75,18 +74,3 @@ async def test_uploads_past_the_extraction_pool_are_refused_while_other_requests
         # does not install: 503 from the next stage, not 429 from this one).
         accepted = await client.post(documents, content=b"a short document", headers=upload)
         assert accepted.status_code != 429 and accepted.json()["error"]["code"] == "retrieval_unavailable"
-
-
-async def test_a_background_pool_runs_its_threads_at_a_lower_priority() -> None:
-    """Linux keeps a nice value per thread: the pool's threads yield the CPU to the event loop's thread."""
-    own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    background = WorkPool("background", workers=1, queue=1, busy="busy", nice=10)
-    plain = WorkPool("plain", workers=1, queue=1, busy="busy")
-    try:
-        niceness = await background.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        assert niceness == min(19, own + 10)
-        assert await plain.run(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) == own
-        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == own  # this thread is untouched
-    finally:
-        background.close()
-        plain.close()
