@@ -19,6 +19,7 @@ for an engine whose ``max_model_len`` is known).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -115,15 +116,20 @@ class _LocalChat:
     def __init__(self, template: ChatTemplate, tokenizer: Tokenizer) -> None:
         self._template, self._tokenizer = template, tokenizer
 
-    def count(self, messages: list[dict[str, str]], generation: bool) -> int:
+    def count(self, messages: list[dict[str, str]], generation: bool, *, in_thread: bool = False) -> int:
+        """The chat's tokens. ``in_thread``: tokenized without holding the GIL (appliance.lib.tokens), so the event
+        loop goes on; on the loop itself a small chat keeps the lock (releasing it there, the loop would wait to
+        take it back from any thread running Python)."""
         text = self._template.render(messages, generation)
-        return len(encode(self._tokenizer, text).ids)
+        if in_thread:
+            return len(encode(self._tokenizer, text).ids)
+        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
     async def count_async(self, messages: list[dict[str, str]], generation: bool) -> int:
         """Small chats on the event loop; a long one (or one of many messages) in a worker thread."""
         if len(messages) <= _CHAT_INLINE_MESSAGES and sum(len(m["content"]) for m in messages) <= _CHAT_INLINE:
             return self.count(messages, generation)
-        return await asyncio.to_thread(self.count, messages, generation)
+        return await asyncio.to_thread(functools.partial(self.count, messages, generation, in_thread=True))
 
 
 class _ChatTemplates:
@@ -271,10 +277,13 @@ _CHAT_TOKENIZE = (
 async def _encode(tokenizer: Tokenizer, texts: list[str], special: bool) -> dict[str, int]:
     unique = sorted(set(texts))
 
-    def encode() -> list[int]:
+    def encode_inline() -> list[int]:  # on the event loop: a few texts, holding the GIL (see _LocalChat.count)
+        return [len(tokenizer.encode(text, add_special_tokens=special).ids) for text in unique]
+
+    def encode_releasing() -> list[int]:  # in a thread: encode_batch lets the event loop run meanwhile
         return [len(e.ids) for e in tokenizer.encode_batch(unique, add_special_tokens=special)]
 
-    counts = encode() if len(unique) <= _LOCAL_INLINE else await asyncio.to_thread(encode)
+    counts = encode_inline() if len(unique) <= _LOCAL_INLINE else await asyncio.to_thread(encode_releasing)
     return dict(zip(unique, counts, strict=True))
 
 
