@@ -18,6 +18,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import time
 from collections.abc import MutableMapping
 
 from appliance.lib.tasks import cancel
@@ -79,4 +80,8 @@ class HeapTrimmer:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
+            started = time.monotonic()
             await asyncio.to_thread(trim)
+            took = time.monotonic() - started
+            # It holds each arena's lock in turn: allocations in other threads wait meanwhile.
+            (log.warning if took > 0.1 else log.debug)("malloc_trim took %.1f ms", took * 1000)

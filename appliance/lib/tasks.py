@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 
 async def cancel(task: asyncio.Task[None] | None) -> None:
-    """Cancel ``task`` (None: nothing to do) and return once it has ended."""
+    """Cancel ``task`` (None: nothing to do) and return once it has ended. A cancellation of the caller itself,
+    arriving meanwhile, is passed on."""
     if task is None:
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        caller = asyncio.current_task()
+        if caller is not None and caller.cancelling():
+            raise

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from appliance.lib.tokens import encode
 
@@ -19,10 +19,13 @@ WORDS = "valve turbine coolant sensor relay breaker transformer pump filter bear
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     """A real `tokenizers` tokenizer (a normaliser, a pre-tokenizer, a word-level model)."""
-    vocab = {word: index for index, word in enumerate(["[UNK]", *WORDS, ".", "!", ";", "'"])}
+    vocab = {word: index for index, word in enumerate(["[UNK]", "[CLS]", "[SEP]", *WORDS, ".", "!", ";", "'"])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+    )
     return tokenizer
 
 
@@ -49,6 +52,7 @@ def test_encode_gives_what_tokenizer_encode_gives(tokenizer: Tokenizer) -> None:
     for special in (False, True):
         mine, theirs = encode(tokenizer, text, special=special), tokenizer.encode(text, add_special_tokens=special)
         assert (mine.ids, mine.offsets) == (theirs.ids, theirs.offsets)
+        assert (mine.ids[0] == tokenizer.token_to_id("[CLS]")) is special  # the special tokens follow the flag
 
 
 def test_a_long_text_tokenized_in_a_thread_lets_the_other_threads_run(tokenizer: Tokenizer) -> None:
