@@ -152,9 +152,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     removal = RemovalHooks(checks=[budget_access.check_scope_removal], tenant_cleanups=[retrieval.forget_tenant])
     issuer = None if settings.identity.keycloak_url else identity_setup.embedded_issuer(settings)
     hasher = identity_setup.key_hasher(settings)
-    authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher)
-    login_limiter = LoginLimiter(tarpit=Tarpit(settings.identity.refusal_delay_s))
-    pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, Tarpit(settings.identity.refusal_delay_s))
+    # One tarpit for every refusal past a limit (unknown keys, sign-ins, hostile bodies): one bound on what is held.
+    tarpit = Tarpit(settings.identity.refusal_delay_s)
+    authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher, tarpit)
+    login_limiter = LoginLimiter(tarpit=tarpit)
+    pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, tarpit)
     password_work = PasswordWork()
     heap = HeapTrimmer(settings.server.malloc_trim_interval_s)
 
