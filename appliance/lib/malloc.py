@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from collections.abc import MutableMapping
+from typing import Any
 
 from appliance.lib.tasks import cancel
 
@@ -27,6 +28,14 @@ log = logging.getLogger(__name__)
 
 ARENAS = 2
 M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def _glibc(name: str) -> Any | None:
+    """The C library's function ``name``, or None where it has none (not glibc)."""
+    try:
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def cap_arenas(environ: MutableMapping[str, str] = os.environ) -> int | None:
@@ -40,9 +49,8 @@ def cap_arenas(environ: MutableMapping[str, str] = os.environ) -> int | None:
         return None
     if arenas < 1:
         return None
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # not glibc: the variable is meaningless there, and harmless
+    mallopt = _glibc("mallopt")
+    if mallopt is None:  # not glibc: the variable is meaningless there, and harmless
         return None
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return arenas if mallopt(M_ARENA_MAX, arenas) == 1 else None
@@ -51,9 +59,8 @@ def cap_arenas(environ: MutableMapping[str, str] = os.environ) -> int | None:
 def trim() -> bool:
     """Hand the free memory of every glibc arena back to the kernel (``malloc_trim(0)``: free pages inside the
     heaps too, not only at their tops); False where the C library is not glibc."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    malloc_trim = _glibc("malloc_trim")
+    if malloc_trim is None:
         return False
     malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     malloc_trim(0)
@@ -70,7 +77,7 @@ class HeapTrimmer:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self._interval_s > 0 and trim():
+        if self._interval_s > 0 and _glibc("malloc_trim") is not None:
             self._task = asyncio.create_task(self._run(), name="heap-trim")
 
     async def stop(self) -> None:
