@@ -129,7 +129,6 @@ class PayloadTooLargeError(ApplianceError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
-    paced = True
 
 
 class ClientDisconnectedError(ApplianceError):
