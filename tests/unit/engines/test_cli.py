@@ -61,12 +61,14 @@ def test_exec_prints_the_runner_command_with_the_offline_and_no_egress_environme
         "VLLM_CPU_KVCACHE_SPACE": "2",
         "MALLOC_MMAP_THRESHOLD_": "262144",  # an embedding worker's memory stays flat (see engine_env)
         "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8",  # and does not climb with every batch shape it meets
+        "VLLM_USE_AOT_COMPILE": "0",  # a restart reads the compiled model back instead of compiling it again
     }.items():
         assert env[name] == value, name
     chat = next(spec for spec in configured_specs(settings) if spec.manifest.runner == "generate")
     chat_env = engine_env(settings, chat, 0)
     for name in ("MALLOC_MMAP_THRESHOLD_", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         assert name not in chat_env, f"{name}: only for pooling engines"
+    assert chat_env["VLLM_USE_AOT_COMPILE"] == "0"
 
 
 def test_exec_refuses_an_unknown_engine_and_altered_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
