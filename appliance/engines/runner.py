@@ -170,7 +170,8 @@ def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, st
     # vLLM 0.32 with torch 2.13 saves its compiled model as an AOT artifact that it then fails to load ("'function'
     # object has no attribute 'finalize_loading'"), so every start compiled the model again: 78-83 s of a chat
     # engine's start on this project's machine. Without AOT, Inductor's own cache is read back: 17 s (one run
-    # each; measured on CPU, unverified on a GPU node, where it costs at most a Dynamo trace per start).
+    # each; measured on CPU, unverified on a GPU node, where it costs at most a Dynamo trace per start). That cache
+    # is torch's default /tmp/torchinductor_<user>: the node's units (PrivateTmp) still lose it at every stop.
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if spec.manifest.runner == "generate":
         # The Responses API's `store` and `previous_response_id` (kept in the engine's memory; the gateway keeps
