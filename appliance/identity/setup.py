@@ -49,7 +49,7 @@ def _remote_jwks(url: str) -> FetchJwks:
 
 
 def authenticator(
-    settings: Settings, engine: Engine, issuer: EmbeddedIssuer | None, hasher: KeyHasher, tarpit: Tarpit | None = None
+    settings: Settings, engine: Engine, issuer: EmbeddedIssuer | None, hasher: KeyHasher, tarpit: Tarpit
 ) -> Authenticator:
     """``tarpit``: where refusals of unknown API keys past their limit wait (the app shares one among its limits)."""
     identity = settings.identity
@@ -75,7 +75,7 @@ def authenticator(
     sessions = SessionStore(engine, timedelta(seconds=identity.console_session_s))
     return Authenticator(
         validator,
-        ApiKeyAuthenticator(engine, hasher, tarpit=tarpit or Tarpit(identity.refusal_delay_s)),
+        ApiKeyAuthenticator(engine, hasher, tarpit=tarpit),
         UserMirror(engine, settings.issuer_url),
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,
