@@ -159,6 +159,16 @@ def offline_env() -> dict[str, str]:
     return env
 
 
+def vllm_cache_root(env: dict[str, str]) -> Path:
+    """Where vLLM keeps its compile cache in a process with this environment (vLLM's own rule: VLLM_CACHE_ROOT, else
+    $XDG_CACHE_HOME/vllm, else ~/.cache/vllm)."""
+    if env.get("VLLM_CACHE_ROOT"):
+        return Path(env["VLLM_CACHE_ROOT"]).expanduser()
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    cache = Path(env["XDG_CACHE_HOME"]).expanduser() if env.get("XDG_CACHE_HOME") else home / ".cache"
+    return cache / "vllm"
+
+
 def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, str]:
     env = offline_env()
     env.update(spec.env)
@@ -170,9 +180,11 @@ def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, st
     # vLLM 0.32 with torch 2.13 saves its compiled model as an AOT artifact that it then fails to load ("'function'
     # object has no attribute 'finalize_loading'"), so every start compiled the model again: 78-83 s of a chat
     # engine's start on this project's machine. Without AOT, Inductor's own cache is read back: 17 s (one run
-    # each; measured on CPU, unverified on a GPU node, where it costs at most a Dynamo trace per start). That cache
-    # is torch's default /tmp/torchinductor_<user>: the node's units (PrivateTmp) still lose it at every stop.
+    # each; measured on CPU, unverified on a GPU node, where it costs at most a Dynamo trace per start).
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
+    # Inductor's cache (compiled graphs and kernels) defaults to /tmp/torchinductor_<user>, which the node's engine
+    # units (PrivateTmp) lose at every stop: it is kept beside vLLM's own compile cache instead.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(vllm_cache_root(env) / "torchinductor"))
     if spec.manifest.runner == "generate":
         # The Responses API's `store` and `previous_response_id` (kept in the engine's memory; the gateway keeps
         # which tenant owns each id, see appliance.gateway.owners).

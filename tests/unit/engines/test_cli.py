@@ -9,7 +9,7 @@ import yaml
 
 from appliance.engines import cli
 from appliance.engines.manifest import MANIFEST_FILE, PREPARED_MARKER, load_manifest, sha256_file
-from appliance.engines.runner import configured_specs, engine_env, engine_routes
+from appliance.engines.runner import configured_specs, engine_env, engine_routes, vllm_cache_root
 from appliance.settings import REPO_ROOT, EngineSettings, Settings
 
 
@@ -69,6 +69,23 @@ def test_exec_prints_the_runner_command_with_the_offline_and_no_egress_environme
     for name in ("MALLOC_MMAP_THRESHOLD_", "ONEDNN_PRIMITIVE_CACHE_CAPACITY"):
         assert name not in chat_env, f"{name}: only for pooling engines"
     assert chat_env["VLLM_USE_AOT_COMPILE"] == "0"
+
+
+def test_the_compile_cache_outlives_the_engine_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor's cache sits beside vLLM's in the engines' home, not in torch's default /tmp/torchinductor_<user>,
+    which a node's engine unit (PrivateTmp) loses at every stop, so every restart compiled the model again."""
+    settings = node_settings(tmp_path)
+    chat = next(spec for spec in configured_specs(settings) if spec.manifest.runner == "generate")
+    for name in ("VLLM_CACHE_ROOT", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "/var/lib/vllm")  # the node's unit sets it
+    assert engine_env(settings, chat, 0)["TORCHINDUCTOR_CACHE_DIR"] == "/var/lib/vllm/.cache/vllm/torchinductor"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert engine_env(settings, chat, 0)["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "vllm" / "torchinductor")
+    monkeypatch.setenv("VLLM_CACHE_ROOT", str(tmp_path / "root"))
+    assert vllm_cache_root(engine_env(settings, chat, 0)) == tmp_path / "root"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/srv/inductor")  # a value set by the operator is kept
+    assert engine_env(settings, chat, 0)["TORCHINDUCTOR_CACHE_DIR"] == "/srv/inductor"
 
 
 def test_exec_refuses_an_unknown_engine_and_altered_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
