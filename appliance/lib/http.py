@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from litestar import Request, Response
@@ -15,6 +14,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from appliance.db.faults import is_transient
 from appliance.lib.errors import ApplianceError, error_envelope
+from appliance.lib.ids import unique_hex
 from appliance.lib.logging import bind, reset_context, restore_context
 from appliance.lib.pacing import mark_paced
 from appliance.lib.tracing import bind_trace
@@ -41,7 +41,7 @@ def request_id(scope: Scope) -> str:
     state = scope.setdefault("state", {})
     rid = state.get(_STATE_KEY)
     if rid is None:
-        rid = f"req_{uuid.uuid4().hex}"
+        rid = f"req_{unique_hex()}"
         state[_STATE_KEY] = rid
     return str(rid)
 

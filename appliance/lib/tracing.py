@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 import re
-import secrets
 from dataclasses import dataclass
 
+from appliance.lib.ids import unique_hex
 from appliance.lib.logging import bind, context
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
@@ -36,7 +36,7 @@ def parse_traceparent(value: str | None) -> TraceContext:
     """The caller's trace, or a new one (sampled) when the header is absent or not a valid version-00 value."""
     match = _TRACEPARENT.match((value or "").strip().lower())
     if match is None or match[1] == "0" * 32 or match[2] == "0" * 16:
-        return TraceContext(secrets.token_hex(16), None, "01")
+        return TraceContext(unique_hex(), None, "01")
     return TraceContext(match[1], match[2], match[3])
 
 
