@@ -39,6 +39,7 @@ from appliance.audit.redact import redact
 from appliance.db.engine import reading, writing
 from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
 from appliance.lib.bounded import bounded, bounded_detail
+from appliance.lib.rows import row_of
 from appliance.lib.times import as_utc
 
 RECORDS: Table = AuditRecord.__table__  # type: ignore[attr-defined]
@@ -138,7 +139,7 @@ class AuditStore:
                     continue
                 seq += 1
                 numbers.append(seq)
-                values = {**asdict(event), "seq": seq, "node": self.node, "prev_hash": prev}
+                values = {**row_of(event), "seq": seq, "node": self.node, "prev_hash": prev}
                 values["detail"] = dict(event.detail)
                 del values["content"]
                 if event.content is not None:

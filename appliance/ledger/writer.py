@@ -30,7 +30,7 @@ import math
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,6 +47,7 @@ from appliance.lib.bounded import bounded
 from appliance.lib.errors import ServiceUnavailableError
 from appliance.lib.journal import Journal, adopt, journaled, retire
 from appliance.lib.principal import Principal
+from appliance.lib.rows import row_of
 from appliance.lib.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,7 @@ def _write(engine: Engine, batch: list[UsageEvent], journal: str | None, seqs: l
     """Insert the rows of ``batch`` not yet committed (by ``journal``'s mark), and the new mark, in one transaction."""
     with writing(engine) as connection:
         keep, mark = unmarked(connection, journal, seqs)
-        rows = [asdict(event) for event, kept in zip(batch, keep, strict=True) if kept]
+        rows = [row_of(event) for event, kept in zip(batch, keep, strict=True) if kept]
         if rows:
             connection.execute(insert(UsageRecord), rows)
         if journal is not None and mark is not None:
