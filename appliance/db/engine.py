@@ -22,7 +22,9 @@ def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False
     caller locks rows with ``SELECT ... FOR UPDATE`` instead. Reads on such an engine go through
     ``reading``, which takes no lock."""
     parsed = make_url(url)
-    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": True}
+    # A server's connection can go stale (restarted, idle-timed-out): checked at each checkout. A SQLite file's
+    # cannot, and the check was a statement more in every transaction of the request path.
+    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": parsed.get_backend_name() != "sqlite"}
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
