@@ -97,7 +97,7 @@ def cmd_serve(settings: Settings) -> int:
     create_schema(engine)  # once, before the workers start (each then finds the schema at its head)
     engine.dispose()
     uvicorn.run(
-        "appliance.asgi:create_app",
+        "appliance.asgi:create_served_app",
         factory=True,
         host=server.host,
         port=server.port,
