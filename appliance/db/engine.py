@@ -24,8 +24,9 @@ def make_engine(url: str, *, echo: bool = False, serialized_writes: bool = False
     parsed = make_url(url)
     # A server's connection can go stale (restarted, idle-timed-out): checked at each checkout. A SQLite file's
     # cannot, and the check was a statement more in every transaction of the request path.
-    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": parsed.get_backend_name() != "sqlite"}
-    if parsed.get_backend_name() == "sqlite":
+    sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": not sqlite}
+    if sqlite:
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}

@@ -183,7 +183,8 @@ def engine_env(settings: Settings, spec: EngineSpec, index: int) -> dict[str, st
     # each; measured on CPU, unverified on a GPU node, where it costs at most a Dynamo trace per start).
     env.setdefault("VLLM_USE_AOT_COMPILE", "0")
     # Inductor's cache (compiled graphs and kernels) defaults to /tmp/torchinductor_<user>, which the node's engine
-    # units (PrivateTmp) lose at every stop: it is kept beside vLLM's own compile cache instead.
+    # units (PrivateTmp) lose at every stop: it is kept beside vLLM's own compile cache instead. Torch still builds
+    # its precompiled C++ header under /tmp whatever this says (about 2-3 s of a start, rebuilt on a node).
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(vllm_cache_root(env) / "torchinductor"))
     if spec.manifest.runner == "generate":
         # The Responses API's `store` and `previous_response_id` (kept in the engine's memory; the gateway keeps

@@ -159,7 +159,7 @@ def gateway_env(appliance: Appliance, data_dir: Path, **settings: str) -> dict[s
 
 def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[bytes]:
     """A gateway process as `appliance up` runs it (uvicorn), once it answers /healthz."""
-    command = [sys.executable, "-m", "uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port)]
+    command = [sys.executable, "-m", "uvicorn", "appliance.asgi:create_served_app", "--factory", "--port", str(port)]
     with log.open("ab") as handle:
         process = subprocess.Popen(
             [*command, "--no-access-log", "--log-level", "warning"],

@@ -56,7 +56,7 @@ async def test_sigkill_under_load(tmp_path: Path) -> None:
     )
 
     def start() -> subprocess.Popen[bytes]:
-        command = ["-m", "uvicorn", "appliance.asgi:create_app", "--factory", "--port", str(port)]
+        command = ["-m", "uvicorn", "appliance.asgi:create_served_app", "--factory", "--port", str(port)]
         return subprocess.Popen([sys.executable, *command, "--log-level", "warning", "--no-access-log"], env=env)
 
     async def healthy(base: str) -> None:

@@ -434,8 +434,8 @@ def test_after_a_reboot_everything_is_back(node: Node, cafile: Path, api_key: st
             model=REGISTRY_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
         )
     assert chat.choices[0].message.content and deployed.choices[0].message.content
-    # Every engine read its compiled model back from the cache its first start wrote in its home (which outlives
-    # the unit's private /tmp) instead of compiling it again (a minute of CPU per engine here): nothing was added.
+    # The engines' compile cache, in their homes, outlived the units' private /tmp, and their restarts compiled
+    # nothing again (a recompile writes new entries; a minute of CPU per engine here): not one file added or changed.
     for unit in (*[f"vllm-{name}.service" for name in MODELS], REGISTRY_ENGINE):
         journal = node.run(["journalctl", "-b", "-u", unit, "-o", "cat", "--no-pager"]).stdout
         nodelib.log(f"{unit}: " + "; ".join(line for line in journal.splitlines() if "init engine" in line))

@@ -1,26 +1,41 @@
-"""Request and trace ids: unique, unpredictable, and made without a system call each (``appliance.lib.ids``)."""
+"""Request and trace ids: unique, unpredictable, and not a read of the kernel's random source each
+(``appliance.lib.ids``)."""
 
 import multiprocessing
 import os
 import re
+import threading
 
 import pytest
 
 from appliance.lib import ids
-from appliance.lib.ids import unique_hex
+from appliance.lib.ids import _UniqueHex, unique_hex
 
 
 def test_ids_are_unique_128_bit_hex_and_draw_randomness_once(monkeypatch: pytest.MonkeyPatch) -> None:
     unique_hex()  # the key drawn (if it was not already)
-    draws = []
+    here, draws = threading.get_ident(), []
     real = os.urandom
-    monkeypatch.setattr(ids.os, "urandom", lambda n: draws.append(n) or real(n))
+
+    def counted(size: int) -> bytes:
+        if threading.get_ident() == here:  # another test's thread may draw too
+            draws.append(size)
+        return real(size)
+
+    monkeypatch.setattr(ids.os, "urandom", counted)
     made = [unique_hex() for _ in range(20_000)]
     assert draws == []  # os.urandom gives the interpreter lock up: not once per request
     assert len(set(made)) == len(made)
     assert all(re.fullmatch(r"[0-9a-f]{32}", value) for value in made)
-    # Not a visible counter: consecutive ids share no structure a client could count requests with.
-    assert len({value[:8] for value in made[:1000]}) == 1000
+
+
+def test_ids_are_keyed_not_a_visible_counter() -> None:
+    """Two generators at the same counter positions share nothing: what a client sees says neither how many
+    requests the gateway served nor what the next id is."""
+    first, second = _UniqueHex(), _UniqueHex()
+    a, b = [first() for _ in range(1000)], [second() for _ in range(1000)]
+    assert not set(a) & set(b)
+    assert len({value[:16] for value in a}) == 1000
 
 
 def _child_ids(queue: "multiprocessing.Queue[list[str]]") -> None:
@@ -28,6 +43,7 @@ def _child_ids(queue: "multiprocessing.Queue[list[str]]") -> None:
 
 
 def test_a_forked_process_draws_a_key_of_its_own() -> None:
+    """Without it the child would go on from the parent's counter with the parent's key: the parent's next ids."""
     parent = [unique_hex() for _ in range(100)]
     context = multiprocessing.get_context("fork")
     queue: multiprocessing.Queue[list[str]] = context.Queue()
@@ -36,4 +52,4 @@ def test_a_forked_process_draws_a_key_of_its_own() -> None:
     made = queue.get(timeout=30)
     child.join(30)
     after = [unique_hex() for _ in range(100)]
-    assert not set(made) & set(parent + after)  # same counter position, other key
+    assert not set(made) & set(parent + after)
