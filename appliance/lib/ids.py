@@ -18,7 +18,7 @@ class _UniqueHex:
     (distinct inputs), across processes (their keys differ) and unpredictable to whoever sees others (a pseudo-
     random function of a secret key), without reading the kernel's random source for each: ``os.urandom`` gives
     the interpreter lock up, and an event loop that gives it up waits to take it back behind every busy thread
-    (the request id's ``uuid4`` was where the gateway's loop stalled most often under load).
+    (the request id's ``uuid4`` was one of the places a watchdog caught the gateway's loop stalled under load).
 
     The key and its counter are one state, read once per id: two threads drawing the first key at once each use
     their own. A forked child forgets the state (``os.register_at_fork``) and draws its own key."""
