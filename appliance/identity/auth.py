@@ -3,6 +3,7 @@ protected unless it is listed as public here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -98,15 +99,11 @@ class Authenticator:
         if self._accounts is not None:
             principal = await self._accounts.apply(principal)
         user_id = await self._users.mirror(principal, claims)
-        return Principal(**{**_fields(principal), "user_id": user_id, "username": _username(claims, principal)})
+        return dataclasses.replace(principal, user_id=user_id, username=_username(claims, principal))
 
 
 def _username(claims: dict[str, Any], principal: Principal) -> str:
     return str(claims.get("preferred_username") or principal.subject)
-
-
-def _fields(principal: Principal) -> dict[str, Any]:
-    return {name: getattr(principal, name) for name in principal.__slots__}
 
 
 def _cookie(header: str | None, name: str) -> str | None:
