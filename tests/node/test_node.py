@@ -353,7 +353,8 @@ def test_engines_are_reachable_only_through_the_gateway(node: Node, cafile: Path
 
 
 REGISTRY_MODEL = "team-chat"
-REGISTRY_ENGINE = f"vllm-registry@{REGISTRY_MODEL}-v1.service"
+REGISTRY_INSTANCE = f"{REGISTRY_MODEL}-v1"  # the registry's engine of the model's first version
+REGISTRY_ENGINE = f"vllm-registry@{REGISTRY_INSTANCE}.service"
 
 
 def test_the_registry_deploys_a_model_as_a_unit_of_the_engines_user(node: Node, cafile: Path, api_key: str) -> None:
@@ -407,7 +408,7 @@ def test_a_second_converge_changes_nothing(node: Node, media: Media, tmp_path: P
 
 COMPILE_CACHES = [  # Inductor's compiled graphs and kernels, in the engines' homes (appliance.engines.runner)
     "/var/lib/vllm/.cache/vllm/torchinductor",
-    f"/var/lib/vllm-registry/{REGISTRY_MODEL}-v1/.cache/vllm/torchinductor",
+    f"/var/lib/vllm-registry/{REGISTRY_INSTANCE}/.cache/vllm/torchinductor",
 ]
 
 
