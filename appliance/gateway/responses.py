@@ -11,7 +11,6 @@ engine reports as the earlier response's ``input_tokens + output_tokens``: it is
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import msgspec
@@ -20,6 +19,7 @@ from appliance.gateway.protocol import ResponsesRequest, validate
 from appliance.gateway.shape import RequestShape, vet
 from appliance.gateway.usage import StreamFigures
 from appliance.lib.errors import InvalidRequestError
+from appliance.lib.ids import unique_hex
 
 RESPONSE_ID_PREFIX = "resp_"
 _TEXT_PARTS = ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text")
@@ -29,7 +29,7 @@ _FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
 def new_response_id() -> str:
     """The id the engine gives the response (the gateway names it, so it knows the owner before the engine
     answers)."""
-    return f"{RESPONSE_ID_PREFIX}{uuid.uuid4().hex}"
+    return f"{RESPONSE_ID_PREFIX}{unique_hex()}"
 
 
 def parse_responses(data: dict[str, Any]) -> RequestShape:
