@@ -51,6 +51,7 @@ from appliance.identity.tenancy import TenantPolicies, check_default_tenant
 from appliance.ledger.pricing import Pricing
 from appliance.ledger.routes import UsageController
 from appliance.ledger.writer import UsageWriter
+from appliance.lib.addresses import ClientNetworks
 from appliance.lib.dependencies import resolve_in_order
 from appliance.lib.guards import PRINCIPAL
 from appliance.lib.http import EXCEPTION_HANDLERS, add_request_id, request_context_middleware
@@ -173,9 +174,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     hasher = identity_setup.key_hasher(settings)
     # One tarpit for every refusal past a limit (unknown keys, sign-ins, hostile bodies): one bound on what is held.
     tarpit = Tarpit(settings.identity.refusal_delay_s)
-    authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher, tarpit)
-    login_limiter = LoginLimiter(tarpit=tarpit)
-    pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, tarpit)
+    networks = ClientNetworks(settings.server.limit_ipv6_prefix)  # what those limits count a client as
+    authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher, tarpit, networks)
+    login_limiter = LoginLimiter(tarpit=tarpit, networks=networks)
+    pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, tarpit, networks)
     password_work = PasswordWork()
     heap = HeapTrimmer(settings.server.malloc_trim_interval_s)
 

@@ -70,6 +70,13 @@ class ServerSettings(BaseModel):
         description="refusals of bodies too large or nested too deeply and of uploads past the tenant's ingestion "
         "slots, from one address in 10 s; past it each is held identity.refusal_delay_s (appliance.lib.pacing)",
     )
+    limit_ipv6_prefix: int = Field(
+        default=64,
+        ge=32,
+        le=128,
+        description="per-address limits (sign-ins, unknown API keys, paced refusals) count an IPv6 client as its "
+        "network of this many bits: one client usually holds a /64 (appliance.lib.addresses)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one object per line with request id, route, trace, tenant, workflow"

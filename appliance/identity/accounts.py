@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
+from appliance.lib.addresses import ClientNetworks
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, Principal
 from appliance.lib.recent import RecentCounts
@@ -95,8 +96,10 @@ class LoginLimiter:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
         tarpit: Tarpit | None = None,
+        networks: ClientNetworks | None = None,
     ) -> None:
         self.tarpit = tarpit or Tarpit(0)  # what a refused attempt waits before its answer
+        self._network = (networks or ClientNetworks()).of  # an IPv6 client counts as its network
         self._rate = global_rate_per_s
         self._burst = global_burst
         self._tokens = global_burst
@@ -115,13 +118,13 @@ class LoginLimiter:
         if wait:
             return wait
         self._tokens -= 1
-        self._by_address.add(address)
+        self._by_address.add(self._network(address))
         return 0
 
     def blocked(self, address: str) -> int:
         """Seconds before any attempt from ``address`` is accepted, whatever its username (0: it may try); the
         sign-in route asks before it even reads the form. Counts nothing."""
-        wait = self._by_address.wait(address)
+        wait = self._by_address.wait(self._network(address))
         if wait:
             return wait
         now = self._clock()
@@ -133,13 +136,13 @@ class LoginLimiter:
 
     def retry_after(self, username: str, address: str) -> int:
         """Seconds to wait before another attempt with this username is accepted (0: go ahead)."""
-        return self._failures.wait((username, address))
+        return self._failures.wait((username, self._network(address)))
 
     def failed(self, username: str, address: str) -> None:
-        self._failures.add((username, address))
+        self._failures.add((username, self._network(address)))
 
     def succeeded(self, username: str, address: str) -> None:
-        self._failures.forget((username, address))
+        self._failures.forget((username, self._network(address)))
 
     def entries(self) -> int:
         """Keys held, all tables together (bounded by twice ``max_entries``)."""

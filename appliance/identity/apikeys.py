@@ -19,6 +19,7 @@ from sqlmodel import Session
 
 from appliance.db.engine import writing
 from appliance.identity.models import ApiKey
+from appliance.lib.addresses import ClientNetworks
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, USER, Principal
 from appliance.lib.recent import RecentCounts
@@ -85,6 +86,7 @@ class ApiKeyAuthenticator:
         unknown_per_address: int = 20,
         unknown_window_s: float = 10.0,
         tarpit: Tarpit | None = None,
+        networks: ClientNetworks | None = None,
     ) -> None:
         self._engine = engine
         self._hasher = hasher
@@ -97,6 +99,7 @@ class ApiKeyAuthenticator:
         # query); keys already known valid are still looked up again as usual.
         self._unknown: RecentCounts[str] = RecentCounts(unknown_per_address, unknown_window_s)
         self._tarpit = tarpit or Tarpit(0)
+        self._network = (networks or ClientNetworks()).of  # an IPv6 client counts as its network
 
     async def authenticate(self, credential: str, address: str | None = None) -> Principal:
         match = KEY_PATTERN.match(credential)
@@ -104,7 +107,7 @@ class ApiKeyAuthenticator:
             raise AuthenticationError()
         key = (f"key_{match['id']}", self._hasher.digest(match["secret"]))
         if address is not None and self._known.kept(key) is None:
-            wait = self._unknown.wait(address)
+            wait = self._unknown.wait(self._network(address))
             if wait:
                 await self._tarpit.hold()
                 raise AuthenticationError(
@@ -113,7 +116,7 @@ class ApiKeyAuthenticator:
         found = await self._known.get(key)
         if found is None:
             if address is not None:
-                self._unknown.add(address)
+                self._unknown.add(self._network(address))
             raise AuthenticationError()
         principal, expires_at = found
         if expires_at is not None and expires_at <= datetime.now(UTC):

@@ -19,6 +19,7 @@ from appliance.identity.signing import SigningKey
 from appliance.identity.tenancy import DefaultTenant, TenantCheck
 from appliance.identity.tokens import FetchJwks, JwksCache, TokenValidator
 from appliance.identity.users import UserMirror
+from appliance.lib.addresses import ClientNetworks
 from appliance.lib.tarpit import Tarpit
 from appliance.settings import Settings
 
@@ -49,9 +50,15 @@ def _remote_jwks(url: str) -> FetchJwks:
 
 
 def authenticator(
-    settings: Settings, engine: Engine, issuer: EmbeddedIssuer | None, hasher: KeyHasher, tarpit: Tarpit
+    settings: Settings,
+    engine: Engine,
+    issuer: EmbeddedIssuer | None,
+    hasher: KeyHasher,
+    tarpit: Tarpit,
+    networks: ClientNetworks | None = None,
 ) -> Authenticator:
-    """``tarpit``: where refusals of unknown API keys past their limit wait (the app shares one among its limits)."""
+    """``tarpit``: where refusals of unknown API keys past their limit wait, ``networks``: what their limit counts
+    a client address as (the app shares both among its limits)."""
     identity = settings.identity
     if identity.keycloak_url:
         fetch = _remote_jwks(f"{settings.issuer_url}/protocol/openid-connect/certs")
@@ -75,7 +82,7 @@ def authenticator(
     sessions = SessionStore(engine, timedelta(seconds=identity.console_session_s))
     return Authenticator(
         validator,
-        ApiKeyAuthenticator(engine, hasher, tarpit=tarpit),
+        ApiKeyAuthenticator(engine, hasher, tarpit=tarpit, networks=networks),
         UserMirror(engine, settings.issuer_url),
         sessions,
         DefaultTenant(engine, identity.default_tenant) if identity.default_tenant else None,

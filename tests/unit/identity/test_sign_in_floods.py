@@ -21,7 +21,9 @@ from appliance.asgi import create_app
 from appliance.identity.accounts import LoginLimiter, PasswordWork, hash_password
 from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.setup import bootstrap
+from appliance.lib.addresses import ClientNetworks
 from appliance.lib.errors import RateLimitedError
+from appliance.lib.pacing import RefusalPacer
 from appliance.lib.tarpit import Tarpit
 from appliance.settings import Settings
 from tests.support.fake_engine import free_port
@@ -54,6 +56,32 @@ def test_one_address_is_limited_whatever_usernames_it_tries() -> None:
     assert limiter.admit("someone", "198.51.100.1") == 0, "other addresses are not held up"
     clock.now += 61
     assert limiter.admit("again", "203.0.113.9") == 0
+
+
+def test_an_ipv6_client_cannot_escape_the_limits_by_rotating_through_its_network() -> None:
+    """One client holds a /64: each attempt from a new address of it still counts against the same limits."""
+    clock = Clock()
+    limiter = LoginLimiter(per_address=20, address_window_s=60, clock=clock)
+    admitted = [limiter.admit(secrets.token_hex(6), f"2001:db8:7:9::{n:x}") for n in range(1, 51)]
+    assert admitted.count(0) == 20 and all(wait > 0 for wait in admitted[20:])
+    assert limiter.admit("someone", "2001:db8:7:a::1") == 0, "the next network is not held up"
+    for n in range(5):  # the same username from five addresses of one network: five failures of one client
+        assert limiter.retry_after("victim", f"2001:db8:7:b::{n + 1}") == 0
+        limiter.failed("victim", f"2001:db8:7:b::{n + 1}")
+    assert limiter.retry_after("victim", "2001:db8:7:b::99") > 0
+
+
+async def test_paced_refusals_count_an_ipv6_client_as_its_network() -> None:
+    tarpit = Tarpit(delay_s=0.2)
+    pacer = RefusalPacer(3, 10.0, tarpit, ClientNetworks(64))
+    for n in range(3):
+        await pacer.pace(f"2001:db8:5::{n + 1}")
+    started = time.perf_counter()
+    await pacer.pace("2001:db8:5::ffff")  # a new address of the same network: the fourth, held
+    assert time.perf_counter() - started >= 0.2
+    started = time.perf_counter()
+    await pacer.pace("2001:db8:6::1")
+    assert time.perf_counter() - started < 0.1
 
 
 def test_all_addresses_together_are_limited() -> None:
@@ -163,6 +191,40 @@ async def test_a_flood_of_made_up_api_keys_from_one_address_stops_costing_databa
         await asyncio.sleep(1.1)  # the known key's answer is stale: it is looked up again, and still works
         assert (await client.get("/v1/models", headers=known["headers"])).status_code == 200
         assert lookups[-1] == known["key"]["id"]
+
+
+@pytest.mark.timeout(120)
+async def test_made_up_api_keys_from_rotating_ipv6_addresses_are_limited_as_one_client(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over the network, as a client behind the node's reverse proxy is seen (``X-Forwarded-For`` from a
+    trusted local proxy): a flood of made-up keys, each from a new address of one /64, is limited like a flood
+    from one address; a client of another network is still looked up as usual."""
+    settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.05})
+    lookups: list[str] = []
+    real_check = ApiKeyAuthenticator._check
+
+    def counted(self: ApiKeyAuthenticator, key_id: str, digest: str) -> Any:  # a spy: the real lookup, counted
+        lookups.append(key_id)
+        return real_check(self, key_id, digest)
+
+    monkeypatch.setattr(ApiKeyAuthenticator, "_check", counted)
+
+    def made_up() -> dict[str, str]:
+        return {"Authorization": f"Bearer apk_{secrets.token_hex(10)}_{secrets.token_urlsafe(32)}"}
+
+    async with served(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        messages = []
+        for n in range(40):
+            forwarded = {"X-Forwarded-For": f"2001:db8:42:7:{secrets.token_hex(2)}:{n:x}::1"}
+            response = await client.get("/v1/models", headers={**made_up(), **forwarded})
+            assert response.status_code == 401
+            messages.append(response.json()["error"]["message"])
+        assert len(lookups) == 20, "only the first 20 unknown keys of the network's window were looked up"
+        assert all("Too many unknown credentials" in message for message in messages[20:])
+        other = await client.get("/v1/models", headers={**made_up(), "X-Forwarded-For": "2001:db8:42:8::1"})
+        assert other.status_code == 401 and "Too many" not in other.json()["error"]["message"]
+        assert len(lookups) == 21
 
 
 async def test_the_tarpit_holds_refusals_and_a_bounded_number_of_them() -> None:
