@@ -261,11 +261,12 @@ class BudgetSettings(BaseModel):
         "this share can be held unused by other processes (0: only what requests need; a refill per request)",
     )
     commit_interval_s: float = Field(
-        default=0.05,
+        default=0.5,
         gt=0,
         le=5,
         description="what requests spent is committed to the budgets this long after the first settlement (one "
-        "transaction for all); until then the database holds it as part of the process's lease",
+        "transaction for all); until then the database holds it as part of the process's lease, so a shorter "
+        "interval changes no limit, only how soon other processes' spending shows in `used`, at a transaction each",
     )
     lease_idle_s: float = Field(
         default=10.0, gt=0, description="a process gives back the unused slice of a budget it did not draw on this long"

@@ -114,7 +114,7 @@ class BudgetLeases:
         *,
         lease_fraction: float = 0.02,
         idle_s: float = 10.0,
-        commit_interval_s: float = 0.05,
+        commit_interval_s: float = 0.5,
         recheck_s: float = RECHECK_S,
         clock: Callable[[], datetime] | None = None,
         monotonic: Callable[[], float] | None = None,
