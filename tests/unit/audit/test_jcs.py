@@ -8,10 +8,13 @@ import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from appliance.audit.jcs import canonicalize, number
+from appliance.audit.jcs import _write, canonicalize, number
 
 VECTORS = Path(__file__).parent / "vectors" / "jcs"
 
@@ -73,3 +76,44 @@ def test_what_is_not_json_is_refused() -> None:
             canonicalize(value)
     assert canonicalize("\ud800") == b'"\\ud800"'  # a lone surrogate, escaped as JSON.stringify does
     assert canonicalize(2**60) == b"1152921504606847000"  # as JavaScript prints 2 ** 60 and canonicalize(-0.0) == b"0"
+
+
+def _written(value: Any) -> bytes:
+    """The value written by the general writer alone (what the C encoder's shortcut must equal)."""
+    parts: list[str] = []
+    _write(value, parts)
+    return "".join(parts).encode("utf-8")
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec=None, categories=None), max_size=12),  # every code point, lone surrogates too
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.lists(children, max_size=4).map(tuple)
+        | st.dictionaries(st.text(st.characters(codec=None), max_size=4), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@given(_JSON)
+@settings(max_examples=3000, deadline=None)
+def test_the_shortcut_through_the_c_encoder_writes_the_same_bytes(value: Any) -> None:
+    """Records are canonicalized with Python's C encoder where it writes RFC 8785 (no floats, integers within
+    2**53, names below U+D800): for any value at all, the bytes are the general writer's."""
+    assert canonicalize(value) == _written(value)
+
+
+def test_the_shortcut_leaves_to_the_general_writer_what_it_would_write_otherwise() -> None:
+    # UTF-16 order puts U+1F600 (a surrogate pair) before U+FB33; code point order would not.
+    assert canonicalize({"\ufb33": 1, "\U0001f600": 2}) == '{"\U0001f600":2,"\ufb33":1}'.encode()
+    assert canonicalize({"a": 2**53 + 1}) == b'{"a":9007199254740992}'
+    assert canonicalize([1.0, "\ud800"]) == b'[1,"\\ud800"]'
+    assert (
+        canonicalize({"t": True, "n": None, "x": "\u2028\x7f\x1f"})
+        == '{"n":null,"t":true,"x":"\u2028\x7f\\u001f"}'.encode()
+    )
