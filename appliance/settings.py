@@ -74,8 +74,16 @@ class ServerSettings(BaseModel):
         default=64,
         ge=32,
         le=128,
-        description="per-address limits (sign-ins, unknown API keys, paced refusals) count an IPv6 client as its "
-        "network of this many bits: one client usually holds a /64 (appliance.lib.addresses)",
+        description="per-address limits (sign-ins, unknown API keys, paced refusals) also count each IPv6 network "
+        "of this many bits: one client usually holds a /64 and could rotate through it (appliance.lib.addresses); "
+        "128: per address only",
+    )
+    limit_network_factor: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="an IPv6 network's limit is this many times its addresses': one host of a LAN segment reaches "
+        "its own limit first and holds up only itself",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(

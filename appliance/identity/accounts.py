@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from appliance.identity.models import LOCAL_SUBJECT, LocalAccount
-from appliance.lib.addresses import ClientNetworks
+from appliance.lib.addresses import ClientCounts, ClientNetworks
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, Principal
 from appliance.lib.recent import RecentCounts
@@ -99,7 +99,7 @@ class LoginLimiter:
         networks: ClientNetworks | None = None,
     ) -> None:
         self.tarpit = tarpit or Tarpit(0)  # what a refused attempt waits before its answer
-        self._network = (networks or ClientNetworks()).of  # an IPv6 client counts as its network
+        self._client = (networks or ClientNetworks()).keys
         self._rate = global_rate_per_s
         self._burst = global_burst
         self._tokens = global_burst
@@ -108,9 +108,7 @@ class LoginLimiter:
         self._failures: RecentCounts[tuple[str, str]] = RecentCounts(
             attempts, window_s, max_entries=max_entries, clock=clock
         )
-        self._by_address: RecentCounts[str] = RecentCounts(
-            per_address, address_window_s, max_entries=max_entries, clock=clock
-        )
+        self._by_address = ClientCounts(per_address, address_window_s, networks, max_entries=max_entries, clock=clock)
 
     def admit(self, username: str, address: str) -> int:
         """Before hashing: 0 to go ahead (the attempt is counted), else the seconds to wait."""
@@ -118,13 +116,13 @@ class LoginLimiter:
         if wait:
             return wait
         self._tokens -= 1
-        self._by_address.add(self._network(address))
+        self._by_address.add(address)
         return 0
 
     def blocked(self, address: str) -> int:
         """Seconds before any attempt from ``address`` is accepted, whatever its username (0: it may try); the
         sign-in route asks before it even reads the form. Counts nothing."""
-        wait = self._by_address.wait(self._network(address))
+        wait = self._by_address.wait(address)
         if wait:
             return wait
         now = self._clock()
@@ -136,16 +134,16 @@ class LoginLimiter:
 
     def retry_after(self, username: str, address: str) -> int:
         """Seconds to wait before another attempt with this username is accepted (0: go ahead)."""
-        return self._failures.wait((username, self._network(address)))
+        return self._failures.wait((username, self._client(address)[0]))
 
     def failed(self, username: str, address: str) -> None:
-        self._failures.add((username, self._network(address)))
+        self._failures.add((username, self._client(address)[0]))
 
     def succeeded(self, username: str, address: str) -> None:
-        self._failures.forget((username, self._network(address)))
+        self._failures.forget((username, self._client(address)[0]))
 
     def entries(self) -> int:
-        """Keys held, all tables together (bounded by twice ``max_entries``)."""
+        """Keys held, all tables together (bounded by three times ``max_entries``)."""
         return len(self._failures) + len(self._by_address)
 
 

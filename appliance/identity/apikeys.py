@@ -19,10 +19,9 @@ from sqlmodel import Session
 
 from appliance.db.engine import writing
 from appliance.identity.models import ApiKey
-from appliance.lib.addresses import ClientNetworks
+from appliance.lib.addresses import ClientCounts, ClientNetworks
 from appliance.lib.errors import AuthenticationError
 from appliance.lib.principal import ADMIN, USER, Principal
-from appliance.lib.recent import RecentCounts
 from appliance.lib.recheck import RECHECK_S, Recheck
 from appliance.lib.secret_files import write_secret
 from appliance.lib.tarpit import Tarpit
@@ -97,9 +96,8 @@ class ApiKeyAuthenticator:
         # Keys looked up and not found, per client address: past the limit, a key from that address that was not
         # found valid before is refused without a database read (a flood of made-up keys costs no thread, no
         # query); keys already known valid are still looked up again as usual.
-        self._unknown: RecentCounts[str] = RecentCounts(unknown_per_address, unknown_window_s)
+        self._unknown = ClientCounts(unknown_per_address, unknown_window_s, networks)
         self._tarpit = tarpit or Tarpit(0)
-        self._network = (networks or ClientNetworks()).of  # an IPv6 client counts as its network
 
     async def authenticate(self, credential: str, address: str | None = None) -> Principal:
         match = KEY_PATTERN.match(credential)
@@ -107,7 +105,7 @@ class ApiKeyAuthenticator:
             raise AuthenticationError()
         key = (f"key_{match['id']}", self._hasher.digest(match["secret"]))
         if address is not None and self._known.kept(key) is None:
-            wait = self._unknown.wait(self._network(address))
+            wait = self._unknown.wait(address)
             if wait:
                 await self._tarpit.hold()
                 raise AuthenticationError(
@@ -116,7 +114,7 @@ class ApiKeyAuthenticator:
         found = await self._known.get(key)
         if found is None:
             if address is not None:
-                self._unknown.add(self._network(address))
+                self._unknown.add(address)
             raise AuthenticationError()
         principal, expires_at = found
         if expires_at is not None and expires_at <= datetime.now(UTC):

@@ -1,40 +1,93 @@
-"""What a per-address limit counts against: a client's IPv4 address, or the IPv6 network its address lies in.
+"""What a per-address limit counts: each client address, and an IPv6 address's network too.
 
 The appliance's limits on refusals (sign-in attempts, unknown API keys, paced refusals) count per client address.
 One IPv4 address is about what one client controls. An IPv6 client usually controls a whole /64 (SLAAC, privacy
-addresses): counted per address, it could send each attempt from a new one of 2**64 addresses and never reach a
-limit, and fill the limiters' tables with keys that push out the ones that matter. So an IPv6 address counts as its
-network (``server.limit_ipv6_prefix`` bits, 64 unless set), and an IPv4 address seen through a dual-stack socket
-(``::ffff:a.b.c.d``) as that IPv4 address. Clients that share a /64 share its limits, as clients behind one IPv4
-NAT share theirs. Anything that is not an IP address (a Unix socket's peer, a test client's name) counts as is.
+addresses): counted per address only, it could send each attempt from a new one of 2**64 addresses and never reach
+a limit, and fill the limiters' tables with keys that push out the ones that matter. Counted per /64 only, one
+host of a LAN segment (where an appliance's users usually sit, each with an address of one /64) could use up the
+limit of every other host of it.
+
+So each limit counts twice (:class:`ClientCounts`): per address, as before, and per network
+(``server.limit_ipv6_prefix`` bits, 64 unless set), ``server.limit_network_factor`` times as high (4 unless set).
+One host reaches its own limit first and holds up only itself; a client rotating through its network reaches the
+network's after factor x limit attempts, and then holds up its network, which is what a flood from it costs. An
+IPv4 address seen through a dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address. Anything that is not
+an IP address (a Unix socket's peer, a test client's name) counts as is.
 
 Only the limits use this: audit records keep the client's full address."""
 
 from __future__ import annotations
 
 import ipaddress
+import time
+from collections.abc import Callable
 from functools import lru_cache
 
-IPV4_BITS, IPV6_BITS = 32, 128
+from appliance.lib.recent import RecentCounts
+
+IPV6_BITS = 128
 
 
 class ClientNetworks:
-    """``networks.of(address)``: the key a per-address limit counts ``address`` under."""
+    """``networks.keys(address)``: what the limits count ``address`` as: the client (the address, normalized; an
+    IPv4-mapped one as IPv4), and its network where that is wider than the address (IPv6), else None."""
 
-    def __init__(self, ipv6_prefix: int = 64) -> None:
+    def __init__(self, ipv6_prefix: int = 64, factor: int = 4) -> None:
         if not 1 <= ipv6_prefix <= IPV6_BITS:
             raise ValueError(f"an IPv6 prefix is 1 to {IPV6_BITS} bits, not {ipv6_prefix}")
+        if factor < 1:
+            raise ValueError(f"a network's limit is at least its addresses' (factor >= 1), not {factor}")
         self.ipv6_prefix = ipv6_prefix
+        self.factor = factor
         # Bounded: the addresses are the clients'. A flood of new ones costs a recomputation each, no memory.
-        self.of = lru_cache(maxsize=4096)(self._network)
+        self.keys: Callable[[str], tuple[str, str | None]] = lru_cache(maxsize=4096)(self._keys)
 
-    def _network(self, address: str) -> str:
+    def _keys(self, address: str) -> tuple[str, str | None]:
         try:
             ip = ipaddress.ip_address(address.partition("%")[0])  # without an IPv6 zone ("fe80::1%eth0")
         except ValueError:
-            return address
+            return address, None
         if isinstance(ip, ipaddress.IPv4Address):
-            return str(ip)
+            return str(ip), None
         if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False))
+            return str(ip.ipv4_mapped), None
+        if self.ipv6_prefix == IPV6_BITS:
+            return str(ip), None
+        return str(ip), str(ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False))
+
+
+class ClientCounts:
+    """At most ``limit`` events per client address in any ``window_s`` seconds, and at most ``factor`` x
+    ``limit`` per IPv6 network (:class:`ClientNetworks`). Bounded memory, as :class:`RecentCounts`."""
+
+    def __init__(
+        self,
+        limit: int,
+        window_s: float,
+        networks: ClientNetworks | None = None,
+        *,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        networks = networks or ClientNetworks()
+        self._keys = networks.keys
+        self._by_address: RecentCounts[str] = RecentCounts(limit, window_s, max_entries=max_entries, clock=clock)
+        self._by_network: RecentCounts[str] = RecentCounts(
+            limit * networks.factor, window_s, max_entries=max_entries, clock=clock
+        )
+
+    def wait(self, address: str) -> int:
+        """Whole seconds before ``address`` is under its limits again (0: it is). Counts nothing."""
+        own, network = self._keys(address)
+        wait = self._by_address.wait(own)
+        return wait if network is None else max(wait, self._by_network.wait(network))
+
+    def add(self, address: str) -> None:
+        """Count one event of ``address`` now."""
+        own, network = self._keys(address)
+        self._by_address.add(own)
+        if network is not None:
+            self._by_network.add(network)
+
+    def __len__(self) -> int:
+        return len(self._by_address) + len(self._by_network)

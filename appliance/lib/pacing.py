@@ -20,8 +20,7 @@ from collections.abc import Callable
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from appliance.lib.addresses import ClientNetworks
-from appliance.lib.recent import RecentCounts
+from appliance.lib.addresses import ClientCounts, ClientNetworks
 from appliance.lib.tarpit import Tarpit
 
 _STATE_KEY = "appliance_paced_refusal"
@@ -34,16 +33,14 @@ def mark_paced(scope: Scope) -> None:
 
 class RefusalPacer:
     def __init__(self, limit: int, window_s: float, tarpit: Tarpit, networks: ClientNetworks | None = None) -> None:
-        self._recent: RecentCounts[str] = RecentCounts(limit, window_s)
+        self._recent = ClientCounts(limit, window_s, networks)
         self._tarpit = tarpit
-        self._network = (networks or ClientNetworks()).of  # an IPv6 client counts as its network
 
     async def pace(self, address: str) -> None:
         """Count one paced refusal for ``address``; held first when the address is past its limit (so that a
         client that keeps going stays held until it has stopped for a window)."""
-        network = self._network(address)
-        past_limit = self._recent.wait(network) > 0
-        self._recent.add(network)
+        past_limit = self._recent.wait(address) > 0
+        self._recent.add(address)
         if past_limit:
             await self._tarpit.hold()
 

@@ -59,29 +59,32 @@ def test_one_address_is_limited_whatever_usernames_it_tries() -> None:
 
 
 def test_an_ipv6_client_cannot_escape_the_limits_by_rotating_through_its_network() -> None:
-    """One client holds a /64: each attempt from a new address of it still counts against the same limits."""
+    """One client holds a /64: past factor x the per-address limit, every address of it is held, whatever the
+    usernames; one host's failures with a username hold up only that host."""
     clock = Clock()
-    limiter = LoginLimiter(per_address=20, address_window_s=60, clock=clock)
+    limiter = LoginLimiter(
+        per_address=10, address_window_s=60, global_burst=10**6, clock=clock, networks=ClientNetworks(64, factor=3)
+    )
     admitted = [limiter.admit(secrets.token_hex(6), f"2001:db8:7:9::{n:x}") for n in range(1, 51)]
-    assert admitted.count(0) == 20 and all(wait > 0 for wait in admitted[20:])
+    assert admitted.count(0) == 30 and all(wait > 0 for wait in admitted[30:])
     assert limiter.admit("someone", "2001:db8:7:a::1") == 0, "the next network is not held up"
-    for n in range(5):  # the same username from five addresses of one network: five failures of one client
-        assert limiter.retry_after("victim", f"2001:db8:7:b::{n + 1}") == 0
-        limiter.failed("victim", f"2001:db8:7:b::{n + 1}")
-    assert limiter.retry_after("victim", "2001:db8:7:b::99") > 0
+    for _ in range(5):
+        limiter.failed("victim", "2001:db8:7:b::1")
+    assert limiter.retry_after("victim", "2001:db8:7:b::1") > 0
+    assert limiter.retry_after("victim", "2001:db8:7:b::2") == 0, "a neighbour's failures are not the victim's"
 
 
-async def test_paced_refusals_count_an_ipv6_client_as_its_network() -> None:
+async def test_paced_refusals_count_an_ipv6_client_by_its_network_too() -> None:
     tarpit = Tarpit(delay_s=0.2)
-    pacer = RefusalPacer(3, 10.0, tarpit, ClientNetworks(64))
-    for n in range(3):
+    pacer = RefusalPacer(3, 10.0, tarpit, ClientNetworks(64, factor=2))
+    for n in range(6):  # six addresses of one network, once each
         await pacer.pace(f"2001:db8:5::{n + 1}")
     started = time.perf_counter()
-    await pacer.pace("2001:db8:5::ffff")  # a new address of the same network: the fourth, held
+    await pacer.pace("2001:db8:5::ffff")  # a new address of the same network, past the network's 2 x 3: held
     assert time.perf_counter() - started >= 0.2
     started = time.perf_counter()
     await pacer.pace("2001:db8:6::1")
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 0.15
 
 
 def test_all_addresses_together_are_limited() -> None:
@@ -194,13 +197,16 @@ async def test_a_flood_of_made_up_api_keys_from_one_address_stops_costing_databa
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    ("server", "looked_up"), [({}, 80), ({"limit_network_factor": 2}, 40), ({"limit_ipv6_prefix": 128}, 100)]
+)
 async def test_made_up_api_keys_from_rotating_ipv6_addresses_are_limited_as_one_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: dict[str, int], looked_up: int
 ) -> None:
     """Over the network, as a client behind the node's reverse proxy is seen (``X-Forwarded-For`` from a
-    trusted local proxy): a flood of made-up keys, each from a new address of one /64, is limited like a flood
-    from one address; a client of another network is still looked up as usual."""
-    settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.05})
+    trusted local proxy): a flood of made-up keys, each from a new address of one /64, is limited at 4 x the
+    per-address limit (the network's); a client of another network is still looked up as usual."""
+    settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.05}, server=server)
     lookups: list[str] = []
     real_check = ApiKeyAuthenticator._check
 
@@ -215,16 +221,17 @@ async def test_made_up_api_keys_from_rotating_ipv6_addresses_are_limited_as_one_
 
     async with served(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
         messages = []
-        for n in range(40):
+        for n in range(100):
             forwarded = {"X-Forwarded-For": f"2001:db8:42:7:{secrets.token_hex(2)}:{n:x}::1"}
             response = await client.get("/v1/models", headers={**made_up(), **forwarded})
             assert response.status_code == 401
             messages.append(response.json()["error"]["message"])
-        assert len(lookups) == 20, "only the first 20 unknown keys of the network's window were looked up"
-        assert all("Too many unknown credentials" in message for message in messages[20:])
+        # By default, only the first 4 x 20 unknown keys of the network's window are looked up; 128: per address.
+        assert len(lookups) == looked_up
+        assert all("Too many unknown credentials" in message for message in messages[looked_up:])
         other = await client.get("/v1/models", headers={**made_up(), "X-Forwarded-For": "2001:db8:42:8::1"})
         assert other.status_code == 401 and "Too many" not in other.json()["error"]["message"]
-        assert len(lookups) == 21
+        assert len(lookups) == looked_up + 1
 
 
 async def test_the_tarpit_holds_refusals_and_a_bounded_number_of_them() -> None:

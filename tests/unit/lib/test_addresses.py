@@ -1,37 +1,71 @@
-"""What a per-address limit counts a client as (issue #21): an IPv6 client holds a /64, and must not get a fresh
-limit with each of its 2**64 addresses."""
+"""What a per-address limit counts a client as (issue #21): an IPv6 client holds a /64 and must not get a fresh
+limit with each of its 2**64 addresses, nor may one host of a /64 use up the limit of every other host of it."""
 
 from __future__ import annotations
 
 import pytest
 
-from appliance.lib.addresses import ClientNetworks
+from appliance.lib.addresses import ClientCounts, ClientNetworks
 
 
-def test_an_ipv6_address_counts_as_its_network() -> None:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_ipv6_address_counts_as_itself_and_as_its_network() -> None:
     networks = ClientNetworks()
-    assert networks.of("2001:db8:1:2::1") == networks.of("2001:db8:1:2:ffff:ffff:ffff:fffe") == "2001:db8:1:2::/64"
-    assert networks.of("2001:db8:1:3::1") == "2001:db8:1:3::/64", "the next network is someone else"
-    assert networks.of("fe80::1%eth0") == "fe80::/64", "a zone does not make a new key"
-    assert ClientNetworks(56).of("2001:db8:1:2ff::9") == "2001:db8:1:200::/56"
-    assert ClientNetworks(128).of("2001:db8::7") == "2001:db8::7/128"
+    assert networks.keys("2001:db8:1:2::1") == ("2001:db8:1:2::1", "2001:db8:1:2::/64")
+    assert networks.keys("2001:DB8:1:2:0::1") == ("2001:db8:1:2::1", "2001:db8:1:2::/64"), "one spelling"
+    assert networks.keys("2001:db8:1:2:ffff:ffff:ffff:fffe")[1] == "2001:db8:1:2::/64"
+    assert networks.keys("2001:db8:1:3::1")[1] == "2001:db8:1:3::/64", "the next network is someone else"
+    assert networks.keys("fe80::1%eth0") == ("fe80::1", "fe80::/64"), "a zone does not make a new key"
+    assert ClientNetworks(56).keys("2001:db8:1:2ff::9")[1] == "2001:db8:1:200::/56"
+    assert ClientNetworks(128).keys("2001:db8::7") == ("2001:db8::7", None), "128: per address only"
 
 
 def test_ipv4_counts_per_address_also_through_a_dual_stack_socket() -> None:
     networks = ClientNetworks()
-    assert networks.of("203.0.113.9") == "203.0.113.9"
-    assert networks.of("::ffff:203.0.113.9") == "203.0.113.9", "not every IPv4 client in one ::ffff:0:0/64"
-    assert networks.of("::ffff:203.0.113.10") == "203.0.113.10"
+    assert networks.keys("203.0.113.9") == ("203.0.113.9", None)
+    assert networks.keys("::ffff:203.0.113.9") == ("203.0.113.9", None), "not every IPv4 client in ::ffff:0:0/64"
+    assert networks.keys("::FFFF:203.0.113.10") == ("203.0.113.10", None)
 
 
 def test_what_is_not_an_address_counts_as_is() -> None:
     networks = ClientNetworks()
-    assert networks.of("testclient") == "testclient"
-    assert networks.of("-") == "-"
-    assert networks.of("") == ""
+    for name in ("testclient", "-", ""):
+        assert networks.keys(name) == (name, None)
 
 
-@pytest.mark.parametrize("bits", [0, 129])
-def test_a_prefix_outside_ipv6_is_refused(bits: int) -> None:
-    with pytest.raises(ValueError, match="IPv6 prefix"):
-        ClientNetworks(bits)
+@pytest.mark.parametrize(("bits", "factor"), [(0, 4), (129, 4), (64, 0)])
+def test_a_prefix_outside_ipv6_or_a_network_below_its_addresses_is_refused(bits: int, factor: int) -> None:
+    with pytest.raises(ValueError, match=r"IPv6 prefix|factor"):
+        ClientNetworks(bits, factor)
+
+
+def test_a_client_rotating_through_its_network_reaches_the_networks_limit() -> None:
+    clock = Clock()
+    counts = ClientCounts(5, 60, ClientNetworks(64, factor=4), clock=clock)
+    for n in range(20):  # twenty addresses of one /64, once each: under every address's limit
+        assert counts.wait(f"2001:db8:9:9::{n + 1:x}") == 0
+        counts.add(f"2001:db8:9:9::{n + 1:x}")
+    assert counts.wait("2001:db8:9:9::ffff") > 0, "the network's limit: 4 x 5"
+    assert counts.wait("2001:db8:9:a::1") == 0, "another network is not held up"
+    clock.now += 61
+    assert counts.wait("2001:db8:9:9::ffff") == 0
+
+
+def test_one_host_reaches_its_own_limit_first_and_holds_up_only_itself() -> None:
+    counts = ClientCounts(5, 60, ClientNetworks(64, factor=4), clock=Clock())
+    for _ in range(5):
+        counts.add("2001:db8:9:9::1")
+    assert counts.wait("2001:db8:9:9::1") > 0
+    assert counts.wait("2001:db8:9:9::2") == 0, "its neighbours on the segment go on"
+    ipv4 = ClientCounts(5, 60, clock=Clock())
+    for n in range(50):
+        ipv4.add(f"198.51.100.{n}")
+    assert ipv4.wait("198.51.100.200") == 0, "IPv4 addresses are not grouped"
+    assert len(ipv4) == 50
