@@ -2,10 +2,11 @@
 process's own lock (``appliance.db.engine.writing``), side by side in one run.
 
 A gateway process writes to its SQLite file from several threads at once: the audit writer's group commits,
-the usage ledger's, budget lease settlements every 50 ms, grants, checkpoints. SQLite lets one writer in at a
-time; the others wait. This measures, for the same writers, how long a write transaction takes from asking to
-commit (P50 / P99 / max) and how many commit per second, when they wait in SQLite's busy handler
-(``engine.begin()``) and when they wait on ``writing``'s lock. Each round alternates the two, on a fresh file.
+the usage ledger's, budget lease settlements (every 500 ms; 50 ms when this was written), grants, checkpoints.
+SQLite lets one writer in at a time; the others wait. This measures, for the same writers, how long a write
+transaction takes from asking to commit (P50 / P99 / max) and how many commit per second, when they wait in
+SQLite's busy handler (``engine.begin()``) and when they wait on ``writing``'s lock. Each round alternates the
+two, on a fresh file.
 
 The writers: ``--threads`` threads, half on an engine with serialized writes (the audit and budget stores),
 half on a plain one (the ledger), each transaction inserting ``--rows`` rows with ``--hold-ms`` of Python work

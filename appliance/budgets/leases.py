@@ -25,6 +25,7 @@ leases go the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -135,6 +136,7 @@ class BudgetLeases:
         self._retired: list[Lease] = []  # leases of a budget whose limit changed, until their requests settle
         self._waiters: list[asyncio.Future[None]] = []
         self._dirty = asyncio.Event()
+        self._hurry = asyncio.Event()  # someone waits for the next commit: no more gathering
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._topping_up: set[asyncio.Task[None]] = set()  # refills ahead of need, in the background
@@ -343,6 +345,7 @@ class BudgetLeases:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
         self._dirty.set()
+        self._hurry.set()
         try:
             await asyncio.wait_for(asyncio.shield(future), DURABLE_WAIT_S)
         except TimeoutError:
@@ -355,6 +358,7 @@ class BudgetLeases:
         """Commit what was spent and give every lease back (after the last request). False: the database
         refused, and the leases stay with this process's gateway row (the sweep charges them in full)."""
         self._stopping = True
+        self._hurry.set()
         if self._topping_up:  # what they are granted is given back with the rest
             await asyncio.wait(list(self._topping_up))
         self._dirty.set()
@@ -371,10 +375,13 @@ class BudgetLeases:
             try:
                 await asyncio.wait_for(self._dirty.wait(), timeout=1.0)
                 if not self._stopping and not self._waiters:
-                    await asyncio.sleep(self._commit_interval_s)  # what settles meanwhile joins this commit
+                    # What settles meanwhile joins this commit; one that is waited for (or the stop) cuts it short.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._hurry.wait(), self._commit_interval_s)
             except TimeoutError:
                 pass
             self._dirty.clear()
+            self._hurry.clear()
             try:
                 moved = await self._commit_once()
                 backoff = 0.05

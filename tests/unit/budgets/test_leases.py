@@ -54,6 +54,27 @@ async def test_a_lease_serves_requests_from_memory_and_commits_what_they_spent(
     assert counters(store) == (60, 0) and store.dangling() == 0, "stopping gave the slice back"
 
 
+async def test_spending_is_gathered_for_a_commit_until_someone_waits_for_it(store: BudgetStore, clock: Clock) -> None:
+    """Commits gather what settles for ``commit_interval_s``; a reader that needs them (``GET /admin/budgets/``
+    waits for this process's commit) does not wait out the gathering."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 10_000)
+    leases = process(store, "a", clock, lease_fraction=0.1, commit_interval_s=5.0)
+    await leases.start()
+    try:
+        hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=40)
+        assert hold is not None
+        hold.settle(25, 0, reached_engine=True)
+        await asyncio.sleep(0.2)  # the commit loop is gathering now
+        assert counters(store)[0] == 0, "not committed yet: gathered"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await leases.committed()
+        assert loop.time() - started < 2.0, "the reader cut the gathering short"
+        assert counters(store)[0] == 25
+    finally:
+        assert await leases.stop()
+
+
 async def test_two_processes_together_never_spend_more_than_the_limit(store: BudgetStore, clock: Clock) -> None:
     """Many concurrent requests in two processes, each spending a random share of what it reserved: the sum of
     what both committed never exceeds the limit, every call is counted once, and nothing stays held."""

@@ -132,7 +132,7 @@ def test_two_workers_never_spend_more_than_the_budget_together(node: Node) -> No
     gateways = node.query("SELECT count(*) FROM gateway_instances")[0][0]
     assert gateways == 2, "two worker processes, each a gateway of its own"
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # usage rows are written in batches, spending committed every 50 ms
+    while time.monotonic() < deadline:  # usage rows are written in batches, spending committed every 500 ms
         [(ledger_tokens, answered)] = node.query(
             "SELECT coalesce(sum(total_tokens), 0), count(*) FROM usage_records WHERE status_code = 200"
         )
