@@ -24,7 +24,11 @@ _PLAIN = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=T
 
 def canonicalize(value: Any) -> bytes:
     """The RFC 8785 bytes of ``value`` (dict with str keys, list/tuple, str, int, float, bool, None)."""
-    if _plain(value):  # an audit record, nearly always: one pass of the C encoder
+    try:
+        plain = _plain(value)
+    except RecursionError:  # nested deeper than the check reaches: the general writer's own limit applies
+        plain = False
+    if plain:  # an audit record, nearly always: one pass of the C encoder
         try:
             return _PLAIN.encode(value).encode("utf-8")
         except UnicodeEncodeError:  # a lone surrogate: escaped below, as JSON.stringify does

@@ -117,3 +117,10 @@ def test_the_shortcut_leaves_to_the_general_writer_what_it_would_write_otherwise
         canonicalize({"t": True, "n": None, "x": "\u2028\x7f\x1f"})
         == '{"n":null,"t":true,"x":"\u2028\x7f\\u001f"}'.encode()
     )
+
+
+def test_a_value_nested_deeper_than_the_shortcuts_check_reaches_is_still_written() -> None:
+    value: list[Any] = []
+    for _ in range(450):  # the check takes about two frames a level, the general writer one
+        value = [value]
+    assert canonicalize(value) == b"[" * 451 + b"]" * 451
