@@ -163,20 +163,26 @@ async def test_a_sign_in_flood_with_random_usernames_does_not_stall_other_reques
     assert set(statuses) <= {401, 429}
 
 
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The API keys looked up in the database, in order (a spy: the real lookup, counted)."""
+    looked_up: list[str] = []
+    real_check = ApiKeyAuthenticator._check
+
+    def counted(self: ApiKeyAuthenticator, key_id: str, digest: str) -> Any:
+        looked_up.append(key_id)
+        return real_check(self, key_id, digest)
+
+    monkeypatch.setattr(ApiKeyAuthenticator, "_check", counted)
+    return looked_up
+
+
 async def test_a_flood_of_made_up_api_keys_from_one_address_stops_costing_database_reads(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, lookups: list[str]
 ) -> None:
     """Past 20 unknown keys in 10 s from one address, its keys not known valid are refused without a lookup; a
     key already known valid keeps working from that address, its fresh lookups included."""
     settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.2})
-    lookups: list[str] = []
-    real_check = ApiKeyAuthenticator._check
-
-    def counted(self: ApiKeyAuthenticator, key_id: str, digest: str) -> Any:  # a spy: the real lookup, counted
-        lookups.append(key_id)
-        return real_check(self, key_id, digest)
-
-    monkeypatch.setattr(ApiKeyAuthenticator, "_check", counted)
     async with AsyncTestClient(app=create_app(settings)) as client:
         known = await tenant_with_key(client, admin_headers(settings), "acme")
         assert (await client.get("/v1/models", headers=known["headers"])).status_code == 200
@@ -201,20 +207,12 @@ async def test_a_flood_of_made_up_api_keys_from_one_address_stops_costing_databa
     ("server", "looked_up"), [({}, 80), ({"limit_network_factor": 2}, 40), ({"limit_ipv6_prefix": 128}, 100)]
 )
 async def test_made_up_api_keys_from_rotating_ipv6_addresses_are_limited_as_one_client(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: dict[str, int], looked_up: int
+    tmp_path: Path, lookups: list[str], server: dict[str, int], looked_up: int
 ) -> None:
     """Over the network, as a client behind the node's reverse proxy is seen (``X-Forwarded-For`` from a
     trusted local proxy): a flood of made-up keys, each from a new address of one /64, is limited at 4 x the
     per-address limit (the network's); a client of another network is still looked up as usual."""
     settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.05}, server=server)
-    lookups: list[str] = []
-    real_check = ApiKeyAuthenticator._check
-
-    def counted(self: ApiKeyAuthenticator, key_id: str, digest: str) -> Any:  # a spy: the real lookup, counted
-        lookups.append(key_id)
-        return real_check(self, key_id, digest)
-
-    monkeypatch.setattr(ApiKeyAuthenticator, "_check", counted)
 
     def made_up() -> dict[str, str]:
         return {"Authorization": f"Bearer apk_{secrets.token_hex(10)}_{secrets.token_urlsafe(32)}"}

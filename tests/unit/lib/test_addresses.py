@@ -6,14 +6,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.lib.addresses import ClientCounts, ClientNetworks
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.identity.test_sign_in_floods import Clock
 
 
 def test_an_ipv6_address_counts_as_itself_and_as_its_network() -> None:
