@@ -99,7 +99,8 @@ class LoginLimiter:
         networks: ClientNetworks | None = None,
     ) -> None:
         self.tarpit = tarpit or Tarpit(0)  # what a refused attempt waits before its answer
-        self._client = (networks or ClientNetworks()).keys
+        networks = networks or ClientNetworks()  # one, for the failures' keys and the per-address counts
+        self._client = networks.keys
         self._rate = global_rate_per_s
         self._burst = global_burst
         self._tokens = global_burst

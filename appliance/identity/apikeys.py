@@ -93,9 +93,9 @@ class ApiKeyAuthenticator:
         self._known: Recheck[tuple[str, str], tuple[Principal, datetime | None] | None] = Recheck(
             self._look_up, ttl_s=recheck_s
         )
-        # Keys looked up and not found, per client address: past the limit, a key from that address that was not
-        # found valid before is refused without a database read (a flood of made-up keys costs no thread, no
-        # query); keys already known valid are still looked up again as usual.
+        # Keys looked up and not found, per client address (and IPv6 network: appliance.lib.addresses): past the
+        # limit, a key from that address that was not found valid before is refused without a database read (a flood
+        # of made-up keys costs no thread, no query); keys already known valid are still looked up again as usual.
         self._unknown = ClientCounts(unknown_per_address, unknown_window_s, networks)
         self._tarpit = tarpit or Tarpit(0)
 

@@ -55,7 +55,7 @@ def authenticator(
     issuer: EmbeddedIssuer | None,
     hasher: KeyHasher,
     tarpit: Tarpit,
-    networks: ClientNetworks | None = None,
+    networks: ClientNetworks,
 ) -> Authenticator:
     """``tarpit``: where refusals of unknown API keys past their limit wait, ``networks``: what their limit counts
     a client address as (the app shares both among its limits)."""

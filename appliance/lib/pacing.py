@@ -5,9 +5,10 @@ provoke them again and again: a body past the size limit (413), a body nested to
 an upload while the tenant's ingestion slots are all taken (429 ``too_many_ingestions``). A client that sends
 the next one as soon as the last is refused (a flood) is paced by how fast it is refused: made cheap, refusals
 only let it send more, and on a node with two cores its hundreds per second slowed every other tenant's answers
-several times over (``bench/floods.py``). Past ``limit`` such refusals in ``window_s`` seconds from one address,
-each further one is held by the :class:`~appliance.lib.tarpit.Tarpit` (``identity.refusal_delay_s``) before it is
-answered, which paces a flooder to one request per delay per connection; the tarpit bounds how many it holds.
+several times over (``bench/floods.py``). Past ``limit`` such refusals in ``window_s`` seconds from one address
+(or past its multiple from one IPv6 network: :mod:`appliance.lib.addresses`), each further one is held by the
+:class:`~appliance.lib.tarpit.Tarpit` (``identity.refusal_delay_s``) before it is answered, which paces a
+flooder to one request per delay per connection; the tarpit bounds how many it holds.
 
 Marked where errors become responses (:func:`mark_paced`, ``appliance.lib.http``); held here, on the way out,
 before the response starts. A client behind the same address as a flooder is held only for refusals of its own

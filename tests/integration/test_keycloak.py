@@ -62,10 +62,12 @@ async def test_bootstrap_is_idempotent_and_service_account_tokens_validate(tmp_p
     settings = Settings(data_dir=tmp_path, identity=IdentitySettings(keycloak_url=KEYCLOAK_URL))
     from appliance.db.engine import make_engine
     from appliance.identity.setup import key_hasher
+    from appliance.lib.addresses import ClientNetworks
     from appliance.lib.tarpit import Tarpit
 
     tarpit = Tarpit(settings.identity.refusal_delay_s)
-    auth = authenticator(settings, make_engine(settings.database_url), None, key_hasher(settings), tarpit)
+    networks = ClientNetworks(settings.server.limit_ipv6_prefix, settings.server.limit_network_factor)
+    auth = authenticator(settings, make_engine(settings.database_url), None, key_hasher(settings), tarpit, networks)
     principal = await auth.authenticate(f"Bearer {token}")
     assert (principal.tenant_id, principal.workflow_id) == (tenant_id, workflow_id)
     assert "user" in principal.roles
