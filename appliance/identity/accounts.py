@@ -81,6 +81,11 @@ class LoginLimiter:
     - at most ``global_rate_per_s`` attempts per second from all addresses together (bursts of
       ``global_burst``).
 
+    And on the token endpoint, where clients sign in with a secret or an authorization code (no hashing there,
+    but each attempt costs a database read): at most ``failed_grants`` refused grants per client address in
+    ``address_window_s`` seconds; past that, the address is refused before its form is read
+    (:meth:`grant_blocked`), a valid client of that address with it.
+
     Its memory is bounded: each table keeps at most ``max_entries`` keys, dropping the least recently used.
     """
 
@@ -91,6 +96,7 @@ class LoginLimiter:
         *,
         per_address: int = 30,
         address_window_s: float = 60.0,
+        failed_grants: int = 20,
         global_rate_per_s: float = 10.0,
         global_burst: float = 30.0,
         max_entries: int = 10_000,
@@ -110,6 +116,9 @@ class LoginLimiter:
             attempts, window_s, max_entries=max_entries, clock=clock
         )
         self._by_address = ClientCounts(per_address, address_window_s, networks, max_entries=max_entries, clock=clock)
+        self._failed_grants = ClientCounts(
+            failed_grants, address_window_s, networks, max_entries=max_entries, clock=clock
+        )
 
     def admit(self, username: str, address: str) -> int:
         """Before hashing: 0 to go ahead (the attempt is counted), else the seconds to wait."""
@@ -143,9 +152,16 @@ class LoginLimiter:
     def succeeded(self, username: str, address: str) -> None:
         self._failures.forget((username, self._client(address)[0]))
 
+    def grant_blocked(self, address: str) -> int:
+        """Seconds before the token endpoint reads a request from ``address`` again (0: it may). Counts nothing."""
+        return self._failed_grants.wait(address)
+
+    def grant_failed(self, address: str) -> None:
+        self._failed_grants.add(address)
+
     def entries(self) -> int:
-        """Keys held, all tables together (bounded by three times ``max_entries``)."""
-        return len(self._failures) + len(self._by_address)
+        """Keys held, all tables together (bounded by five times ``max_entries``)."""
+        return len(self._failures) + len(self._by_address) + len(self._failed_grants)
 
 
 class PasswordWork(WorkPool):

@@ -153,15 +153,31 @@ class OidcController(Controller):
         issuer: NamedDependency[EmbeddedIssuer],
         db_engine: NamedDependency[Engine],
         key_hasher: NamedDependency[KeyHasher],
+        login_limiter: NamedDependency[LoginLimiter],
         audit: NamedDependency[AuditWriter],
         refusals: NamedDependency[RefusalDigest],
     ) -> Response[Any]:
+        address = request.client.host if request.client else "-"
+        # Past its limit of refused grants, an address is refused before its form is read or the database asked.
+        wait = login_limiter.grant_blocked(address)
+        if wait:
+            await refusals.refused(_sign_in_event(request, None, "denied", "rate_limited", event_type="auth.token"))
+            await login_limiter.tarpit.hold()
+            refused = oauth.OAuthError(
+                "temporarily_unavailable",
+                f"Too many refused token requests from this address; try again in {wait} seconds.",
+                status_code=429,
+            )
+            return Response(content=refused.body(), status_code=429, headers={**_NO_STORE, "Retry-After": str(wait)})
         form = {key: str(value) for key, value in (await request.form()).items()}
-        client = _client_auth(request, form) if form.get("grant_type") == "client_credentials" else ("", "")
         grant = form.get("grant_type", "")[:50]
+        client = ("", "")
         try:
+            if grant == "client_credentials":
+                client = _client_auth(request, form)
             body = await asyncio.to_thread(_grant, db_engine, issuer, key_hasher, form, client)
         except oauth.OAuthError as exc:  # nobody was authenticated: digested, so a flood cannot flood the log
+            login_limiter.grant_failed(address)
             await refusals.refused(
                 _sign_in_event(request, client[0] or None, "failure", exc.error, event_type=f"auth.token.{grant}")
             )

@@ -156,6 +156,11 @@ async def test_service_client_gets_tokens_with_client_credentials(
         "/oidc/token", data={"grant_type": "client_credentials", "client_id": client_id, "client_secret": "nope"}
     )
     assert wrong.status_code == 401 and wrong.json()["error"] == "invalid_client"
+    for garbled in ("Basic %%%", "Basic " + base64.b64encode(b"\xff\xfe:x").decode()):  # not base64, not UTF-8
+        refused = await client.post(
+            "/oidc/token", data={"grant_type": "client_credentials"}, headers={"Authorization": garbled}
+        )
+        assert refused.status_code == 401 and refused.json()["error"] == "invalid_client", refused.text
     await client.delete(f"/admin/service-clients/{client_id}", headers=admin)
     revoked = await client.post(
         "/oidc/token", data={"grant_type": "client_credentials"}, headers={"Authorization": f"Basic {basic}"}

@@ -18,6 +18,7 @@ import uvicorn
 from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
+from appliance.identity import oidc_routes
 from appliance.identity.accounts import LoginLimiter, PasswordWork, hash_password
 from appliance.identity.apikeys import ApiKeyAuthenticator
 from appliance.identity.setup import bootstrap
@@ -242,3 +243,48 @@ async def test_the_tarpit_holds_refusals_and_a_bounded_number_of_them() -> None:
     assert time.perf_counter() - started < 0.2
     await asyncio.gather(*held)
     assert time.perf_counter() - started >= 0.3 and tarpit.held == 0
+
+
+@pytest.mark.timeout(120)
+async def test_a_flood_of_wrong_client_secrets_at_the_token_endpoint_stops_costing_database_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/oidc/token`` counts failed grants (client_credentials, authorization codes) per address and IPv6
+    network: past the limit, the client is refused (429, held by the tarpit) before its form is read or the
+    database asked; another network is not held up, and its client still gets its token."""
+    settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.05})
+    granted: list[str] = []
+    real_grant = oidc_routes._grant
+
+    def counted(*args: Any) -> Any:
+        granted.append(args[3].get("grant_type", ""))
+        return real_grant(*args)
+
+    monkeypatch.setattr(oidc_routes, "_grant", counted)
+    async with served(settings) as url, httpx.AsyncClient(base_url=url, timeout=30) as client:
+        admin = admin_headers(settings)
+        tenant = (await client.post("/admin/tenants", json={"name": "acme"}, headers=admin)).json()
+        workflow = (
+            await client.post("/admin/workflows", json={"tenant_id": tenant["id"], "name": "w"}, headers=admin)
+        ).json()
+        created = await client.post("/admin/service-clients", json={"workflow_id": workflow["id"]}, headers=admin)
+        client_id, secret = created.json()["client_id"], created.json()["client_secret"]
+        right = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secret}
+        statuses = []
+        for n in range(100):  # each from a new address of one /64, as a rotating IPv6 client
+            forwarded = {"X-Forwarded-For": f"2001:db8:42:7::{n:x}"}
+            wrong = {"grant_type": "client_credentials", "client_id": client_id, "client_secret": secrets.token_hex(8)}
+            if n % 2:
+                wrong = {"grant_type": "authorization_code", "code": secrets.token_urlsafe(32), "code_verifier": "x"}
+            started = time.perf_counter()
+            response = await client.post("/oidc/token", data=wrong, headers=forwarded)
+            statuses.append((response.status_code, response.json()["error"], time.perf_counter() - started))
+        assert len(granted) == 4 * 20, "the /64 is held at 4 x the per-address limit: the rest cost no lookup"
+        assert {status for status, _, _ in statuses[:80]} <= {400, 401}
+        assert all(status == 429 and error == "temporarily_unavailable" for status, error, _ in statuses[80:])
+        assert all(took >= 0.05 for _, _, took in statuses[80:]), "refusals past the limit are held (the tarpit)"
+        held = await client.post("/oidc/token", data=right, headers={"X-Forwarded-For": "2001:db8:42:7::ffff"})
+        assert held.status_code == 429 and int(held.headers["retry-after"]) > 0
+        assert len(granted) == 80
+        other = await client.post("/oidc/token", data=right, headers={"X-Forwarded-For": "2001:db8:42:8::1"})
+        assert other.status_code == 200, other.text
