@@ -204,7 +204,11 @@ class BudgetLeases:
                 want = _amount(rule["kind"], prompt_tokens, wanted or 0, price)
                 if lease.free < want:
                     short.append((lease, want, _amount(rule["kind"], prompt_tokens, min_output, price)))
-            refilled = await asyncio.gather(*(self._refill(lease, want, least) for lease, want, least in short))
+            refilled = (
+                await asyncio.gather(*(self._refill(lease, want, least) for lease, want, least in short))
+                if short
+                else []
+            )
             spent_out = {id(lease) for (lease, _, _), enough in zip(short, refilled, strict=True) if not enough}
             hold = self._take(periodic, prompt_tokens, cap, max_tokens, price, min_output, now, spent_out)
             if hold is not None:

@@ -98,20 +98,30 @@ async def unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[
     """``work``'s result; if the client goes away first, ``work`` is cancelled (serving then closes the engine
     connection, which makes vLLM abort the request, and records the request as the client's leaving) and
     :class:`ClientDisconnectedError` is raised. A stream is returned as soon as it opens; its relay watches
-    for the client's leaving from then on."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request.receive))
+    for the client's leaving from then on.
+
+    ``work`` runs in the request's own task; one small task waits for the client's leaving and cancels it (a
+    task for the work and ``asyncio.wait`` on both cost 2.5 % of the event loop's time at 500 requests/s)."""
+    current = asyncio.current_task()
+    assert current is not None, "called from a request's task"
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        with contextlib.suppress(Exception):  # a broken connection is a client gone too
+            await _disconnect(request.receive)
+        left = True
+        current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if left and current.uncancel() == 0:  # cancelled by the watcher alone, not by the server
+            raise ClientDisconnectedError("The client closed the connection before the answer.") from None
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        raise ClientDisconnectedError("The client closed the connection before the answer.")
-    return task.result()
 
 
 async def _serve(

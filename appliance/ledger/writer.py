@@ -193,6 +193,9 @@ class UsageWriter:
             await asyncio.to_thread(self._close_journal)
 
     async def acquire(self) -> UsageSlot:
+        if not self._slots.locked():  # a free slot is taken at once (no timer, no task: the usual case)
+            await self._slots.acquire()
+            return UsageSlot(self)
         try:
             await asyncio.wait_for(self._slots.acquire(), self._acquire_timeout_s)
         except TimeoutError:

@@ -15,6 +15,8 @@ import pytest
 import uvicorn
 
 from appliance.asgi import create_app
+from appliance.gateway.routes import unless_client_leaves
+from appliance.lib.errors import ClientDisconnectedError
 from appliance.settings import Settings
 from tests.support import fake_engine as fake
 from tests.support.gateway import admin_headers, fake_settings
@@ -103,3 +105,50 @@ async def test_leaving_a_non_streamed_request_aborts_the_engine_and_charges_the_
                     break
                 await asyncio.sleep(0.05)
         assert (shown["used"], shown["reserved"]) == (54, 0), shown
+
+
+class _Connection:
+    """What ``unless_client_leaves`` reads of a request: ``receive``, which returns the disconnect when told."""
+
+    def __init__(self) -> None:
+        self.gone = asyncio.Event()
+
+    async def receive(self) -> dict[str, Any]:
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+
+async def test_the_work_runs_to_its_result_and_leaves_no_watcher_behind() -> None:
+    connection = _Connection()
+    before = len(asyncio.all_tasks())
+    assert await unless_client_leaves(connection, asyncio.sleep(0.01, "answer")) == "answer"  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before
+
+
+async def test_a_client_leaving_cancels_the_work_and_is_told_apart_from_a_server_cancelling_it() -> None:
+    connection, cancelled = _Connection(), asyncio.Event()
+
+    async def work() -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()  # its clean-up runs (serving closes the engine connection here)
+            raise
+        return "never"
+
+    asyncio.get_running_loop().call_later(0.05, connection.gone.set)
+    with pytest.raises(ClientDisconnectedError):
+        await unless_client_leaves(connection, work())  # type: ignore[arg-type]
+    assert cancelled.is_set()
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+    # The server cancelling the request (shutting down) stays a cancellation, even if the client then leaves.
+    connection, cancelled = _Connection(), asyncio.Event()
+    request = asyncio.ensure_future(unless_client_leaves(connection, work()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    request.cancel()
+    connection.gone.set()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    assert cancelled.is_set()
