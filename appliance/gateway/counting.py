@@ -32,7 +32,7 @@ from appliance.gateway.shape import Prompt, PromptTokens, RequestShape
 from appliance.gateway.templates import ChatTemplate, plain_chat
 from appliance.gateway.upstream import EngineRouter
 from appliance.lib.errors import UpstreamError
-from appliance.lib.tokens import encode
+from appliance.lib.tokens import PieceCounts, encode
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
@@ -111,25 +111,39 @@ class _Tokenizers:
 
 
 class _LocalChat:
-    """A model's chat template and tokenizer, counting plain chats as its engine does."""
+    """A model's chat template and tokenizer, counting plain chats as its engine does: piece by piece between the
+    template's special tokens, each piece's count remembered per tenant (appliance.lib.tokens.PieceCounts), where
+    the tokenizer allows it."""
 
     def __init__(self, template: ChatTemplate, tokenizer: Tokenizer) -> None:
         self._template, self._tokenizer = template, tokenizer
+        self._pieces = PieceCounts.for_tokenizer(tokenizer)
 
-    def count(self, messages: list[dict[str, str]], generation: bool, *, in_thread: bool = False) -> int:
+    def check_pieces(self) -> None:
+        """Counting by pieces is used only if it gives the whole text's count on the probes."""
+        if self._pieces is not None:
+            rendered = [self._template.render(chat, generation) for chat in PROBE_CHATS for generation in (True, False)]
+            if not self._pieces.agrees([*rendered, *(text.replace("\n", " \n ") for text in rendered)]):
+                log.warning("a chat counted by pieces disagreed with its whole count: chats are counted whole")
+
+    def count(
+        self, messages: list[dict[str, str]], generation: bool, partition: str = "", *, in_thread: bool = False
+    ) -> int:
         """The chat's tokens. ``in_thread``: tokenized without holding the GIL (appliance.lib.tokens), so the event
         loop goes on; on the loop itself a small chat keeps the lock (releasing it there, the loop would wait to
         take it back from any thread running Python)."""
         text = self._template.render(messages, generation)
+        if self._pieces is not None and self._pieces.usable:
+            return self._pieces.count(text, partition, in_thread=in_thread)
         if in_thread:
             return len(encode(self._tokenizer, text).ids)
         return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
-    async def count_async(self, messages: list[dict[str, str]], generation: bool) -> int:
+    async def count_async(self, messages: list[dict[str, str]], generation: bool, partition: str) -> int:
         """Small chats on the event loop; a long one (or one of many messages) in a worker thread."""
         if len(messages) <= _CHAT_INLINE_MESSAGES and sum(len(m["content"]) for m in messages) <= _CHAT_INLINE:
-            return self.count(messages, generation)
-        return await asyncio.to_thread(functools.partial(self.count, messages, generation, in_thread=True))
+            return self.count(messages, generation, partition)
+        return await asyncio.to_thread(functools.partial(self.count, messages, generation, partition, in_thread=True))
 
 
 class _ChatTemplates:
@@ -151,6 +165,11 @@ class _ChatTemplates:
         if template is None or tokenizer is None:
             return None
         local = _LocalChat(template, tokenizer)
+        try:
+            local.check_pieces()
+        except Exception as exc:  # a template this module does not render as the engine does
+            log.warning("chat template of %s not rendered here (%s): its engine counts chats", route.model, exc)
+            return None
         for messages in PROBE_CHATS:
             for generation in (True, False):
                 try:
@@ -184,12 +203,15 @@ class TokenCounter:
         """Whether plain chats of ``model`` are counted here (its template and tokenizer agreed with its engine)."""
         return self._chats.checked(model)
 
-    async def count(self, route: EngineRoute, shape: RequestShape, request_id: str) -> PromptTokens:
+    async def count(
+        self, route: EngineRoute, shape: RequestShape, request_id: str, partition: str = ""
+    ) -> PromptTokens:
+        """``partition``: whose prompt (the tenant): what is remembered of one tenant's chats serves only its own."""
         if shape.kind in ("chat", "responses"):
             view = shape.chat_view if shape.chat_view is not None else shape.body
             body = {key: view[key] for key in _CHAT_TOKENIZE if key in view}
             body.setdefault("add_generation_prompt", True)
-            count = self._truncated(route, shape, await self._chat(route, body, request_id))
+            count = self._truncated(route, shape, await self._chat(route, body, request_id, partition))
             count += shape.prior_tokens  # the earlier response a Responses request continues
             return PromptTokens(count, count)
         special = shape.body.get("add_special_tokens", True) is not False
@@ -198,14 +220,14 @@ class TokenCounter:
         ]
         return PromptTokens(sum(counts), max(counts, default=0))
 
-    async def _chat(self, route: EngineRoute, body: dict[str, Any], request_id: str) -> int:
+    async def _chat(self, route: EngineRoute, body: dict[str, Any], request_id: str, partition: str) -> int:
         plain = plain_chat(body)
         if plain is not None and route.url in self._context:
             tokenizer = await self._tokenizers.get(route, self._text_count(route, request_id))
             local = await self._chats.get(route, tokenizer, self._chat_count(route, request_id))
             if local is not None:
                 try:
-                    return await local.count_async(*plain)
+                    return await local.count_async(*plain, partition)
                 except Exception:  # the template refuses this chat (say, roles out of turn): the engine says why
                     log.debug("chat not counted locally for %s", route.model, exc_info=True)
         return await self._tokenize(route, dict(body, model=route.model), request_id)

@@ -104,15 +104,18 @@ class JSONResult:
 class _Prompt:
     """A request's prompt tokens, counted once however many stages need them (cap, budgets, admission)."""
 
-    __slots__ = ("_counter", "_request_id", "_route", "_shape", "_tokens")
+    __slots__ = ("_counter", "_partition", "_request_id", "_route", "_shape", "_tokens")
 
-    def __init__(self, counter: TokenCounter, route: EngineRoute, shape: RequestShape, request_id: str) -> None:
+    def __init__(
+        self, counter: TokenCounter, route: EngineRoute, shape: RequestShape, request_id: str, partition: str
+    ) -> None:
         self._counter, self._route, self._shape, self._request_id = counter, route, shape, request_id
+        self._partition = partition  # whose counts it may reuse (the tenant's)
         self._tokens: PromptTokens | None = None
 
     async def tokens(self) -> PromptTokens:
         if self._tokens is None:
-            self._tokens = await self._counter.count(self._route, self._shape, self._request_id)
+            self._tokens = await self._counter.count(self._route, self._shape, self._request_id, self._partition)
         return self._tokens
 
     async def total(self) -> int:
@@ -208,7 +211,7 @@ class OpenAIServing:
             link or CallLink(),
             shape,
             route,
-            _Prompt(self._counter, route, shape, request_id),
+            _Prompt(self._counter, route, shape, request_id, principal.tenant_id or ""),
             started,
         )
         settlement = Settlement(await self._usage.acquire(), self._audit, source, principal.kind, self._metrics)
