@@ -10,7 +10,7 @@ engine of tests/support, in a process of its own) is hit with open-loop Poisson 
 through the gateway (uvicorn, one worker), at rising rates; prints P50/P99 and achieved throughput.
 
 Usage: .venv/bin/python bench/gateway_overhead.py [--requests 60] [--rates 250,500,1000] [--reuse]
-    [--skip-engine] [--workers 1,2] [--variants journal,journal+fsync,commit]
+    [--skip-engine] [--workers 1,2] [--variants journal,journal+fsync,commit] [--system-chars 2400]
 (--reuse: use an appliance already up on the default ports instead of starting one for the benchmark;
 --variants: how answers' records are made durable, README "Audit": journal, journal with fdatasync, or the
 answer waiting for the database commit as before the journals).
@@ -212,13 +212,21 @@ async def wait_up(url: str) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
-async def poisson(url: str, rate: float, seconds: float, key: str) -> tuple[list[float], int, float]:
-    body = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+def chat_body(system: str, n: int) -> bytes:
+    """The chat sent: "hi"; with ``system``, that system prompt (the same in every request, as an agent's
+    instructions) and a question of its own in each request."""
+    if not system:
+        return json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {n}: what next?"}]
+    return json.dumps({"model": "fake", "messages": messages, "max_tokens": 4}).encode()
+
+
+async def poisson(url: str, rate: float, seconds: float, key: str, system: str = "") -> tuple[list[float], int, float]:
     latencies: list[float] = []
     errors = 0
     rng = random.Random(7)
 
-    async def one(session: aiohttp.ClientSession) -> None:
+    async def one(session: aiohttp.ClientSession, body: bytes) -> None:
         nonlocal errors
         started = time.perf_counter()
         try:
@@ -242,13 +250,14 @@ async def poisson(url: str, rate: float, seconds: float, key: str) -> tuple[list
             delay = next_at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session)))
+            tasks.append(asyncio.create_task(one(session, chat_body(system, len(tasks)))))
             next_at += rng.expovariate(rate)
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - started
     return latencies, errors, len(latencies) / elapsed
 
 
+SYSTEM_SENTENCE = "You are the finance team's agent: answer from the ledger, cite the entries you used. "
 LARGE = 10**12  # budgets that never run out: the benchmark measures their cost, not refusals
 
 
@@ -297,11 +306,11 @@ def report(
     print(row(f"{rate:.0f} req/s {label}", latencies) + f"  {throughput:5.0f} req/s, {errors:>4} errors" + extra)
 
 
-async def part2_rates(targets: dict[str, tuple[str, str]], rates: list[float], seconds: float) -> None:
+async def part2_rates(targets: dict[str, tuple[str, str]], rates: list[float], seconds: float, system: str) -> None:
     for url, key in targets.values():  # warm-up
-        await poisson(url, 100, 1.0, key)
+        await poisson(url, 100, 1.0, key, system)
     for rate in rates:
-        results = {label: await poisson(url, rate, seconds, key) for label, (url, key) in targets.items()}
+        results = {label: await poisson(url, rate, seconds, key, system) for label, (url, key) in targets.items()}
         for label, result in results.items():
             report(rate, label, result, results["direct"])
 
@@ -313,7 +322,7 @@ VARIANTS = {  # how an answer's records are made durable before it is released (
 }
 
 
-def part2(rates: list[float], seconds: float, workers: list[int], variants: list[str]) -> None:
+def part2(rates: list[float], seconds: float, workers: list[int], variants: list[str], system: str = "") -> None:
     fake_port, floor_port = free_port(), free_port()
     fake = spawn_fake(fake_port)
     floor = spawn_passthrough(floor_port, f"http://127.0.0.1:{fake_port}")
@@ -356,7 +365,7 @@ def part2(rates: list[float], seconds: float, workers: list[int], variants: list
                     "appliance, no budget": (gateway_url + "/v1/chat/completions", free),
                     "appliance, 6 budgets": (gateway_url + "/v1/chat/completions", held),
                 }
-                asyncio.run(part2_rates(targets, rates, seconds))
+                asyncio.run(part2_rates(targets, rates, seconds, system))
             finally:
                 stop(gateway)
     finally:
@@ -387,6 +396,13 @@ def main() -> None:
     )
     parser.add_argument("--reuse", action="store_true", help="use the appliance already up (default ports)")
     parser.add_argument("--skip-engine", action="store_true", help="only part 2")
+    parser.add_argument(
+        "--system-chars",
+        type=int,
+        default=0,
+        help="part 2 sends a system prompt of this many characters, the same in every request (an agent's), "
+        "and a question of its own in each (default: one 'hi')",
+    )
     args = parser.parse_args()
     if not args.skip_engine:
         env, status, started = start_appliance(args.reuse)
@@ -401,6 +417,7 @@ def main() -> None:
         args.seconds,
         [int(n) for n in args.workers.split(",")],
         args.variants.split(","),
+        SYSTEM_SENTENCE * (args.system_chars // len(SYSTEM_SENTENCE)),
     )
 
 
