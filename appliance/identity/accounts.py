@@ -83,8 +83,8 @@ class LoginLimiter:
 
     And on the token endpoint, where clients sign in with a secret or an authorization code (no hashing there,
     but each attempt costs a database read): at most ``failed_grants`` refused grants per client address in
-    ``address_window_s`` seconds; past that, the address is refused before its form is read
-    (:meth:`grant_blocked`), a valid client of that address with it.
+    ``address_window_s`` seconds, each attempt counted until it succeeds; past that, the address is refused before
+    its form is read (:meth:`grant_blocked`), a valid client of that address with it.
 
     Its memory is bounded: each table keeps at most ``max_entries`` keys, dropping the least recently used.
     """
@@ -156,8 +156,13 @@ class LoginLimiter:
         """Seconds before the token endpoint reads a request from ``address`` again (0: it may). Counts nothing."""
         return self._failed_grants.wait(address)
 
-    def grant_failed(self, address: str) -> None:
+    def grant_attempted(self, address: str) -> None:
+        """Counted as refused from the start, before the database is asked: a burst of concurrent requests is held
+        at the limit too, not only the requests that come after its refusals (:meth:`grant_succeeded` uncounts)."""
         self._failed_grants.add(address)
+
+    def grant_succeeded(self, address: str) -> None:
+        self._failed_grants.take_back(address)
 
     def entries(self) -> int:
         """Keys held, all tables together (bounded by five times ``max_entries``)."""

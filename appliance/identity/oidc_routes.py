@@ -169,19 +169,22 @@ class OidcController(Controller):
                 status_code=429,
             )
             return Response(content=refused.body(), status_code=429, headers={**_NO_STORE, "Retry-After": str(wait)})
+        login_limiter.grant_attempted(address)  # refused until it succeeds, whatever happens to it meanwhile
         form = {key: str(value) for key, value in (await request.form()).items()}
         grant = form.get("grant_type", "")[:50]
         client = ("", "")
         try:
             if grant == "client_credentials":
                 client = _client_auth(request, form)
+            if any("\x00" in value for value in (*form.values(), *client)):  # no database takes it as text
+                raise oauth.OAuthError("invalid_request", "A field carries a NUL character.")
             body = await asyncio.to_thread(_grant, db_engine, issuer, key_hasher, form, client)
         except oauth.OAuthError as exc:  # nobody was authenticated: digested, so a flood cannot flood the log
-            login_limiter.grant_failed(address)
             await refusals.refused(
                 _sign_in_event(request, client[0] or None, "failure", exc.error, event_type=f"auth.token.{grant}")
             )
             return _oauth_error(exc)
+        login_limiter.grant_succeeded(address)
         await audit.record(
             _sign_in_event(request, client[0] or None, "success", "issued", event_type=f"auth.token.{grant}")
         )

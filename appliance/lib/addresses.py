@@ -89,5 +89,12 @@ class ClientCounts:
         if network is not None:
             self._by_network.add(network)
 
+    def take_back(self, address: str) -> None:
+        """Uncount ``address``'s latest event (see :meth:`RecentCounts.take_back`)."""
+        own, network = self._keys(address)
+        self._by_address.take_back(own)
+        if network is not None:
+            self._by_network.take_back(network)
+
     def __len__(self) -> int:
         return len(self._by_address) + len(self._by_network)

@@ -45,6 +45,12 @@ class RecentCounts(Generic[K]):
     def forget(self, key: K) -> None:
         self._times.pop(key, None)
 
+    def take_back(self, key: K) -> None:
+        """Uncount ``key``'s latest event (one counted before its outcome was known, which turned out well)."""
+        times = self._times.get(key)
+        if times:
+            times.pop()
+
     def __len__(self) -> int:
         return len(self._times)
 

@@ -288,3 +288,40 @@ async def test_a_flood_of_wrong_client_secrets_at_the_token_endpoint_stops_costi
         assert len(granted) == 80
         other = await client.post("/oidc/token", data=right, headers={"X-Forwarded-For": "2001:db8:42:8::1"})
         assert other.status_code == 200, other.text
+
+
+@pytest.mark.timeout(120)
+async def test_a_concurrent_burst_at_the_token_endpoint_is_held_at_the_limit_and_nul_bytes_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each grant counts as refused from its start until it succeeds: 60 wrong secrets sent at once from one
+    address cost at most 20 lookups, not 60 (the burst's refusals would come too late to hold it). A NUL byte in a
+    field (which PostgreSQL refuses as text: a 500 before) is refused as a bad request, and counted."""
+    settings = Settings(data_dir=tmp_path, identity={"refusal_delay_s": 0.05})
+    granted: list[str] = []
+    real_grant = oidc_routes._grant
+
+    def counted(*args: Any) -> Any:
+        granted.append(args[3].get("grant_type", ""))
+        time.sleep(0.02)  # a database read's time: the burst arrives while the first reads run
+        return real_grant(*args)
+
+    monkeypatch.setattr(oidc_routes, "_grant", counted)
+    limits = httpx.Limits(max_connections=100)
+    async with served(settings) as url, httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        nul = await client.post(
+            "/oidc/token",
+            data={"grant_type": "client_credentials", "client_id": "a\x00b", "client_secret": "x"},
+            headers={"X-Forwarded-For": "198.51.100.7"},
+        )
+        assert nul.status_code == 400 and nul.json()["error"] == "invalid_request", nul.text
+        assert granted == []
+        forwarded = {"X-Forwarded-For": "203.0.113.9"}
+
+        async def wrong() -> int:
+            data = {"grant_type": "client_credentials", "client_id": "svc_x", "client_secret": secrets.token_hex(8)}
+            return (await client.post("/oidc/token", data=data, headers=forwarded)).status_code
+
+        statuses = await asyncio.gather(*(wrong() for _ in range(60)))
+    assert len(granted) <= 20, len(granted)
+    assert statuses.count(429) >= 40 and set(statuses) <= {401, 429}, statuses
