@@ -31,7 +31,7 @@ from appliance.gateway.serving import (
 )
 from appliance.gateway.settlement import Source
 from appliance.gateway.streaming import StreamRelay
-from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError
+from appliance.lib.errors import ClientDisconnectedError, InvalidRequestError, ServiceUnavailableError
 from appliance.lib.guards import INFERENCE, CurrentPrincipal
 from appliance.lib.http import request_id
 from appliance.lib.principal import Principal
@@ -115,13 +115,18 @@ async def unless_client_leaves(request: Request[Any, Any, Any], work: Awaitable[
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        return await work
+        result = await work
     except asyncio.CancelledError:
         if left and current.uncancel() == 0:  # cancelled by the watcher alone, not by the server
             raise ClientDisconnectedError("The client closed the connection before the answer.") from None
+        if current.cancelling() == 0:  # not this task's cancellation: something the work awaited was cancelled
+            raise ServiceUnavailableError("The request was interrupted; try again.", code="interrupted") from None
         raise
     finally:
         watcher.cancel()
+    if left:  # the work swallowed the watcher's cancellation (asyncio.wait_for does when its future is done)
+        current.uncancel()
+    return result
 
 
 async def _serve(

@@ -16,7 +16,7 @@ import uvicorn
 
 from appliance.asgi import create_app
 from appliance.gateway.routes import unless_client_leaves
-from appliance.lib.errors import ClientDisconnectedError
+from appliance.lib.errors import ClientDisconnectedError, ServiceUnavailableError
 from appliance.settings import Settings
 from tests.support import fake_engine as fake
 from tests.support.gateway import admin_headers, fake_settings
@@ -152,3 +152,33 @@ async def test_a_client_leaving_cancels_the_work_and_is_told_apart_from_a_server
     with pytest.raises(asyncio.CancelledError):
         await request
     assert cancelled.is_set()
+
+
+async def test_a_leaving_whose_cancellation_the_work_swallowed_leaves_the_task_uncancelled() -> None:
+    """``asyncio.wait_for`` returns its result, swallowing a cancellation, when its future is done in the same
+    turn: the answer is returned, and the request's task is not left marked as being cancelled."""
+    connection = _Connection()
+
+    async def work() -> str:
+        ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        def both() -> None:  # what it waits for is done, and the client leaves, in one turn of the loop
+            ready.set_result("answer")
+            connection.gone.set()
+
+        asyncio.get_running_loop().call_soon(both)
+        return await asyncio.wait_for(ready, 5)
+
+    assert await unless_client_leaves(connection, work()) == "answer"  # type: ignore[arg-type]
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_a_cancelled_wait_inside_the_work_is_an_interruption_not_a_client_leaving() -> None:
+    async def work() -> str:
+        inner = asyncio.ensure_future(asyncio.sleep(30))
+        asyncio.get_running_loop().call_later(0.01, inner.cancel)
+        await inner
+        return "never"
+
+    with pytest.raises(ServiceUnavailableError):
+        await unless_client_leaves(_Connection(), work())  # type: ignore[arg-type]
