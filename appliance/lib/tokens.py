@@ -11,8 +11,10 @@ meanwhile. :class:`PieceCounts` counts texts that repeat (chats) without tokeniz
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import sys
 import threading
 from collections import OrderedDict
 
@@ -37,23 +39,27 @@ class PieceCounts:
     and 3 us with its pieces remembered.
 
     Only for a tokenizer whose added tokens match as plain text (no ``lstrip``, ``rstrip``, ``single_word`` or
-    ``normalized``): :meth:`for_tokenizer` returns None for any other. And tokenizers that treat a text's first
-    piece apart (a Metaspace prefix only at the start) would count differently, so :meth:`agrees` checks texts
-    against their whole counts before use, and every ``check_every`` counts one is checked again: a
-    disagreement turns the pieces off for good (:attr:`usable`).
+    ``normalized``) and that does not treat a text's first piece apart (a Metaspace ``prepend_scheme: first``
+    marks only the text's start): :meth:`for_tokenizer` returns None for any other. A tokenizer could still count
+    otherwise in a way not foreseen here, so :meth:`agrees` checks texts against their whole counts before use, and
+    every ``check_every`` counts one is checked again: a disagreement turns the pieces off for good
+    (:attr:`usable`).
 
     Pieces are remembered per ``partition`` (the tenant): whether a piece is known must not be something one tenant
-    can time for another's prompts. Memory: at most ``max_chars`` characters of pieces, the least recently used
-    forgotten first; a piece longer than a sixteenth of that is counted and not remembered."""
+    can time for another's prompts. Memory: at most ``max_chars`` characters of pieces and ``max_entries`` pieces
+    (about 200 bytes each besides their text), the least recently used forgotten first; a piece longer than a
+    sixteenth of ``max_chars`` is counted and not remembered."""
 
-    def __init__(self, tokenizer: Tokenizer, *, max_chars: int = 4_000_000, check_every: int = 1024) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, *, max_chars: int = 4_000_000, max_entries: int = 20_000, check_every: int = 1024
+    ) -> None:
         contents = sorted({token.content for token in tokenizer.get_added_tokens_decoder().values()}, key=len)
         if not contents:
             raise ValueError("a tokenizer without added tokens has no pieces to count apart")
         # Longest first: the alternation then matches as ``tokenizers`` does (leftmost, longest).
         self._split = re.compile("|".join(re.escape(content) for content in reversed(contents))).split
         self._tokenizer = tokenizer
-        self._max_chars, self._check_every = max_chars, check_every
+        self._max_chars, self._max_entries, self._check_every = max_chars, max_entries, check_every
         self._known: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._chars = 0
         self._counted = 0
@@ -64,6 +70,8 @@ class PieceCounts:
     def for_tokenizer(cls, tokenizer: Tokenizer, **options: int) -> PieceCounts | None:
         added = tokenizer.get_added_tokens_decoder().values()
         if not added or any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added):
+            return None
+        if _marks_first_piece(json.loads(tokenizer.to_str()).get("pre_tokenizer")):
             return None
         return cls(tokenizer, **options)
 
@@ -97,7 +105,7 @@ class PieceCounts:
         for piece in pieces:
             if not piece:
                 continue
-            key = (partition, piece)
+            key = (sys.intern(partition), piece)  # one copy of each tenant's name, however many pieces
             with self._lock:
                 known = self._known.get(key)
                 if known is not None:
@@ -116,6 +124,18 @@ class PieceCounts:
                 return
             self._known[key] = counted
             self._chars += len(key[1])
-            while self._chars > self._max_chars:
+            while self._chars > self._max_chars or len(self._known) > self._max_entries:
                 (_, piece), _ = self._known.popitem(last=False)
                 self._chars -= len(piece)
+
+
+def _marks_first_piece(config: object) -> bool:
+    """Whether a pre-tokenizer's configuration (``tokenizer.json``'s, nested in sequences) treats a text's first
+    piece apart from the others (Metaspace with ``prepend_scheme: first``)."""
+    if isinstance(config, list):
+        return any(_marks_first_piece(item) for item in config)
+    if isinstance(config, dict):
+        if config.get("type") == "Metaspace" and config.get("prepend_scheme") == "first":
+            return True
+        return any(_marks_first_piece(value) for value in config.values())
+    return False

@@ -144,6 +144,9 @@ def test_pieces_are_remembered_per_partition_within_their_memory_bound(smollm: T
     for n in range(200):  # many distinct pieces: the oldest are forgotten, the memory stays within its bound
         pieces.count(f"<|im_start|>user\nquestion {n} {'x' * 200}<|im_end|>", "acme")
     assert pieces._chars <= 16_000
+    small = PieceCounts(smollm, max_entries=50)  # and many tiny pieces are bounded by their number
+    small.count("<|im_end|>".join(str(n) for n in range(500)), "acme")
+    assert len(small._known) == 50
     pieces.tokenized.clear()
     pieces.count(first, "acme")
     assert f"system\n{system}" in pieces.tokenized, "forgotten, so counted again"
@@ -155,6 +158,14 @@ def test_only_tokenizers_whose_added_tokens_match_as_plain_text_count_by_pieces(
         stripping = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
         stripping.add_special_tokens([AddedToken("<s>", special=True, **{flag: True})])
         assert PieceCounts.for_tokenizer(stripping) is None, flag
+    first = pre_tokenizers.Metaspace(prepend_scheme="first")  # marks a text's start only: pieces would differ
+    for pre_tokenizer in (first, pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), first])):
+        marking = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+        marking.pre_tokenizer = pre_tokenizer
+        marking.add_special_tokens([AddedToken("<s>", special=True)])
+        assert PieceCounts.for_tokenizer(marking) is None
+    marking.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    assert PieceCounts.for_tokenizer(marking) is not None
 
 
 class _Disagreeing(PieceCounts):
