@@ -32,7 +32,7 @@ from appliance.gateway.shape import Prompt, PromptTokens, RequestShape
 from appliance.gateway.templates import ChatTemplate, plain_chat
 from appliance.gateway.upstream import EngineRouter
 from appliance.lib.errors import UpstreamError
-from appliance.lib.tokens import PieceCounts, encode
+from appliance.lib.tokens import PieceCounts, count_tokens
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
@@ -133,11 +133,9 @@ class _LocalChat:
         loop goes on; on the loop itself a small chat keeps the lock (releasing it there, the loop would wait to
         take it back from any thread running Python)."""
         text = self._template.render(messages, generation)
-        if self._pieces is not None and self._pieces.usable:
+        if self._pieces is not None:  # whole once it is not usable
             return self._pieces.count(text, partition, in_thread=in_thread)
-        if in_thread:
-            return len(encode(self._tokenizer, text).ids)
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return count_tokens(self._tokenizer, text, in_thread=in_thread)
 
     async def count_async(self, messages: list[dict[str, str]], generation: bool, partition: str) -> int:
         """Small chats on the event loop; a long one (or one of many messages) in a worker thread."""

@@ -163,12 +163,15 @@ class OidcController(Controller):
         if wait:
             await refusals.refused(_sign_in_event(request, None, "denied", "rate_limited", event_type="auth.token"))
             await login_limiter.tarpit.hold()
-            refused = oauth.OAuthError(
-                "temporarily_unavailable",
-                f"Too many refused token requests from this address; try again in {wait} seconds.",
-                status_code=429,
+            response = _oauth_error(
+                oauth.OAuthError(
+                    "temporarily_unavailable",
+                    f"Too many refused token requests from this address; try again in {wait} seconds.",
+                    status_code=429,
+                )
             )
-            return Response(content=refused.body(), status_code=429, headers={**_NO_STORE, "Retry-After": str(wait)})
+            response.headers["Retry-After"] = str(wait)
+            return response
         login_limiter.grant_attempted(address)  # refused until it succeeds, whatever happens to it meanwhile
         form = {key: str(value) for key, value in (await request.form()).items()}
         grant = form.get("grant_type", "")[:50]

@@ -28,6 +28,14 @@ def encode(tokenizer: Tokenizer, text: str, *, special: bool = False) -> Encodin
     return tokenizer.encode_batch([text], add_special_tokens=special)[0]
 
 
+def count_tokens(tokenizer: Tokenizer, text: str, *, in_thread: bool = False) -> int:
+    """``text``'s tokens (no special tokens added): in a worker thread (``in_thread``) without holding the GIL, on
+    the event loop holding it (see above)."""
+    if in_thread:
+        return len(encode(tokenizer, text).ids)
+    return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+
 class PieceCounts:
     """Token counts of texts that carry a model's added tokens (a rendered chat), counted piece by piece, each
     piece's count remembered.
@@ -95,17 +103,16 @@ class PieceCounts:
         return counted
 
     def _whole(self, text: str, *, in_thread: bool) -> int:
-        if in_thread:
-            return len(encode(self._tokenizer, text).ids)
-        return len(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return count_tokens(self._tokenizer, text, in_thread=in_thread)
 
     def _pieces(self, text: str, partition: str, *, in_thread: bool) -> int:
+        partition = sys.intern(partition)  # one copy of each tenant's name, however many pieces it keeps
         pieces = self._split(text)
         total = len(pieces) - 1  # the added tokens between them
         for piece in pieces:
             if not piece:
                 continue
-            key = (sys.intern(partition), piece)  # one copy of each tenant's name, however many pieces
+            key = (partition, piece)
             with self._lock:
                 known = self._known.get(key)
                 if known is not None:
