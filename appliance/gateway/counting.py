@@ -30,7 +30,7 @@ from tokenizers import Tokenizer
 
 from appliance.gateway.shape import Prompt, PromptTokens, RequestShape
 from appliance.gateway.templates import ChatTemplate, plain_chat
-from appliance.gateway.upstream import EngineRouter
+from appliance.gateway.upstream import EngineRouter, read_answer
 from appliance.lib.errors import UpstreamError
 from appliance.lib.tokens import PieceCounts, count_tokens
 from appliance.settings import EngineRoute
@@ -271,15 +271,14 @@ class TokenCounter:
 
     async def _tokenize(self, route: EngineRoute, body: dict[str, Any], request_id: str) -> int:
         response = await self._router.open(route, "/tokenize", msgspec.json.encode(body), request_id)
+        raw = await read_answer(response, route.model)
         try:
-            answer = msgspec.json.decode(await response.read())
+            answer = msgspec.json.decode(raw)
             count = int(answer["count"])
             if isinstance(answer.get("max_model_len"), int):
                 self._context[route.url] = answer["max_model_len"]
         except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` could not count the prompt.") from exc
-        finally:
-            response.release()
         return count
 
 

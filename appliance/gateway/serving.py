@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from appliance.audit.writer import AuditWriter
@@ -49,7 +48,7 @@ from appliance.gateway.responses import (
 from appliance.gateway.settlement import Settlement, Source, settle
 from appliance.gateway.shape import PromptTokens, RequestShape, output_cap, parse
 from appliance.gateway.streaming import StreamRelay
-from appliance.gateway.upstream import EngineRouter
+from appliance.gateway.upstream import EngineRouter, read_answer
 from appliance.gateway.usage import UPSTREAM_STREAM_OPTIONS, StreamUsage, choice_texts, prompt_text
 from appliance.identity.tenancy import NO_POLICY, TenantPolicies, TenantPolicy
 from appliance.ledger.pricing import Pricing, to_currency
@@ -326,13 +325,11 @@ class OpenAIServing:
         return route
 
     async def _engine_json(self, route: EngineRoute, method: str, path: str, request_id: str) -> Any:
-        response = await self._router.open(route, path, None, request_id, method=method)
+        raw = await read_answer(await self._router.open(route, path, None, request_id, method=method), route.model)
         try:
-            return msgspec.json.decode(await response.read())
-        except (TimeoutError, aiohttp.ClientError, msgspec.DecodeError) as exc:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
             raise UpstreamError(f"The engine serving `{route.model}` did not answer with its API.") from exc
-        finally:
-            response.release()
 
     async def _call(
         self, context: RequestContext, settlement: Settlement, event: UsageEvent
@@ -359,7 +356,7 @@ class OpenAIServing:
         route, request_id = context.route, context.request_id
         body = msgspec.json.encode(context.shape.body)
         response = await self._router.open(route, context.endpoint.upstream, body, request_id)
-        raw = await _read_answer(response, route.model)
+        raw = await read_answer(response, route.model)
         try:
             if context.endpoint is RESPONSES:
                 _response_usage(msgspec.json.decode(raw), settlement, event)
@@ -418,7 +415,7 @@ class OpenAIServing:
             response = await self._router.open(
                 route, path, b"{}" if cancel else None, request_id, method="POST" if cancel else "GET"
             )
-            raw = await _read_answer(response, route.model)
+            raw = await read_answer(response, route.model)
         except Exception as exc:
             await settle(settlement, event, started, exc)
             raise
@@ -452,7 +449,7 @@ class OpenAIServing:
             response = await self._router.open(
                 route, path.removeprefix("/v1"), msgspec.json.encode(forwarded), request_id
             )
-            raw = await _read_answer(response, route.model)
+            raw = await read_answer(response, route.model)
             if settlement.capturing:
                 settlement.answer.append(raw.decode("utf-8", "replace"))
         except Exception as exc:
@@ -563,17 +560,3 @@ class _NoPolicies:
 
 
 NO_POLICIES: Any = _NoPolicies()
-
-
-async def _read_answer(response: aiohttp.ClientResponse, model: str) -> bytes:
-    """The engine's whole (non-streamed) answer. A broken one is an ``UpstreamError``; a client that leaves
-    closes the connection, so vLLM aborts the request."""
-    try:
-        return await response.read()
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise UpstreamError(f"The engine serving `{model}` broke off its answer.") from exc
-    except asyncio.CancelledError:
-        response.close()
-        raise
-    finally:
-        response.release()

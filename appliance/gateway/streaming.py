@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from enum import Enum
 
-import aiohttp
 import msgspec
 
 from appliance.gateway.responses import ResponsesStreamUsage
@@ -16,6 +15,7 @@ from appliance.gateway.settlement import Settlement
 from appliance.gateway.usage import StreamUsage, split_events, sse
 from appliance.ledger.writer import UsageEvent
 from appliance.lib.errors import ApplianceError, UpstreamError
+from appliance.lib.httpclient import Answer, AnswerBroken, HTTPClientError
 from appliance.settings import EngineRoute
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ class StreamRelay:
     def __init__(
         self,
         route: EngineRoute,
-        response: aiohttp.ClientResponse,
+        response: Answer,
         usage: StreamUsage | ResponsesStreamUsage,
         settlement: Settlement,
         event: UsageEvent,
@@ -77,7 +77,7 @@ class StreamRelay:
         self._closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        self._response.close()
+        self._response.release()
         self._settlement.abandon(self._final_event())  # a no-op when the answer was settled already
 
     def _final_event(self) -> UsageEvent:
@@ -121,7 +121,7 @@ class StreamRelay:
                 yield event
             if self._stall_s is not None:
                 self._watchdog = asyncio.get_running_loop().call_later(self._stall_s, self._watch)
-            async for chunk in self._response.content.iter_any():
+            while chunk := await self._response.next_chunk():
                 buffer += chunk
                 for payload in split_events(buffer):
                     waiting_for_first = self._usage.first_token_at is None
@@ -144,8 +144,8 @@ class StreamRelay:
                     if self._closed:
                         return  # cut while the client stalled (settled already)
             if not self._usage.done:
-                raise aiohttp.ClientPayloadError("the stream ended without [DONE]")
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                raise AnswerBroken("the stream ended without [DONE]")
+        except (TimeoutError, HTTPClientError) as exc:
             self._outcome = _Outcome.ENGINE_FAILED
             log.warning("stream from %s broke off: %s", self._route.url, exc)
             error = UpstreamError(f"The engine serving `{self._route.model}` broke off the stream.")

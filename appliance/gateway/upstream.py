@@ -1,4 +1,4 @@
-"""Pooled async HTTP client for the vLLM engines (aiohttp: measured far cheaper than httpx here)."""
+"""Which engine serves a request, and the calls to it (over :mod:`appliance.lib.httpclient`'s pooled connections)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import msgspec
 
 from appliance.lib.errors import (
@@ -18,6 +17,7 @@ from appliance.lib.errors import (
     UpstreamError,
     UpstreamRequestError,
 )
+from appliance.lib.httpclient import Answer, EngineClient, HTTPClientError
 from appliance.lib.tracing import outgoing_traceparent
 from appliance.settings import EngineRoute, GatewaySettings
 
@@ -50,7 +50,7 @@ class Lease:
 
 class EngineRouter:
     """Knows which engines serve which model, picks one for each request, and talks to them over one pooled
-    session.
+    client.
 
     With several engines for a model, a chat session (``X-Session-Id``) stays on the engine it started on, so
     its growing prefix is found in that engine's prefix cache; a new session, or one whose engine is passed
@@ -67,25 +67,16 @@ class EngineRouter:
         self._down_until: dict[str, float] = {}
         self._affinity: OrderedDict[tuple[str | None, str, str], tuple[str, float]] = OrderedDict()
         self._turn = 0
-        self._session: aiohttp.ClientSession | None = None
+        self._client: EngineClient | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0, limit_per_host=self._settings.pool_size, keepalive_timeout=30, ttl_dns_cache=None
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self._settings.connect_timeout_s, sock_read=self._settings.read_timeout_s
-            ),
-            auto_decompress=False,
-            json_serialize=lambda obj: msgspec.json.encode(obj).decode(),
-        )
+        settings = self._settings
+        self._client = EngineClient(settings.pool_size, settings.connect_timeout_s, settings.read_timeout_s)
 
     async def stop(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     @property
     def routes(self) -> list[EngineRoute]:
@@ -141,51 +132,56 @@ class EngineRouter:
         self._down_until[route.url] = self._clock() + self._settings.engine_down_s
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def client(self) -> EngineClient:
+        if self._client is None:
             raise EngineUnavailableError("The gateway is not started.")
-        return self._session
+        return self._client
 
     @staticmethod
-    def _headers(request_id: str) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Request-Id": request_id}
+    def _headers(request_id: str) -> list[tuple[str, str]]:
+        headers = [("Content-Type", "application/json"), ("X-Request-Id", request_id)]
         traceparent = outgoing_traceparent()
         if traceparent is not None:
-            headers["traceparent"] = traceparent
+            headers.append(("traceparent", traceparent))
         return headers
 
     async def open(
         self, route: EngineRoute, path: str, body: bytes | None, request_id: str, method: str = "POST"
-    ) -> aiohttp.ClientResponse:
-        """POST ``body`` to the engine (or ``method`` it); return the open response once its status is 200.
+    ) -> Answer:
+        """POST ``body`` to the engine (or ``method`` it); return its answer once its status is 200.
 
-        The caller owns the response and must ``close()``/``release()`` it. Errors are mapped here.
+        The caller owns the answer and must ``release()`` it. Errors are mapped here.
         """
         try:
-            response = await self.session.request(
-                method,
-                route.url + path,
-                data=body,
-                headers=self._headers(request_id),
-            )
-        except (aiohttp.ClientConnectionError, OSError) as exc:
-            self._mark_down(route)
-            raise EngineUnavailableError(
-                f"The engine serving `{route.model}` is unavailable.", code="engine_unavailable"
-            ) from exc
+            answer = await self.client.request(route.url, method, path, self._headers(request_id), body)
         except TimeoutError as exc:
             raise EngineUnavailableError(
                 f"The engine serving `{route.model}` did not answer in time.", code="engine_timeout"
             ) from exc
-        if response.status != 200:
+        except (HTTPClientError, OSError) as exc:
+            self._mark_down(route)
+            raise EngineUnavailableError(
+                f"The engine serving `{route.model}` is unavailable.", code="engine_unavailable"
+            ) from exc
+        if answer.status != 200:
             try:
-                raw = await response.read()
-            except (TimeoutError, aiohttp.ClientError):
+                raw = await answer.read()
+            except (TimeoutError, HTTPClientError):
                 raw = b""
             finally:
-                response.release()
-            raise engine_error(route.model, response.status, raw)
-        return response
+                answer.release()
+            raise engine_error(route.model, answer.status, raw)
+        return answer
+
+    async def fetch(self, url: str, path: str, timeout_s: float) -> tuple[int, bytes]:
+        """``GET`` an engine's ``path`` (health, metrics): its status and body, within ``timeout_s``. Raises
+        ``HTTPClientError``, ``TimeoutError`` or ``OSError``."""
+        async with asyncio.timeout(timeout_s):
+            answer = await self.client.request(url, "GET", path, [])
+            try:
+                return answer.status, await answer.read()
+            finally:
+                answer.release()
 
     async def count_prompt_tokens(self, route: EngineRoute, data: dict[str, Any], request_id: str) -> int:
         """One text's (``prompt``) or chat's (``messages``) token count from the engine's own tokenizer, chat
@@ -194,25 +190,35 @@ class EngineRouter:
             body = {"model": route.model, "messages": data["messages"], "add_generation_prompt": True}
         else:
             body = {"model": route.model, "prompt": str(data.get("prompt", ""))}
-        response = await self.open(route, "/tokenize", msgspec.json.encode(body), request_id)
+        answer = await self.open(route, "/tokenize", msgspec.json.encode(body), request_id)
+        raw = await read_answer(answer, route.model)
         try:
-            return int(msgspec.json.decode(await response.read())["count"])
-        finally:
-            response.release()
+            return int(msgspec.json.decode(raw)["count"])
+        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"The engine serving `{route.model}` could not count the prompt.") from exc
 
     async def health(self, route: EngineRoute) -> EngineHealth:
         try:
-            async with self.session.get(
-                route.url + "/health", timeout=aiohttp.ClientTimeout(total=self._settings.health_timeout_s)
-            ) as response:
-                if response.status == 200:
-                    return EngineHealth(route.model, route.url, True, runner=route.runner)
-                return EngineHealth(route.model, route.url, False, f"health answered {response.status}", route.runner)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            status, _ = await self.fetch(route.url, "/health", self._settings.health_timeout_s)
+        except (TimeoutError, HTTPClientError, OSError) as exc:
             return EngineHealth(route.model, route.url, False, type(exc).__name__, route.runner)
+        if status == 200:
+            return EngineHealth(route.model, route.url, True, runner=route.runner)
+        return EngineHealth(route.model, route.url, False, f"health answered {status}", route.runner)
 
     async def health_all(self) -> list[EngineHealth]:
         return list(await asyncio.gather(*(self.health(route) for route in self.routes)))
+
+
+async def read_answer(answer: Answer, model: str) -> bytes:
+    """An engine's whole answer, and the answer released. One that breaks off is an ``UpstreamError``; a caller that
+    is cancelled (its client left) closes the connection, so vLLM aborts the request."""
+    try:
+        return await answer.read()
+    except (TimeoutError, HTTPClientError) as exc:
+        raise UpstreamError(f"The engine serving `{model}` broke off its answer.") from exc
+    finally:
+        answer.release()
 
 
 def engine_error(model: str, status: int, raw: bytes) -> UpstreamError | UpstreamRequestError:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Iterator
 
-import aiohttp
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from appliance.gateway.upstream import EngineRouter
+from appliance.lib.httpclient import HTTPClientError
 from appliance.settings import EngineRoute
 
 ADDED = ("engine", "model")
@@ -79,11 +79,10 @@ async def engine_metrics(router: EngineRouter, timeout_s: float = 5.0) -> bytes:
 
     async def read(route: EngineRoute) -> str | None:
         try:
-            timeout = aiohttp.ClientTimeout(total=timeout_s)
-            async with router.session.get(route.url + "/metrics", timeout=timeout) as response:
-                return await response.text() if response.status == 200 else None
-        except (TimeoutError, aiohttp.ClientError):
+            status, raw = await router.fetch(route.url, "/metrics", timeout_s)
+        except (TimeoutError, HTTPClientError, OSError):
             return None
+        return raw.decode("utf-8", "replace") if status == 200 else None
 
     texts = await asyncio.gather(*(read(route) for route in routes))
     return render(merge(zip(routes, texts, strict=True)))

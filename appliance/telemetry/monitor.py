@@ -10,7 +10,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -94,11 +93,10 @@ class ConcurrencyMonitor:
 
     async def scrape(self, engine: str, url: str) -> EngineSample | None:
         try:
-            timeout = aiohttp.ClientTimeout(total=max(self.settings.scrape_interval_s, 1.0))
-            async with self._router.session.get(url + "/metrics", timeout=timeout) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise ValueError(f"/metrics answered {response.status}")
+            status, raw = await self._router.fetch(url, "/metrics", max(self.settings.scrape_interval_s, 1.0))
+            if status != 200:
+                raise ValueError(f"/metrics answered {status}")
+            text = raw.decode("utf-8", "replace")
             sample = parse(text, self._clock())
             self.add(engine, sample)
             self._errors.pop(engine, None)
