@@ -17,7 +17,7 @@ from appliance.lib.errors import (
     UpstreamError,
     UpstreamRequestError,
 )
-from appliance.lib.httpclient import Answer, EngineClient, HTTPClientError
+from appliance.lib.httpclient import Answer, EngineClient, HTTPClientError, PoolBusy
 from appliance.lib.tracing import outgoing_traceparent
 from appliance.settings import EngineRoute, GatewaySettings
 
@@ -154,7 +154,12 @@ class EngineRouter:
         """
         try:
             answer = await self.client.request(route.url, method, path, self._headers(request_id), body)
+        except PoolBusy as exc:
+            raise EngineUnavailableError(
+                f"The engine serving `{route.model}` has no free connection; try again.", code="engine_busy"
+            ) from exc
         except TimeoutError as exc:
+            self._mark_down(route)
             raise EngineUnavailableError(
                 f"The engine serving `{route.model}` did not answer in time.", code="engine_timeout"
             ) from exc
@@ -177,7 +182,7 @@ class EngineRouter:
         """``GET`` an engine's ``path`` (health, metrics): its status and body, within ``timeout_s``. Raises
         ``HTTPClientError``, ``TimeoutError`` or ``OSError``."""
         async with asyncio.timeout(timeout_s):
-            answer = await self.client.request(url, "GET", path, [])
+            answer = await self.client.request(url, "GET", path, [], pooled=False)
             try:
                 return answer.status, await answer.read()
             finally:

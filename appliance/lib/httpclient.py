@@ -25,6 +25,7 @@ import httptools
 
 HIGH_WATER = 256 * 1024  # bytes of an answer buffered here before its connection stops being read
 IDLE_S = 4.0  # a kept-alive connection idle longer is closed, not reused (uvicorn closes them after 5 s)
+RETRY_WITHIN_S = 0.5  # a reused connection closed this soon after a request went out on it was closing already
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")  # no header or path may carry these (CR / LF would split the request)
 _NO_BODY = (204, 304)
 
@@ -39,6 +40,10 @@ class ConnectFailed(HTTPClientError):
 
 class AnswerBroken(HTTPClientError):
     """The connection closed, or the answer stopped being HTTP, before the answer's end."""
+
+
+class PoolBusy(HTTPClientError):
+    """Every connection the pool allows to the engine stayed in use for the connect timeout."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,7 @@ class Answer:
     """One engine answer: its status once its head has arrived, then its body, read whole or chunk by chunk."""
 
     __slots__ = (
+        "_begun",
         "_buffered",
         "_chunks",
         "_connection",
@@ -78,6 +84,7 @@ class Answer:
         "_paused",
         "_pool",
         "_released",
+        "_slotted",
         "_timeout_s",
         "_timer",
         "_until_close",
@@ -87,8 +94,8 @@ class Answer:
         "status",
     )
 
-    def __init__(self, pool: _Pool, connection: _Connection, timeout_s: float) -> None:
-        self._pool, self._connection, self._timeout_s = pool, connection, timeout_s
+    def __init__(self, pool: _Pool, connection: _Connection, timeout_s: float, slotted: bool) -> None:
+        self._pool, self._connection, self._timeout_s, self._slotted = pool, connection, timeout_s, slotted
         self._loop = connection.loop
         self.status = 0
         self.received = False  # any byte of the answer arrived
@@ -103,6 +110,7 @@ class Answer:
         self._keep_alive = False
         self._until_close = True  # framed by the connection's end, until a length or chunking says otherwise
         self._interim = False
+        self._begun = False
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(self.last_data + timeout_s, self._check_silence)
 
     async def head(self) -> None:
@@ -147,12 +155,18 @@ class Answer:
         self._stop_timer()
         connection = self._connection
         connection.answer = None
-        if self._done and self._keep_alive and self._error is None and not connection.closed:
-            self._pool.put_back(connection)
-        else:
-            self.fail(AnswerBroken("the answer was released before its end"))  # wakes a reader still waiting
-            connection.abort()
-        self._pool.slots.release()
+        try:
+            if self._done and self._keep_alive and self._error is None and not connection.closed:
+                if self._paused:  # its end arrived with more than the high water mark unread: read on from here
+                    self._paused = False
+                    connection.resume()
+                self._pool.put_back(connection)
+            else:
+                self.fail(AnswerBroken("the answer was released before its end"))  # wakes a reader still waiting
+                connection.abort()
+        finally:
+            if self._slotted:
+                self._pool.slots.release()
 
     def discard(self) -> None:
         """Given up before it was handed over (its request is retried or failed): its connection is closed, and its
@@ -163,6 +177,11 @@ class Answer:
         self._connection.abort()
 
     # --- fed by the connection ---
+
+    def on_message_begin(self) -> None:
+        if self._begun:  # a second answer to one request: the connection is out of step with its requests
+            raise AnswerBroken("the engine sent more than one answer")
+        self._begun = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
@@ -189,7 +208,7 @@ class Answer:
 
     def on_message_complete(self) -> None:
         if self._interim:
-            self._interim = False
+            self._interim = self._begun = False
             return
         self._keep_alive = self._connection.parser.should_keep_alive()
         self._finish()
@@ -309,6 +328,10 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     # httptools calls these on the protocol it was given; they belong to the answer in flight
+    def on_message_begin(self) -> None:
+        if self.answer is not None:
+            self.answer.on_message_begin()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.answer is not None:
             self.answer.on_header(name, value)
@@ -333,7 +356,7 @@ class _Pool:
         self.origin = origin
         self.slots = asyncio.Semaphore(size)
         self.idle: list[_Connection] = []
-        self.address: tuple[Any, ...] | None = None  # resolved once, as aiohttp's cache without expiry did
+        self.addresses: list[tuple[int, Any]] = []  # (family, address) as resolved
 
     def take_idle(self, now: float) -> _Connection | None:
         while self.idle:
@@ -364,29 +387,43 @@ class EngineClient:
         self._tls: ssl.SSLContext | None = None
 
     async def request(
-        self, url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None
+        self,
+        url: str,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None = None,
+        *,
+        pooled: bool = True,
     ) -> Answer:
         """Send a request to the engine at ``url``; return its answer once the answer's head has arrived.
 
-        A kept-alive connection that turns out closed before any byte of the answer came back is replaced by a new one
-        once (the engine closed it as it was being reused); every other failure is raised: ``ConnectFailed``,
-        ``AnswerBroken``, or ``TimeoutError`` when the engine stays silent for the read timeout."""
+        A request waits for one of the engine's ``pool_size`` slots for at most the connect timeout (``PoolBusy``
+        after); ``pooled=False`` (health checks, metrics scrapes) takes none, so that an engine busy with requests is
+        not reported down. A kept-alive connection found closed right after the request went out on it, before any
+        byte of the answer, is replaced by a new connection once (the engine closed it as it was being reused). Every
+        other failure is raised: ``ConnectFailed``, ``AnswerBroken``, or ``TimeoutError`` when the engine stays
+        silent for the read timeout."""
         pool = self._pools.get(url)
         if pool is None:
             pool = self._pools[url] = _Pool(Origin.of(url), self._pool_size)
         data = _request_bytes(method, pool.origin, path, headers, body)
-        await pool.slots.acquire()
+        if pooled:
+            await self._take_slot(pool)
         try:
             loop = asyncio.get_running_loop()
+            retried = False
             while True:
-                connection = pool.take_idle(loop.time()) or await self._connect(pool, loop)
-                answer = Answer(pool, connection, self._read_timeout_s)
+                connection = (None if retried else pool.take_idle(loop.time())) or await self._connect(pool, loop)
+                answer = Answer(pool, connection, self._read_timeout_s, pooled)
+                sent_at = loop.time()
                 connection.send(answer, data)
                 try:
                     await answer.head()
                 except AnswerBroken:
                     answer.discard()
-                    if connection.reused and not answer.received:
+                    if connection.reused and not answer.received and loop.time() - sent_at < RETRY_WITHIN_S:
+                        retried = True
                         continue
                     raise
                 except BaseException:
@@ -394,7 +431,8 @@ class EngineClient:
                     raise
                 return answer  # it holds the slot until it is released
         except BaseException:
-            pool.slots.release()
+            if pooled:
+                pool.slots.release()
             raise
 
     async def close(self) -> None:
@@ -402,28 +440,50 @@ class EngineClient:
             pool.close()
         self._pools.clear()
 
-    async def _connect(self, pool: _Pool, loop: asyncio.AbstractEventLoop) -> _Connection:
-        origin = pool.origin
-        tls = self._tls_context() if origin.tls else None
+    async def _take_slot(self, pool: _Pool) -> None:
+        if not pool.slots.locked():
+            await pool.slots.acquire()
+            return
         try:
             async with asyncio.timeout(self._connect_timeout_s):
-                if pool.address is None:
-                    found = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
-                    pool.address = found[0][4]
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop),
-                    pool.address[0],
-                    pool.address[1],
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
+                await pool.slots.acquire()
         except TimeoutError as exc:
-            pool.address = None
+            raise PoolBusy(f"all {self._pool_size} connections to {pool.origin.host_header} stayed in use") from exc
+
+    async def _connect(self, pool: _Pool, loop: asyncio.AbstractEventLoop) -> _Connection:
+        """A new connection, to the first of the engine's addresses that accepts one (resolved once, as aiohttp's
+        cache without expiry did; again after a failure)."""
+        origin = pool.origin
+        failure: OSError | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                if not pool.addresses:
+                    found = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+                    pool.addresses = [(family, address) for family, _, _, _, address in found]
+                for family, address in pool.addresses:
+                    sock = socket.socket(family, socket.SOCK_STREAM)
+                    try:
+                        sock.setblocking(False)
+                        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                        await loop.sock_connect(sock, address)
+                        tls = self._tls_context() if origin.tls else None
+                        _, connection = await loop.create_connection(
+                            lambda: _Connection(loop), sock=sock, ssl=tls, server_hostname=origin.host if tls else None
+                        )
+                        return connection
+                    except OSError as exc:
+                        sock.close()
+                        failure = exc
+                    except BaseException:
+                        sock.close()
+                        raise
+        except TimeoutError as exc:
+            pool.addresses = []
             raise ConnectFailed(f"{origin.host_header} did not accept a connection in time") from exc
         except OSError as exc:
-            pool.address = None
-            raise ConnectFailed(f"{origin.host_header} refused a connection: {exc}") from exc
-        return connection
+            failure = exc
+        pool.addresses = []
+        raise ConnectFailed(f"{origin.host_header} refused a connection: {failure}") from failure
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._tls is None:

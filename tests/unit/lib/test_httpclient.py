@@ -5,6 +5,7 @@ Each test runs on asyncio's loop and on uvloop's (the gateway's processes run uv
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import uvloop
 
 from appliance.lib import httpclient
-from appliance.lib.httpclient import AnswerBroken, ConnectFailed, EngineClient
+from appliance.lib.httpclient import AnswerBroken, ConnectFailed, EngineClient, PoolBusy
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -87,8 +88,8 @@ async def keep_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWri
         await writer.drain()
 
 
-def client(pool_size: int = 8, read_timeout_s: float = 5.0) -> EngineClient:
-    return EngineClient(pool_size=pool_size, connect_timeout_s=2.0, read_timeout_s=read_timeout_s)
+def client(pool_size: int = 8, read_timeout_s: float = 5.0, connect_timeout_s: float = 2.0) -> EngineClient:
+    return EngineClient(pool_size=pool_size, connect_timeout_s=connect_timeout_s, read_timeout_s=read_timeout_s)
 
 
 def test_a_kept_alive_connection_carries_the_next_request(run: Any) -> None:
@@ -387,3 +388,123 @@ def test_an_answer_that_is_not_http_is_broken(run: Any) -> None:
                 await client().request(server.url, "POST", "/x", [], b"{}")
 
     run(main())
+
+
+def test_an_answer_whose_end_came_while_held_back_leaves_its_connection_readable(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its end arrived in the read that passed the high water mark, and nobody read it: the connection is kept, and
+    the next request's answer on it is read (it was left paused once: the next answer waited for the read timeout)."""
+    monkeypatch.setattr(httpclient, "HIGH_WATER", 10)
+
+    async def main() -> None:
+        async with Server(keep_answering) as server:
+            engine = client(read_timeout_s=2.0)
+            answer = await engine.request(server.url, "POST", "/x", [], b"{}" + b" " * 100)
+            await asyncio.sleep(0.1)
+            answer.release()  # unread
+            answer = await asyncio.wait_for(engine.request(server.url, "POST", "/x", [], b"{}"), 1.0)
+            assert await asyncio.wait_for(answer.read(), 1.0) == b'{"echo": %d}' % len(server.requests[-1])
+            answer.release()
+            assert server.connections == 1
+            await engine.close()
+
+    run(main())
+
+
+def test_a_full_pool_refuses_after_the_connect_timeout_and_health_checks_do_not_wait_for_it(run: Any) -> None:
+    async def main() -> None:
+        async with Server(keep_answering) as server:
+            engine = client(pool_size=1, connect_timeout_s=0.3)
+            held = await engine.request(server.url, "POST", "/x", [], b"{}")
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(PoolBusy):
+                await engine.request(server.url, "POST", "/x", [], b"{}")
+            assert 0.25 < loop.time() - started < 1.5
+            health = await asyncio.wait_for(engine.request(server.url, "GET", "/health", [], pooled=False), 1.0)
+            assert health.status == 200
+            health.release()
+            held.release()
+            answer = await asyncio.wait_for(engine.request(server.url, "POST", "/x", [], b"{}"), 1.0)  # a slot again
+            answer.release()
+            await engine.close()
+
+    run(main())
+
+
+def test_a_second_answer_to_one_request_retires_the_connection(run: Any) -> None:
+    async def twice(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while await server.request(reader) is not None:
+            writer.write(ok(b'{"n": 1}') + ok(b'{"n": 2}'))
+            await writer.drain()
+
+    async def main() -> None:
+        async with Server(twice) as server:
+            engine = client()
+            for _ in range(2):
+                answer = await engine.request(server.url, "POST", "/x", [], b"{}")
+                assert await answer.read() == b'{"n": 1}'  # never the stray second one
+                answer.release()
+            assert server.connections == 2
+            await engine.close()
+
+    run(main())
+
+
+def test_a_reused_connection_that_dies_well_after_the_request_went_out_is_not_sent_again(
+    run: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retried only when the connection was closing already; not after the engine had time to work on it."""
+    monkeypatch.setattr(httpclient, "RETRY_WITHIN_S", 0.1)
+
+    async def dies_later(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        await server.request(reader)
+        writer.write(ok(b"{}"))
+        await writer.drain()
+        await server.request(reader)
+        await asyncio.sleep(0.3)  # worked on it, then died
+
+    async def main() -> None:
+        async with Server(dies_later) as server:
+            engine = client()
+            answer = await engine.request(server.url, "POST", "/x", [], b"{}")
+            await answer.read()
+            answer.release()
+            with pytest.raises(AnswerBroken):
+                await engine.request(server.url, "POST", "/x", [], b"{}")
+            assert server.connections == 1
+            await engine.close()
+
+    run(main())
+
+
+def test_every_address_of_an_engine_name_is_tried() -> None:
+    """A name that resolves to an address nobody listens on first (``::1`` for ``localhost`` where the engine
+    listens on 127.0.0.1) still reaches the engine at its next address. Named fake: the resolver's answer."""
+
+    async def main() -> None:
+        async with Server(keep_answering) as server:
+            port = int(server.url.rsplit(":", 1)[1])
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                closed = probe.getsockname()[1]  # bound, not listening: refuses
+                loop = asyncio.get_running_loop()
+
+                async def resolve(host: str, _port: int, **_: Any) -> list[Any]:
+                    assert host == "engine.internal"
+                    stream = socket.SOCK_STREAM
+                    return [
+                        (socket.AF_INET, stream, 6, "", ("127.0.0.1", closed)),
+                        (socket.AF_INET, stream, 6, "", ("127.0.0.1", port)),
+                    ]
+
+                loop.getaddrinfo = resolve  # type: ignore[method-assign]
+                engine = client()
+                answer = await engine.request(f"http://engine.internal:{port}", "GET", "/health", [])
+                assert answer.status == 200
+                answer.release()
+                await engine.close()
+            assert b"Host: engine.internal:%d" % port in server.requests[0]
+
+    asyncio.run(main())
