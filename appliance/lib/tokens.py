@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-import sys
+import secrets
 import threading
 from collections import OrderedDict
+from hashlib import blake2b
 
 from tokenizers import Encoding, Tokenizer
 
@@ -54,22 +55,21 @@ class PieceCounts:
     (:attr:`usable`).
 
     Pieces are remembered per ``partition`` (the tenant): whether a piece is known must not be something one tenant
-    can time for another's prompts. Memory: at most ``max_chars`` characters of pieces and ``max_entries`` pieces
-    (about 200 bytes each besides their text), the least recently used forgotten first; a piece longer than a
-    sixteenth of ``max_chars`` is counted and not remembered."""
+    can time for another's prompts. What is remembered of a piece is a keyed 128-bit BLAKE2b digest of it and its
+    partition (the key random per process), never its text: no prompt is kept in memory past its request, whatever
+    its tenant's ``content_capture`` says. Memory: at most ``max_entries`` pieces, about 180 bytes each, the least
+    recently used forgotten first."""
 
-    def __init__(
-        self, tokenizer: Tokenizer, *, max_chars: int = 4_000_000, max_entries: int = 20_000, check_every: int = 1024
-    ) -> None:
+    def __init__(self, tokenizer: Tokenizer, *, max_entries: int = 50_000, check_every: int = 1024) -> None:
         contents = sorted({token.content for token in tokenizer.get_added_tokens_decoder().values()}, key=len)
         if not contents:
             raise ValueError("a tokenizer without added tokens has no pieces to count apart")
         # Longest first: the alternation then matches as ``tokenizers`` does (leftmost, longest).
         self._split = re.compile("|".join(re.escape(content) for content in reversed(contents))).split
         self._tokenizer = tokenizer
-        self._max_chars, self._max_entries, self._check_every = max_chars, max_entries, check_every
-        self._known: OrderedDict[tuple[str, str], int] = OrderedDict()
-        self._chars = 0
+        self._max_entries, self._check_every = max_entries, check_every
+        self._known: OrderedDict[bytes, int] = OrderedDict()  # digest of (partition, piece) -> its tokens
+        self._digest = blake2b(digest_size=16, key=secrets.token_bytes(16))  # keyed: random per process
         self._counted = 0
         self._lock = threading.Lock()  # counts run on the event loop and in worker threads
         self.usable = True
@@ -106,13 +106,16 @@ class PieceCounts:
         return count_tokens(self._tokenizer, text, in_thread=in_thread)
 
     def _pieces(self, text: str, partition: str, *, in_thread: bool) -> int:
-        partition = sys.intern(partition)  # one copy of each tenant's name, however many pieces it keeps
         pieces = self._split(text)
         total = len(pieces) - 1  # the added tokens between them
+        tenant = self._digest.copy()  # the tenant, then the piece, digested
+        tenant.update(partition.encode("utf-8", "surrogatepass") + b"\0")
         for piece in pieces:
             if not piece:
                 continue
-            key = (partition, piece)
+            digest = tenant.copy()
+            digest.update(piece.encode("utf-8", "surrogatepass"))
+            key = digest.digest()
             with self._lock:
                 known = self._known.get(key)
                 if known is not None:
@@ -121,19 +124,16 @@ class PieceCounts:
                     continue
             counted = self._whole(piece, in_thread=in_thread)
             total += counted
-            if len(piece) * 16 <= self._max_chars:
-                self._remember(key, counted)
+            self._remember(key, counted)
         return total
 
-    def _remember(self, key: tuple[str, str], counted: int) -> None:
+    def _remember(self, key: bytes, counted: int) -> None:
         with self._lock:
             if key in self._known:
                 return
             self._known[key] = counted
-            self._chars += len(key[1])
-            while self._chars > self._max_chars or len(self._known) > self._max_entries:
-                (_, piece), _ = self._known.popitem(last=False)
-                self._chars -= len(piece)
+            while len(self._known) > self._max_entries:
+                self._known.popitem(last=False)
 
 
 def _marks_first_piece(config: object) -> bool:

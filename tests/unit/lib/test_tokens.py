@@ -128,8 +128,8 @@ class _Spied(PieceCounts):
         return super()._whole(text, in_thread=in_thread)
 
 
-def test_pieces_are_remembered_per_partition_within_their_memory_bound(smollm: Tokenizer) -> None:
-    pieces = _Spied(smollm, max_chars=16_000)
+def test_pieces_are_remembered_per_partition_within_their_memory_bound_and_never_as_text(smollm: Tokenizer) -> None:
+    pieces = _Spied(smollm, max_entries=50)
     pieces.tokenized = []
     system = "You are the finance team's agent. " * 20
     first = f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
@@ -141,12 +141,11 @@ def test_pieces_are_remembered_per_partition_within_their_memory_bound(smollm: T
     pieces.tokenized.clear()
     pieces.count(first, "globex")  # another tenant: nothing of acme's is reused (it cannot time acme's prompts)
     assert f"system\n{system}" in pieces.tokenized
-    for n in range(200):  # many distinct pieces: the oldest are forgotten, the memory stays within its bound
-        pieces.count(f"<|im_start|>user\nquestion {n} {'x' * 200}<|im_end|>", "acme")
-    assert pieces._chars <= 16_000
-    small = PieceCounts(smollm, max_entries=50)  # and many tiny pieces are bounded by their number
-    small.count("<|im_end|>".join(str(n) for n in range(500)), "acme")
-    assert len(small._known) == 50
+    kept = list(pieces._known)  # what memory holds of the prompts: 16-byte digests, no text
+    assert kept and all(isinstance(key, bytes) and len(key) == 16 for key in kept)
+    assert not any(b"finance" in key for key in kept)
+    pieces.count("<|im_end|>".join(str(n) for n in range(500)), "acme")  # many pieces: the oldest forgotten
+    assert len(pieces._known) == 50
     pieces.tokenized.clear()
     pieces.count(first, "acme")
     assert f"system\n{system}" in pieces.tokenized, "forgotten, so counted again"
