@@ -146,7 +146,12 @@ class GatewaySettings(BaseModel):
         description="a streaming client that takes nothing for this long is treated as gone: the engine's request "
         "is aborted and settled (until then the engine is held back, never buffered for the client)",
     )
-    pool_size: int = Field(default=256, ge=1, description="pooled upstream connections per engine")
+    pool_size: int = Field(
+        default=256,
+        ge=1,
+        description="upstream connections in use per engine at most (a request waits up to connect_timeout_s for "
+        "one, then is answered 503 engine_busy)",
+    )
     health_timeout_s: float = Field(default=2.0, gt=0)
     session_affinity_ttl_s: float = Field(
         default=1800.0, gt=0, description="a chat session (X-Session-Id) idle this long may move to another engine"

@@ -108,3 +108,26 @@ async def test_sessions_through_the_gateway_and_an_engine_that_goes_away(
         live = engines - {f"m@{down.split('://')[1]}"}
         assert len(live) == 1, (session, engines)
     assert all(row["engine"] for row in rows)
+
+
+async def test_an_engine_whose_connections_are_all_in_use_is_busy_not_down(fake_engine: FakeEngine) -> None:
+    """Every pooled connection held by a request in flight: the next request is refused after the connect timeout
+    with 503 ``engine_busy`` (not ``engine_unavailable``), and the engine's health check does not wait for one."""
+    from appliance.gateway.upstream import EngineRouter
+    from appliance.lib.errors import EngineUnavailableError
+
+    router = EngineRouter(gateway(fake_engine.url, pool_size=1, connect_timeout_s=0.2))
+    await router.start()
+    try:
+        route = router.route("m")
+        body = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+        held = await router.open(route, "/v1/chat/completions", body, "req_held")
+        with pytest.raises(EngineUnavailableError) as refused:
+            await router.open(route, "/v1/chat/completions", body, "req_waiting")
+        assert refused.value.code == "engine_busy"
+        assert (await router.health(route)).healthy
+        held.release()
+        answer = await router.open(route, "/v1/chat/completions", body, "req_next")
+        answer.release()
+    finally:
+        await router.stop()
