@@ -62,25 +62,10 @@ def chain_key(chain: dict[str, str]) -> tuple[tuple[str, str], ...]:
 class Lease:
     """This process's slice of one budget window."""
 
-    __slots__ = (
-        "budget",
-        "end",
-        "granted",
-        "held",
-        "id",
-        "last_used",
-        "refill",
-        "registration",
-        "remaining",
-        "spent",
-        "start",
-    )
+    __slots__ = ("budget", "end", "granted", "held", "id", "last_used", "refill", "remaining", "spent", "start")
 
-    def __init__(
-        self, lease_id: str, budget: dict[str, Any], start: datetime, end: datetime, now: float, registration: int = 0
-    ) -> None:
+    def __init__(self, lease_id: str, budget: dict[str, Any], start: datetime, end: datetime, now: float) -> None:
         self.id = lease_id
-        self.registration = registration  # of its process (BudgetStore.registration) when it was made
         self.budget = budget
         self.start, self.end = start, end
         self.granted = 0  # what the database holds for this lease (its reservation row's amount)
@@ -155,6 +140,7 @@ class BudgetLeases:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._topping_up: set[asyncio.Task[None]] = set()  # refills ahead of need, in the background
+        self._generation = 0  # how many times this process was swept as dead (in its new leases' ids)
 
     # -- what applies ------------------------------------------------------------------------------------
 
@@ -173,6 +159,17 @@ class BudgetLeases:
         if self._retire_changed(rules):
             await self._commit_once()  # their slices go back before anyone refills under the new limit
         return rules
+
+    def swept(self) -> None:
+        """This process was declared dead (its heartbeat came too late) and the sweep charged its leases in full.
+        They stop serving: requests in flight still settle into them, and their commits find their rows gone, so
+        what they spent is not charged again (``BudgetStore.settle_leases``). New leases get new ids, so a refill
+        never brings a swept lease's row back. Runs on the event loop, before the gateway registers again."""
+        self._generation += 1
+        for key, lease in list(self._leases.items()):
+            del self._leases[key]
+            lease.granted = lease.held + lease.spent  # nothing free: its slice was charged already
+            self._retired.append(lease)
 
     def _retire_changed(self, rules: list[dict[str, Any]]) -> bool:
         """A budget whose limit changed: its leases stop serving (requests in flight still settle into them) and
@@ -287,26 +284,13 @@ class BudgetLeases:
     def _lease(self, rule: dict[str, Any], now: datetime) -> Lease:
         start, end = self._window(rule["period"], now)
         lease = self._leases.get((rule["id"], start))
-        registration = self.store.registration
-        if lease is not None and lease.registration != registration:
-            self._swept(lease)
-            lease = None
         if lease is None:
             lease_id = f"{LEASE_PREFIX}{self.store.gateway_id}:{start:%Y%m%d%H%M}"
-            if registration > 1:  # registered again after a sweep: never the id of a swept lease
-                lease_id += f":{registration}"
-            lease = Lease(lease_id, rule, start, end, self._monotonic(), registration)
+            if self._generation:  # leased again after a sweep: never the id of a swept lease (see swept)
+                lease_id += f":{self._generation}"
+            lease = Lease(lease_id, rule, start, end, self._monotonic())
             self._leases[(rule["id"], start)] = lease
         return lease
-
-    def _swept(self, lease: Lease) -> None:
-        """A lease of this process's earlier registration: a sweep took the process for dead (its heartbeat came
-        too late) and charged the lease in full. It stops serving; requests in flight still settle into it, and
-        its commits find its row gone, so what they spent is not charged again (``BudgetStore.settle_leases``)."""
-        del self._leases[(lease.budget["id"], lease.start)]
-        lease.granted = lease.held + lease.spent  # nothing free: its slice was charged already
-        self._retired.append(lease)
-        log.warning("budget lease %s was swept with this gateway: leased again under a new id", lease.id)
 
     async def _refill(self, lease: Lease, want: int, least: int) -> bool:
         """One refill at a time per lease: the requests that find it short wait for that one. False: not even
@@ -323,14 +307,7 @@ class BudgetLeases:
 
         async def grant() -> None:
             granted, remaining = await asyncio.to_thread(
-                self.store.grant,
-                lease.id,
-                lease.budget["id"],
-                lease.start,
-                need=need,
-                least=least,
-                extra=extra,
-                registration=lease.registration,
+                self.store.grant, lease.id, lease.budget["id"], lease.start, need=need, least=least, extra=extra
             )
             lease.granted += granted
             lease.remaining = remaining

@@ -147,9 +147,6 @@ class BudgetStore:
         self.journal = journal
         self._settling = 0  # settlements under way, waited for before a clean shutdown
         self._settled = threading.Condition()
-        # Which registration of this process its leases are of: it registers again after a sweep took it for dead,
-        # and a lease of an earlier registration was charged in full by that sweep (see grant).
-        self.registration = 0
 
     @_retrying
     def admit(
@@ -236,15 +233,7 @@ class BudgetStore:
 
     @_retrying
     def grant(
-        self,
-        lease_id: str,
-        budget_id: str,
-        window_start: datetime,
-        *,
-        need: int,
-        least: int,
-        extra: int,
-        registration: int | None = None,
+        self, lease_id: str, budget_id: str, window_start: datetime, *, need: int, least: int, extra: int
     ) -> tuple[int, int]:
         """Move ``need`` (or what is left of the budget window, if less) plus up to ``extra`` for later requests
         into the lease ``lease_id`` of this gateway (a reservation row it holds for as long as it lives),
@@ -252,20 +241,17 @@ class BudgetStore:
         what remains beyond the need, so near the end of a budget one process does not take what the others
         may need. Returns (granted, what remains after it).
 
-        Refused (``GatewaySweptError``) while this gateway has no row, or for a lease of an earlier ``registration``
-        of it: a sweep took it for dead and charged its leases in full, and a grant would bring a swept lease's row
-        back, charging what it spent from the swept slice a second time. (The gateway's row is locked: a sweep
-        under way finishes first.)"""
+        Refused (``GatewaySweptError``) while this gateway has no row: it was swept as dead, its leases were charged
+        in full, and a grant would bring a swept lease's row back, charging what it spent from the swept slice a
+        second time."""
         with writing(self._engine) as connection:
-            if self.gateway_id is not None:
-                registered = connection.execute(
-                    select(GATEWAYS.c.id).where(GATEWAYS.c.id == self.gateway_id).with_for_update()
-                ).first()
-                if not registered or (registration is not None and registration != self.registration):
-                    raise GatewaySweptError(
-                        "This gateway process is registering again; the request was not served.",
-                        code="budget_unavailable",
-                    )
+            if (
+                self.gateway_id is not None
+                and not connection.execute(select(GATEWAYS.c.id).where(GATEWAYS.c.id == self.gateway_id)).first()
+            ):
+                raise GatewaySweptError(
+                    "This gateway process is registering again; the request was not served.", code="budget_unavailable"
+                )
             limit = connection.execute(select(BUDGETS.c.limit).where(BUDGETS.c.id == budget_id)).scalar()
             if limit is None:
                 return 0, 0  # deleted meanwhile
@@ -496,7 +482,6 @@ class BudgetStore:
             connection.execute(
                 insert(GATEWAYS).values(id=self.gateway_id, host=host[:200], pid=pid, started_at=now, heartbeat_at=now)
             )
-            self.registration += 1  # before the row is visible to others: a grant that sees it sees this too
 
     @_retrying
     def heartbeat(self, gateway_id: str) -> bool:
