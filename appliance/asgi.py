@@ -132,6 +132,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         gateway_id=gateway_id,
         journal=SettlementJournal(settings.run_dir, gateway_id),
     )
+    upkeep = BudgetUpkeep(budgets, settings.budgets, settings.run_dir)
     pricing = Pricing(settings.pricing)
     rollups = Rollups(db_engine, gateway_name(), settings.telemetry.rollup_retention_days)
     monitor = ConcurrencyMonitor(router, settings.telemetry, rollups=rollups, gpu=GpuUtilization())
@@ -148,7 +149,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
         idle_s=settings.budgets.lease_idle_s,
         commit_interval_s=settings.budgets.commit_interval_s,
     )
-    upkeep = BudgetUpkeep(budgets, settings.budgets, settings.run_dir, on_swept=leases.swept)
     enforcer = BudgetEnforcer(budgets, leases)
     tenant_policies = TenantPolicies(db_engine)
     serving = OpenAIServing(

@@ -140,7 +140,6 @@ class BudgetLeases:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._topping_up: set[asyncio.Task[None]] = set()  # refills ahead of need, in the background
-        self._generation = 0  # how many times this process was swept as dead (in its new leases' ids)
 
     # -- what applies ------------------------------------------------------------------------------------
 
@@ -159,17 +158,6 @@ class BudgetLeases:
         if self._retire_changed(rules):
             await self._commit_once()  # their slices go back before anyone refills under the new limit
         return rules
-
-    def swept(self) -> None:
-        """This process was declared dead (its heartbeat came too late) and the sweep charged its leases in full.
-        They stop serving: requests in flight still settle into them, and their commits find their rows gone, so
-        what they spent is not charged again (``BudgetStore.settle_leases``). New leases get new ids, so a refill
-        never brings a swept lease's row back. Runs on the event loop, before the gateway registers again."""
-        self._generation += 1
-        for key, lease in list(self._leases.items()):
-            del self._leases[key]
-            lease.granted = lease.held + lease.spent  # nothing free: its slice was charged already
-            self._retired.append(lease)
 
     def _retire_changed(self, rules: list[dict[str, Any]]) -> bool:
         """A budget whose limit changed: its leases stop serving (requests in flight still settle into them) and
@@ -286,8 +274,6 @@ class BudgetLeases:
         lease = self._leases.get((rule["id"], start))
         if lease is None:
             lease_id = f"{LEASE_PREFIX}{self.store.gateway_id}:{start:%Y%m%d%H%M}"
-            if self._generation:  # leased again after a sweep: never the id of a swept lease (see swept)
-                lease_id += f":{self._generation}"
             lease = Lease(lease_id, rule, start, end, self._monotonic())
             self._leases[(rule["id"], start)] = lease
         return lease

@@ -76,15 +76,6 @@ def _retrying(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-class GatewaySweptError(ApplianceError):
-    """This gateway process was declared dead (its heartbeat came too late) and its leases charged in full: it may
-    lease nothing until it has registered again, under new lease ids (``BudgetLeases.swept``)."""
-
-    status_code = 503
-    error_type = "service_unavailable"
-    code = "budget_unavailable"
-
-
 class BudgetExceededError(ApplianceError):
     status_code = 429
     error_type = "budget_exceeded"
@@ -239,19 +230,8 @@ class BudgetStore:
         into the lease ``lease_id`` of this gateway (a reservation row it holds for as long as it lives),
         atomically with every other grant: nothing at all unless ``least`` fits. The extra is at most half of
         what remains beyond the need, so near the end of a budget one process does not take what the others
-        may need. Returns (granted, what remains after it).
-
-        Refused (``GatewaySweptError``) while this gateway has no row: it was swept as dead, its leases were charged
-        in full, and a grant would bring a swept lease's row back, charging what it spent from the swept slice a
-        second time."""
+        may need. Returns (granted, what remains after it)."""
         with writing(self._engine) as connection:
-            if (
-                self.gateway_id is not None
-                and not connection.execute(select(GATEWAYS.c.id).where(GATEWAYS.c.id == self.gateway_id)).first()
-            ):
-                raise GatewaySweptError(
-                    "This gateway process is registering again; the request was not served.", code="budget_unavailable"
-                )
             limit = connection.execute(select(BUDGETS.c.limit).where(BUDGETS.c.id == budget_id)).scalar()
             if limit is None:
                 return 0, 0  # deleted meanwhile
@@ -287,9 +267,8 @@ class BudgetStore:
     @_retrying
     def settle_leases(self, moves: list[LeaseMove]) -> set[tuple[str, str]]:
         """In one transaction, for each lease: what its requests spent becomes `used`, and it gives back what
-        it no longer holds. A lease whose row is gone was charged in full already (the sweep took this gateway for
-        dead: its whole slice, this spending included, became `used`) or its budget was deleted: its spending is
-        not counted again, and nothing is given back twice. Returns the (lease, budget) pairs whose row was gone."""
+        it no longer holds. A lease whose row is gone (the sweep took this gateway for dead) still has its
+        spending counted; nothing is given back twice. Returns the (lease, budget) pairs whose row was gone."""
         gone: set[tuple[str, str]] = set()
         with writing(self._engine) as connection:
             for move in sorted(moves, key=lambda m: (m.budget_id, m.lease_id)):
@@ -304,10 +283,7 @@ class BudgetStore:
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == move.budget_id, COUNTERS.c.window_start == move.window_start)
-                    .values(
-                        reserved=COUNTERS.c.reserved - taken,
-                        used=COUNTERS.c.used + (move.spent if amount is not None else 0),
-                    )
+                    .values(reserved=COUNTERS.c.reserved - taken, used=COUNTERS.c.used + move.spent)
                 )
                 if amount is not None and int(amount) - taken <= 0:
                     connection.execute(

@@ -34,15 +34,7 @@ def new_gateway_id() -> str:
 
 
 class BudgetUpkeep:
-    def __init__(
-        self,
-        store: BudgetStore,
-        settings: BudgetSettings,
-        run_dir: Path,
-        on_swept: Callable[[], None] | None = None,
-    ) -> None:
-        """``on_swept``: called on the event loop when a heartbeat finds this gateway declared dead, before it
-        registers again (``BudgetLeases.swept``: its leases were charged in full)."""
+    def __init__(self, store: BudgetStore, settings: BudgetSettings, run_dir: Path) -> None:
         assert store.gateway_id is not None and store.journal is not None, "a gateway store has an id and a journal"
         self._store = store
         self._journal = store.journal
@@ -55,8 +47,6 @@ class BudgetUpkeep:
         # would find its row gone and register the gateway again after it deregistered).
         self._stopping = threading.Event()
         self._beating = threading.Lock()
-        self._on_swept = on_swept
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def gateway_id(self) -> str:
@@ -64,7 +54,6 @@ class BudgetUpkeep:
         return self._store.gateway_id
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._start)
         every = self._settings
         self._tasks = [
@@ -118,35 +107,9 @@ class BudgetUpkeep:
                 return
             if not self._store.heartbeat(self.gateway_id):
                 log.error("this gateway was declared dead (heartbeat too late): its reservations may be released")
-                self._tell_swept()
                 self._store.register(socket.gethostname(), os.getpid())
             for adopted in list(self._adopted):
                 self._store.heartbeat(adopted.gateway_id)
-
-    def _tell_swept(self) -> None:
-        """Run ``on_swept`` on the event loop and wait for it (a beat runs in a worker thread)."""
-        if self._on_swept is None:
-            return
-        loop = self._loop
-        try:
-            on_loop = loop is None or asyncio.get_running_loop() is loop
-        except RuntimeError:
-            on_loop = False
-        if on_loop or loop is None or loop.is_closed():
-            self._on_swept()
-            return
-        done = threading.Event()
-        on_swept = self._on_swept
-
-        def run() -> None:
-            try:
-                on_swept()
-            finally:
-                done.set()
-
-        loop.call_soon_threadsafe(run)
-        if not done.wait(SETTLE_WAIT_S):
-            log.error("the leases did not stop serving in time after this gateway was swept")
 
     def sweep(self) -> None:
         released = self._store.sweep(self._settings.gateway_dead_after_s, self._settings.reservation_ttl_s)

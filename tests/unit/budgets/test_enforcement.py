@@ -176,7 +176,6 @@ async def test_a_request_cancelled_while_its_lease_is_refilled_leaves_nothing_he
     url = f"sqlite:///{tmp_path / 'appliance.db'}"
     seeded(url)
     store = BudgetStore(make_engine(url, serialized_writes=True), ZoneInfo("UTC"), gateway_id="gw_test")
-    store.register("test", 0)  # a gateway leases only while registered
     leases = BudgetLeases(store, ZoneInfo("UTC"))
     entered, release = threading.Event(), threading.Event()
     grant = store.grant

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from appliance.budgets.leases import BudgetLeases
-from appliance.budgets.store import BudgetExceededError, BudgetStore, GatewaySweptError
+from appliance.budgets.store import BudgetExceededError, BudgetStore
 from tests.unit.budgets.conftest import CHAIN, Clock, add_budget
 
 ZONE = ZoneInfo("Europe/Paris")
@@ -187,41 +187,3 @@ async def test_a_dead_process_lease_is_charged_in_full_by_the_sweep(store: Budge
     assert counters(store) == (40 + dead_slice, alive_slice), "the dead slice charged, the live one held"
     assert await alive.stop()
     assert counters(store) == (40 + dead_slice, 0)
-
-
-async def test_a_live_process_swept_as_dead_is_charged_its_slice_once(store: BudgetStore, clock: Clock) -> None:
-    """A process alive but silent past ``gateway_dead_after_s`` (a database outage, a stalled host) is swept: its
-    leases are charged in full. What it spent from them, committed after the sweep or settled by requests still in
-    flight, is not charged again; nor does a refill bring a swept lease back under its old id (its spending would be
-    charged twice there too). It leases afresh once registered again."""
-    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
-    slow = process(store, "slow", clock, lease_fraction=0.1)
-    first = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
-    assert first is not None
-    first.settle(20, 0, reached_engine=True)
-    await first.durable()
-    in_flight = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
-    settled = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
-    assert in_flight is not None and settled is not None
-    settled.settle(30, 0, reached_engine=True)  # spent, not yet committed
-    used, swept_slice = counters(store)
-    assert used == 20 and swept_slice > 0
-    slow.store.deregister("gw_slow")  # silent too long: the sweep takes it for dead
-    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1
-    assert counters(store) == (20 + swept_slice, 0), "its slice charged in full"
-
-    with pytest.raises(GatewaySweptError):  # a refill before it knows: refused, not a swept row brought back
-        await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=500)
-    await slow.committed()
-    assert counters(store) == (20 + swept_slice, 0), "its 30 committed after the sweep: charged once, by the sweep"
-
-    slow.swept()  # its heartbeat found its row gone: the leases stop serving, then it registers again
-    slow.store.register("test", 0)
-    in_flight.settle(15, 0, reached_engine=True)
-    fresh = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
-    assert fresh is not None
-    fresh.settle(25, 0, reached_engine=True)
-    await fresh.durable()
-    assert counters(store)[0] == 20 + swept_slice + 25, "the request in flight's 15 was in the swept slice"
-    assert await slow.stop()
-    assert counters(store) == (20 + swept_slice + 25, 0) and store.dangling() == 0

@@ -47,33 +47,6 @@ def instances(store: BudgetStore) -> dict[str, int]:
         return {row.id: row.pid for row in session.exec(select(GatewayInstance)).scalars()}
 
 
-async def test_a_gateway_swept_while_alive_stops_its_leases_on_the_loop_before_it_registers_again(
-    tmp_path: Path,
-) -> None:
-    """Its heartbeat finds its row gone: ``on_swept`` (the leases' ``swept``) runs on the event loop, and only
-    then does the gateway register again (a lease refilled between the two would bring back a swept row)."""
-    url = f"sqlite:///{tmp_path / 'appliance.db'}"
-    seeded(url)
-    store, _ = gateway(url, tmp_path / "run")
-    loop_thread = threading.get_ident()
-    seen: list[tuple[bool, bool]] = []  # (on the loop's thread, registered at that moment)
-
-    def on_swept() -> None:
-        seen.append((threading.get_ident() == loop_thread, store.gateway_id in instances(store)))
-
-    upkeep = BudgetUpkeep(store, QUIET, tmp_path / "run", on_swept=on_swept)
-    await upkeep.start()
-    try:
-        await asyncio.to_thread(upkeep.beat)
-        assert seen == [], "alive: nothing to tell"
-        store.deregister(store.gateway_id)  # what the sweep of another process does to a silent one
-        await asyncio.to_thread(upkeep.beat)
-        assert seen == [(True, False)]
-        assert store.gateway_id in instances(store), "registered again after"
-    finally:
-        await upkeep.stop()
-
-
 async def test_a_heartbeat_under_way_at_shutdown_does_not_register_the_gateway_again(tmp_path: Path) -> None:
     """Cancelling the heartbeat loop does not stop a beat already in its worker thread: if the stop deregistered
     meanwhile, that beat found its row gone and registered the gateway again (seen once in `make test`: the live
