@@ -48,6 +48,7 @@ from appliance.lib.errors import ServiceUnavailableError
 from appliance.lib.journal import Journal, adopt, journaled, retire
 from appliance.lib.principal import Principal
 from appliance.lib.rows import row_of
+from appliance.lib.tasks import acquire_within
 from appliance.lib.times import utcnow
 
 log = logging.getLogger(__name__)
@@ -193,15 +194,10 @@ class UsageWriter:
             await asyncio.to_thread(self._close_journal)
 
     async def acquire(self) -> UsageSlot:
-        if not self._slots.locked():  # a free slot is taken at once (no timer, no task: the usual case)
-            await self._slots.acquire()
-            return UsageSlot(self)
-        try:
-            await asyncio.wait_for(self._slots.acquire(), self._acquire_timeout_s)
-        except TimeoutError:
+        if not await acquire_within(self._slots, self._acquire_timeout_s):
             raise ServiceUnavailableError(
                 "The usage ledger is not keeping up; the request was not served.", code="ledger_backlog"
-            ) from None
+            )
         return UsageSlot(self)
 
     @property

@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from appliance.lib.tasks import acquire_within
+
 HIGH_WATER = 256 * 1024  # bytes of an answer buffered here before its connection stops being read
 IDLE_S = 4.0  # a kept-alive connection idle longer is closed, not reused (uvicorn closes them after 5 s)
 RETRY_WITHIN_S = 0.5  # a reused connection closed this soon after a request went out on it was closing already
@@ -408,8 +410,8 @@ class EngineClient:
         if pool is None:
             pool = self._pools[url] = _Pool(Origin.of(url), self._pool_size)
         data = _request_bytes(method, pool.origin, path, headers, body)
-        if pooled:
-            await self._take_slot(pool)
+        if pooled and not await acquire_within(pool.slots, self._connect_timeout_s):
+            raise PoolBusy(f"all {self._pool_size} connections to {pool.origin.host_header} stayed in use")
         try:
             loop = asyncio.get_running_loop()
             retried = False
@@ -420,14 +422,12 @@ class EngineClient:
                 connection.send(answer, data)
                 try:
                     await answer.head()
-                except AnswerBroken:
+                except BaseException as exc:
                     answer.discard()
-                    if connection.reused and not answer.received and loop.time() - sent_at < RETRY_WITHIN_S:
+                    closing = connection.reused and not answer.received and loop.time() - sent_at < RETRY_WITHIN_S
+                    if isinstance(exc, AnswerBroken) and closing:
                         retried = True
                         continue
-                    raise
-                except BaseException:
-                    answer.discard()
                     raise
                 return answer  # it holds the slot until it is released
         except BaseException:
@@ -439,16 +439,6 @@ class EngineClient:
         for pool in self._pools.values():
             pool.close()
         self._pools.clear()
-
-    async def _take_slot(self, pool: _Pool) -> None:
-        if not pool.slots.locked():
-            await pool.slots.acquire()
-            return
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                await pool.slots.acquire()
-        except TimeoutError as exc:
-            raise PoolBusy(f"all {self._pool_size} connections to {pool.origin.host_header} stayed in use") from exc
 
     async def _connect(self, pool: _Pool, loop: asyncio.AbstractEventLoop) -> _Connection:
         """A new connection, to the first of the engine's addresses that accepts one (resolved once, as aiohttp's
