@@ -25,13 +25,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import msgspec
 from tokenizers import Tokenizer
 
 from appliance.gateway.shape import Prompt, PromptTokens, RequestShape
 from appliance.gateway.templates import ChatTemplate, plain_chat
-from appliance.gateway.upstream import EngineRouter, read_answer
-from appliance.lib.errors import UpstreamError
+from appliance.gateway.upstream import EngineRouter
 from appliance.lib.tokens import PieceCounts, count_tokens
 from appliance.settings import EngineRoute
 
@@ -270,15 +268,9 @@ class TokenCounter:
         return [counted[p] if isinstance(p, str) else len(p) for p in prompts]
 
     async def _tokenize(self, route: EngineRoute, body: dict[str, Any], request_id: str) -> int:
-        response = await self._router.open(route, "/tokenize", msgspec.json.encode(body), request_id)
-        raw = await read_answer(response, route.model)
-        try:
-            answer = msgspec.json.decode(raw)
-            count = int(answer["count"])
-            if isinstance(answer.get("max_model_len"), int):
-                self._context[route.url] = answer["max_model_len"]
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"The engine serving `{route.model}` could not count the prompt.") from exc
+        count, answer = await self._router.tokenize(route, body, request_id)
+        if isinstance(answer.get("max_model_len"), int):
+            self._context[route.url] = answer["max_model_len"]
         return count
 
 

@@ -195,10 +195,17 @@ class EngineRouter:
             body = {"model": route.model, "messages": data["messages"], "add_generation_prompt": True}
         else:
             body = {"model": route.model, "prompt": str(data.get("prompt", ""))}
+        count, _ = await self.tokenize(route, body, request_id)
+        return count
+
+    async def tokenize(self, route: EngineRoute, body: dict[str, Any], request_id: str) -> tuple[int, dict[str, Any]]:
+        """The engine's ``/tokenize`` of ``body``: its count, and its whole answer (``max_model_len``...). An answer
+        without a count is an ``UpstreamError``."""
         answer = await self.open(route, "/tokenize", msgspec.json.encode(body), request_id)
         raw = await read_answer(answer, route.model)
         try:
-            return int(msgspec.json.decode(raw)["count"])
+            decoded = msgspec.json.decode(raw)
+            return int(decoded["count"]), decoded
         except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
             raise UpstreamError(f"The engine serving `{route.model}` could not count the prompt.") from exc
 
