@@ -19,7 +19,10 @@ end of a budget much less. A process that dies leaves its leases to the sweep (l
 reservation), which charges them in full: what it spent since its last commit is not known (only requests not
 yet committed), and a budget stays an upper bound; a crash over-charges by the dead process's unused slices at
 most. A process that cannot commit at shutdown keeps its gateway row, so its
-leases go the same way.
+leases go the same way. A process swept while alive (silent past ``gateway_dead_after_s``) finds out at its next
+commit (``BudgetStore.settle_leases``: its gateway row gone, or registered again since): each swept lease stops
+serving, what its requests spend is charged only beyond what the sweep charged (``Lease.credit``), and the rest of
+that charge goes back once none of them is in flight; the process leases afresh under new ids once registered again.
 """
 
 from __future__ import annotations
@@ -62,13 +65,34 @@ def chain_key(chain: dict[str, str]) -> tuple[tuple[str, str], ...]:
 class Lease:
     """This process's slice of one budget window."""
 
-    __slots__ = ("budget", "end", "granted", "held", "id", "last_used", "refill", "remaining", "spent", "start")
+    __slots__ = (
+        "budget",
+        "credit",
+        "end",
+        "granted",
+        "held",
+        "id",
+        "last_used",
+        "refill",
+        "registration",
+        "remaining",
+        "spent",
+        "start",
+        "swept",
+    )
 
-    def __init__(self, lease_id: str, budget: dict[str, Any], start: datetime, end: datetime, now: float) -> None:
+    def __init__(
+        self, lease_id: str, budget: dict[str, Any], start: datetime, end: datetime, now: float, registration: int = 0
+    ) -> None:
         self.id = lease_id
+        self.registration = registration  # of its process (BudgetStore.registration) when it was made
+        self.swept = False  # a sweep took its process for dead and charged its row in full
+        self.credit = 0  # swept: what that charge covers that its requests have not spent yet (at least)
         self.budget = budget
         self.start, self.end = start, end
-        self.granted = 0  # what the database holds for this lease (its reservation row's amount)
+        # What the database holds for this lease (its reservation row's amount), at most: the row stops at 0 when
+        # requests spend past their hold, this goes below; a grant adds to it once its transaction is over.
+        self.granted = 0
         self.held = 0  # taken by requests in flight
         self.spent = 0  # settled by requests, not yet committed as `used`
         self.remaining = 0  # what the database had left beyond the slices at the last refill (for headers)
@@ -138,6 +162,7 @@ class BudgetLeases:
         self._dirty = asyncio.Event()
         self._hurry = asyncio.Event()  # someone waits for the next commit: no more gathering
         self._task: asyncio.Task[None] | None = None
+        self._committing = asyncio.Lock()  # one commit at a time: a swept lease's credit is measured between them
         self._stopping = False
         self._topping_up: set[asyncio.Task[None]] = set()  # refills ahead of need, in the background
 
@@ -164,10 +189,9 @@ class BudgetLeases:
         give back what they hold unused; new leases are measured against the new limit. True: some retired."""
         limits = {rule["id"]: rule["limit"] for rule in rules}
         retired = False
-        for key, lease in list(self._leases.items()):
+        for lease in list(self._leases.values()):
             if lease.budget["id"] in limits and limits[lease.budget["id"]] != lease.budget["limit"]:
-                del self._leases[key]
-                self._retired.append(lease)
+                self._retire(lease)
                 retired = True
         return retired
 
@@ -272,11 +296,26 @@ class BudgetLeases:
     def _lease(self, rule: dict[str, Any], now: datetime) -> Lease:
         start, end = self._window(rule["period"], now)
         lease = self._leases.get((rule["id"], start))
+        registration = self.store.registration
+        if lease is not None and lease.registration != registration:
+            # The process registered again: a sweep took it for dead and charged this lease in full. It stops
+            # serving; its requests in flight still settle into it, and its commits find it swept.
+            self._retire(lease)
+            lease = None
         if lease is None:
             lease_id = f"{LEASE_PREFIX}{self.store.gateway_id}:{start:%Y%m%d%H%M}"
-            lease = Lease(lease_id, rule, start, end, self._monotonic())
+            if registration > 1:  # never the id of a swept lease
+                lease_id += f":{registration}"
+            lease = Lease(lease_id, rule, start, end, self._monotonic(), registration)
             self._leases[(rule["id"], start)] = lease
         return lease
+
+    def _retire(self, lease: Lease) -> None:
+        """The lease serves no new request; those in flight settle into it, and it is given back as they end."""
+        key = (lease.budget["id"], lease.start)
+        if self._leases.get(key) is lease:
+            del self._leases[key]
+            self._retired.append(lease)
 
     async def _refill(self, lease: Lease, want: int, least: int) -> bool:
         """One refill at a time per lease: the requests that find it short wait for that one. False: not even
@@ -293,7 +332,14 @@ class BudgetLeases:
 
         async def grant() -> None:
             granted, remaining = await asyncio.to_thread(
-                self.store.grant, lease.id, lease.budget["id"], lease.start, need=need, least=least, extra=extra
+                self.store.grant,
+                lease.id,
+                lease.budget["id"],
+                lease.start,
+                need=need,
+                least=least,
+                extra=extra,
+                registration=lease.registration,
             )
             lease.granted += granted
             lease.remaining = remaining
@@ -403,6 +449,10 @@ class BudgetLeases:
 
     async def _commit_once(self) -> int:
         """Commit what the leases hand over; returns how many moves it made."""
+        async with self._committing:
+            return await self._commit()
+
+    async def _commit(self) -> int:
         waiters, self._waiters = self._waiters, []
         moves, taken = self._collect()
         if not moves:
@@ -418,14 +468,19 @@ class BudgetLeases:
                 lease.granted += spent + returned
             self._waiters.extend(waiters)
             raise
-        for lease, _, _ in taken:
-            if (lease.id, lease.budget["id"]) in gone:
-                log.warning(
-                    "budget lease %s of %s is gone (budget deleted, or this gateway swept as dead)",
-                    lease.id,
-                    lease.budget["id"],
-                )
-                lease.granted = lease.held + lease.spent  # nothing free: the next request refills it
+        for move, (lease, _, _) in zip(moves, taken, strict=True):
+            swept = gone.get((lease.id, lease.budget["id"]))
+            if swept is None:
+                continue
+            lease.granted = lease.held + lease.spent  # nothing free: the next request refills it (or a new lease)
+            if swept:
+                if not lease.swept:
+                    log.warning("budget lease %s was swept with this gateway (taken for dead)", lease.id)
+                lease.swept = True
+                lease.credit = 0 if move.final else move.credit - min(move.credit, move.spent)
+                self._retire(lease)
+            else:
+                log.warning("budget lease %s of %s is gone (its budget deleted)", lease.id, lease.budget["id"])
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -443,10 +498,24 @@ class BudgetLeases:
             idle = lease.held == 0 and (self._stopping or today >= lease.end or now - lease.last_used >= self._idle_s)
             spent = lease.spent
             returned = lease.free if (idle or key is None) and lease.free > 0 else 0
-            if spent or returned:
+            refund = lease.swept and lease.credit > 0 and lease.held == 0
+            if spent or returned or refund:
+                # A sweep may have charged the row in full since the last commit: the row held `granted` at least.
+                credit = lease.credit if lease.swept else max(lease.granted, 0)
                 lease.spent -= spent
                 lease.granted -= spent + returned
-                moves.append(LeaseMove(lease.id, lease.budget["id"], lease.start, spent, returned))
+                moves.append(
+                    LeaseMove(
+                        lease.id,
+                        lease.budget["id"],
+                        lease.start,
+                        spent,
+                        returned,
+                        registration=lease.registration,
+                        credit=credit,
+                        final=lease.held == 0,
+                    )
+                )
                 taken.append((lease, spent, returned))
             if idle and lease.granted <= 0 and lease.spent == 0 and not lease.refill.locked():
                 if key is None:

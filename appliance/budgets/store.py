@@ -76,6 +76,15 @@ def _retrying(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+class GatewaySweptError(ApplianceError):
+    """This gateway process was declared dead (its heartbeat came too late) and its leases were charged in full: it
+    may lease nothing until it has registered again, and then only under new lease ids."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "budget_unavailable"
+
+
 class BudgetExceededError(ApplianceError):
     status_code = 429
     error_type = "budget_exceeded"
@@ -117,6 +126,11 @@ class LeaseMove:
     window_start: datetime
     spent: int
     returned: int
+    registration: int = 0  # of the process when the lease was made (BudgetStore.registration)
+    # Swept leases only: what the sweep charged of the lease that its requests have not spent yet (at least), and
+    # whether no request of it is in flight any more (then the rest of that charge goes back).
+    credit: int = 0
+    final: bool = False
 
 
 class BudgetStore:
@@ -138,6 +152,9 @@ class BudgetStore:
         self.journal = journal
         self._settling = 0  # settlements under way, waited for before a clean shutdown
         self._settled = threading.Condition()
+        # How many times this process registered: again after a sweep took it for dead, and a lease of an earlier
+        # registration was charged in full by that sweep (see settle_leases). 0: never (tools, tests).
+        self.registration = 0
 
     @_retrying
     def admit(
@@ -224,14 +241,29 @@ class BudgetStore:
 
     @_retrying
     def grant(
-        self, lease_id: str, budget_id: str, window_start: datetime, *, need: int, least: int, extra: int
+        self,
+        lease_id: str,
+        budget_id: str,
+        window_start: datetime,
+        *,
+        need: int,
+        least: int,
+        extra: int,
+        registration: int = 0,
     ) -> tuple[int, int]:
         """Move ``need`` (or what is left of the budget window, if less) plus up to ``extra`` for later requests
         into the lease ``lease_id`` of this gateway (a reservation row it holds for as long as it lives),
         atomically with every other grant: nothing at all unless ``least`` fits. The extra is at most half of
         what remains beyond the need, so near the end of a budget one process does not take what the others
-        may need. Returns (granted, what remains after it)."""
+        may need. Returns (granted, what remains after it).
+
+        Refused (``GatewaySweptError``) for a lease of a ``registration`` a sweep took: the swept row would come
+        back under its old id, and what the process spent from the swept slice would be charged twice."""
         with writing(self._engine) as connection:
+            if self._swept(connection, {registration}):
+                raise GatewaySweptError(
+                    "This gateway process is registering again after it was taken for dead; retry the request.",
+                )
             limit = connection.execute(select(BUDGETS.c.limit).where(BUDGETS.c.id == budget_id)).scalar()
             if limit is None:
                 return 0, 0  # deleted meanwhile
@@ -265,25 +297,39 @@ class BudgetStore:
         return granted, remaining - granted
 
     @_retrying
-    def settle_leases(self, moves: list[LeaseMove]) -> set[tuple[str, str]]:
+    def settle_leases(self, moves: list[LeaseMove]) -> dict[tuple[str, str], bool]:
         """In one transaction, for each lease: what its requests spent becomes `used`, and it gives back what
-        it no longer holds. A lease whose row is gone (the sweep took this gateway for dead) still has its
-        spending counted; nothing is given back twice. Returns the (lease, budget) pairs whose row was gone."""
-        gone: set[tuple[str, str]] = set()
+        it no longer holds. Returns the (lease, budget) pairs whose row was gone, True where a sweep took it.
+
+        A row is gone when this process's own commit took it to 0 (requests may spend past their hold: the engine's
+        count is charged) or its budget was deleted: the spending is counted, and nothing is given back twice. Or
+        a sweep took the process for dead (its heartbeat came too late) and charged the row's whole amount: then
+        the spending is charged only beyond the move's ``credit`` (what of that amount its requests have not
+        spent yet), and a ``final`` move gives the rest of the credit back: the lease is charged what it spent,
+        once (over-charged only where the process's credit falls short of what the sweep charged)."""
+        gone: dict[tuple[str, str], bool] = {}
         with writing(self._engine) as connection:
+            swept_registrations = self._swept(connection, {move.registration for move in moves})
             for move in sorted(moves, key=lambda m: (m.budget_id, m.lease_id)):
                 amount = connection.execute(
                     select(RESERVATIONS.c.amount)
                     .where(RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
                     .with_for_update()
                 ).scalar()
+                counter = update(COUNTERS).where(
+                    COUNTERS.c.budget_id == move.budget_id, COUNTERS.c.window_start == move.window_start
+                )
+                if amount is None and move.registration in swept_registrations:
+                    gone[(move.lease_id, move.budget_id)] = True
+                    beyond = max(move.spent - move.credit, 0)
+                    refund = max(move.credit - move.spent, 0) if move.final else 0
+                    connection.execute(counter.values(used=COUNTERS.c.used + beyond - refund))
+                    continue
                 if amount is None:
-                    gone.add((move.lease_id, move.budget_id))
+                    gone[(move.lease_id, move.budget_id)] = False
                 taken = min(int(amount or 0), move.spent + move.returned)
                 connection.execute(
-                    update(COUNTERS)
-                    .where(COUNTERS.c.budget_id == move.budget_id, COUNTERS.c.window_start == move.window_start)
-                    .values(reserved=COUNTERS.c.reserved - taken, used=COUNTERS.c.used + move.spent)
+                    counter.values(reserved=COUNTERS.c.reserved - taken, used=COUNTERS.c.used + move.spent)
                 )
                 if amount is not None and int(amount) - taken <= 0:
                     connection.execute(
@@ -298,6 +344,17 @@ class BudgetStore:
                         .values(amount=RESERVATIONS.c.amount - taken)
                     )
         return gone
+
+    def _swept(self, connection: Connection, registrations: set[int]) -> set[int]:
+        """Which of these registrations of this process a sweep took: all of them while its gateway row is gone,
+        else every one before the current. Locks the row, so a sweep under way finishes first (and one that comes
+        after waits for this transaction). A store that never registered (tools, tests) has nothing to lose."""
+        if self.gateway_id is None or self.registration == 0:
+            return set()
+        row = connection.execute(
+            select(GATEWAYS.c.id).where(GATEWAYS.c.id == self.gateway_id).with_for_update()
+        ).first()
+        return set(registrations) if row is None else {r for r in registrations if r != self.registration}
 
     @_retrying
     def reserve(
@@ -458,6 +515,7 @@ class BudgetStore:
             connection.execute(
                 insert(GATEWAYS).values(id=self.gateway_id, host=host[:200], pid=pid, started_at=now, heartbeat_at=now)
             )
+            self.registration += 1  # before the row is visible to others: a transaction that sees it sees this too
 
     @_retrying
     def heartbeat(self, gateway_id: str) -> bool:
@@ -482,15 +540,17 @@ class BudgetStore:
         live gateway are kept however old. Reservations made before gateways recorded themselves (no gateway
         id) are released when older than ``unowned_ttl_s``. Returns how many rows were released."""
         now = self._clock()
-        alive = select(GATEWAYS.c.id).where(GATEWAYS.c.heartbeat_at >= now - timedelta(seconds=dead_after_s))
         orphaned = or_(
-            and_(RESERVATIONS.c.gateway_id.is_not(None), RESERVATIONS.c.gateway_id.not_in(alive)),
+            and_(RESERVATIONS.c.gateway_id.is_not(None), RESERVATIONS.c.gateway_id.not_in(select(GATEWAYS.c.id))),
             and_(
                 RESERVATIONS.c.gateway_id.is_(None),
                 RESERVATIONS.c.created_at < now - timedelta(seconds=unowned_ttl_s),
             ),
         )
         with writing(self._engine) as connection:
+            # The dead gateways' rows go first: a heartbeat that commits meanwhile keeps its row and its leases, or
+            # finds its row gone and registers again; never a row kept while its leases are charged.
+            connection.execute(delete(GATEWAYS).where(GATEWAYS.c.heartbeat_at < now - timedelta(seconds=dead_after_s)))
             taken = _take(connection, orphaned)
             for row in taken:
                 # A dead process's lease is charged in full: what it spent since its last commit is not known,
@@ -501,7 +561,6 @@ class BudgetStore:
                     .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
                     .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
                 )
-            connection.execute(delete(GATEWAYS).where(GATEWAYS.c.heartbeat_at < now - timedelta(seconds=dead_after_s)))
         return len(taken)
 
     def status(

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import text
 
 from appliance.budgets.leases import BudgetLeases
-from appliance.budgets.store import BudgetExceededError, BudgetStore
+from appliance.budgets.store import BudgetExceededError, BudgetStore, GatewaySweptError
 from tests.unit.budgets.conftest import CHAIN, Clock, add_budget
 
 ZONE = ZoneInfo("Europe/Paris")
@@ -187,3 +187,70 @@ async def test_a_dead_process_lease_is_charged_in_full_by_the_sweep(store: Budge
     assert counters(store) == (40 + dead_slice, alive_slice), "the dead slice charged, the live one held"
     assert await alive.stop()
     assert counters(store) == (40 + dead_slice, 0)
+
+
+async def test_a_live_process_swept_as_dead_is_charged_what_it_spent_once(store: BudgetStore, clock: Clock) -> None:
+    """A process alive but silent past ``gateway_dead_after_s`` (a database outage, a stalled host) is swept: its
+    leases are charged in full. What it spent from them, committed after the sweep or settled by requests still in
+    flight, is covered by that charge, and what the charge covered beyond its spending goes back once no request of
+    the lease is in flight: the books end exact. A refill never brings a swept lease back under its old id."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    slow = process(store, "slow", clock, lease_fraction=0.1)
+    first = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    assert first is not None
+    first.settle(20, 0, reached_engine=True)
+    await first.durable()
+    in_flight = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    settled = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    assert in_flight is not None and settled is not None
+    settled.settle(30, 0, reached_engine=True)  # spent, not yet committed
+    used, swept_slice = counters(store)
+    assert used == 20 and swept_slice > 0
+    slow.store.deregister("gw_slow")  # silent too long: the sweep takes it for dead
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1
+    assert counters(store) == (20 + swept_slice, 0), "its slice charged in full"
+
+    with pytest.raises(GatewaySweptError):  # a refill before it knows: refused, not a swept row brought back
+        await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=500)
+    await slow.committed()
+    assert counters(store) == (20 + swept_slice, 0), "its 30 committed after the sweep: in what the sweep charged"
+
+    [swept] = [*slow._leases.values(), *slow._retired]
+    slow.store.register("test", 0)  # its heartbeat found its row gone: it registers again
+    with pytest.raises(GatewaySweptError):  # a refill of the swept lease that reaches the database only now
+        slow.store.grant(swept.id, swept.budget["id"], swept.start, need=10, least=10, extra=0, registration=1)
+    in_flight.settle(15, 0, reached_engine=True)
+    fresh = await slow.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    assert fresh is not None and fresh.draws[0][0].id == swept.id + ":2", "leased afresh under a new id"
+    fresh.settle(25, 0, reached_engine=True)
+    await fresh.durable()
+    assert counters(store)[0] == 20 + 30 + 15 + 25, "each request charged once; the swept slice's rest went back"
+    assert await slow.stop()
+    assert counters(store) == (20 + 30 + 15 + 25, 0) and store.dangling() == 0
+
+
+@pytest.mark.parametrize("swept", [False, True], ids=["alive", "swept after"])
+async def test_spending_past_a_lease_whose_row_its_own_commit_emptied_is_charged(
+    store: BudgetStore, clock: Clock, swept: bool
+) -> None:
+    """Requests may spend past their hold (the engine's count is charged): a commit can take a lease's row to 0,
+    which deletes it. Requests still in flight then settle into a lease without a row, and what they spend is
+    charged all the same, whether or not a sweep took the process for dead after (it charged nothing for the
+    lease: there was no row)."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    leases = process(store, "a", clock, lease_fraction=0.0)  # no slice beyond what requests hold
+    a = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=50)
+    b = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=30)
+    assert a is not None and b is not None and counters(store) == (0, 100)
+    a.settle(100, 0, reached_engine=True)  # 40 past its hold of 60
+    await a.durable()
+    assert counters(store) == (100, 0) and store.dangling() == 0, "the row went to 0 and was deleted"
+    if swept:
+        leases.store.deregister("gw_a")
+        assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 0
+        leases.store.register("test", 0)
+    b.settle(40, 0, reached_engine=True)
+    await b.durable()
+    assert counters(store) == (140, 0), "b's 40 charged: 100 + 40"
+    assert await leases.stop()
+    assert counters(store) == (140, 0) and store.dangling() == 0
