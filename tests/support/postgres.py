@@ -13,8 +13,10 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import psycopg
+from sqlalchemy import create_engine, text
 
 
 def _binaries() -> Path:
@@ -86,3 +88,13 @@ class PostgresServer:
         with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as db:
             db.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
+
+
+def query(database_url: str, sql: str, **params: Any) -> list[Any]:
+    """The rows of one statement, on a connection of its own (a test reading what gateway processes wrote)."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql), params).all())
+    finally:
+        engine.dispose()

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from tests.support.fake_engine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +109,25 @@ def running_gateway(env: dict[str, str], log: Path) -> Iterator[Gateway]:
         yield gateway
     finally:
         gateway.kill()
+
+
+async def chat_outcome(session: aiohttp.ClientSession, url: str, key: str, stream: bool) -> tuple[str, str | None]:
+    """One small chat completion against the fake engine: (outcome, request id). The outcome is `answered` only when
+    the client saw the whole answer (a 200 with its body, or a stream up to ``[DONE]``); else the status, `cut` or
+    `broken` (no HTTP answer)."""
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4, "stream": stream}
+    try:
+        async with session.post(
+            url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
+        ) as response:
+            request_id = response.headers.get("x-request-id")
+            payload = await response.read()
+            if response.status != 200:
+                return str(response.status), request_id
+            if stream and not payload.rstrip().endswith(b"data: [DONE]"):
+                return "cut", request_id
+            if not stream:
+                json.loads(payload)
+            return "answered", request_id
+    except (aiohttp.ClientError, json.JSONDecodeError):
+        return "broken", None

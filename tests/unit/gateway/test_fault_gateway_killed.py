@@ -13,75 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
-import pytest
-from sqlalchemy import create_engine, text
 
-from tests.support.fake_engine import FakeEngine
-from tests.support.postgres import PostgresServer
-from tests.support.processes import Gateway, cli, node_env
+from tests.support.postgres import query
+from tests.support.processes import Gateway, chat_outcome, cli
 
 LIMIT = 4_000  # tokens: about what the load spends; the survivor then spends what is left
 CONCURRENCY = 24
 BEFORE_KILL_S = 2.5
 AFTER_KILL_S = 2.0
-
-
-@pytest.fixture
-def pair(tmp_path: Path, fake_engine: FakeEngine, postgres: PostgresServer) -> Iterator[list[Gateway]]:
-    env = node_env(
-        tmp_path / "data",
-        fake_engine.url,
-        APPLIANCE_DATABASE__URL=postgres.create_database(f"killed_{uuid.uuid4().hex[:8]}"),
-        # A dead process is found within seconds (defaults: 5 s heartbeats, 30 s, 15 s sweeps).
-        APPLIANCE_BUDGETS__HEARTBEAT_INTERVAL_S="0.3",
-        APPLIANCE_BUDGETS__GATEWAY_DEAD_AFTER_S="1.5",
-        APPLIANCE_BUDGETS__SWEEP_INTERVAL_S="0.3",
-        APPLIANCE_SERVER__LOG_LEVEL="warning",
-    )
-    cli(env, "admin", "token", "--role", "admin")  # the schema and the secrets, before the processes start
-    gateways = [Gateway(env, tmp_path / f"gateway-{i}.log") for i in range(2)]
-    try:
-        for gateway in gateways:
-            gateway.start()
-        yield gateways
-    finally:
-        for gateway in gateways:
-            gateway.kill()
-
-
-def _query(database_url: str, sql: str, **params: Any) -> list[Any]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            return list(connection.execute(text(sql), params).all())
-    finally:
-        engine.dispose()
-
-
-async def _one(session: aiohttp.ClientSession, url: str, key: str, stream: bool) -> tuple[str, str | None]:
-    """(outcome, request id): `answered` only when the client saw the whole answer."""
-    body = {"model": "fake", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4, "stream": stream}
-    try:
-        async with session.post(
-            url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}
-        ) as response:
-            request_id = response.headers.get("x-request-id")
-            payload = await response.read()
-            if response.status != 200:
-                return str(response.status), request_id
-            if stream and not payload.rstrip().endswith(b"data: [DONE]"):
-                return "cut", request_id
-            if not stream:
-                json.loads(payload)
-            return "answered", request_id
-    except (aiohttp.ClientError, json.JSONDecodeError):
-        return "broken", None
 
 
 async def _load(gateways: list[Gateway], key: str, held: Callable[[], int]) -> tuple[list[tuple[str, str | None]], int]:
@@ -96,7 +38,7 @@ async def _load(gateways: list[Gateway], key: str, held: Callable[[], int]) -> t
             turn = index
             while time.monotonic() < stop_at:
                 turn += 1
-                outcomes.append(await _one(session, gateways[turn % 2].url, key, stream=turn % 3 == 0))
+                outcomes.append(await chat_outcome(session, gateways[turn % 2].url, key, stream=turn % 3 == 0))
 
     async def killer() -> None:
         await asyncio.sleep(BEFORE_KILL_S)
@@ -123,10 +65,10 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
                 assert response.status == 201, await response.text()
 
     asyncio.run(budget())
-    [(dead_id,)] = _query(database_url, "SELECT id FROM gateway_instances WHERE pid = :pid", pid=dead.pid)
+    [(dead_id,)] = query(database_url, "SELECT id FROM gateway_instances WHERE pid = :pid", pid=dead.pid)
 
     def held() -> int:
-        [(amount,)] = _query(
+        [(amount,)] = query(
             database_url,
             "SELECT coalesce(sum(amount), 0) FROM budget_reservations "
             "WHERE gateway_id = :g AND request_id LIKE 'lease:%'",
@@ -140,7 +82,7 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     assert len(answered) > 20 and "broken" in kinds, f"load before and after the kill: {sorted(kinds)}"
 
     deadline = time.monotonic() + 20
-    while _query(database_url, "SELECT 1 FROM budget_reservations WHERE gateway_id = :g", g=dead_id):
+    while query(database_url, "SELECT 1 FROM budget_reservations WHERE gateway_id = :g", g=dead_id):
         assert time.monotonic() < deadline, "the survivor never swept the dead process's leases"
         time.sleep(0.2)
 
@@ -149,7 +91,9 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
         async with aiohttp.ClientSession() as session:
             served: set[str] = set()
             for _ in range(LIMIT // 9 + 1):
-                results = await asyncio.gather(*(_one(session, survivor.url, key["key"], False) for _ in range(16)))
+                results = await asyncio.gather(
+                    *(chat_outcome(session, survivor.url, key["key"], False) for _ in range(16))
+                )
                 served |= {str(request_id) for outcome, request_id in results if outcome == "answered"}
                 if any(outcome == "429" for outcome, _ in results):
                     return served
@@ -158,28 +102,28 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     answered |= asyncio.run(spend_the_rest())
     assert survivor.stop()  # a clean stop: its spending committed, its slices given back
 
-    rows = dict(_query(database_url, "SELECT request_id, status_code FROM usage_records"))
+    rows = dict(query(database_url, "SELECT request_id, status_code FROM usage_records"))
     missing = sorted(request_id for request_id in answered if rows.get(request_id) != 200)
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no usage row: {missing[:5]}"
     audited = dict(
-        _query(database_url, "SELECT request_id, outcome FROM audit_records WHERE event_type LIKE 'inference.%'")
+        query(database_url, "SELECT request_id, outcome FROM audit_records WHERE event_type LIKE 'inference.%'")
     )
     unaudited = sorted(request_id for request_id in answered if audited.get(request_id) != "success")
     assert not unaudited, f"{len(unaudited)} answered requests have no audit record: {unaudited[:5]}"
     verified = json.loads(cli(env, "audit", "verify", "--json"))
     assert verified["ok"], verified
 
-    [(used, reserved)] = _query(
+    [(used, reserved)] = query(
         database_url,
         "SELECT c.used, c.reserved FROM budget_counters c JOIN budgets b ON b.id = c.budget_id WHERE b.scope_id = :w",
         w=key["workflow_id"],
     )
-    [(ledger,)] = _query(
+    [(ledger,)] = query(
         database_url,
         "SELECT coalesce(sum(total_tokens), 0) FROM usage_records WHERE workflow_id = :w",
         w=key["workflow_id"],
     )
-    assert _query(database_url, "SELECT count(*) FROM budget_reservations") == [(0,)]
+    assert query(database_url, "SELECT count(*) FROM budget_reservations") == [(0,)]
     assert reserved == 0 and used <= LIMIT, (used, reserved)
     # README, budgets: a dead process's leases are charged in full, over-charging by their unused part at most.
     assert ledger <= used <= ledger + dead_leases, (ledger, used, dead_leases)

@@ -1,0 +1,109 @@
+"""A gateway process stalled past ``gateway_dead_after_s`` under load, two processes sharing PostgreSQL.
+
+A stalled host (``SIGSTOP`` here), or a process cut off from the database for longer than the dead-after time: the
+other process's sweep takes it for dead and charges its leases in full while requests of it are still in flight.
+When it runs again (``SIGCONT``) it finishes those requests, finds its leases swept, registers again and leases
+afresh. The books must end exact, as the README says: once both have stopped cleanly the budget's ``used`` is the
+ledger's total (each request charged once; what the sweep charged beyond the stalled process's spending went back),
+nothing is reserved, and every answered request has its usage row and its audit record. Before swept leases were
+told apart, ``used`` exceeded the ledger by the swept slices. The engine is the fast fake of tests/support."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import aiohttp
+
+from tests.support.postgres import query
+from tests.support.processes import Gateway, chat_outcome, cli
+
+LIMIT = 1_000_000  # tokens; a lease is 2 % of it (20,000): a swept slice charged twice would show plainly
+CONCURRENCY = 16
+BEFORE_STALL_S = 1.5
+AFTER_STALL_S = 3.0  # both serve again, the stalled one under a new registration
+LEASES = "SELECT coalesce(sum(amount), 0) FROM budget_reservations WHERE gateway_id = :g AND request_id LIKE 'lease:%'"
+
+
+async def _load(
+    pair: list[Gateway], key: str, stalled_id: str, database_url: str
+) -> tuple[list[tuple[str, str | None]], int]:
+    """The load's outcomes, and what the stalled process held in leases when its sweep came."""
+    stalled = pair[0]
+    outcomes: list[tuple[str, str | None]] = []
+    held: list[int] = []
+    done = asyncio.Event()
+
+    async def worker(index: int) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+            turn = index
+            while not done.is_set():
+                turn += 1
+                outcomes.append(await chat_outcome(session, pair[turn % 2].url, key, stream=turn % 3 == 0))
+
+    async def staller() -> None:
+        await asyncio.sleep(BEFORE_STALL_S)
+        os.kill(stalled.pid, signal.SIGSTOP)
+        try:
+            [(amount,)] = await asyncio.to_thread(query, database_url, LEASES, g=stalled_id)
+            held.append(int(amount))
+            deadline = time.monotonic() + 20
+            while (await asyncio.to_thread(query, database_url, LEASES, g=stalled_id))[0][0]:
+                assert time.monotonic() < deadline, "the other process never swept the stalled one's leases"
+                await asyncio.sleep(0.2)
+        finally:
+            os.kill(stalled.pid, signal.SIGCONT)
+        await asyncio.sleep(AFTER_STALL_S)
+        done.set()
+
+    await asyncio.gather(staller(), *(worker(i) for i in range(CONCURRENCY)))
+    return outcomes, held[0]
+
+
+def test_a_gateway_stalled_past_the_dead_after_time_is_swept_and_its_books_end_exact(pair: list[Gateway]) -> None:
+    stalled, other = pair
+    env = other.env
+    database_url = env["APPLIANCE_DATABASE__URL"]
+    key = json.loads(cli(env, "admin", "create-key", "--tenant", "acme", "--workflow", "bots", "--create"))
+    admin = cli(env, "admin", "token", "--role", "admin")
+
+    async def budget() -> None:
+        body = {"scope_type": "workflow", "scope_id": key["workflow_id"], "kind": "tokens", "limit": LIMIT}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
+            async with session.post(other.url + "/admin/budgets/", json=body) as response:
+                assert response.status == 201, await response.text()
+
+    asyncio.run(budget())
+    [(stalled_id,)] = query(database_url, "SELECT id FROM gateway_instances WHERE pid = :pid", pid=stalled.pid)
+
+    outcomes, swept_slice = asyncio.run(_load(pair, key["key"], stalled_id, database_url))
+    assert swept_slice > 0, "the stalled process held a lease when it stalled"
+    answered = {str(request_id) for outcome, request_id in outcomes if outcome == "answered"}
+    kinds = {outcome for outcome, _ in outcomes}
+    assert len(answered) > 50 and kinds <= {"answered", "503"}, sorted(kinds)
+    assert query(database_url, "SELECT 1 FROM gateway_instances WHERE id = :g", g=stalled_id), "registered again"
+    assert stalled.stop() and other.stop(), "clean stops: spending committed, slices given back"
+
+    rows = dict(query(database_url, "SELECT request_id, status_code FROM usage_records"))
+    missing = sorted(request_id for request_id in answered if rows.get(request_id) != 200)
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests have no usage row: {missing[:5]}"
+    audited = dict(
+        query(database_url, "SELECT request_id, outcome FROM audit_records WHERE event_type LIKE 'inference.%'")
+    )
+    assert not [r for r in answered if audited.get(r) != "success"], "every answer has its audit record"
+    [(used, reserved)] = query(
+        database_url,
+        "SELECT c.used, c.reserved FROM budget_counters c JOIN budgets b ON b.id = c.budget_id WHERE b.scope_id = :w",
+        w=key["workflow_id"],
+    )
+    [(ledger,)] = query(
+        database_url,
+        "SELECT coalesce(sum(total_tokens), 0) FROM usage_records WHERE workflow_id = :w",
+        w=key["workflow_id"],
+    )
+    assert query(database_url, "SELECT count(*) FROM budget_reservations") == [(0,)]
+    assert reserved == 0, reserved
+    assert used == ledger, f"used {used}, the ledger {ledger} (the swept slice was {swept_slice})"
