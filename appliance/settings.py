@@ -288,7 +288,8 @@ class BudgetSettings(BaseModel):
         default=1800.0,
         gt=0,
         description="only for reservations made before gateways recorded themselves (no gateway id): "
-        "released when older than this; every other reservation is kept while its gateway lives",
+        "released when older than this; every other reservation is kept while its gateway lives. Also how long "
+        "what a sweep charged for a lease is kept as its credit, should its process be alive after all",
     )
 
     @model_validator(mode="after")

@@ -20,9 +20,9 @@ reservation), which charges them in full: what it spent since its last commit is
 yet committed), and a budget stays an upper bound; a crash over-charges by the dead process's unused slices at
 most. A process that cannot commit at shutdown keeps its gateway row, so its
 leases go the same way. A process swept while alive (silent past ``gateway_dead_after_s``) finds out at its next
-commit (``BudgetStore.settle_leases``: its gateway row gone, or registered again since): each swept lease stops
-serving, what its requests spend is charged only beyond what the sweep charged (``Lease.credit``), and the rest of
-that charge goes back once none of them is in flight; the process leases afresh under new ids once registered again.
+commit (``BudgetStore.settle_leases``: the sweep left what it charged as the lease's credit): each swept lease stops
+serving, what its requests spend is charged only beyond that credit, and the rest of it goes back once none of them
+is in flight; a refill is refused until the process has registered again, then it leases afresh under new ids.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ class Lease:
 
     __slots__ = (
         "budget",
-        "credit",
         "end",
         "granted",
         "held",
@@ -86,13 +85,12 @@ class Lease:
     ) -> None:
         self.id = lease_id
         self.registration = registration  # of its process (BudgetStore.registration) when it was made
-        self.swept = False  # a sweep took its process for dead and charged its row in full
-        self.credit = 0  # swept: what that charge covers that its requests have not spent yet (at least)
+        # A sweep took its process for dead and charged its row in full, and part of that charge may wait in the
+        # database as its credit: one final commit, once none of its requests is in flight, gives it back.
+        self.swept = False
         self.budget = budget
         self.start, self.end = start, end
-        # What the database holds for this lease (its reservation row's amount), at most: the row stops at 0 when
-        # requests spend past their hold, this goes below; a grant adds to it once its transaction is over.
-        self.granted = 0
+        self.granted = 0  # what the database holds for this lease (its reservation row's amount)
         self.held = 0  # taken by requests in flight
         self.spent = 0  # settled by requests, not yet committed as `used`
         self.remaining = 0  # what the database had left beyond the slices at the last refill (for headers)
@@ -162,7 +160,6 @@ class BudgetLeases:
         self._dirty = asyncio.Event()
         self._hurry = asyncio.Event()  # someone waits for the next commit: no more gathering
         self._task: asyncio.Task[None] | None = None
-        self._committing = asyncio.Lock()  # one commit at a time: a swept lease's credit is measured between them
         self._stopping = False
         self._topping_up: set[asyncio.Task[None]] = set()  # refills ahead of need, in the background
 
@@ -449,10 +446,6 @@ class BudgetLeases:
 
     async def _commit_once(self) -> int:
         """Commit what the leases hand over; returns how many moves it made."""
-        async with self._committing:
-            return await self._commit()
-
-    async def _commit(self) -> int:
         waiters, self._waiters = self._waiters, []
         moves, taken = self._collect()
         if not moves:
@@ -476,11 +469,8 @@ class BudgetLeases:
             if swept:
                 if not lease.swept:
                     log.warning("budget lease %s was swept with this gateway (taken for dead)", lease.id)
-                lease.swept = True
-                lease.credit = 0 if move.final else move.credit - min(move.credit, move.spent)
                 self._retire(lease)
-            else:
-                log.warning("budget lease %s of %s is gone (its budget deleted)", lease.id, lease.budget["id"])
+            lease.swept = swept and not move.final
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -498,24 +488,11 @@ class BudgetLeases:
             idle = lease.held == 0 and (self._stopping or today >= lease.end or now - lease.last_used >= self._idle_s)
             spent = lease.spent
             returned = lease.free if (idle or key is None) and lease.free > 0 else 0
-            refund = lease.swept and lease.credit > 0 and lease.held == 0
-            if spent or returned or refund:
-                # A sweep may have charged the row in full since the last commit: the row held `granted` at least.
-                credit = lease.credit if lease.swept else max(lease.granted, 0)
+            final = lease.held == 0
+            if spent or returned or (lease.swept and final):
                 lease.spent -= spent
                 lease.granted -= spent + returned
-                moves.append(
-                    LeaseMove(
-                        lease.id,
-                        lease.budget["id"],
-                        lease.start,
-                        spent,
-                        returned,
-                        registration=lease.registration,
-                        credit=credit,
-                        final=lease.held == 0,
-                    )
-                )
+                moves.append(LeaseMove(lease.id, lease.budget["id"], lease.start, spent, returned, final=final))
                 taken.append((lease, spent, returned))
             if idle and lease.granted <= 0 and lease.spent == 0 and not lease.refill.locked():
                 if key is None:

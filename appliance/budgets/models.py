@@ -86,3 +86,18 @@ class CallRecord(SQLModel, table=True):
     parent_request_id: str | None = Field(default=None, max_length=64)
     depth: int = Field(default=0)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class SweptLease(SQLModel, table=True):
+    """What a sweep charged for a lease of a gateway it took for dead. A process that was alive after all (stalled,
+    cut off from the database) draws its later spending on that lease from this credit instead of charging it again,
+    and gives back what is left once none of the lease's requests is in flight (``BudgetStore.settle_leases``).
+    Kept ``reservation_ttl_s`` at most: a process silent longer is charged in full."""
+
+    __tablename__ = "budget_swept_leases"
+
+    lease_id: str = Field(primary_key=True, max_length=64)
+    budget_id: str = Field(foreign_key="budgets.id", primary_key=True, max_length=32, ondelete="CASCADE")
+    window_start: datetime
+    credit: int = Field(sa_column=Column(BigInteger, nullable=False))
+    swept_at: datetime = Field(default_factory=utcnow, index=True)

@@ -33,7 +33,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from appliance.budgets.journal import Settlement, SettlementJournal
-from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation
+from appliance.budgets.models import Budget, BudgetCounter, CallRecord, GatewayInstance, Reservation, SweptLease
 from appliance.budgets.ratelimit import RateWindow, keep_tightest, window_headers
 from appliance.db.engine import reading, writing
 from appliance.ledger.pricing import Price, to_currency
@@ -49,6 +49,7 @@ COUNTERS: Table = BudgetCounter.__table__  # type: ignore[attr-defined]
 RESERVATIONS: Table = Reservation.__table__  # type: ignore[attr-defined]
 CALLS: Table = CallRecord.__table__  # type: ignore[attr-defined]
 GATEWAYS: Table = GatewayInstance.__table__  # type: ignore[attr-defined]
+SWEPT: Table = SweptLease.__table__  # type: ignore[attr-defined]
 LEASE_PREFIX = "lease:"  # reservation rows that are a gateway process's lease, not one request's reservation
 PERIODIC = frozenset({"tokens", "requests", "cost"})  # budgets with a period, which reservations draw on
 
@@ -126,11 +127,7 @@ class LeaseMove:
     window_start: datetime
     spent: int
     returned: int
-    registration: int = 0  # of the process when the lease was made (BudgetStore.registration)
-    # Swept leases only: what the sweep charged of the lease that its requests have not spent yet (at least), and
-    # whether no request of it is in flight any more (then the rest of that charge goes back).
-    credit: int = 0
-    final: bool = False
+    final: bool = False  # no request of the lease is in flight: what a sweep charged beyond its spending goes back
 
 
 class BudgetStore:
@@ -153,7 +150,7 @@ class BudgetStore:
         self._settling = 0  # settlements under way, waited for before a clean shutdown
         self._settled = threading.Condition()
         # How many times this process registered: again after a sweep took it for dead, and a lease of an earlier
-        # registration was charged in full by that sweep (see settle_leases). 0: never (tools, tests).
+        # registration was charged in full by that sweep (see grant). 0: never (tools, tests).
         self.registration = 0
 
     @_retrying
@@ -260,7 +257,7 @@ class BudgetStore:
         Refused (``GatewaySweptError``) for a lease of a ``registration`` a sweep took: the swept row would come
         back under its old id, and what the process spent from the swept slice would be charged twice."""
         with writing(self._engine) as connection:
-            if self._swept(connection, {registration}):
+            if self._swept(connection, registration):
                 raise GatewaySweptError(
                     "This gateway process is registering again after it was taken for dead; retry the request.",
                 )
@@ -299,62 +296,55 @@ class BudgetStore:
     @_retrying
     def settle_leases(self, moves: list[LeaseMove]) -> dict[tuple[str, str], bool]:
         """In one transaction, for each lease: what its requests spent becomes `used`, and it gives back what
-        it no longer holds. Returns the (lease, budget) pairs whose row was gone, True where a sweep took it.
+        it no longer holds. Returns the (lease, budget) pairs whose row was gone, True where a sweep had taken it.
 
         A row is gone when this process's own commit took it to 0 (requests may spend past their hold: the engine's
-        count is charged) or its budget was deleted: the spending is counted, and nothing is given back twice. Or
-        a sweep took the process for dead (its heartbeat came too late) and charged the row's whole amount: then
-        the spending is charged only beyond the move's ``credit`` (what of that amount its requests have not
-        spent yet), and a ``final`` move gives the rest of the credit back: the lease is charged what it spent,
-        once (over-charged only where the process's credit falls short of what the sweep charged)."""
+        count is charged), when its budget was deleted, or when a sweep took the process for dead (its heartbeat
+        came too late) and charged the row's whole amount. In the last case the sweep left that amount as the
+        lease's credit (``budget_swept_leases``): spending is drawn from it and charged only beyond it, and a
+        ``final`` move gives the rest back. Otherwise the spending is charged; nothing is given back twice."""
         gone: dict[tuple[str, str], bool] = {}
         with writing(self._engine) as connection:
-            swept_registrations = self._swept(connection, {move.registration for move in moves})
             for move in sorted(moves, key=lambda m: (m.budget_id, m.lease_id)):
-                amount = connection.execute(
-                    select(RESERVATIONS.c.amount)
-                    .where(RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
-                    .with_for_update()
-                ).scalar()
+                lease = (RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
+                amount = connection.execute(select(RESERVATIONS.c.amount).where(*lease).with_for_update()).scalar()
                 counter = update(COUNTERS).where(
                     COUNTERS.c.budget_id == move.budget_id, COUNTERS.c.window_start == move.window_start
                 )
-                if amount is None and move.registration in swept_registrations:
-                    gone[(move.lease_id, move.budget_id)] = True
-                    beyond = max(move.spent - move.credit, 0)
-                    refund = max(move.credit - move.spent, 0) if move.final else 0
-                    connection.execute(counter.values(used=COUNTERS.c.used + beyond - refund))
-                    continue
                 if amount is None:
-                    gone[(move.lease_id, move.budget_id)] = False
+                    swept = (SWEPT.c.lease_id == move.lease_id, SWEPT.c.budget_id == move.budget_id)
+                    credit = connection.execute(select(SWEPT.c.credit).where(*swept).with_for_update()).scalar()
+                    gone[(move.lease_id, move.budget_id)] = credit is not None
+                    if credit is not None:
+                        drawn = min(int(credit), move.spent)
+                        left = int(credit) - drawn
+                        refund = left if move.final else 0
+                        connection.execute(counter.values(used=COUNTERS.c.used + move.spent - drawn - refund))
+                        if move.final:
+                            connection.execute(delete(SWEPT).where(*swept))
+                        else:
+                            connection.execute(update(SWEPT).where(*swept).values(credit=left))
+                        continue
                 taken = min(int(amount or 0), move.spent + move.returned)
                 connection.execute(
                     counter.values(reserved=COUNTERS.c.reserved - taken, used=COUNTERS.c.used + move.spent)
                 )
                 if amount is not None and int(amount) - taken <= 0:
-                    connection.execute(
-                        delete(RESERVATIONS).where(
-                            RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id
-                        )
-                    )
+                    connection.execute(delete(RESERVATIONS).where(*lease))
                 elif amount is not None:
-                    connection.execute(
-                        update(RESERVATIONS)
-                        .where(RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
-                        .values(amount=RESERVATIONS.c.amount - taken)
-                    )
+                    connection.execute(update(RESERVATIONS).where(*lease).values(amount=RESERVATIONS.c.amount - taken))
         return gone
 
-    def _swept(self, connection: Connection, registrations: set[int]) -> set[int]:
-        """Which of these registrations of this process a sweep took: all of them while its gateway row is gone,
-        else every one before the current. Locks the row, so a sweep under way finishes first (and one that comes
-        after waits for this transaction). A store that never registered (tools, tests) has nothing to lose."""
+    def _swept(self, connection: Connection, registration: int) -> bool:
+        """Whether a sweep took this process's ``registration`` for dead: its gateway row is gone, or it registered
+        again since. Locks the row, so a sweep under way finishes first (and one that comes after waits for this
+        transaction). A store that never registered (tools, tests) has nothing to lose."""
         if self.gateway_id is None or self.registration == 0:
-            return set()
+            return False
         row = connection.execute(
             select(GATEWAYS.c.id).where(GATEWAYS.c.id == self.gateway_id).with_for_update()
         ).first()
-        return set(registrations) if row is None else {r for r in registrations if r != self.registration}
+        return row is None or registration != self.registration
 
     @_retrying
     def reserve(
@@ -536,9 +526,10 @@ class BudgetStore:
     def sweep(self, dead_after_s: float, unowned_ttl_s: float) -> int:
         """Release the reservations of gateways that are gone (no heartbeat for ``dead_after_s``, or no row):
         they died before settling, and a held reservation would otherwise eat the budget forever (their leases
-        are charged in full instead: see ``leases.py``). Those of a
-        live gateway are kept however old. Reservations made before gateways recorded themselves (no gateway
-        id) are released when older than ``unowned_ttl_s``. Returns how many rows were released."""
+        are charged in full instead, and what was charged is kept as each lease's credit for ``unowned_ttl_s``, in
+        case the process was alive after all: see :meth:`settle_leases`). Those of a live gateway are kept however
+        old. Reservations made before gateways recorded themselves (no gateway id) are released when older than
+        ``unowned_ttl_s``. Returns how many rows were released."""
         now = self._clock()
         orphaned = or_(
             and_(RESERVATIONS.c.gateway_id.is_not(None), RESERVATIONS.c.gateway_id.not_in(select(GATEWAYS.c.id))),
@@ -555,12 +546,16 @@ class BudgetStore:
             for row in taken:
                 # A dead process's lease is charged in full: what it spent since its last commit is not known,
                 # and a budget is an upper bound (it over-charges by the slice's unused part, at most).
-                spent = row["amount"] if row["request_id"].startswith(LEASE_PREFIX) else 0
+                lease = row["request_id"].startswith(LEASE_PREFIX)
+                spent = row["amount"] if lease else 0
                 connection.execute(
                     update(COUNTERS)
                     .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
                     .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
                 )
+                if lease and spent > 0:  # ... and kept as its credit, should the process be alive after all
+                    _add_credit(connection, row["request_id"], row["budget_id"], row["window_start"], spent, now)
+            connection.execute(delete(SWEPT).where(SWEPT.c.swept_at < now - timedelta(seconds=unowned_ttl_s)))
         return len(taken)
 
     def status(
@@ -667,6 +662,21 @@ def _take(connection: Connection, which: Any) -> list[Any]:
         )
     )
     return sorted(deleted.mappings().all(), key=lambda row: row["budget_id"])
+
+
+def _add_credit(
+    connection: Connection, lease_id: str, budget_id: str, start: datetime, amount: int, now: datetime
+) -> None:
+    insert_new = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
+    new = insert_new(SWEPT).values(
+        lease_id=lease_id, budget_id=budget_id, window_start=start, credit=amount, swept_at=now
+    )
+    connection.execute(
+        new.on_conflict_do_update(
+            index_elements=[SWEPT.c.lease_id, SWEPT.c.budget_id],
+            set_={"credit": SWEPT.c.credit + new.excluded.credit, "swept_at": now},
+        )
+    )
 
 
 def _kinds(connection: Connection, budget_ids: set[str]) -> dict[str, str]:

@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from appliance.budgets.leases import BudgetLeases
 from appliance.budgets.store import BudgetExceededError, BudgetStore, GatewaySweptError
@@ -235,22 +236,64 @@ async def test_spending_past_a_lease_whose_row_its_own_commit_emptied_is_charged
 ) -> None:
     """Requests may spend past their hold (the engine's count is charged): a commit can take a lease's row to 0,
     which deletes it. Requests still in flight then settle into a lease without a row, and what they spend is
-    charged all the same, whether or not a sweep took the process for dead after (it charged nothing for the
-    lease: there was no row)."""
+    charged all the same, in later commits, whether or not a sweep took the process for dead meanwhile (it charged
+    nothing for the lease: there was no row, so there is no credit to draw on)."""
     add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
     leases = process(store, "a", clock, lease_fraction=0.0)  # no slice beyond what requests hold
     a = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=50)
     b = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=30)
-    assert a is not None and b is not None and counters(store) == (0, 100)
-    a.settle(100, 0, reached_engine=True)  # 40 past its hold of 60
+    c = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=30)
+    assert a is not None and b is not None and c is not None and counters(store) == (0, 140)
+    a.settle(140, 0, reached_engine=True)  # 80 past its hold of 60
     await a.durable()
-    assert counters(store) == (100, 0) and store.dangling() == 0, "the row went to 0 and was deleted"
+    assert counters(store) == (140, 0) and store.dangling() == 0, "the row went to 0 and was deleted"
+    b.settle(40, 0, reached_engine=True)
+    await b.durable()
+    assert counters(store) == (180, 0), "b's 40 charged though its lease has no row"
     if swept:
         leases.store.deregister("gw_a")
         assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 0
         leases.store.register("test", 0)
-    b.settle(40, 0, reached_engine=True)
-    await b.durable()
-    assert counters(store) == (140, 0), "b's 40 charged: 100 + 40"
+    c.settle(40, 0, reached_engine=True)
+    await c.durable()
+    assert counters(store) == (220, 0), "c's 40 charged: 140 + 40 + 40"
     assert await leases.stop()
-    assert counters(store) == (140, 0) and store.dangling() == 0
+    assert counters(store) == (220, 0) and store.dangling() == 0
+
+
+async def test_a_swept_lease_whose_commit_acknowledgement_is_lost_is_never_under_charged(
+    store: BudgetStore, clock: Clock
+) -> None:
+    """The commit that gives a swept lease's credit back lands, but its acknowledgement is lost (the connection
+    drops at COMMIT, as in a database failover, which is what gets live processes swept). The process keeps what it
+    handed over and hands it over again: charged twice (over, never under), never a credit given back twice. Named
+    fake: ``settle_leases`` commits, then raises once."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    leases = process(store, "a", clock, lease_fraction=0.1)
+    spent = 0
+    for _ in range(2):
+        hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+        assert hold is not None
+        hold.settle(20, 0, reached_engine=True)
+        spent += 20
+    leases.store.deregister("gw_a")
+    assert store.sweep(dead_after_s=30, unowned_ttl_s=1800) == 1
+    leases.store.register("test", 0)
+    real = leases.store.settle_leases
+    lost = []
+
+    def acknowledgement_lost(moves: Any) -> Any:
+        gone = real(moves)
+        if not lost:
+            lost.append(gone)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        return gone
+
+    leases.store.settle_leases = acknowledgement_lost  # type: ignore[method-assign]
+    with pytest.raises(OperationalError):
+        await leases.committed()
+    assert lost and counters(store) == (spent, 0), "it landed: the credit went back, 40 charged"
+    await leases.committed()
+    assert counters(store) == (2 * spent, 0), "handed over again: charged again, the credit not given twice"
+    assert await leases.stop()
+    assert store.dangling() == 0
