@@ -443,6 +443,8 @@ class BudgetLeases:
                 continue
             if self._stopping and (not (self._leases or self._retired) or not moved):
                 return
+            if self._stopping:
+                self._dirty.set()  # once more at once: the leases that handed their last over are dropped
 
     async def _commit_once(self) -> int:
         """Commit what the leases hand over; returns how many moves it made."""
@@ -494,7 +496,8 @@ class BudgetLeases:
                 lease.granted -= spent + returned
                 moves.append(LeaseMove(lease.id, lease.budget["id"], lease.start, spent, returned, final=final))
                 taken.append((lease, spent, returned))
-            if idle and lease.granted <= 0 and lease.spent == 0 and not lease.refill.locked():
+            elif idle and lease.granted <= 0 and lease.spent == 0 and not lease.refill.locked():
+                # Only once nothing of it is on its way: a commit that fails gives what it carried back to the lease.
                 if key is None:
                     self._retired.remove(lease)
                 else:

@@ -539,8 +539,10 @@ class BudgetStore:
             ),
         )
         with writing(self._engine) as connection:
-            # The dead gateways' rows go first: a heartbeat that commits meanwhile keeps its row and its leases, or
-            # finds its row gone and registers again; never a row kept while its leases are charged.
+            # Credits past their time first, before any counter is locked (a settlement locks a credit, then its
+            # counter). Then the dead gateways' rows: a heartbeat that commits meanwhile keeps its row and its
+            # leases, or finds its row gone and registers again; never a row kept while its leases are charged.
+            connection.execute(delete(SWEPT).where(SWEPT.c.swept_at < now - timedelta(seconds=unowned_ttl_s)))
             connection.execute(delete(GATEWAYS).where(GATEWAYS.c.heartbeat_at < now - timedelta(seconds=dead_after_s)))
             taken = _take(connection, orphaned)
             for row in taken:
@@ -555,7 +557,6 @@ class BudgetStore:
                 )
                 if lease and spent > 0:  # ... and kept as its credit, should the process be alive after all
                     _add_credit(connection, row["request_id"], row["budget_id"], row["window_start"], spent, now)
-            connection.execute(delete(SWEPT).where(SWEPT.c.swept_at < now - timedelta(seconds=unowned_ttl_s)))
         return len(taken)
 
     def status(

@@ -297,3 +297,30 @@ async def test_a_swept_lease_whose_commit_acknowledgement_is_lost_is_never_under
     assert counters(store) == (2 * spent, 0), "handed over again: charged again, the credit not given twice"
     assert await leases.stop()
     assert store.dangling() == 0
+
+
+async def test_spending_of_a_lease_whose_commit_fails_is_committed_by_the_next(
+    store: BudgetStore, clock: Clock
+) -> None:
+    """A commit the database refuses leaves what it carried with its lease, and the next commit carries it, also
+    when the lease was idle or is being stopped (it used to be dropped in the same pass, and what the failed commit
+    gave back went to a lease nobody committed any more: 140 spent, 0 charged). Named fake: ``settle_leases``
+    refuses once, before its transaction."""
+    add_budget(store, "workflow", "wf_1", "tokens", "day", 1_000)
+    leases = process(store, "a", clock, lease_fraction=0.0)
+    await leases.start()
+    hold = await leases.reserve(CHAIN, prompt_tokens=10, max_tokens=10)
+    assert hold is not None
+    hold.settle(140, 0, reached_engine=True)  # past its hold of 20
+    real = leases.store.settle_leases
+    refused: list[int] = []
+
+    def refuse_once(moves: Any) -> Any:
+        if not refused:
+            refused.append(len(moves))
+            raise OperationalError("BEGIN", {}, Exception("the database is restarting"))
+        return real(moves)
+
+    leases.store.settle_leases = refuse_once  # type: ignore[method-assign]
+    assert await leases.stop(), "committed at the second try"
+    assert refused == [1] and counters(store) == (140, 0) and store.dangling() == 0
