@@ -3,6 +3,7 @@ stopped with SIGTERM, or killed. The engine is whatever URL the caller routes th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -131,3 +132,22 @@ async def chat_outcome(session: aiohttp.ClientSession, url: str, key: str, strea
             return "answered", request_id
     except (aiohttp.ClientError, json.JSONDecodeError):
         return "broken", None
+
+
+def budgeted_key(gateway: Gateway, limit: int) -> dict[str, Any]:
+    """A new key of tenant `acme`, workflow `bots`, with a tokens budget of ``limit`` on the workflow (set through the
+    gateway's admin API, as an admin sets it); the key as `appliance admin create-key` prints it."""
+    env = gateway.env
+    key: dict[str, Any] = json.loads(
+        cli(env, "admin", "create-key", "--tenant", "acme", "--workflow", "bots", "--create")
+    )
+    admin = cli(env, "admin", "token", "--role", "admin")
+
+    async def budget() -> None:
+        body = {"scope_type": "workflow", "scope_id": key["workflow_id"], "kind": "tokens", "limit": limit}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
+            async with session.post(gateway.url + "/admin/budgets/", json=body) as response:
+                assert response.status == 201, await response.text()
+
+    asyncio.run(budget())
+    return key

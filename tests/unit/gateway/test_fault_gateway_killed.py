@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import aiohttp
 
+from tests.support.books import books, unmetered
 from tests.support.postgres import query
-from tests.support.processes import Gateway, chat_outcome, cli
+from tests.support.processes import Gateway, budgeted_key, chat_outcome, cli
 
 LIMIT = 4_000  # tokens: about what the load spends; the survivor then spends what is left
 CONCURRENCY = 24
@@ -55,16 +56,7 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     dead, survivor = pair
     env = survivor.env
     database_url = env["APPLIANCE_DATABASE__URL"]
-    key = json.loads(cli(env, "admin", "create-key", "--tenant", "acme", "--workflow", "bots", "--create"))
-    admin = cli(env, "admin", "token", "--role", "admin")
-
-    async def budget() -> None:
-        body = {"scope_type": "workflow", "scope_id": key["workflow_id"], "kind": "tokens", "limit": LIMIT}
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
-            async with session.post(survivor.url + "/admin/budgets/", json=body) as response:
-                assert response.status == 201, await response.text()
-
-    asyncio.run(budget())
+    key = budgeted_key(survivor, LIMIT)
     [(dead_id,)] = query(database_url, "SELECT id FROM gateway_instances WHERE pid = :pid", pid=dead.pid)
 
     def held() -> int:
@@ -102,28 +94,13 @@ def test_a_gateway_killed_under_load_loses_no_answered_request_and_the_budget_st
     answered |= asyncio.run(spend_the_rest())
     assert survivor.stop()  # a clean stop: its spending committed, its slices given back
 
-    rows = dict(query(database_url, "SELECT request_id, status_code FROM usage_records"))
-    missing = sorted(request_id for request_id in answered if rows.get(request_id) != 200)
+    missing, unaudited = unmetered(database_url, answered)
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no usage row: {missing[:5]}"
-    audited = dict(
-        query(database_url, "SELECT request_id, outcome FROM audit_records WHERE event_type LIKE 'inference.%'")
-    )
-    unaudited = sorted(request_id for request_id in answered if audited.get(request_id) != "success")
     assert not unaudited, f"{len(unaudited)} answered requests have no audit record: {unaudited[:5]}"
     verified = json.loads(cli(env, "audit", "verify", "--json"))
     assert verified["ok"], verified
 
-    [(used, reserved)] = query(
-        database_url,
-        "SELECT c.used, c.reserved FROM budget_counters c JOIN budgets b ON b.id = c.budget_id WHERE b.scope_id = :w",
-        w=key["workflow_id"],
-    )
-    [(ledger,)] = query(
-        database_url,
-        "SELECT coalesce(sum(total_tokens), 0) FROM usage_records WHERE workflow_id = :w",
-        w=key["workflow_id"],
-    )
-    assert query(database_url, "SELECT count(*) FROM budget_reservations") == [(0,)]
-    assert reserved == 0 and used <= LIMIT, (used, reserved)
+    found = books(database_url, key["workflow_id"])
+    assert found.reservations == 0 and found.reserved == 0 and found.used <= LIMIT, found
     # README, budgets: a dead process's leases are charged in full, over-charging by their unused part at most.
-    assert ledger <= used <= ledger + dead_leases, (ledger, used, dead_leases)
+    assert found.ledger <= found.used <= found.ledger + dead_leases, (found, dead_leases)

@@ -18,8 +18,9 @@ import time
 
 import aiohttp
 
+from tests.support.books import books, unmetered
 from tests.support.postgres import query
-from tests.support.processes import Gateway, chat_outcome, cli
+from tests.support.processes import Gateway, budgeted_key, chat_outcome, cli
 
 LIMIT = 1_000_000  # tokens; a lease is 2 % of it (20,000): a swept slice charged twice would show plainly
 CONCURRENCY = 16
@@ -67,16 +68,7 @@ def test_a_gateway_stalled_past_the_dead_after_time_is_swept_and_its_books_end_e
     stalled, other = pair
     env = other.env
     database_url = env["APPLIANCE_DATABASE__URL"]
-    key = json.loads(cli(env, "admin", "create-key", "--tenant", "acme", "--workflow", "bots", "--create"))
-    admin = cli(env, "admin", "token", "--role", "admin")
-
-    async def budget() -> None:
-        body = {"scope_type": "workflow", "scope_id": key["workflow_id"], "kind": "tokens", "limit": LIMIT}
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
-            async with session.post(other.url + "/admin/budgets/", json=body) as response:
-                assert response.status == 201, await response.text()
-
-    asyncio.run(budget())
+    key = budgeted_key(other, LIMIT)
     [(stalled_id,)] = query(database_url, "SELECT id FROM gateway_instances WHERE pid = :pid", pid=stalled.pid)
 
     outcomes, swept_slice = asyncio.run(_load(pair, key["key"], stalled_id, database_url))
@@ -87,23 +79,11 @@ def test_a_gateway_stalled_past_the_dead_after_time_is_swept_and_its_books_end_e
     assert query(database_url, "SELECT 1 FROM gateway_instances WHERE id = :g", g=stalled_id), "registered again"
     assert stalled.stop() and other.stop(), "clean stops: spending committed, slices given back"
 
-    rows = dict(query(database_url, "SELECT request_id, status_code FROM usage_records"))
-    missing = sorted(request_id for request_id in answered if rows.get(request_id) != 200)
+    missing, unaudited = unmetered(database_url, answered)
     assert not missing, f"{len(missing)} of {len(answered)} answered requests have no usage row: {missing[:5]}"
-    audited = dict(
-        query(database_url, "SELECT request_id, outcome FROM audit_records WHERE event_type LIKE 'inference.%'")
-    )
-    assert not [r for r in answered if audited.get(r) != "success"], "every answer has its audit record"
-    [(used, reserved)] = query(
-        database_url,
-        "SELECT c.used, c.reserved FROM budget_counters c JOIN budgets b ON b.id = c.budget_id WHERE b.scope_id = :w",
-        w=key["workflow_id"],
-    )
-    [(ledger,)] = query(
-        database_url,
-        "SELECT coalesce(sum(total_tokens), 0) FROM usage_records WHERE workflow_id = :w",
-        w=key["workflow_id"],
-    )
-    assert query(database_url, "SELECT count(*) FROM budget_reservations") == [(0,)]
-    assert reserved == 0, reserved
-    assert used == ledger, f"used {used}, the ledger {ledger} (the swept slice was {swept_slice})"
+    assert not unaudited, f"{len(unaudited)} answered requests have no audit record: {unaudited[:5]}"
+    verified = json.loads(cli(env, "audit", "verify", "--json"))
+    assert verified["ok"], verified
+    found = books(database_url, key["workflow_id"])
+    assert found.reservations == 0 and found.reserved == 0, found
+    assert found.used == found.ledger, f"{found} (the swept slice was {swept_slice})"
