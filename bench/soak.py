@@ -10,7 +10,9 @@ a high-water mark set by the batch shapes it had met, and priming reached it bef
 Since, the worker stays flat without it (2026-12-02: 802.4 to 802.3 MiB over 30 minutes), so the default is 0:
 the soak measures the appliance as it starts. The resident memory (RSS) of every process
 under the supervisor (supervisor, gateway and its workers, engines and their engine-core processes) is sampled
-throughout.
+throughout. Each process's figures show its anonymous memory (its heap: what a leak grows) apart from its
+mapped files (libraries, and in the gateway the vector store's write-ahead log, written in 32 MiB files that count in
+RSS as their pages are touched: page cache the kernel can take back); the verdict reads the whole RSS.
 
 Pass, printed with the figures at the end:
 - memory flat: for each process, the median RSS over the last tenth of the run is within 10 % of the median
@@ -84,14 +86,16 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _describe(pid: int) -> tuple[str, int] | None:
-    """(a readable name, RSS in bytes), or None once gone."""
+def _describe(pid: int) -> tuple[str, int, int] | None:
+    """(a readable name, RSS in bytes, its anonymous part in bytes), or None once gone. The rest of the RSS is
+    mapped files (the vector store's WAL and segments, libraries): page cache the kernel can take back."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    rss = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:")), 0)
+    fields = {line.split(":", 1)[0]: line.split()[1:2] for line in status.splitlines() if ":" in line}
+    rss, anon = (int((fields.get(key) or ["0"])[0]) * 1024 for key in ("VmRSS", "RssAnon"))
     words = [a.decode(errors="replace") for a in argv if a]
     name = Path(words[0]).name if words else "?"
     for marker in ("--served-model-name", "--port"):
@@ -100,23 +104,23 @@ def _describe(pid: int) -> tuple[str, int] | None:
     if "appliance.cli" in words:
         name += " appliance " + " ".join(words[words.index("appliance.cli") + 1 :][:1])
     comm = next((line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Name:")), "")
-    return f"{name} [{comm}]", rss
+    return f"{name} [{comm}]", rss, anon
 
 
-def sample_tree(root: int) -> dict[int, tuple[str, int]]:
-    """Every process under ``root``: (its name, prefixed with the engine it belongs to, if any; RSS)."""
+def sample_tree(root: int) -> dict[int, tuple[str, int, int]]:
+    """Every process under ``root``: (its name, prefixed with the engine it belongs to, if any; RSS; anonymous)."""
     tree = _children()
-    seen: dict[int, tuple[str, int]] = {}
+    seen: dict[int, tuple[str, int, int]] = {}
     stack: list[tuple[int, str]] = [(root, "")]
     while stack:
         pid, owner = stack.pop()
         described = _describe(pid)
         if described is None:
             continue
-        name, rss = described
+        name, rss, anon = described
         if "served-model-name=" in name:
             owner = name.split("served-model-name=", 1)[1].split()[0]
-        seen[pid] = (f"{owner}: {name}" if owner and "served-model-name=" not in name else name, rss)
+        seen[pid] = (f"{owner}: {name}" if owner and "served-model-name=" not in name else name, rss, anon)
         stack.extend((child, owner) for child in tree.get(pid, []))
     return seen
 
@@ -124,7 +128,7 @@ def sample_tree(root: int) -> dict[int, tuple[str, int]]:
 @dataclass
 class Memory:
     root: int
-    samples: list[tuple[float, dict[int, tuple[str, int]]]] = field(default_factory=list)
+    samples: list[tuple[float, dict[int, tuple[str, int, int]]]] = field(default_factory=list)
 
     async def watch(self, started: float, stop: asyncio.Event, every_s: float) -> None:
         while not stop.is_set():
@@ -365,18 +369,22 @@ async def books(gateway: str, admin: str, tenants: list[Tenant], since: datetime
     return rows
 
 
+def _size(entry: tuple[str, int, int], anonymous: bool) -> int:
+    return entry[2] if anonymous else entry[1]
+
+
 def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[bool, list[str]]:
     window = max(60.0, (total_s - warmup_s) / 10)
     early = [s for t, s in memory.samples if warmup_s <= t < warmup_s + window]
     late = [s for t, s in memory.samples if t >= total_s - window]
     if not early or not late:
         return False, ["too few memory samples (run longer than the warm-up plus two minutes)"]
-    names = {pid: name for _, sample in memory.samples for pid, (name, _) in sample.items()}
+    names = {pid: entry[0] for _, sample in memory.samples for pid, entry in sample.items()}
     lines, flat = [], True
 
-    def median(samples: list[dict[int, tuple[str, int]]], pid: int | None) -> float:
+    def median(samples: list[dict[int, tuple[str, int, int]]], pid: int | None, anonymous: bool = False) -> float:
         values = [
-            (sum(rss for _, rss in s.values()) if pid is None else s[pid][1])
+            (sum(_size(entry, anonymous) for entry in s.values()) if pid is None else _size(s[pid], anonymous))
             for s in samples
             if pid is None or pid in s
         ]
@@ -387,7 +395,7 @@ def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[boo
         name = "all processes together" if pid is None else f"{pid:>7} {names[pid]}"
         first, last = median(early, pid), median(late, pid)
         peak = max(
-            (sum(r for _, r in s.values()) if pid is None else s[pid][1])
+            (sum(entry[1] for entry in s.values()) if pid is None else s[pid][1])
             for t, s in memory.samples
             if t >= warmup_s and (pid is None or pid in s)
         )
@@ -397,9 +405,12 @@ def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[boo
             continue
         growth = last / first - 1
         flat &= growth <= 0.10
+        anon_first, anon_last = median(early, pid, anonymous=True), median(late, pid, anonymous=True)
         lines.append(
             f"  {name[:70]:<70} after warm-up {first / 2**20:8.1f} MiB  end {last / 2**20:8.1f} MiB  "
-            f"peak {peak / 2**20:8.1f} MiB  {growth * 100:+6.1f} %"
+            f"peak {peak / 2**20:8.1f} MiB  {growth * 100:+6.1f} %  (anonymous {anon_first / 2**20:.1f} -> "
+            f"{anon_last / 2**20:.1f} MiB, mapped files {(first - anon_first) / 2**20:.1f} -> "
+            f"{(last - anon_last) / 2**20:.1f} MiB)"
         )
     return flat, lines
 
@@ -428,7 +439,7 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
             # Admin tokens live identity.token_ttl_s (10 min): a fresh one every minute, as a console would.
             fresh = ok(await asyncio.to_thread(cli, env, "admin", "token", "--role", "admin")).strip()
             load.admin = {"Authorization": f"Bearer {fresh}"}
-            total = sum(rss for _, rss in memory.samples[-1][1].values()) if memory.samples else 0
+            total = sum(entry[1] for entry in memory.samples[-1][1].values()) if memory.samples else 0
             print(
                 f"  {(time.monotonic() - started) / 60:5.1f} min: {sum(tally.done.values())} calls, "
                 f"{sum(tally.errors.values())} errors, RSS of all processes {total / 2**20:.0f} MiB",
