@@ -270,11 +270,7 @@ class BudgetStore:
                 return 0, max(remaining, 0)
             base = min(need, remaining)
             granted = base + max(0, min(extra, (remaining - base) // 2))
-            connection.execute(
-                update(COUNTERS)
-                .where(COUNTERS.c.budget_id == budget_id, COUNTERS.c.window_start == window_start)
-                .values(reserved=COUNTERS.c.reserved + granted)
-            )
+            connection.execute(_counter_row(budget_id, window_start).values(reserved=COUNTERS.c.reserved + granted))
             held = connection.execute(
                 update(RESERVATIONS)
                 .where(RESERVATIONS.c.request_id == lease_id, RESERVATIONS.c.budget_id == budget_id)
@@ -308,9 +304,7 @@ class BudgetStore:
             for move in sorted(moves, key=lambda m: (m.budget_id, m.lease_id)):
                 lease = (RESERVATIONS.c.request_id == move.lease_id, RESERVATIONS.c.budget_id == move.budget_id)
                 amount = connection.execute(select(RESERVATIONS.c.amount).where(*lease).with_for_update()).scalar()
-                counter = update(COUNTERS).where(
-                    COUNTERS.c.budget_id == move.budget_id, COUNTERS.c.window_start == move.window_start
-                )
+                counter = _counter_row(move.budget_id, move.window_start)
                 if amount is None:
                     swept = (SWEPT.c.lease_id == move.lease_id, SWEPT.c.budget_id == move.budget_id)
                     credit = connection.execute(select(SWEPT.c.credit).where(*swept).with_for_update()).scalar()
@@ -393,11 +387,7 @@ class BudgetStore:
             granted = None if cap == math.inf else int(cap)
             for budget, start in holds:
                 amount = _amount(budget["kind"], prompt_tokens, granted or 0, price)
-                connection.execute(
-                    update(COUNTERS)
-                    .where(COUNTERS.c.budget_id == budget["id"], COUNTERS.c.window_start == start)
-                    .values(reserved=COUNTERS.c.reserved + amount)
-                )
+                connection.execute(_counter_row(budget["id"], start).values(reserved=COUNTERS.c.reserved + amount))
                 connection.execute(
                     insert(RESERVATIONS).values(
                         request_id=request_id,
@@ -434,11 +424,7 @@ class BudgetStore:
             kinds = _kinds(connection, {row["budget_id"] for row in taken})
             for row in taken:
                 spent = {"tokens": total_tokens, "cost": cost_micros}.get(kinds[row["budget_id"]], int(counts_as_call))
-                connection.execute(
-                    update(COUNTERS)
-                    .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
-                    .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
-                )
+                _release(connection, row, spent)
         return len(taken)
 
     def settle_durably(
@@ -550,11 +536,7 @@ class BudgetStore:
                 # and a budget is an upper bound (it over-charges by the slice's unused part, at most).
                 lease = row["request_id"].startswith(LEASE_PREFIX)
                 spent = row["amount"] if lease else 0
-                connection.execute(
-                    update(COUNTERS)
-                    .where(COUNTERS.c.budget_id == row["budget_id"], COUNTERS.c.window_start == row["window_start"])
-                    .values(reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent)
-                )
+                _release(connection, row, spent)
                 if lease and spent > 0:  # ... and kept as its credit, should the process be alive after all
                     _add_credit(connection, row["request_id"], row["budget_id"], row["window_start"], spent, now)
         return len(taken)
@@ -668,8 +650,7 @@ def _take(connection: Connection, which: Any) -> list[Any]:
 def _add_credit(
     connection: Connection, lease_id: str, budget_id: str, start: datetime, amount: int, now: datetime
 ) -> None:
-    insert_new = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
-    new = insert_new(SWEPT).values(
+    new = _upsert(connection)(SWEPT).values(
         lease_id=lease_id, budget_id=budget_id, window_start=start, credit=amount, swept_at=now
     )
     connection.execute(
@@ -678,6 +659,25 @@ def _add_credit(
             set_={"credit": SWEPT.c.credit + new.excluded.credit, "swept_at": now},
         )
     )
+
+
+def _counter_row(budget_id: str, start: datetime) -> Any:
+    """An update of one budget window's counter (what to set is the caller's)."""
+    return update(COUNTERS).where(COUNTERS.c.budget_id == budget_id, COUNTERS.c.window_start == start)
+
+
+def _release(connection: Connection, row: Any, spent: int) -> None:
+    """A reservation row taken (by :func:`_take`): its amount is no longer reserved, and ``spent`` becomes used."""
+    connection.execute(
+        _counter_row(row["budget_id"], row["window_start"]).values(
+            reserved=COUNTERS.c.reserved - row["amount"], used=COUNTERS.c.used + spent
+        )
+    )
+
+
+def _upsert(connection: Connection) -> Any:
+    """The dialect's insert, which has ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
+    return postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
 
 
 def _kinds(connection: Connection, budget_ids: set[str]) -> dict[str, str]:
@@ -714,9 +714,8 @@ def _counter(connection: Connection, budget_id: str, start: datetime) -> tuple[i
     )
     found = connection.execute(locked).first()
     if found is None:
-        insert_new = postgresql_insert if connection.dialect.name == "postgresql" else sqlite_insert
         connection.execute(
-            insert_new(COUNTERS)
+            _upsert(connection)(COUNTERS)
             .values(budget_id=budget_id, window_start=start, used=0, reserved=0)
             .on_conflict_do_nothing()
         )
