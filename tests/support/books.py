@@ -3,10 +3,22 @@ and a workflow's budget against the ledger."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tests.support.postgres import query
+from tests.support.processes import cli
+
+
+def assert_metered(env: dict[str, str], answered: set[str]) -> None:
+    """Every answered request has its usage row (status 200) and its successful audit record, and the audit chain
+    verifies (`appliance audit verify`)."""
+    missing, unaudited = unmetered(env["APPLIANCE_DATABASE__URL"], answered)
+    assert not missing, f"{len(missing)} of {len(answered)} answered requests have no usage row: {missing[:5]}"
+    assert not unaudited, f"{len(unaudited)} answered requests have no audit record: {unaudited[:5]}"
+    verified = json.loads(cli(env, "audit", "verify", "--json"))
+    assert verified["ok"], verified
 
 
 def unmetered(database_url: str, answered: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -134,10 +134,11 @@ async def chat_outcome(session: aiohttp.ClientSession, url: str, key: str, strea
         return "broken", None
 
 
-def budgeted_key(gateway: Gateway, limit: int) -> dict[str, Any]:
-    """A new key of tenant `acme`, workflow `bots`, with a tokens budget of ``limit`` on the workflow (set through the
-    gateway's admin API, as an admin sets it); the key as `appliance admin create-key` prints it."""
-    env = gateway.env
+def budgeted_key(target: Any, limit: int) -> tuple[dict[str, Any], str]:
+    """A new key of tenant `acme`, workflow `bots`, with a tokens budget of ``limit`` on the workflow, set through the
+    admin API of ``target`` (anything with the gateway's ``env`` and ``url``), as an admin sets it. Returns the key as
+    `appliance admin create-key` prints it, and the admin token that set the budget."""
+    env = target.env
     key: dict[str, Any] = json.loads(
         cli(env, "admin", "create-key", "--tenant", "acme", "--workflow", "bots", "--create")
     )
@@ -146,8 +147,8 @@ def budgeted_key(gateway: Gateway, limit: int) -> dict[str, Any]:
     async def budget() -> None:
         body = {"scope_type": "workflow", "scope_id": key["workflow_id"], "kind": "tokens", "limit": limit}
         async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
-            async with session.post(gateway.url + "/admin/budgets/", json=body) as response:
+            async with session.post(target.url + "/admin/budgets/", json=body) as response:
                 assert response.status == 201, await response.text()
 
     asyncio.run(budget())
-    return key
+    return key, admin

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from tests.support.fake_engine import FakeEngine, free_port
+from tests.support.processes import budgeted_key
 
 ROOT = Path(__file__).resolve().parents[3]
 LIMIT = 1_000  # tokens a day for the workflow: less than 200 requests of 9 tokens spend
@@ -106,22 +107,8 @@ async def _chat(url: str, key: str) -> int:
             return response.status
 
 
-def _budgeted_key(node: Node) -> tuple[dict[str, Any], str]:
-    key = json.loads(node.cli("admin", "create-key", "--tenant", "acme", "--workflow", "bots", "--create"))
-    admin = node.cli("admin", "token", "--role", "admin")
-
-    async def create() -> None:
-        body = {"scope_type": "workflow", "scope_id": key["workflow_id"], "kind": "tokens", "limit": LIMIT}
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {admin}"}) as session:
-            async with session.post(node.url + "/admin/budgets/", json=body) as response:
-                assert response.status == 201, await response.text()
-
-    asyncio.run(create())
-    return key, admin
-
-
 def test_two_workers_never_spend_more_than_the_budget_together(node: Node) -> None:
-    key, _ = _budgeted_key(node)
+    key, _ = budgeted_key(node, LIMIT)
 
     async def flood() -> list[int]:
         return await asyncio.gather(*(_chat(node.url, key["key"]) for _ in range(200)))
@@ -149,7 +136,7 @@ def test_two_workers_never_spend_more_than_the_budget_together(node: Node) -> No
 
 
 def test_a_revoked_key_stops_in_every_worker_within_a_second(node: Node) -> None:
-    key, admin = _budgeted_key(node)
+    key, admin = budgeted_key(node, LIMIT)
 
     holders = "SELECT DISTINCT gateway_id FROM budget_reservations WHERE request_id LIKE 'lease:%'"
 
