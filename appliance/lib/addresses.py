@@ -11,8 +11,11 @@ So each limit counts twice (:class:`ClientCounts`): per address, as before, and 
 (``server.limit_ipv6_prefix`` bits, 64 unless set), ``server.limit_network_factor`` times as high (4 unless set).
 One host reaches its own limit first and holds up only itself; a client rotating through its network reaches the
 network's after factor x limit attempts, and then holds up its network, which is what a flood from it costs. An
-IPv4 address seen through a dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address. Anything that is not
-an IP address (a Unix socket's peer, a test client's name) counts as is.
+IPv4 address seen through a dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address, and so does one that
+reaches the node translated into IPv6: through NAT64 / SIIT (RFC 6052's well-known prefix ``64:ff9b::/96``, where
+every IPv4 client of the internet is an address of one /64: counted per /64, one of them could hold up all the others)
+and through 6to4 (``2002:a.b.c.d::/48``: one IPv4 host's 65,536 networks). Anything that is not an IP address (a Unix
+socket's peer, a test client's name) counts as is.
 
 Only the limits use this: audit records keep the client's full address."""
 
@@ -26,11 +29,13 @@ from functools import lru_cache
 from appliance.lib.recent import RecentCounts
 
 IPV6_BITS = 128
+NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 section 2.1
 
 
 class ClientNetworks:
     """``networks.keys(address)``: what the limits count ``address`` as: the client (the address, normalized; an
-    IPv4-mapped one as IPv4), and its network where that is wider than the address (IPv6), else None."""
+    IPv4 one mapped or translated into IPv6 as IPv4), and its network where that is wider than the address (IPv6),
+    else None."""
 
     def __init__(self, ipv6_prefix: int = 64, factor: int = 4) -> None:
         if not 1 <= ipv6_prefix <= IPV6_BITS:
@@ -49,11 +54,19 @@ class ClientNetworks:
             return address, None
         if isinstance(ip, ipaddress.IPv4Address):
             return str(ip), None
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped), None
+        ipv4 = ip.ipv4_mapped or ip.sixtofour or _nat64(ip)
+        if ipv4 is not None:
+            return str(ipv4), None
         if self.ipv6_prefix == IPV6_BITS:
             return str(ip), None
         return str(ip), str(ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False))
+
+
+def _nat64(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an RFC 6052 well-known-prefix address embeds (its last 32 bits), else None."""
+    if ip not in NAT64_WELL_KNOWN:
+        return None
+    return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
 
 
 class ClientCounts:

@@ -27,6 +27,21 @@ def test_ipv4_counts_per_address_also_through_a_dual_stack_socket() -> None:
     assert networks.keys("::FFFF:203.0.113.10") == ("203.0.113.10", None)
 
 
+def test_ipv4_translated_into_ipv6_counts_per_ipv4_address() -> None:
+    """Behind NAT64 / SIIT every IPv4 client is an address of 64:ff9b::/96, so of one /64: counted per network, one of
+    them could hold up every IPv4 client. A 6to4 host holds a /48 of its own: 65,536 networks."""
+    networks = ClientNetworks()
+    assert networks.keys("64:ff9b::203.0.113.9") == ("203.0.113.9", None)
+    assert networks.keys("64:ff9b::cb00:710a") == ("203.0.113.10", None)
+    assert networks.keys("2002:cb00:7109::1") == ("203.0.113.9", None)
+    assert networks.keys("2002:cb00:7109:ffff::2") == ("203.0.113.9", None), "another network of the same /48"
+    assert networks.keys("64:ff9b:1::1")[1] == "64:ff9b:1::/64", "the local-use prefix embeds by its own length"
+    counts = ClientCounts(5, 60, ClientNetworks(64, factor=4), clock=Clock())
+    for n in range(40):  # forty IPv4 clients through NAT64, five attempts each would be at their limit; one each here
+        counts.add(f"64:ff9b::198.51.100.{n}")
+    assert counts.wait("64:ff9b::198.51.100.200") == 0, "an IPv4 client is not held up by the others"
+
+
 def test_what_is_not_an_address_counts_as_is() -> None:
     networks = ClientNetworks()
     for name in ("testclient", "-", ""):
