@@ -33,8 +33,9 @@ from appliance.lib.principal import Principal
 from appliance.lib.work import WorkPool
 from appliance.retrieval.cache import RetrievalCache
 from appliance.retrieval.catalog import Catalog, document_view
-from appliance.retrieval.chunking import Chunk, Chunker
-from appliance.retrieval.extract import ExtractionLimits, extract_text
+from appliance.retrieval.chunking import Chunk
+from appliance.retrieval.documents import Chunking, DocumentProcess
+from appliance.retrieval.extract import ExtractionLimits
 from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.models import RagCollection, RagDocument
 from appliance.retrieval.vectors import Store, point_id, qdrant_name
@@ -150,8 +151,9 @@ class Retrieval:
         extraction: WorkPool | None = None,
     ) -> None:
         self._settings = settings
-        # Text extraction and chunking on a pool of their own: a few large documents cannot take the threads
-        # database work (every request's) runs on; more uploads than it holds are refused (429).
+        # Text extraction and chunking on a pool of their own (each job waiting on the document process): a few
+        # large documents cannot take the threads database work (every request's) runs on; more uploads than it
+        # holds are refused (429).
         self._extraction = extraction or WorkPool(
             "document-extraction",
             workers=1,
@@ -166,21 +168,14 @@ class Retrieval:
         self._store = store
         self._serving = serving
         self._router = router
-        self._tokenizer_dir = tokenizer_dir
         self._dimensions = dimensions
-        self._chunker: Chunker | None = None
+        self._documents = DocumentProcess()
+        self._chunking = Chunking(tokenizer_dir, settings.chunk_tokens, settings.chunk_overlap)
         self.cache: RetrievalCache[Found] = RetrievalCache(settings.cache_entries, settings.cache_ttl_s)
-
-    @property
-    def chunker(self) -> Chunker:
-        if self._chunker is None:
-            self._chunker = Chunker.from_model_dir(
-                self._tokenizer_dir, self._settings.chunk_tokens, self._settings.chunk_overlap
-            )
-        return self._chunker
 
     def close(self) -> None:
         self._extraction.close()
+        self._documents.close()
         self._store.close()
 
     # collections
@@ -292,8 +287,9 @@ class Retrieval:
             max_stream_bytes=self._settings.max_pdf_stream_bytes,
             max_content_bytes=self._settings.max_pdf_content_bytes,
         )
-        text = await self._extraction.run(extract_text, upload.raw, upload.media_type, limits)
-        chunks, tokens = await self._extraction.run(self.chunker.split, text)
+        chunks, tokens = await self._extraction.run(
+            self._documents.prepare, upload.raw, upload.media_type, limits, self._chunking
+        )
         if len(chunks) > self._settings.max_document_chunks:
             raise PayloadTooLargeError(
                 f"The document makes {len(chunks)} chunks; at most {self._settings.max_document_chunks} are accepted.",
