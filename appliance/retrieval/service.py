@@ -28,13 +28,14 @@ from appliance.gateway.streaming import StreamRelay
 from appliance.gateway.upstream import EngineRouter
 from appliance.gateway.usage import sse
 from appliance.ledger.writer import RetrievalStats
-from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError, UpstreamError
+from appliance.lib.errors import InvalidRequestError, PayloadTooLargeError, RateLimitedError
 from appliance.lib.principal import Principal
 from appliance.lib.work import WorkPool
 from appliance.retrieval.cache import RetrievalCache
 from appliance.retrieval.catalog import Catalog, document_view
 from appliance.retrieval.chunking import Chunk
 from appliance.retrieval.documents import Chunking, DocumentProcess
+from appliance.retrieval.embeddings import embeddings_of, embeddings_request
 from appliance.retrieval.extract import ExtractionLimits
 from appliance.retrieval.metering import CachedAnswers
 from appliance.retrieval.models import RagCollection, RagDocument
@@ -52,39 +53,6 @@ GROUNDING = (
     "Answer the question using only the numbered sources below. Cite the sources you use by their number in "
     "square brackets, like [1]. If the sources do not contain the answer, say that you do not know.\n\nSources:\n"
 )
-
-
-class _Embedding(msgspec.Struct):
-    index: int
-    embedding: list[float]
-
-
-class _EmbeddingUsage(msgspec.Struct):
-    prompt_tokens: int | None = None
-
-
-class _Embeddings(msgspec.Struct):
-    """What this service reads of an embedding engine's answer, decoded straight into floats: under an upload
-    flood, making them in Python (a float() per number, 12,288 per batch of 32) took a tenth of the event loop."""
-
-    data: list[_Embedding]
-    usage: _EmbeddingUsage | None = None
-
-
-_decode_embeddings = msgspec.json.Decoder(_Embeddings).decode
-
-
-def embeddings_of(body: bytes, texts: int) -> tuple[list[list[float]], int]:
-    """The vectors of an embedding engine's answer for ``texts`` inputs, in input order, and the prompt tokens it
-    counted (0 when it did not say); UpstreamError when the answer is not that."""
-    try:
-        answer = _decode_embeddings(body)
-    except msgspec.DecodeError as exc:
-        raise UpstreamError("The embedding engine answered with something that is not embeddings.") from exc
-    vectors = [item.embedding for item in sorted(answer.data, key=lambda item: item.index)]
-    if len(vectors) != texts:
-        raise UpstreamError(f"The embedding engine returned {len(vectors)} embeddings for {texts} texts.")
-    return vectors, (answer.usage.prompt_tokens if answer.usage else None) or 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,7 +329,7 @@ class Retrieval:
     # retrieval
 
     async def _embed(self, endpoint: Endpoint, texts: list[str], caller: Caller) -> tuple[list[list[float]], int]:
-        body = msgspec.json.encode({"model": self._settings.embedding_model, "input": texts})
+        body = embeddings_request(self._settings.embedding_model, texts)
         result = await self._serving.handle(
             endpoint, body, caller.request_id, caller.principal, caller.source, caller.link
         )

@@ -13,10 +13,12 @@ answer of ``TOKENS`` tokens.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import math
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -233,7 +235,12 @@ async def _embeddings(request: web.Request) -> web.Response:
         seed = int.from_bytes(hashlib.sha256(str(text).encode()).digest()[:8], "big")
         raw = [((seed >> (i % 60)) & 0xFF) - 127.5 + i % 7 for i in range(EMBEDDING_DIMENSIONS)]
         norm = math.sqrt(sum(x * x for x in raw)) or 1.0
-        data.append({"object": "embedding", "index": index, "embedding": [x / norm for x in raw]})
+        vector = [x / norm for x in raw]
+        if body.get("encoding_format") == "base64":  # little-endian float32, as vLLM and OpenAI answer
+            packed = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": packed})
+        else:
+            data.append({"object": "embedding", "index": index, "embedding": vector})
     tokens = sum(len(str(text).split()) for text in texts)
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return web.json_response({"object": "list", "data": data, "model": body.get("model"), "usage": usage})
