@@ -11,12 +11,16 @@ Since, the worker stays flat without it (2026-12-02: 802.4 to 802.3 MiB over 30 
 the soak measures the appliance as it starts. The resident memory (RSS) of every process
 under the supervisor (supervisor, gateway and its workers, engines and their engine-core processes) is sampled
 throughout. Each process's figures show its anonymous memory (its heap: what a leak grows) apart from its
-mapped files (libraries, and in the gateway the vector store's write-ahead log, written in 32 MiB files that count in
-RSS as their pages are touched: page cache the kernel can take back); the verdict reads the whole RSS.
+mapped files (libraries, and in the gateway the vector store's segments and write-ahead log, written in 32 MiB files
+that count in RSS as their pages are touched: page cache the kernel can take back), and the pages of the vector
+store's own files apart. A gateway worker's document process (replaced every 200 documents) counts in its worker's
+figures.
 
 Pass, printed with the figures at the end:
-- memory flat: for each process, the median RSS over the last tenth of the run is within 10 % of the median
-  over the tenth right after the warm-up (and the total likewise);
+- memory flat: for each process, the median RSS less the pages of the vector store's own files, over the last
+  tenth of the run, is within 10 % of the median over the tenth right after the warm-up (and the total
+  likewise). The store's pages grow with what is written until its log is cut (see ``memory_verdict``): they
+  are printed, with the whole RSS, but not judged;
 - no unexpected error (every answer has its expected status; left streams are counted apart);
 - `appliance audit verify` passes;
 - the ledger equals the budgets: per tenant, the tokens and requests its budgets used equal the ledger's
@@ -86,9 +90,12 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _describe(pid: int) -> tuple[str, int, int] | None:
-    """(a readable name, RSS in bytes, its anonymous part in bytes), or None once gone. The rest of the RSS is
-    mapped files (the vector store's WAL and segments, libraries): page cache the kernel can take back."""
+_HELPERS = (b"multiprocessing.spawn", b"multiprocessing.resource_tracker")  # a gateway's document process and the like
+
+
+def _describe(pid: int, store: str) -> tuple[str, int, int, int, bool] | None:
+    """(a readable name, RSS in bytes, its anonymous part, the part that is pages of the vector store's own files
+    under ``store``, whether it is a helper process of its parent), or None once gone."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         status = Path(f"/proc/{pid}/status").read_text()
@@ -104,35 +111,65 @@ def _describe(pid: int) -> tuple[str, int, int] | None:
     if "appliance.cli" in words:
         name += " appliance " + " ".join(words[words.index("appliance.cli") + 1 :][:1])
     comm = next((line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Name:")), "")
-    return f"{name} [{comm}]", rss, anon
+    helper = any(marker in part for part in argv for marker in _HELPERS)
+    return f"{name} [{comm}]", rss, anon, _store_pages(pid, store), helper
 
 
-def sample_tree(root: int) -> dict[int, tuple[str, int, int]]:
-    """Every process under ``root``: (its name, prefixed with the engine it belongs to, if any; RSS; anonymous)."""
+def _store_pages(pid: int, store: str) -> int:
+    """Bytes of ``pid``'s RSS that are pages of files under ``store`` (the vector store's segments and WAL)."""
+    total, counting = 0, False
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            for line in smaps:
+                first = line.split(None, 1)[0]
+                if not first.endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode, path
+                    parts = line.split(None, 5)
+                    counting = len(parts) == 6 and parts[5].startswith(store)
+                elif counting and first == "Rss:":
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return total
+
+
+Entry = tuple[str, int, int, int]  # name, RSS, anonymous, the vector store's file pages (bytes)
+
+
+def sample_tree(root: int, store: str) -> dict[int, Entry]:
+    """Every process under ``root``: (its name, prefixed with the engine it belongs to, if any; RSS; anonymous;
+    store pages). A helper process (a gateway worker's document process, which is replaced every 200 documents)
+    is counted in its parent's figures: the process it serves is what is judged, whichever helper it has now."""
     tree = _children()
-    seen: dict[int, tuple[str, int, int]] = {}
-    stack: list[tuple[int, str]] = [(root, "")]
+    seen: dict[int, Entry] = {}
+    stack: list[tuple[int, str, int | None]] = [(root, "", None)]
     while stack:
-        pid, owner = stack.pop()
-        described = _describe(pid)
+        pid, owner, parent = stack.pop()
+        described = _describe(pid, store)
         if described is None:
             continue
-        name, rss, anon = described
+        name, rss, anon, mapped, helper = described
+        if helper and parent in seen:
+            held = seen[parent]
+            seen[parent] = (held[0], held[1] + rss, held[2] + anon, held[3] + mapped)
+            continue
         if "served-model-name=" in name:
             owner = name.split("served-model-name=", 1)[1].split()[0]
-        seen[pid] = (f"{owner}: {name}" if owner and "served-model-name=" not in name else name, rss, anon)
-        stack.extend((child, owner) for child in tree.get(pid, []))
+        seen[pid] = (f"{owner}: {name}" if owner and "served-model-name=" not in name else name, rss, anon, mapped)
+        stack.extend((child, owner, pid) for child in tree.get(pid, []))
     return seen
 
 
 @dataclass
 class Memory:
     root: int
-    samples: list[tuple[float, dict[int, tuple[str, int, int]]]] = field(default_factory=list)
+    store: str  # the vector store's folder: its file pages are reported apart from the rest
+    samples: list[tuple[float, dict[int, Entry]]] = field(default_factory=list)
 
     async def watch(self, started: float, stop: asyncio.Event, every_s: float) -> None:
         while not stop.is_set():
-            self.samples.append((time.monotonic() - started, await asyncio.to_thread(sample_tree, self.root)))
+            self.samples.append(
+                (time.monotonic() - started, await asyncio.to_thread(sample_tree, self.root, self.store))
+            )
             try:
                 await asyncio.wait_for(stop.wait(), every_s)
             except TimeoutError:
@@ -369,11 +406,17 @@ async def books(gateway: str, admin: str, tenants: list[Tenant], since: datetime
     return rows
 
 
-def _size(entry: tuple[str, int, int], anonymous: bool) -> int:
-    return entry[2] if anonymous else entry[1]
+def _size(entry: Entry, part: str) -> int:
+    """``whole``: the RSS; ``judged``: the RSS less the vector store's file pages; ``anonymous``: the heap."""
+    return {"whole": entry[1], "judged": entry[1] - entry[3], "anonymous": entry[2]}[part]
 
 
 def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[bool, list[str]]:
+    """Flat when, for every process, the RSS less the pages of the vector store's own files grew at most 10 %.
+    Those pages (its segments and its write-ahead log, mapped by the process that owns the store) come and go
+    with what is written: the log grows until a flush and an index build cut it (every 20,000 points written, or
+    when most of what was written is deleted again), by 32 MiB files. They are page cache, not heap, and are
+    printed apart, with the whole RSS, so that a reader sees both."""
     window = max(60.0, (total_s - warmup_s) / 10)
     early = [s for t, s in memory.samples if warmup_s <= t < warmup_s + window]
     late = [s for t, s in memory.samples if t >= total_s - window]
@@ -382,9 +425,9 @@ def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[boo
     names = {pid: entry[0] for _, sample in memory.samples for pid, entry in sample.items()}
     lines, flat = [], True
 
-    def median(samples: list[dict[int, tuple[str, int, int]]], pid: int | None, anonymous: bool = False) -> float:
+    def median(samples: list[dict[int, Entry]], pid: int | None, part: str = "judged") -> float:
         values = [
-            (sum(_size(entry, anonymous) for entry in s.values()) if pid is None else _size(s[pid], anonymous))
+            (sum(_size(entry, part) for entry in s.values()) if pid is None else _size(s[pid], part))
             for s in samples
             if pid is None or pid in s
         ]
@@ -395,7 +438,7 @@ def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[boo
         name = "all processes together" if pid is None else f"{pid:>7} {names[pid]}"
         first, last = median(early, pid), median(late, pid)
         peak = max(
-            (sum(entry[1] for entry in s.values()) if pid is None else s[pid][1])
+            (sum(_size(entry, "judged") for entry in s.values()) if pid is None else _size(s[pid], "judged"))
             for t, s in memory.samples
             if t >= warmup_s and (pid is None or pid in s)
         )
@@ -405,12 +448,20 @@ def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[boo
             continue
         growth = last / first - 1
         flat &= growth <= 0.10
-        anon_first, anon_last = median(early, pid, anonymous=True), median(late, pid, anonymous=True)
+        whole = [median(early, pid, "whole"), median(late, pid, "whole")]
+        anon = [median(early, pid, "anonymous"), median(late, pid, "anonymous")]
+        store = [w - j for w, j in zip(whole, (first, last), strict=True)]
         lines.append(
             f"  {name[:70]:<70} after warm-up {first / 2**20:8.1f} MiB  end {last / 2**20:8.1f} MiB  "
-            f"peak {peak / 2**20:8.1f} MiB  {growth * 100:+6.1f} %  (anonymous {anon_first / 2**20:.1f} -> "
-            f"{anon_last / 2**20:.1f} MiB, mapped files {(first - anon_first) / 2**20:.1f} -> "
-            f"{(last - anon_last) / 2**20:.1f} MiB)"
+            f"peak {peak / 2**20:8.1f} MiB  {growth * 100:+6.1f} %  (anonymous {anon[0] / 2**20:.1f} -> "
+            f"{anon[1] / 2**20:.1f} MiB"
+            + (
+                f"; vector store files {store[0] / 2**20:.1f} -> {store[1] / 2**20:.1f} MiB, whole RSS "
+                f"{whole[0] / 2**20:.1f} -> {whole[1] / 2**20:.1f} MiB, {(whole[1] / whole[0] - 1) * 100:+.1f} %"
+                if any(store)
+                else ""
+            )
+            + ")"
         )
     return flat, lines
 
@@ -422,7 +473,7 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     tenants = await make_tenants(env, gateway, admin)
     tally = Tally()
     load = Load(gateway, admin, tenants, tally)
-    memory = Memory(int(status["supervisor_pid"]))
+    memory = Memory(int(status["supervisor_pid"]), str(args.data_dir / "qdrant"))
     total_s, warmup_s = args.minutes * 60, args.warmup_minutes * 60
     started = time.monotonic()
     stop = asyncio.Event()
@@ -465,7 +516,8 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
 
     flat, lines = memory_verdict(memory, warmup_s, elapsed)
     print(f"\nResident memory ({len(memory.samples)} samples every {args.sample_s:g}s; medians of the tenth after")
-    print("the warm-up and of the last tenth, at least a minute each; growth allowed: 10 %):")
+    print("the warm-up and of the last tenth, at least a minute each; growth allowed: 10 %; judged: RSS less the")
+    print("pages of the vector store's own files, shown apart):")
     print("\n".join(lines))
 
     verify = cli(env, "audit", "verify", timeout=600)
@@ -512,7 +564,7 @@ def main() -> None:
     unknown = args.without - {name for name, _, _ in Load("", "", [], Tally()).mix()}
     if unknown:
         parser.error(f"--without: no action named {', '.join(sorted(unknown))}")
-    data_dir = ROOT / "var" / "soak"
+    data_dir = args.data_dir = ROOT / "var" / "soak"
     shutil.rmtree(data_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
     env = dict(
