@@ -518,6 +518,9 @@ class RetrievalSettings(BaseModel):
     cache_entries: int = Field(default=1024, ge=0, description="retrieval results kept for repeated queries")
     cache_ttl_s: float = Field(default=300.0, gt=0)
     max_document_pages: int = Field(default=2000, ge=1, description="PDFs with more pages get 413")
+    extraction_timeout_s: float = Field(
+        default=120.0, gt=0, description="a document whose extraction and chunking take longer gets 413"
+    )
     max_document_characters: int = Field(default=8_000_000, ge=1, description="more extracted text gets 413")
     max_pdf_stream_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, description="one PDF stream decompressed, at most (past it: 400)"

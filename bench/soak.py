@@ -13,8 +13,9 @@ under the supervisor (supervisor, gateway and its workers, engines and their eng
 throughout. Each process's figures show its anonymous memory (its heap: what a leak grows) apart from its
 mapped files (libraries, and in the gateway the vector store's segments and write-ahead log, written in 32 MiB files
 that count in RSS as their pages are touched: page cache the kernel can take back), and the pages of the vector
-store's own files apart. A gateway worker's document process (replaced every 200 documents) counts in its worker's
-figures.
+store's own files apart. A gateway worker's document process (replaced every 200 documents) is judged as one
+process, whichever child holds the role; none may be left once the appliance is down. The vector store's index
+builds (a child process for the length of one build) are not sampled.
 
 Pass, printed with the figures at the end:
 - memory flat: for each process, the median RSS less the pages of the vector store's own files, over the last
@@ -90,7 +91,8 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-_HELPERS = (b"multiprocessing.spawn", b"multiprocessing.resource_tracker")  # a gateway's document process and the like
+DOCUMENT_PROCESS = b"appliance.retrieval.documents"  # a gateway worker's, replaced every 200 documents
+INDEX_BUILD = b"edge_build.py"  # the vector store's index build: a child for the build's length, then gone
 
 
 def _describe(pid: int, store: str) -> tuple[str, int, int, int, bool] | None:
@@ -111,8 +113,9 @@ def _describe(pid: int, store: str) -> tuple[str, int, int, int, bool] | None:
     if "appliance.cli" in words:
         name += " appliance " + " ".join(words[words.index("appliance.cli") + 1 :][:1])
     comm = next((line.split(":", 1)[1].strip() for line in status.splitlines() if line.startswith("Name:")), "")
-    helper = any(marker in part for part in argv for marker in _HELPERS)
-    return f"{name} [{comm}]", rss, anon, _store_pages(pid, store), helper
+    helper = any(DOCUMENT_PROCESS in part for part in argv)
+    mapped = _store_pages(pid, store) if "appliance.cli" in words else 0  # only the gateway maps the store
+    return f"{name} [{comm}]", rss, anon, mapped, helper
 
 
 def _store_pages(pid: int, store: str) -> int:
@@ -124,7 +127,7 @@ def _store_pages(pid: int, store: str) -> int:
                 first = line.split(None, 1)[0]
                 if not first.endswith(":"):  # a mapping's header: address range, perms, offset, dev, inode, path
                     parts = line.split(None, 5)
-                    counting = len(parts) == 6 and parts[5].startswith(store)
+                    counting = len(parts) == 6 and parts[5].startswith(store + "/")
                 elif counting and first == "Rss:":
                     total += int(line.split()[1]) * 1024
     except OSError:
@@ -132,25 +135,34 @@ def _store_pages(pid: int, store: str) -> int:
     return total
 
 
+def _is_index_build(pid: int) -> bool:
+    try:
+        return any(part.endswith(INDEX_BUILD) for part in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"))
+    except OSError:
+        return False
+
+
 Entry = tuple[str, int, int, int]  # name, RSS, anonymous, the vector store's file pages (bytes)
 
 
 def sample_tree(root: int, store: str) -> dict[int, Entry]:
     """Every process under ``root``: (its name, prefixed with the engine it belongs to, if any; RSS; anonymous;
-    store pages). A helper process (a gateway worker's document process, which is replaced every 200 documents)
-    is counted in its parent's figures: the process it serves is what is judged, whichever helper it has now."""
+    store pages). A gateway worker's document process, which is replaced every 200 documents, is keyed by its
+    role (minus its worker's pid), not its own pid: judged as one process, whichever child holds the role now."""
     tree = _children()
     seen: dict[int, Entry] = {}
     stack: list[tuple[int, str, int | None]] = [(root, "", None)]
     while stack:
         pid, owner, parent = stack.pop()
+        if _is_index_build(pid):
+            continue  # lives for one build; its memory is the build's (bench/retrieval.py measures it)
         described = _describe(pid, store)
         if described is None:
             continue
         name, rss, anon, mapped, helper = described
-        if helper and parent in seen:
-            held = seen[parent]
-            seen[parent] = (held[0], held[1] + rss, held[2] + anon, held[3] + mapped)
+        if helper and parent is not None:
+            seen[-parent] = (f"document process of {parent}", rss, anon, mapped)
+            stack.extend((child, owner, pid) for child in tree.get(pid, []))
             continue
         if "served-model-name=" in name:
             owner = name.split("served-model-name=", 1)[1].split()[0]
@@ -407,8 +419,9 @@ async def books(gateway: str, admin: str, tenants: list[Tenant], since: datetime
 
 
 def _size(entry: Entry, part: str) -> int:
-    """``whole``: the RSS; ``judged``: the RSS less the vector store's file pages; ``anonymous``: the heap."""
-    return {"whole": entry[1], "judged": entry[1] - entry[3], "anonymous": entry[2]}[part]
+    """``whole``: the RSS; ``judged``: the RSS less the vector store's file pages (``store``); ``anonymous``: the
+    heap."""
+    return {"whole": entry[1], "judged": entry[1] - entry[3], "anonymous": entry[2], "store": entry[3]}[part]
 
 
 def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[bool, list[str]]:
@@ -450,7 +463,7 @@ def memory_verdict(memory: Memory, warmup_s: float, total_s: float) -> tuple[boo
         flat &= growth <= 0.10
         whole = [median(early, pid, "whole"), median(late, pid, "whole")]
         anon = [median(early, pid, "anonymous"), median(late, pid, "anonymous")]
-        store = [w - j for w, j in zip(whole, (first, last), strict=True)]
+        store = [median(early, pid, "store"), median(late, pid, "store")]
         lines.append(
             f"  {name[:70]:<70} after warm-up {first / 2**20:8.1f} MiB  end {last / 2**20:8.1f} MiB  "
             f"peak {peak / 2**20:8.1f} MiB  {growth * 100:+6.1f} %  (anonymous {anon[0] / 2**20:.1f} -> "
@@ -473,7 +486,7 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     tenants = await make_tenants(env, gateway, admin)
     tally = Tally()
     load = Load(gateway, admin, tenants, tally)
-    memory = Memory(int(status["supervisor_pid"]), str(args.data_dir / "qdrant"))
+    memory = Memory(int(status["supervisor_pid"]), os.path.realpath(args.data_dir / "qdrant"))
     total_s, warmup_s = args.minutes * 60, args.warmup_minutes * 60
     started = time.monotonic()
     stop = asyncio.Event()
@@ -514,11 +527,13 @@ async def soak(args: argparse.Namespace, env: dict[str, str], status: dict[str, 
     for example in tally.examples:
         print("   error:", example)
 
+    on_disk = sum(f.stat().st_size for f in Path(memory.store).rglob("*") if f.is_file())
     flat, lines = memory_verdict(memory, warmup_s, elapsed)
     print(f"\nResident memory ({len(memory.samples)} samples every {args.sample_s:g}s; medians of the tenth after")
     print("the warm-up and of the last tenth, at least a minute each; growth allowed: 10 %; judged: RSS less the")
     print("pages of the vector store's own files, shown apart):")
     print("\n".join(lines))
+    print(f"  the vector store's files on disk at the end: {on_disk / 2**20:.1f} MiB")
 
     verify = cli(env, "audit", "verify", timeout=600)
     print(f"\n`appliance audit verify`: exit {verify.returncode}\n  " + (verify.stdout + verify.stderr).strip()[-600:])
@@ -585,7 +600,28 @@ def main() -> None:
         passed = asyncio.run(soak(args, env, status))
     finally:
         cli(env, "down")
-    sys.exit(0 if passed else 1)
+    left = left_behind(data_dir)
+    print(f"  {'FAIL' if left else 'PASS'}  no document process left once down" + (f": {left}" if left else ""))
+    sys.exit(0 if passed and not left else 1)
+
+
+def left_behind(data_dir: Path, wait_s: float = 10.0) -> list[int]:
+    """Document processes of this run's appliance still alive ``wait_s`` after it went down."""
+    deadline = time.monotonic() + wait_s
+    marker = f"APPLIANCE_DATA_DIR={data_dir}".encode()
+    while True:
+        left = []
+        for entry in os.listdir("/proc"):
+            try:
+                if not entry.isdigit() or DOCUMENT_PROCESS not in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    continue
+                if marker in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    left.append(int(entry))
+            except OSError:
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ class Retrieval:
         self._serving = serving
         self._router = router
         self._dimensions = dimensions
-        self._documents = DocumentProcess()
+        self._documents = DocumentProcess(timeout_s=settings.extraction_timeout_s)
         self._chunking = Chunking(tokenizer_dir, settings.chunk_tokens, settings.chunk_overlap)
         self.cache: RetrievalCache[Found] = RetrievalCache(settings.cache_entries, settings.cache_ttl_s)
 

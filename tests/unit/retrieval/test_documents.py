@@ -1,10 +1,12 @@
 """An upload's extraction and chunking run in a child process (issue #21, uploads flood): the same chunks and the
-same refusals as in the gateway's own process, and a child that dies under a document fails that document only."""
+same refusals as in the gateway's own process, and whatever happens to the child fails one document at most."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ from tests.support.pdf import many_pages_pdf
 from tests.unit.retrieval.test_chunking import word_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+LARGE = ("alpha beta gamma delta epsilon. " * 250_000).encode()  # 8 MB: seconds of chunking
+ROOMY = ExtractionLimits(max_characters=10_000_000)
 
 
 @pytest.fixture
@@ -35,20 +39,20 @@ def documents() -> Iterator[DocumentProcess]:
     process.close()
 
 
-def children(name: str = "spawn_main") -> list[int]:
-    """This process's child processes whose command line names ``name``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == os.getpid() and name.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs or holds files (a process being killed shows as a zombie a moment before its
+    files are closed)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        files = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    return state != "Z" or bool(files)
+
+
+def small(documents: DocumentProcess, chunking: Chunking) -> list[str]:
+    chunks, _ = documents.prepare(b"gamma delta epsilon", "text/plain", ExtractionLimits(), chunking)
+    return [chunk.text for chunk in chunks]
 
 
 def test_the_child_cuts_as_the_gateway_would_and_refuses_alike(
@@ -58,27 +62,29 @@ def test_the_child_cuts_as_the_gateway_would_and_refuses_alike(
     chunks, tokens = documents.prepare(text.encode(), "text/plain", ExtractionLimits(), chunking)
     here = Chunker.from_model_dir(tmp_path, 16, 4).split(text)
     assert (chunks, tokens) == here and len(chunks) > 10
-    assert children(), "it ran in a child process"
+    assert documents.pid is not None and documents.pid != os.getpid()
     with pytest.raises(PayloadTooLargeError) as refused:
         documents.prepare(many_pages_pdf(4), "application/pdf", ExtractionLimits(max_pages=3), chunking)
     assert (refused.value.status_code, refused.value.code, refused.value.param) == (413, "too_many_pages", "file")
     with pytest.raises(ServiceUnavailableError) as missing:
         documents.prepare(b"alpha", "text/plain", ExtractionLimits(), Chunking(tmp_path / "none", 16, 4))
     assert missing.value.code == "retrieval_unavailable" and "tokenizer" in missing.value.message
+    child = documents.pid
+    assert small(documents, chunking) == ["gamma delta epsilon"] and documents.pid == child, "refusals keep it"
 
 
 @pytest.mark.timeout(120)
 def test_a_child_killed_under_a_document_fails_that_document_and_the_next_one_is_prepared(
     chunking: Chunking, documents: DocumentProcess
 ) -> None:
-    documents.prepare(b"alpha beta", "text/plain", ExtractionLimits(), chunking)  # started
-    (child,) = children()
-    large = ("alpha beta gamma delta epsilon. " * 250_000).encode()  # 8 MB: seconds of chunking
+    small(documents, chunking)
+    child = documents.pid
+    assert child is not None
     outcome: list[BaseException | None] = []
 
     def prepare_large() -> None:
         try:
-            documents.prepare(large, "text/plain", ExtractionLimits(max_characters=10_000_000), chunking)
+            documents.prepare(LARGE, "text/plain", ROOMY, chunking)
             outcome.append(None)
         except BaseException as exc:  # what the caller gets is the point
             outcome.append(exc)
@@ -90,6 +96,86 @@ def test_a_child_killed_under_a_document_fails_that_document_and_the_next_one_is
     worker.join(60)
     assert len(outcome) == 1 and isinstance(outcome[0], ServiceUnavailableError), outcome
     assert outcome[0].code == "retrieval_unavailable" and "nothing was stored" in outcome[0].message
-    chunks, tokens = documents.prepare(b"gamma delta epsilon", "text/plain", ExtractionLimits(), chunking)
-    assert tokens == 3 and [chunk.text for chunk in chunks] == ["gamma delta epsilon"]
-    assert child not in children(), "a new process"
+    assert outcome[0].headers == {"Retry-After": "5"}
+    assert small(documents, chunking) == ["gamma delta epsilon"]
+    assert documents.pid not in (None, child), "a new process"
+
+
+def test_a_child_that_died_idle_is_replaced_without_failing_the_next_document(
+    chunking: Chunking, documents: DocumentProcess
+) -> None:
+    small(documents, chunking)
+    child = documents.pid
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    exited = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # dead, not reaped: its status is to be read
+    assert exited is not None and exited.si_status == signal.SIGKILL
+    assert small(documents, chunking) == ["gamma delta epsilon"], "an innocent document is not failed"
+    assert documents.pid not in (None, child)
+
+
+@pytest.mark.timeout(120)
+def test_a_document_past_its_time_is_refused_and_its_child_killed(chunking: Chunking) -> None:
+    documents = DocumentProcess(timeout_s=0.5)
+    try:
+        small(documents, chunking)  # started, so that the time is the document's
+        child = documents.pid
+        assert child is not None
+        started = time.monotonic()
+        with pytest.raises(PayloadTooLargeError) as refused:
+            documents.prepare(LARGE, "text/plain", ROOMY, chunking)
+        assert time.monotonic() - started < 5
+        assert (refused.value.status_code, refused.value.code, refused.value.param) == (
+            413,
+            "extraction_timeout",
+            "file",
+        )
+        assert not alive(child), "killed, not left working"
+        assert small(documents, chunking) == ["gamma delta epsilon"]
+    finally:
+        documents.close()
+
+
+def test_children_are_replaced_after_their_share_of_documents(chunking: Chunking) -> None:
+    documents = DocumentProcess(tasks_per_process=2)
+    try:
+        pids = []
+        for _ in range(5):
+            small(documents, chunking)
+            pids.append(documents.pid)
+        first, gone, second, gone_too, third = pids
+        assert gone is None and gone_too is None, "stopped after its second document"
+        assert None not in (first, second, third) and len({first, second, third}) == 3, pids
+        assert not alive(first) and not alive(second)  # type: ignore[arg-type]
+    finally:
+        documents.close()
+
+
+@pytest.mark.timeout(60)
+def test_the_child_does_not_outlive_a_gateway_killed_with_sigkill(chunking: Chunking) -> None:
+    """A gateway worker killed (kill -9, the OOM killer) leaves no child behind: the child ends at its stdin's EOF."""
+    tokenizer = str(chunking.tokenizer_dir)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from appliance.retrieval.documents import Chunking, DocumentProcess\n"
+        "from appliance.retrieval.extract import ExtractionLimits\n"
+        "documents = DocumentProcess()\n"
+        f"chunking = Chunking(Path({tokenizer!r}), 16, 4)\n"
+        "documents.prepare(b'alpha beta', 'text/plain', ExtractionLimits(), chunking)\n"
+        "print(documents.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    gateway = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert gateway.stdout is not None
+        child = int(gateway.stdout.readline())
+        assert alive(child)
+        gateway.kill()
+        gateway.wait()
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child), "the child ended with its gateway"
+    finally:
+        gateway.kill()
