@@ -174,7 +174,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
     hasher = identity_setup.key_hasher(settings)
     # One tarpit for every refusal past a limit (unknown keys, sign-ins, hostile bodies): one bound on what is held.
     tarpit = Tarpit(settings.identity.refusal_delay_s)
-    networks = ClientNetworks(settings.server.limit_ipv6_prefix, settings.server.limit_network_factor)
+    networks = ClientNetworks(
+        settings.server.limit_ipv6_prefix, settings.server.limit_network_factor, settings.server.limit_nat64_prefixes
+    )
     authenticator = identity_setup.authenticator(settings, db_engine, issuer, hasher, tarpit, networks)
     login_limiter = LoginLimiter(tarpit=tarpit, networks=networks)
     pacer = RefusalPacer(settings.server.paced_refusals_per_address, 10.0, tarpit, networks)

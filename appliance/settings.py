@@ -29,6 +29,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from appliance.lib.addresses import nat64_prefix
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_CONFIG = Path("/etc/appliance/appliance.toml")
 
@@ -85,6 +87,17 @@ class ServerSettings(BaseModel):
         description="an IPv6 network's limit is this many times its addresses': one host of a LAN segment reaches "
         "its own limit first and holds up only itself",
     )
+    limit_nat64_prefixes: list[str] = Field(
+        default=["64:ff9b::/96"],
+        description="/96 prefixes of the site's NAT64 / SIIT translators: a client address in one counts as the "
+        "IPv4 address it carries, not as one of a /64 that every IPv4 client shares",
+    )
+
+    @field_validator("limit_nat64_prefixes")
+    @classmethod
+    def _nat64_prefixes(cls, prefixes: list[str]) -> list[str]:
+        return [str(nat64_prefix(prefix)) for prefix in prefixes]  # ValueError: the setting is refused at start
+
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one object per line with request id, route, trace, tenant, workflow"

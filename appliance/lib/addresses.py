@@ -12,9 +12,11 @@ So each limit counts twice (:class:`ClientCounts`): per address, as before, and 
 One host reaches its own limit first and holds up only itself; a client rotating through its network reaches the
 network's after factor x limit attempts, and then holds up its network, which is what a flood from it costs. An
 IPv4 address seen through a dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address, and so does one that
-reaches the node translated into IPv6: through NAT64 / SIIT (RFC 6052's well-known prefix ``64:ff9b::/96``, where
-every IPv4 client of the internet is an address of one /64: counted per /64, one of them could hold up all the others)
-and through 6to4 (``2002:a.b.c.d::/48``: one IPv4 host's 65,536 networks). Anything that is not an IP address (a Unix
+reaches the node translated into IPv6: through NAT64 / SIIT (RFC 6052's well-known prefix ``64:ff9b::/96``, and
+the site's own /96 prefixes, ``server.limit_nat64_prefixes``), where every IPv4 client is an address of one /64
+(counted per /64, one of them could hold up all the others), and through 6to4 (``2002:a.b.c.d::/48``: one IPv4
+host's 65,536 networks). Only a global IPv4 address is taken out (a translator carries no other): ``64:ff9b::7f00:1``
+is not 127.0.0.1. Anything that is not an IP address (a Unix
 socket's peer, a test client's name) counts as is.
 
 Only the limits use this: audit records keep the client's full address."""
@@ -23,13 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from appliance.lib.recent import RecentCounts
 
 IPV6_BITS = 128
-NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052 section 2.1
+NAT64_WELL_KNOWN = "64:ff9b::/96"  # RFC 6052 section 2.1
 
 
 class ClientNetworks:
@@ -37,13 +39,16 @@ class ClientNetworks:
     IPv4 one mapped or translated into IPv6 as IPv4), and its network where that is wider than the address (IPv6),
     else None."""
 
-    def __init__(self, ipv6_prefix: int = 64, factor: int = 4) -> None:
+    def __init__(
+        self, ipv6_prefix: int = 64, factor: int = 4, nat64_prefixes: Sequence[str] = (NAT64_WELL_KNOWN,)
+    ) -> None:
         if not 1 <= ipv6_prefix <= IPV6_BITS:
             raise ValueError(f"an IPv6 prefix is 1 to {IPV6_BITS} bits, not {ipv6_prefix}")
         if factor < 1:
             raise ValueError(f"a network's limit is at least its addresses' (factor >= 1), not {factor}")
         self.ipv6_prefix = ipv6_prefix
         self.factor = factor
+        self._nat64 = [nat64_prefix(prefix) for prefix in nat64_prefixes]
         # Bounded: the addresses are the clients'. A flood of new ones costs a recomputation each, no memory.
         self.keys: Callable[[str], tuple[str, str | None]] = lru_cache(maxsize=4096)(self._keys)
 
@@ -54,18 +59,26 @@ class ClientNetworks:
             return address, None
         if isinstance(ip, ipaddress.IPv4Address):
             return str(ip), None
-        ipv4 = ip.ipv4_mapped or ip.sixtofour or _nat64(ip)
-        if ipv4 is not None:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped), None
+        ipv4 = ip.sixtofour or next((_embedded(ip) for prefix in self._nat64 if ip in prefix), None)
+        if ipv4 is not None and ipv4.is_global:  # a translator carries only global IPv4 (RFC 6052 section 3.1)
             return str(ipv4), None
         if self.ipv6_prefix == IPV6_BITS:
             return str(ip), None
         return str(ip), str(ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False))
 
 
-def _nat64(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an RFC 6052 well-known-prefix address embeds (its last 32 bits), else None."""
-    if ip not in NAT64_WELL_KNOWN:
-        return None
+def nat64_prefix(prefix: str) -> ipaddress.IPv6Network:
+    """A NAT64 / SIIT translator's prefix, which embeds an IPv4 address in its addresses' last 32 bits: a /96
+    (RFC 6052's other lengths place the address around the u-octet; they are refused, not guessed at)."""
+    network = ipaddress.IPv6Network(prefix)
+    if network.prefixlen != 96:
+        raise ValueError(f"a NAT64 prefix here is a /96, not {prefix}")
+    return network
+
+
+def _embedded(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
 
 

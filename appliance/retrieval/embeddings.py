@@ -1,15 +1,17 @@
 """What retrieval asks an embedding engine and reads of its answer.
 
 Vectors are asked for as base64 of little-endian float32 (``encoding_format: base64``, what the OpenAI SDK asks
-by default and vLLM answers): a quarter of the bytes of JSON numbers, and decoded in C rather than parsed number
-by number. Under an upload flood, making the vectors of JSON numbers in Python (a ``float()`` per number, 12,288
-per batch of 32) took a tenth of the gateway's event loop, and decoding them as JSON numbers still some 4 %. An
-engine that answers with JSON numbers all the same (it ignores the field) is read as well.
+by default and vLLM answers; ``endianness: little``, vLLM's own field, whose default is the engine host's order):
+a quarter of the bytes of JSON numbers, decoded in C rather than parsed number by number. Under an upload flood,
+making the vectors of JSON numbers in Python (a ``float()`` per number, 12,288 per batch of 32) took a tenth of
+the gateway's event loop, and decoding them as JSON numbers still some 4 %. An engine that answers with JSON
+numbers all the same (it ignores the field) is read as well.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import sys
 from array import array
 
@@ -38,7 +40,7 @@ _encode = msgspec.json.Encoder().encode
 
 def embeddings_request(model: str, texts: list[str]) -> bytes:
     """The body of an embeddings request for ``texts``."""
-    return _encode({"model": model, "input": texts, "encoding_format": "base64"})
+    return _encode({"model": model, "input": texts, "encoding_format": "base64", "endianness": "little"})
 
 
 def embeddings_of(body: bytes, texts: int) -> tuple[list[list[float]], int]:
@@ -63,4 +65,7 @@ def _floats(embedding: list[float] | str) -> list[float]:
     numbers = array("f", raw)
     if sys.byteorder == "big":
         numbers.byteswap()
-    return numbers.tolist()
+    vector = numbers.tolist()
+    if not math.isfinite(math.fsum(vector)):  # JSON cannot carry NaN or infinity; float32 bytes can
+        raise ValueError("an embedding holds a number that is not finite")
+    return vector

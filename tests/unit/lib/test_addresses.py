@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.lib.addresses import ClientCounts, ClientNetworks
+from appliance.settings import ServerSettings, Settings
 from tests.unit.identity.test_sign_in_floods import Clock
 
 
@@ -31,15 +32,28 @@ def test_ipv4_translated_into_ipv6_counts_per_ipv4_address() -> None:
     """Behind NAT64 / SIIT every IPv4 client is an address of 64:ff9b::/96, so of one /64: counted per network, one of
     them could hold up every IPv4 client. A 6to4 host holds a /48 of its own: 65,536 networks."""
     networks = ClientNetworks()
-    assert networks.keys("64:ff9b::203.0.113.9") == ("203.0.113.9", None)
-    assert networks.keys("64:ff9b::cb00:710a") == ("203.0.113.10", None)
-    assert networks.keys("2002:cb00:7109::1") == ("203.0.113.9", None)
-    assert networks.keys("2002:cb00:7109:ffff::2") == ("203.0.113.9", None), "another network of the same /48"
+    assert networks.keys("64:ff9b::93.184.216.34") == ("93.184.216.34", None)
+    assert networks.keys("64:ff9b::5db8:d823") == ("93.184.216.35", None)
+    assert networks.keys("2002:5db8:d822::1") == ("93.184.216.34", None)
+    assert networks.keys("2002:5db8:d822:ffff::2") == ("93.184.216.34", None), "another network of the /48"
     assert networks.keys("64:ff9b:1::1")[1] == "64:ff9b:1::/64", "the local-use prefix embeds by its own length"
+    assert networks.keys("64:ff9b::7f00:1") == ("64:ff9b::7f00:1", "64:ff9b::/64"), "127.0.0.1: never translated"
+    assert networks.keys("2002:a00:1::1")[1] == "2002:a00:1::/64", "10.0.0.1: not a 6to4 host's"
+    site = ClientNetworks(nat64_prefixes=["2001:db8:64::/96"])
+    assert site.keys("2001:db8:64::93.184.216.34") == ("93.184.216.34", None), "the site's own translator"
+    assert site.keys("64:ff9b::93.184.216.34")[1] == "64:ff9b::/64", "the prefixes named replace the well-known one"
     counts = ClientCounts(5, 60, ClientNetworks(64, factor=4), clock=Clock())
     for n in range(40):  # forty IPv4 clients through NAT64, five attempts each would be at their limit; one each here
-        counts.add(f"64:ff9b::198.51.100.{n}")
-    assert counts.wait("64:ff9b::198.51.100.200") == 0, "an IPv4 client is not held up by the others"
+        counts.add(f"64:ff9b::93.184.216.{n}")
+    assert counts.wait("64:ff9b::93.184.216.200") == 0, "an IPv4 client is not held up by the others"
+
+
+def test_a_nat64_prefix_that_is_not_a_96_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="a /96"):
+        ClientNetworks(nat64_prefixes=["64:ff9b:1::/48"])
+    with pytest.raises(ValueError, match="a /96"):
+        Settings(server=ServerSettings(limit_nat64_prefixes=["2001:db8:64::/64"]))
+    assert ServerSettings(limit_nat64_prefixes=["2001:DB8:64::/96"]).limit_nat64_prefixes == ["2001:db8:64::/96"]
 
 
 def test_what_is_not_an_address_counts_as_is() -> None:

@@ -45,6 +45,8 @@ def test_an_answer_without_a_token_count_counts_none(usage: object) -> None:
         (b"<html>bad gateway</html>", "not embeddings"),
         (b'{"data": [{"index": 0, "embedding": "AAAAAAA="}]}', "not embeddings"),  # 5 bytes: not float32s
         (b'{"data": [{"index": 0, "embedding": "not base64!"}]}', "not embeddings"),
+        (b'{"data": [{"index": 0, "embedding": "AADAfw=="}]}', "not embeddings"),  # a float32 NaN
+        (b'{"data": [{"index": 0, "embedding": "AACAfw=="}]}', "not embeddings"),  # infinity
         (b'{"data": [{"index": 0, "embedding": [1.0, "x"]}]}', "not embeddings"),
         (b'{"data": [{"embedding": [1.0]}]}', "not embeddings"),
         (b'{"error": {"message": "overloaded"}}', "not embeddings"),
@@ -61,6 +63,7 @@ def test_vectors_are_asked_for_as_base64_float32_and_read_as_the_engine_computed
         "model": "minilm-l6-v2",
         "input": ["a", "b"],
         "encoding_format": "base64",
+        "endianness": "little",
     }
     first, second = [0.1, -0.5, 3.25e-7], [1.0, 0.0, -1.0]
 
