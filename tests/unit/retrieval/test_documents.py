@@ -3,20 +3,23 @@ same refusals as in the gateway's own process, and whatever happens to the child
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from appliance.lib.errors import PayloadTooLargeError, ServiceUnavailableError
 from appliance.retrieval.chunking import Chunker
-from appliance.retrieval.documents import Chunking, DocumentProcess
+from appliance.retrieval.documents import Chunking, DocumentProcess, _Answers
 from appliance.retrieval.extract import ExtractionLimits
 from tests.support.pdf import many_pages_pdf
 from tests.unit.retrieval.test_chunking import word_tokenizer
@@ -55,6 +58,29 @@ def small(documents: DocumentProcess, chunking: Chunking) -> list[str]:
     return [chunk.text for chunk in chunks]
 
 
+def started(documents: DocumentProcess, chunking: Chunking) -> int:
+    """The child's pid, once it has prepared a document."""
+    assert small(documents, chunking) == ["gamma delta epsilon"]
+    assert documents.pid is not None
+    return documents.pid
+
+
+def in_thread(work: Callable[[], object]) -> tuple[threading.Thread, list[BaseException | None]]:
+    """``work`` under way in a thread; the list gets what it raised (None when it returned)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            work()
+            outcome.append(None)
+        except BaseException as exc:  # what the caller gets is the point
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
 def test_the_child_cuts_as_the_gateway_would_and_refuses_alike(
     chunking: Chunking, documents: DocumentProcess, tmp_path: Path
 ) -> None:
@@ -77,20 +103,8 @@ def test_the_child_cuts_as_the_gateway_would_and_refuses_alike(
 def test_a_child_killed_under_a_document_fails_that_document_and_the_next_one_is_prepared(
     chunking: Chunking, documents: DocumentProcess
 ) -> None:
-    small(documents, chunking)
-    child = documents.pid
-    assert child is not None
-    outcome: list[BaseException | None] = []
-
-    def prepare_large() -> None:
-        try:
-            documents.prepare(LARGE, "text/plain", ROOMY, chunking)
-            outcome.append(None)
-        except BaseException as exc:  # what the caller gets is the point
-            outcome.append(exc)
-
-    worker = threading.Thread(target=prepare_large)
-    worker.start()
+    child = started(documents, chunking)
+    worker, outcome = in_thread(lambda: documents.prepare(LARGE, "text/plain", ROOMY, chunking))
     time.sleep(1.0)  # under way in the child
     os.kill(child, signal.SIGKILL)
     worker.join(60)
@@ -104,9 +118,7 @@ def test_a_child_killed_under_a_document_fails_that_document_and_the_next_one_is
 def test_a_child_that_died_idle_is_replaced_without_failing_the_next_document(
     chunking: Chunking, documents: DocumentProcess
 ) -> None:
-    small(documents, chunking)
-    child = documents.pid
-    assert child is not None
+    child = started(documents, chunking)
     os.kill(child, signal.SIGKILL)
     exited = os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # dead, not reaped: its status is to be read
     assert exited is not None and exited.si_status == signal.SIGKILL
@@ -179,3 +191,95 @@ def test_the_child_does_not_outlive_a_gateway_killed_with_sigkill(chunking: Chun
         assert not alive(child), "the child ended with its gateway"
     finally:
         gateway.kill()
+
+
+@pytest.mark.timeout(120)
+def test_a_child_busy_with_a_document_ends_soon_after_its_gateway_is_killed(chunking: Chunking) -> None:
+    """A child working on a document reads no EOF until it is done: it watches for its gateway's death itself."""
+    tokenizer = str(chunking.tokenizer_dir)
+    script = (
+        "import sys, threading\n"
+        "from pathlib import Path\n"
+        "from appliance.retrieval.documents import Chunking, DocumentProcess\n"
+        "from appliance.retrieval.extract import ExtractionLimits\n"
+        "documents = DocumentProcess()\n"
+        f"chunking = Chunking(Path({tokenizer!r}), 16, 4)\n"
+        "documents.prepare(b'alpha beta', 'text/plain', ExtractionLimits(), chunking)\n"
+        "large = b'alpha beta gamma delta epsilon. ' * 1_000_000\n"
+        "limits = ExtractionLimits(max_characters=40_000_000)\n"
+        "threading.Thread(target=documents.prepare, args=(large, 'text/plain', limits, chunking)).start()\n"
+        "print(documents.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    gateway = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert gateway.stdout is not None
+        child = int(gateway.stdout.readline())
+        time.sleep(1.0)  # the large document under way
+        assert alive(child)
+        gateway.kill()
+        gateway.wait()
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(child), "the child ended with its gateway, mid-document"
+    finally:
+        gateway.kill()
+
+
+def test_descriptors_past_1023_do_not_put_the_child_out_of_step(chunking: Chunking) -> None:
+    """A busy gateway worker has thousands of descriptors (LimitNOFILE 65536): select() refuses those past 1023,
+    which once left an answer unread for the next document to take."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"this machine allows {hard} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    documents = DocumentProcess()
+    try:
+        assert small(documents, chunking) == ["gamma delta epsilon"]
+        chunks, _ = documents.prepare(b"alpha beta", "text/plain", ExtractionLimits(), chunking)
+        assert [chunk.text for chunk in chunks] == ["alpha beta"], "each document gets its own answer"
+    finally:
+        documents.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.timeout(120)
+def test_close_fails_the_document_under_way_and_leaves_no_child(chunking: Chunking) -> None:
+    documents = DocumentProcess()
+    child = started(documents, chunking)
+    worker, outcome = in_thread(lambda: documents.prepare(LARGE, "text/plain", ROOMY, chunking))
+    time.sleep(0.5)
+    documents.close()
+    worker.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], ServiceUnavailableError), outcome
+    assert not alive(child) and documents.pid is None
+    with pytest.raises(ServiceUnavailableError, match="shutting down"):
+        small(documents, chunking)
+
+
+def test_a_child_that_cannot_start_is_a_clear_503(chunking: Chunking, monkeypatch: pytest.MonkeyPatch) -> None:
+    documents = DocumentProcess(start_timeout_s=10)
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # starts, and ends before it is ready
+    with pytest.raises(ServiceUnavailableError, match="did not start") as refused:
+        small(documents, chunking)
+    assert refused.value.headers == {"Retry-After": "5"}
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")  # cannot be started at all
+    with pytest.raises(ServiceUnavailableError, match="cannot be started"):
+        small(documents, chunking)
+    monkeypatch.undo()
+    assert small(documents, chunking) == ["gamma delta epsilon"], "a working interpreter: it starts"
+    documents.close()
+
+
+def test_the_gateway_takes_only_chunks_and_its_own_errors_from_the_child() -> None:
+    """The child parses hostile documents: what it answers must not be able to make the gateway run code."""
+    with pytest.raises(pickle.UnpicklingError, match="not an answer"):
+        _Answers(io.BytesIO(pickle.dumps(("ok", os.system, 0)))).load()
+    with pytest.raises(pickle.UnpicklingError, match="not an answer"):
+        _Answers(io.BytesIO(pickle.dumps(("ok", subprocess.Popen, 0)))).load()
+    refusal = PayloadTooLargeError("too big", param="file", code="too_many_pages")
+    assert isinstance(_Answers(io.BytesIO(pickle.dumps(("refused", refusal)))).load()[1], PayloadTooLargeError)
