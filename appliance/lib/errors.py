@@ -38,21 +38,9 @@ class ApplianceError(Exception):
             self.paced = paced
         self.headers = headers or {}
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled whole (status, code, param, headers), whatever a subclass's ``__init__`` takes: an error raised
-        in a child process (document extraction) reaches the client as it was raised."""
-        return _restore, (type(self), self.message, dict(self.__dict__))
-
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
         return error_envelope(self.message, self.error_type, self.param, self.code)
-
-
-def _restore(cls: type[ApplianceError], message: str, state: dict[str, Any]) -> ApplianceError:
-    error = cls.__new__(cls)
-    Exception.__init__(error, message)
-    error.__dict__.update(state)
-    return error
 
 
 def error_envelope(message: str, error_type: str, param: str | None, code: str | int | None) -> dict[str, Any]:

@@ -8,10 +8,13 @@ with it, and what a large or hostile document costs in memory is that process's,
 
 **The child** runs this module's :func:`main`: it imports this module and what extraction and
 chunking need, nothing of the gateway (about 25 MiB; ``multiprocessing``'s spawn would import the parent's whole
-``appliance.cli`` again, 134 MiB). It reads jobs from its stdin and writes answers to its stdout, each a framed
-pickle (the child is this code, started by this process: nothing else writes to those pipes), and ends at the EOF
-of its stdin, so it never outlives its gateway worker, even one killed with ``kill -9``. Its ``oom_score_adj`` is
-1000: under memory pressure the kernel takes it before an engine or the gateway.
+``appliance.cli`` again, 134 MiB). It says it is ready once imported, then reads jobs (framed pickles: only the
+gateway worker that started it can write to that pipe) and writes answers as plain data (framed msgpack, checked
+by the gateway before use: a child subverted by a hostile document can neither run code in the gateway nor hand
+it anything but chunks or one of extraction's refusals). It ends at the EOF of its jobs, or within a second of
+its gateway worker's death even in the middle of a document, so it never outlives its worker (``kill -9``
+included); it ignores SIGINT and SIGTERM, which are its worker's to handle. Its ``oom_score_adj`` is 1000: under
+memory pressure the kernel takes it before an engine or the gateway.
 
 **One document at a time** (a lock; :class:`appliance.lib.work.WorkPool` queues the rest), so what goes wrong
 fails that document only:
@@ -19,15 +22,17 @@ fails that document only:
   the next document gets a new child;
 - it takes longer than ``timeout_s``: the child is killed, 413 ``extraction_timeout``;
 - the child died while idle: the job is sent to a new one (once).
+- its answer is not one (or not read to its end): 503, and the child is stopped. A child is given another
+  document only after an exchange read to its end, so no document can get another's chunks.
 A child is replaced every ``tasks_per_process`` documents, which bounds what its heap can grow to. What the
 document is refused for (a limit, a broken PDF, the tokenizer missing) crosses back as the same
-:class:`~appliance.lib.errors.ApplianceError`.
+:class:`~appliance.lib.errors.ApplianceError` class, message, param and code.
 """
 
 from __future__ import annotations
 
 import fcntl
-import io
+import functools
 import logging
 import os
 import pickle
@@ -39,19 +44,27 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
-from appliance.lib.errors import ApplianceError, PayloadTooLargeError, ServiceUnavailableError
+import msgspec
+
+from appliance.lib.errors import (
+    ApplianceError,
+    InvalidRequestError,
+    PayloadTooLargeError,
+    ServiceUnavailableError,
+    UnsupportedMediaTypeError,
+)
 from appliance.retrieval.chunking import Chunk, Chunker
 from appliance.retrieval.extract import ExtractionLimits, extract_text
 
 log = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!Q")
-_OK, _REFUSED, _FAILED = "ok", "refused", "failed"
+_MAX_FRAME = 1 << 30  # bytes: past the chunks of the largest document allowed
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +91,79 @@ class ChildGone(Exception):
     """The child's pipes closed: it died (or was killed)."""
 
 
-class _Answers(pickle.Unpickler):
-    """What the parent accepts from the child, which parses hostile documents: chunks, and the appliance's errors
-    (nothing else is looked up, so a child subverted by a document cannot make the gateway run code)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in {("appliance.retrieval.chunking", "Chunk"), ("appliance.lib.errors", "_restore")} or (
-            module == "appliance.lib.errors" and name.endswith("Error")
-        ):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not an answer of the document process")
+class _Refusal(msgspec.Struct):
+    kind: str  # the class's name, one of _REFUSALS
+    message: str
+    param: str | None = None
+    code: str | None = None
 
 
-def _write(fd: int, message: Any) -> None:
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+class _Answer(msgspec.Struct):
+    """What the child answers, as plain data (msgpack): the gateway decodes it into these fields and nothing else,
+    so a child subverted by a hostile document can neither make the gateway run code nor change its state."""
+
+    chunks: list[tuple[int, str, int, int, int]] = []  # index, text, start, end, tokens
+    tokens: int = 0
+    refusal: _Refusal | None = None
+    failed: str | None = None
+
+
+# What a document can be refused for in the child, by name: extraction's and chunking's own refusals.
+_REFUSALS: dict[str, type[ApplianceError]] = {
+    cls.__name__: cls
+    for cls in (InvalidRequestError, PayloadTooLargeError, ServiceUnavailableError, UnsupportedMediaTypeError)
+}
+_decode_answer = msgspec.msgpack.Decoder(_Answer).decode
+_encode_answer = msgspec.msgpack.Encoder().encode
+
+
+def read_answer(frame: bytes) -> _Answer:
+    """The child's answer, checked: ServiceUnavailableError when it is not one (the child is then stopped)."""
+    try:
+        answer = _decode_answer(frame)
+    except msgspec.DecodeError as exc:
+        raise _unavailable("its answer could not be read") from exc
+    if answer.refusal is not None and answer.refusal.kind not in _REFUSALS:
+        raise _unavailable(f"it answered with an unknown refusal ({answer.refusal.kind[:80]})")
+    if answer.tokens < 0 or any(index != n for n, (index, *_) in enumerate(answer.chunks)):
+        raise _unavailable("its answer is not a document's chunks")
+    return answer
+
+
+def outcome(answer: _Answer) -> tuple[list[Chunk], int]:
+    """A document's chunks and tokens, or the refusal its answer carries, raised."""
+    if answer.refusal is not None:
+        refusal = answer.refusal
+        raise _REFUSALS[refusal.kind](refusal.message, param=refusal.param, code=refusal.code)
+    if answer.failed is not None:
+        log.error("preparing a document failed in the document process: %s", answer.failed[:2000])
+        raise _unavailable("preparing it failed")
+    return [Chunk(*chunk) for chunk in answer.chunks], answer.tokens
+
+
+def _unavailable(why: str) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"The document could not be prepared: {why}; nothing was stored.", code="retrieval_unavailable", headers=_RETRY
+    )
+
+
+def _answer_of(work: Callable[[], tuple[list[Chunk], int]]) -> bytes:
+    """The child's answer for one job (see :class:`_Answer`)."""
+    try:
+        chunks, tokens = work()
+        return _encode_answer(_Answer([(c.index, c.text, c.start, c.end, c.tokens) for c in chunks], tokens))
+    except ApplianceError as exc:
+        kind = type(exc).__name__ if type(exc).__name__ in _REFUSALS else "ServiceUnavailableError"
+        return _encode_answer(_Answer(refusal=_Refusal(kind, exc.message, exc.param, exc.code)))
+    except MemoryError:
+        message = "The document needs more memory to extract than this node gives it."
+        return _encode_answer(_Answer(refusal=_Refusal("PayloadTooLargeError", message, "file", "document_too_large")))
+    except Exception as exc:  # reported to the parent, which answers 503
+        traceback.print_exc()  # to the gateway's stderr: its journal
+        return _encode_answer(_Answer(failed=f"{type(exc).__name__}: {exc}"))
+
+
+def _write(fd: int, payload: bytes) -> None:
     for part in (_LENGTH.pack(len(payload)), memoryview(payload)):
         while part:
             part = part[os.write(fd, part) :]
@@ -116,6 +188,8 @@ def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
 
 def _frame(fd: int, deadline: float | None) -> bytes:
     (size,) = _LENGTH.unpack(_read_exactly(fd, _LENGTH.size, deadline))
+    if size > _MAX_FRAME:
+        raise ChildGone(f"a frame of {size} bytes")
     return _read_exactly(fd, size, deadline)
 
 
@@ -145,33 +219,23 @@ class DocumentProcess:
     def prepare(
         self, raw: bytes, media_type: str, limits: ExtractionLimits, chunking: Chunking
     ) -> tuple[list[Chunk], int]:
+        job = pickle.dumps((raw, media_type, limits, chunking), protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
-            child = self._send((raw, media_type, limits, chunking))
+            child = self._send(job)
             try:
-                answer = self._answer(child, len(raw), media_type)
+                answer = read_answer(self._answer(child, len(raw), media_type))
             except BaseException:
-                self._stop(child)
+                self._stop(child)  # not read to its end, or not an answer: this child gets no other document
                 raise
             self._done += 1
             if self._done >= self._tasks_per_process or self._closed:
                 self._stop(child)
-        kind, *result = answer
-        if kind == _OK:
-            return result[0], result[1]
-        if kind == _REFUSED:
-            raise result[0]
-        log.error(
-            "preparing a document (%d bytes, %s) failed in the document process: %s", len(raw), media_type, result[0]
-        )
-        raise ServiceUnavailableError(
-            "Preparing the document failed; nothing was stored.", code="retrieval_unavailable", headers=_RETRY
-        )
+        return outcome(answer)
 
-    def _answer(self, child: subprocess.Popen[bytes], size: int, media_type: str) -> tuple[Any, ...]:
+    def _answer(self, child: subprocess.Popen[bytes], size: int, media_type: str) -> bytes:
         assert child.stdout is not None
         try:
-            frame = _frame(child.stdout.fileno(), time.monotonic() + self._timeout_s)
-            return tuple(_Answers(io.BytesIO(frame)).load())
+            return _frame(child.stdout.fileno(), time.monotonic() + self._timeout_s)
         except TimeoutError:
             log.warning("a document (%d bytes, %s) took over %g s to prepare", size, media_type, self._timeout_s)
             raise PayloadTooLargeError(
@@ -180,7 +244,7 @@ class DocumentProcess:
                 param="file",
                 code="extraction_timeout",
             ) from None
-        except (ChildGone, OSError, EOFError, pickle.UnpicklingError) as exc:
+        except (ChildGone, OSError) as exc:
             log.error(
                 "the document process ended while it prepared a document (%d bytes, %s): %s", size, media_type, exc
             )
@@ -190,7 +254,7 @@ class DocumentProcess:
                 headers=_RETRY,
             ) from exc
 
-    def _send(self, job: tuple[Any, ...]) -> subprocess.Popen[bytes]:
+    def _send(self, job: bytes) -> subprocess.Popen[bytes]:
         """The child the job was handed to: the current one, or a new one when it is gone (one try more)."""
         for attempt in (1, 2):
             child = self._child or self._start()
@@ -200,7 +264,10 @@ class DocumentProcess:
                     raise BrokenPipeError(f"it ended with {child.returncode}")
                 _write(child.stdin.fileno(), job)
                 return child
-            except OSError as exc:  # it died while idle: its stdin is a broken pipe
+            except BaseException as exc:
+                if not isinstance(exc, OSError):  # half a job may be in its pipe: it gets no other
+                    self._stop(child)
+                    raise
                 log.warning("the document process %d is gone (%s); starting another", child.pid, exc)
                 self._stop(child)
                 if attempt == 2:
@@ -226,20 +293,23 @@ class DocumentProcess:
             raise ServiceUnavailableError(
                 f"The document process cannot be started: {exc}", code="retrieval_unavailable", headers=_RETRY
             ) from exc
+        self._child, self._done = child, 0  # known to close() from now on
         assert child.stdout is not None
         try:
             ready = _frame(child.stdout.fileno(), time.monotonic() + self._start_timeout_s) == _READY
         except (TimeoutError, ChildGone, OSError) as exc:
             ready = False
             log.error("the document process did not start: %s", type(exc).__name__)
-        if not ready:
+        except BaseException:
+            self._stop(child)
+            raise
+        if not ready or self._closed:
             self._stop(child)
             raise ServiceUnavailableError(
                 "The document process did not start; see the gateway's log.",
                 code="retrieval_unavailable",
                 headers=_RETRY,
             )
-        self._child, self._done = child, 0
         return child
 
     def _stop(self, child: subprocess.Popen[bytes]) -> None:
@@ -260,8 +330,8 @@ class DocumentProcess:
         self._closed = True
         child = self._child
         if child is not None:
-            child.kill()  # unblocks a prepare() waiting on it
-            if self._lock.acquire(blocking=False):
+            child.kill()  # unblocks a prepare() waiting on it, which then stops it
+            if self._lock.acquire(timeout=1.0):
                 try:
                     self._stop(child)
                 finally:
@@ -279,21 +349,7 @@ def _serve(jobs: int, answers: int) -> None:
         except ChildGone:
             return  # the gateway worker closed the pipe, or is gone
         try:
-            answer: tuple[Any, ...] = (_OK, *prepare(*job))
-        except ApplianceError as exc:
-            answer = (_REFUSED, exc)
-        except MemoryError:
-            refusal = PayloadTooLargeError(
-                "The document needs more memory to extract than this node gives it.",
-                param="file",
-                code="document_too_large",
-            )
-            answer = (_REFUSED, refusal)
-        except Exception as exc:  # reported to the parent, which answers 503
-            traceback.print_exc()  # to the gateway's stderr: its journal
-            answer = (_FAILED, f"{type(exc).__name__}: {exc}")
-        try:
-            _write(answers, answer)
+            _write(answers, _answer_of(functools.partial(prepare, *job)))
         except BrokenPipeError:
             return
 
