@@ -11,10 +11,10 @@ chunking need, nothing of the gateway (about 25 MiB; ``multiprocessing``'s spawn
 ``appliance.cli`` again, 134 MiB). It says it is ready once imported, then reads jobs (framed pickles: only the
 gateway worker that started it can write to that pipe) and writes answers as plain data (framed msgpack, checked
 by the gateway before use: a child subverted by a hostile document can neither run code in the gateway nor hand
-it anything but chunks or one of extraction's refusals). It ends at the EOF of its jobs, or within a second of
-its gateway worker's death even in the middle of a document, so it never outlives its worker (``kill -9``
-included); it ignores SIGINT and SIGTERM, which are its worker's to handle. Its ``oom_score_adj`` is 1000: under
-memory pressure the kernel takes it before an engine or the gateway.
+it anything but chunks or one of extraction's refusals). It ends at the EOF of its jobs, or as soon as it sees
+its gateway worker gone (it looks four times a second), even in the middle of a document: it never outlives its
+worker (``kill -9`` included). It ignores SIGINT and SIGTERM, which are its worker's to handle. Its
+``oom_score_adj`` is 1000: under memory pressure the kernel takes it before an engine or the gateway.
 
 **One document at a time** (a lock; :class:`appliance.lib.work.WorkPool` queues the rest), so what goes wrong
 fails that document only:
@@ -358,7 +358,7 @@ def _orphaned(parent: int) -> None:
     """End this process once its gateway worker is gone, even in the middle of a document (a busy child reads
     no EOF until it is done)."""
     while True:
-        time.sleep(1.0)
+        time.sleep(0.25)
         if os.getppid() != parent:
             os._exit(1)
 
