@@ -16,8 +16,7 @@ reaches the node translated into IPv6: through NAT64 / SIIT (RFC 6052's well-kno
 the site's own /96 prefixes, ``server.limit_nat64_prefixes``), where every IPv4 client is an address of one /64
 (counted per /64, one of them could hold up all the others), and through 6to4 (``2002:a.b.c.d::/48``: one IPv4
 host's 65,536 networks). Only a global IPv4 address is taken out (a translator carries no other): ``64:ff9b::7f00:1``
-is not 127.0.0.1. Anything that is not an IP address (a Unix
-socket's peer, a test client's name) counts as is.
+is not 127.0.0.1. Anything that is not an IP address (a Unix socket's peer, a test client's name) counts as is.
 
 Only the limits use this: audit records keep the client's full address."""
 

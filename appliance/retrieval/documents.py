@@ -32,7 +32,6 @@ document is refused for (a limit, a broken PDF, the tokenizer missing) crosses b
 from __future__ import annotations
 
 import fcntl
-import functools
 import logging
 import os
 import pickle
@@ -46,7 +45,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import msgspec
@@ -139,6 +138,12 @@ def outcome(answer: _Answer) -> tuple[list[Chunk], int]:
         log.error("preparing a document failed in the document process: %s", answer.failed[:2000])
         raise _unavailable("preparing it failed")
     return [Chunk(*chunk) for chunk in answer.chunks], answer.tokens
+
+
+def _not_started(why: str) -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        f"The document process cannot be started: {why}", code="retrieval_unavailable", headers=_RETRY
+    )
 
 
 def _unavailable(why: str) -> ServiceUnavailableError:
@@ -264,16 +269,14 @@ class DocumentProcess:
                     raise BrokenPipeError(f"it ended with {child.returncode}")
                 _write(child.stdin.fileno(), job)
                 return child
-            except BaseException as exc:
-                if not isinstance(exc, OSError):  # half a job may be in its pipe: it gets no other
-                    self._stop(child)
-                    raise
+            except OSError as exc:
                 log.warning("the document process %d is gone (%s); starting another", child.pid, exc)
                 self._stop(child)
                 if attempt == 2:
-                    raise ServiceUnavailableError(
-                        f"The document process cannot be started: {exc}", code="retrieval_unavailable", headers=_RETRY
-                    ) from exc
+                    raise _not_started(str(exc)) from exc
+            except BaseException:
+                self._stop(child)  # half a job may be in its pipe: it gets no other
+                raise
         raise AssertionError("unreachable")
 
     def _start(self) -> subprocess.Popen[bytes]:
@@ -290,9 +293,7 @@ class DocumentProcess:
             )
         except OSError as exc:
             log.error("the document process cannot be started: %s", exc)
-            raise ServiceUnavailableError(
-                f"The document process cannot be started: {exc}", code="retrieval_unavailable", headers=_RETRY
-            ) from exc
+            raise _not_started(str(exc)) from exc
         self._child, self._done = child, 0  # known to close() from now on
         assert child.stdout is not None
         try:
@@ -349,7 +350,7 @@ def _serve(jobs: int, answers: int) -> None:
         except ChildGone:
             return  # the gateway worker closed the pipe, or is gone
         try:
-            _write(answers, _answer_of(functools.partial(prepare, *job)))
+            _write(answers, _answer_of(partial(prepare, *job)))
         except BrokenPipeError:
             return
 
@@ -382,5 +383,5 @@ def main() -> None:
     os.dup2(null, 0)
     os.dup2(2, 1)
     os.close(null)
-    os.write(answers, _LENGTH.pack(len(_READY)) + _READY)  # imports done: the parent hands it jobs
+    _write(answers, _READY)  # imports done: the parent hands it jobs
     _serve(jobs, answers)
