@@ -19,6 +19,7 @@ from pathlib import Path
 from appliance.lib.secret_files import write_secret
 
 PLATFORM = "platform"  # tenant-less callers (platform admins and operators) share one salt of their own
+_KNOWN = 4096  # salts kept made (the cache starts again past it: tenants are few, a node's own records)
 
 
 class CacheSalts:
@@ -26,6 +27,7 @@ class CacheSalts:
         if len(key) < 32:
             raise ValueError("the cache salt key must be at least 32 bytes")
         self._key = key
+        self._known: dict[str | None, str] = {}  # each tenant's salt, made once (bounded: _KNOWN)
 
     @classmethod
     def load_or_create(cls, path: Path) -> CacheSalts:
@@ -41,5 +43,11 @@ class CacheSalts:
 
     def salt(self, tenant_id: str | None) -> str:
         """64 hex characters (vLLM accepts at most 128, without ``@ / \\`` or NUL)."""
-        subject = f"tenant:{tenant_id}" if tenant_id is not None else PLATFORM
-        return hmac.new(self._key, subject.encode(), hashlib.sha256).hexdigest()
+        salt = self._known.get(tenant_id)
+        if salt is None:
+            subject = f"tenant:{tenant_id}" if tenant_id is not None else PLATFORM
+            salt = hmac.new(self._key, subject.encode(), hashlib.sha256).hexdigest()
+            if len(self._known) >= _KNOWN:
+                self._known.clear()
+            self._known[tenant_id] = salt
+        return salt

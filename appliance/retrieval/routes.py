@@ -13,6 +13,7 @@ from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.types import ASGIApp
 from msgspec import Meta, Struct
 
 from appliance.gateway.routes import answer, call_link, source_of, unless_client_leaves
@@ -169,7 +170,7 @@ def rag_controller(settings: Settings) -> type[Controller]:
         @post("/chat", status_code=200, guards=[READS_TENANT_CONTENT])
         async def chat(
             self, request: Request[Any, Any, Any], principal: CurrentPrincipal, retrieval: NamedDependency[Retrieval]
-        ) -> Response[Any]:
+        ) -> ASGIApp:
             body = await request.body()
             return answer(await unless_client_leaves(request, retrieval.chat(_caller(request, principal), body)))
 

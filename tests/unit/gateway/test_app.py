@@ -83,6 +83,11 @@ async def test_every_response_carries_a_request_id(client: AsyncTestClient[Any])
         assert response.headers["x-request-id"].startswith("req_")
         ids.add(response.headers["x-request-id"])
     assert len(ids) == 4
+    # the answer itself (sent as its bytes, not through Litestar's Response): typed and framed
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert response.headers["x-request-cost"].split()[0].replace(".", "").isdigit()
 
 
 async def test_unknown_route_and_method_get_the_envelope_naming_them(client: AsyncTestClient[Any]) -> None:
