@@ -123,7 +123,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
         flush_interval_s=settings.usage.flush_interval_s,
         adopt_interval_s=journals.adopt_interval_s,
     )
-    refusals = RefusalDigest(audit)  # unauthenticated refusals: a flood of them cannot flood the log
+    refusals = RefusalDigest(  # unauthenticated refusals: a flood of them cannot flood the log
+        audit,
+        journal=Journal(settings.journal_dir, "refusals", fsync=journals.fsync) if journals.enabled else None,
+        adopt_interval_s=journals.adopt_interval_s,
+    )
     retention = ContentRetention(audit.store, settings.audit.content_retention_days)
     gateway_id = new_gateway_id()
     budgets = BudgetStore(
@@ -192,6 +196,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         await monitor.start()
         await usage.start()
         await audit.start()
+        await refusals.start()
         await upkeep.start()
         await leases.start()
         await drift.start()
@@ -208,7 +213,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             # After the last requests: what they spent is committed and the slices given back, then the
             # gateway leaves (older settlements landed, or wait in the journal).
             await upkeep.stop(leases_returned=await leases.stop())
-            refusals.summarise()
+            await refusals.stop()
             await audit.stop()
             await usage.stop()
             await monitor.stop()

@@ -13,19 +13,30 @@ thread taking the interpreter from the requests of other tenants. So within each
   for every refusal. At most ``max_sources`` kinds and addresses are counted apart; the rest are summed in one
   summary with ``source_ip`` empty and the number of addresses they came from.
 
-The counts of a window not yet summarised are lost if the process dies (at most ``window_s`` seconds of them);
-they are written when the process stops."""
+With a journal (``appliance/lib/journal.py``, the gateway's case), each counted refusal is also appended to this
+process's ``refusals`` journal before it is answered, and a window's summaries are committed together with that
+journal's mark: a process killed before its window ended (``kill -9``, the OOM killer) loses no count. The next
+process that finds its journal (at its start, and every ``adopt_interval_s``) summarises what lies past the mark,
+in the same records. Without a journal the counts of a window not yet summarised are lost if the process dies (at
+most ``window_s`` seconds of them); they are written when it stops."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from appliance.audit.store import AuditEvent
-from appliance.audit.writer import AuditWriter
+import msgspec
 
+from appliance.audit.store import AuditEvent, AuditStore
+from appliance.audit.writer import AuditWriter
+from appliance.lib.journal import Journal, adopt, journaled, retire
+
+log = logging.getLogger(__name__)
 _OTHERS = ("", "")  # the key of what is counted once the table is full
+_ADOPT_BATCH = 10_000  # a dead process's counted refusals read at a time (one set of summaries each)
 
 
 @dataclass
@@ -35,6 +46,59 @@ class _Counted:
     first: datetime = field(default_factory=lambda: datetime.now(UTC))
     last: datetime = field(default_factory=lambda: datetime.now(UTC))
     sources: set[str] = field(default_factory=set)  # only for the summary of the others
+    upto: int | None = None  # the journal entry of the last refusal counted here (None: not journaled)
+
+
+class _Window:
+    """What one window counted: per kind and address, at most ``max_sources`` of them apart, the rest together."""
+
+    def __init__(self, max_sources: int) -> None:
+        self._max_sources = max_sources
+        self.counted: dict[tuple[str, str], _Counted] = {}
+
+    def count(self, key: tuple[str, str], event: AuditEvent, entry: int | None) -> None:
+        counted = self.counted.get(key)
+        if counted is None:
+            if len(self.counted) >= self._max_sources:
+                key = _OTHERS
+                counted = self.counted.get(key)
+            if counted is None:
+                counted = self.counted[key] = _Counted(event, first=event.ts, last=event.ts)
+        counted.count += 1
+        counted.first, counted.last = min(counted.first, event.ts), max(counted.last, event.ts)
+        if entry is not None:
+            counted.upto = entry if counted.upto is None else max(counted.upto, entry)
+        if key == _OTHERS and len(counted.sources) < 65_536:
+            counted.sources.add(event.source_ip or "")
+
+    def summaries(self) -> list[tuple[AuditEvent, int | None]]:
+        """One record per kind and address, each with the journal entry of the last refusal it accounts for."""
+        made = []
+        for key, counted in self.counted.items():
+            first = counted.event
+            detail = {
+                **first.detail,
+                "summarised": counted.count,
+                "first": counted.first.isoformat(),
+                "last": counted.last.isoformat(),
+            }
+            if key == _OTHERS:
+                detail["sources"] = len(counted.sources)
+            summary = AuditEvent(
+                event_type=first.event_type,
+                outcome=first.outcome,
+                component=first.component,
+                object_type=first.object_type,
+                source_ip=None if key == _OTHERS else first.source_ip,
+                user_agent=first.user_agent,
+                detail=detail,
+            )
+            made.append((summary, counted.upto))
+        return made
+
+
+def _key(event: AuditEvent) -> tuple[str, str]:
+    return f"{event.event_type}:{event.detail.get('reason', event.detail.get('status', ''))}", event.source_ip or ""
 
 
 class RefusalDigest:
@@ -46,23 +110,58 @@ class RefusalDigest:
         per_source: int = 5,
         overall: int = 100,
         max_sources: int = 1000,
+        journal: Journal | None = None,
+        adopt_interval_s: float = 5.0,
     ) -> None:
         self._writer = writer
         self._window_s = window_s
         self._per_source = per_source
         self._overall = overall
         self._max_sources = max_sources
+        self._journal = journal
+        self._adopt_interval_s = adopt_interval_s
         self._recorded: dict[tuple[str, str], int] = {}  # recorded one by one in this window, per kind and address
         self._recorded_overall = 0
-        self._counted: dict[tuple[str, str], _Counted] = {}
+        self._counted = _Window(max_sources)
         self._window: asyncio.TimerHandle | None = None
+        self._unwritten: list[tuple[AuditEvent, int | None]] = []  # journaled windows' summaries, not committed
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """With a journal: open it, summarise dead processes' journals, and write windows' summaries from now."""
+        if self._journal is None:
+            return
+        await asyncio.to_thread(self._journal.open)
+        await asyncio.to_thread(self._adopt)
+        self._task = asyncio.create_task(self._run(), name="refusal-digest")
+
+    async def stop(self) -> None:
+        """End the window and write its summaries (with a journal: committed, or left in the journal for the next
+        process if the database does not take them now)."""
+        self.summarise()
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wakeup.set()
+        await self._task
+        self._task = None
+        assert self._journal is not None
+        await asyncio.to_thread(retire, self._journal, _Summaries(self._writer.store), drained=not self._unwritten)
+
+    async def written(self) -> None:
+        """Return once the summaries of every window ended so far are committed (for tests and readers)."""
+        while self._unwritten and self._task is not None and not self._task.done():
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
 
     async def refused(self, event: AuditEvent) -> None:
-        """Account for the refusal ``event``: returns once its record is durable, or at once if it is counted."""
+        """Account for the refusal ``event``: returns once its record is durable, or at once if it is counted (once
+        its count is in the journal, with one)."""
         if self._window is None:
             self._window = asyncio.get_running_loop().call_later(self._window_s, self.summarise)
-        kind = f"{event.event_type}:{event.detail.get('reason', event.detail.get('status', ''))}"
-        key = (kind, event.source_ip or "")
+        key = _key(event)
         recorded = self._recorded.get(key, 0)
         if recorded < self._per_source and self._recorded_overall < self._overall:
             if recorded == 0 and len(self._recorded) >= self._max_sources:
@@ -79,39 +178,88 @@ class RefusalDigest:
         if self._window is not None:
             self._window.cancel()
             self._window = None
-        counted, self._counted = self._counted, {}
+        counted, self._counted = self._counted, _Window(self._max_sources)
         self._recorded.clear()
         self._recorded_overall = 0
-        for key, entry in counted.items():
-            detail = {
-                **entry.event.detail,
-                "summarised": entry.count,
-                "first": entry.first.isoformat(),
-                "last": entry.last.isoformat(),
-            }
-            if key == _OTHERS:
-                detail["sources"] = len(entry.sources)
-            self._writer.record_nowait(
-                AuditEvent(
-                    event_type=entry.event.event_type,
-                    outcome=entry.event.outcome,
-                    component=entry.event.component,
-                    object_type=entry.event.object_type,
-                    source_ip=None if key == _OTHERS else entry.event.source_ip,
-                    user_agent=entry.event.user_agent,
-                    detail=detail,
-                )
-            )
+        for summary, upto in counted.summaries():
+            if upto is None:  # not journaled: the audit writer's own journal makes it durable
+                self._writer.record_nowait(summary)
+            else:
+                self._unwritten.append((summary, upto))
+        if self._unwritten:
+            self._wakeup.set()
 
     def _count(self, key: tuple[str, str], event: AuditEvent) -> None:
-        entry = self._counted.get(key)
-        if entry is None:
-            if len(self._counted) >= self._max_sources:
-                key = _OTHERS
-                entry = self._counted.get(key)
-            if entry is None:
-                entry = self._counted[key] = _Counted(event)
-        entry.count += 1
-        entry.last = datetime.now(UTC)
-        if key == _OTHERS and len(entry.sources) < 65_536:
-            entry.sources.add(event.source_ip or "")
+        self._counted.count(key, event, journaled(self._journal, event))
+
+    async def _run(self) -> None:
+        """Commit windows' summaries with the journal's mark (retried while the database refuses), and summarise
+        dead processes' journals every ``adopt_interval_s``."""
+        loop = asyncio.get_running_loop()
+        adopted = loop.time()
+        backoff = 0.05
+        while True:
+            if loop.time() - adopted >= self._adopt_interval_s:
+                adopted = loop.time()
+                await asyncio.to_thread(self._adopt)
+            if self._unwritten:
+                batch = list(self._unwritten)
+                try:
+                    await asyncio.to_thread(self._commit, batch)
+                except Exception:
+                    log.exception("the summaries of %d counted refusals are not written yet; retrying", len(batch))
+                    if self._stopping:
+                        return  # left in the journal: the next process summarises them
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                del self._unwritten[: len(batch)]
+                backoff = 0.05
+                continue
+            if self._stopping:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._adopt_interval_s)
+            self._wakeup.clear()
+
+    def _commit(self, batch: list[tuple[AuditEvent, int | None]]) -> None:
+        assert self._journal is not None
+        self._writer.store.append([summary for summary, _ in batch], self._journal.name, [upto for _, upto in batch])
+        self._journal.committed(max(upto for _, upto in batch if upto is not None))
+
+    def _adopt(self) -> None:
+        assert self._journal is not None
+        adopt(self._journal, _Summaries(self._writer.store, self._max_sources), batch_size=_ADOPT_BATCH)
+
+
+class _Summaries:
+    """The ``refusals`` journals' sink (``appliance/lib/journal.py``): a dead process's counted refusals, summarised
+    per kind and address as its window would have been, committed with its journal's mark."""
+
+    def __init__(self, store: AuditStore, max_sources: int = 1000) -> None:
+        self._store = store
+        self._max_sources = max_sources
+
+    def mark(self, journal: str) -> int:
+        return self._store.journal_mark(journal)
+
+    def decode(self, payload: bytes) -> AuditEvent | None:
+        try:
+            return msgspec.json.decode(payload, type=AuditEvent)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            log.error("a counted refusal in a journal does not decode; it is summarised as unreadable")
+            return None
+
+    def write(self, journal: str, entries: list[tuple[int, AuditEvent | None]]) -> None:
+        self._store.append_made_of(journal, entries, self._summarised)
+
+    def _summarised(self, entries: list[tuple[int, AuditEvent | None]]) -> list[AuditEvent]:
+        window = _Window(self._max_sources)
+        for seq, event in entries:
+            if event is None:
+                event = AuditEvent(event_type="access.refused", outcome="denied", detail={"reason": "unreadable"})
+            window.count(_key(event), event, seq)
+        return [summary for summary, _ in window.summaries()]
+
+    def forget(self, journal: str) -> None:
+        self._store.forget_journal(journal)

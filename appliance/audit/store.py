@@ -9,11 +9,11 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -37,7 +37,7 @@ from appliance.audit.merkle import leaf_hash
 from appliance.audit.models import AuditCheckpoint, AuditContent, AuditHead, AuditRecord
 from appliance.audit.redact import redact
 from appliance.db.engine import reading, writing
-from appliance.db.marks import drop_mark, mark_of, set_mark, unmarked
+from appliance.db.marks import claim_mark, drop_mark, mark_of, set_mark, unmarked
 from appliance.lib.bounded import bounded, bounded_detail
 from appliance.lib.rows import row_of
 from appliance.lib.times import as_utc
@@ -47,6 +47,7 @@ HEAD: Table = AuditHead.__table__  # type: ignore[attr-defined]
 CHECKPOINTS: Table = AuditCheckpoint.__table__  # type: ignore[attr-defined]
 CONTENT: Table = AuditContent.__table__  # type: ignore[attr-defined]
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -130,33 +131,62 @@ class AuditStore:
         with writing(self._engine) as connection:
             head = _locked_head(connection)
             keep, mark = unmarked(connection, journal, entries or [None] * len(events))
-            seq, prev = head
-            rows, contents = [], []
-            numbers = []
-            for event, kept in zip(events, keep, strict=True):
-                if not kept:
-                    numbers.append(0)
-                    continue
-                seq += 1
-                numbers.append(seq)
-                values = {**row_of(event), "seq": seq, "node": self.node, "prev_hash": prev}
-                values["detail"] = dict(event.detail)
-                del values["content"]
-                if event.content is not None:
-                    contents.append(_content_row(event))
-                prev = record_hash(values)
-                rows.append({**values, "hash": prev})
-            if rows:
-                connection.execute(insert(RECORDS), rows)
-            if contents:
-                connection.execute(insert(CONTENT), contents)
-            connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
+            numbers, seq = self._chain(connection, head, events, keep)
             if journal is not None and mark is not None:
                 set_mark(connection, journal, mark)
             due = self._checkpoint_due(connection, seq)
         if due:
             self.checkpoint_in_background()
         return numbers
+
+    def append_made_of(
+        self, journal: str, entries: list[tuple[int, T]], make: Callable[[list[tuple[int, T]]], list[AuditEvent]]
+    ) -> int:
+        """Append the records ``make`` draws from ``entries`` (number, entry) of ``journal``, in one transaction
+        with the journal's new mark; entries the mark says are in the chain already are left out before ``make``
+        sees them (records that each account for several entries: none is counted twice, whatever committed
+        meanwhile). Returns how many records were appended."""
+        with writing(self._engine) as connection:
+            head = _locked_head(connection)  # (first, as in append: every writer takes the locks in one order)
+            done = claim_mark(connection, journal)
+            new = [(number, entry) for number, entry in entries if number > done]
+            if not new:
+                return 0
+            events = make(new)
+            _, seq = self._chain(connection, head, events, [True] * len(events))
+            set_mark(connection, journal, max(number for number, _ in new))
+            due = self._checkpoint_due(connection, seq)
+        if due:
+            self.checkpoint_in_background()
+        return len(events)
+
+    def _chain(
+        self, connection: Connection, head: tuple[int, str], events: list[AuditEvent], keep: list[bool]
+    ) -> tuple[list[int], int]:
+        """Within the caller's transaction, past the locked ``head``: the kept ``events`` chained and stored, the
+        head moved; their sequence numbers (0 for one not kept) and the new head's."""
+        seq, prev = head
+        rows, contents = [], []
+        numbers = []
+        for event, kept in zip(events, keep, strict=True):
+            if not kept:
+                numbers.append(0)
+                continue
+            seq += 1
+            numbers.append(seq)
+            values = {**row_of(event), "seq": seq, "node": self.node, "prev_hash": prev}
+            values["detail"] = dict(event.detail)
+            del values["content"]
+            if event.content is not None:
+                contents.append(_content_row(event))
+            prev = record_hash(values)
+            rows.append({**values, "hash": prev})
+        if rows:
+            connection.execute(insert(RECORDS), rows)
+        if contents:
+            connection.execute(insert(CONTENT), contents)
+        connection.execute(update(HEAD).where(HEAD.c.id == 1).values(seq=seq, hash=prev))
+        return numbers, seq
 
     def journal_mark(self, journal: str) -> int:
         """How far ``journal`` is appended (0: not at all)."""

@@ -4,6 +4,12 @@ the window ends, and the number of records a window makes is bounded whatever th
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,20 +19,27 @@ from litestar.testing import AsyncTestClient
 
 from appliance.asgi import create_app
 from appliance.audit.chain import NoteKey
-from appliance.audit.digest import RefusalDigest
+from appliance.audit.digest import RefusalDigest, _Summaries
 from appliance.audit.store import AuditEvent, AuditStore
 from appliance.audit.writer import AuditWriter
 from appliance.db.engine import create_schema, make_engine
+from appliance.lib.journal import Journal
 from appliance.settings import Settings
+
+
+async def open_writer(folder: Path) -> AuditWriter:
+    """An audit writer on the log in ``folder`` (made on first use), started."""
+    engine = make_engine(f"sqlite:///{folder / 'audit.db'}", serialized_writes=True)
+    create_schema(engine)
+    key = NoteKey.load_or_create(folder / "audit-key", "test-node")
+    writer = AuditWriter(AuditStore(engine, key, latest_checkpoint_file=folder / "latest", node="n1"))
+    await writer.start()
+    return writer
 
 
 @pytest.fixture
 async def writer(tmp_path: Path) -> AsyncIterator[AuditWriter]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'audit.db'}", serialized_writes=True)
-    create_schema(engine)
-    key = NoteKey.load_or_create(tmp_path / "audit-key", "test-node")
-    writer = AuditWriter(AuditStore(engine, key, latest_checkpoint_file=tmp_path / "latest", node="n1"))
-    await writer.start()
+    writer = await open_writer(tmp_path)
     yield writer
     await writer.stop()
 
@@ -103,10 +116,106 @@ async def test_a_flood_of_unknown_api_keys_records_a_few_and_summarises_the_rest
         for n in range(15):
             response = await client.get("/v1/models", headers={"Authorization": f"Bearer apk_{n:08d}_wrongsecret"})
             assert response.status_code == 401
-        await app.state.audit.flush()
-        refused = [r for r in app.state.audit.store.export() if r["event_type"] == "access.refused"]
+        # (the app's tasks run in the test client's portal, on a loop of their own: the writer's flush is not awaited
+        # from this one; the records are read as they land)
+        refused = await _eventually(
+            lambda: [r for r in app.state.audit.store.export() if r["event_type"] == "access.refused"], 5
+        )
         assert len(refused) == 5, "five one by one, from the test client's one address"
-    # The app stopped: the window's summary was written.
+    # The app stopped: the window's summary was written, and its journal of counted refusals is gone.
     refused = [r for r in app.state.audit.store.export() if r["event_type"] == "access.refused"]
     assert len(refused) == 6 and refused[-1]["detail"]["summarised"] == 10
     assert refused[-1]["detail"]["status"] == 401
+    assert not list(settings.journal_dir.glob("refusals-*"))
+
+
+# A process killed with counts not summarised yet: its journal holds them (appliance/audit/digest.py).
+_KILLED_CHILD = """
+import asyncio, os, signal, sys
+from pathlib import Path
+from appliance.audit.digest import RefusalDigest, _Summaries
+from appliance.lib.journal import Journal
+from tests.unit.audit.test_refusal_digest import open_writer, refusal
+
+async def main(folder):
+    writer = await open_writer(folder)
+    digest = RefusalDigest(writer, window_s=3600, per_source=3, journal=Journal(folder / "journal", "refusals"))
+    await digest.start()
+    for _ in range(200):
+        await digest.refused(refusal("203.0.113.7"))
+    for _ in range(10):
+        await digest.refused(refusal("198.51.100.2", "invalid_client"))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main(Path(sys.argv[1])))
+"""
+
+
+async def test_counts_of_a_process_killed_before_its_window_ended_are_summarised_by_the_next(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, str(tmp_path)],
+        cwd=root,
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-2000:]
+    assert list((tmp_path / "journal").glob("refusals-*")), "the dead process's counts are in its journal"
+    writer = await open_writer(tmp_path)
+    try:
+        digest = RefusalDigest(writer, window_s=3600, journal=Journal(tmp_path / "journal", "refusals"))
+        await digest.start()  # finds the dead process's journal
+        found = records(writer)
+        one_by_one = [r for r in found if "summarised" not in r["detail"]]
+        summaries = {
+            (r["source_ip"], r["detail"]["reason"]): r["detail"]["summarised"] for r in found if r not in one_by_one
+        }
+        assert len(one_by_one) == 3 + 3
+        assert summaries == {("203.0.113.7", "rate_limited"): 197, ("198.51.100.2", "invalid_client"): 7}
+        assert all(r["event_type"] == "auth.sign_in" and r["outcome"] == "denied" for r in found)
+        assert writer.store.verify().ok
+        await digest.stop()
+        assert not list((tmp_path / "journal").glob("refusals-*")), "the dead journal is removed, and the new one"
+    finally:
+        await writer.stop()
+
+
+async def test_a_journal_summarised_again_adds_nothing(writer: AuditWriter, tmp_path: Path) -> None:
+    """A process that dies after committing a window's summaries, before its journal's parts are gone: the next
+    one reads them again, and the mark committed with the summaries keeps them from being counted twice."""
+    sink = _Summaries(writer.store)
+    entries = [(seq, refusal("203.0.113.7")) for seq in range(1, 41)]
+    sink.write("refusals-dead", entries[:30])
+    sink.write("refusals-dead", entries)  # read again from the start: only 31-40 are new
+    summaries = [r["detail"]["summarised"] for r in records(writer)]
+    assert summaries == [30, 10]
+    assert writer.store.journal_mark("refusals-dead") == 40
+
+
+async def test_with_a_journal_a_window_is_committed_with_its_mark_and_the_journal_emptied(
+    writer: AuditWriter, tmp_path: Path
+) -> None:
+    journal = Journal(tmp_path / "journal", "refusals")
+    digest = RefusalDigest(writer, window_s=3600, per_source=1, journal=journal)
+    await digest.start()
+    for _ in range(25):
+        await digest.refused(refusal("203.0.113.7"))
+    assert journal.path.stat().st_size > 0, "each counted refusal is journaled before it is answered"
+    digest.summarise()
+    await digest.written()
+    await writer.flush()
+    assert [r["detail"].get("summarised") for r in records(writer)] == [None, 24]
+    assert writer.store.journal_mark(journal.name) == 24
+    assert journal.path.stat().st_size == 0, "what is committed does not stay on the disk"
+    await digest.stop()
+
+
+async def _eventually(read: Any, n: int, within_s: float = 5.0) -> list[dict[str, Any]]:
+    """What ``read`` returns once it holds ``n`` items (or at the deadline)."""
+    deadline = time.monotonic() + within_s
+    found = read()
+    while len(found) < n and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        found = read()
+    return list(found)
