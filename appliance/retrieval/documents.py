@@ -168,10 +168,22 @@ def _answer_of(work: Callable[[], tuple[list[Chunk], int]]) -> bytes:
         return _encode_answer(_Answer(failed=f"{type(exc).__name__}: {exc}"))
 
 
-def _write(fd: int, payload: bytes) -> None:
+def _write(fd: int, payload: bytes, deadline: float | None = None) -> None:
+    """One frame; with ``deadline`` (``fd`` non-blocking), :class:`TimeoutError` once it passes with the frame not
+    all written."""
+    poller = None
     for part in (_LENGTH.pack(len(payload)), memoryview(payload)):
         while part:
-            part = part[os.write(fd, part) :]
+            try:
+                part = part[os.write(fd, part) :]
+            except BlockingIOError:
+                assert deadline is not None, "a blocking descriptor has no deadline"
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(fd, select.POLLOUT)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not poller.poll(remaining * 1000):
+                    raise TimeoutError from None
 
 
 def _read_exactly(fd: int, size: int, deadline: float | None) -> bytes:
@@ -205,10 +217,19 @@ class DocumentProcess:
     timeout, an error of any kind) stops it, so no document can ever be given another one's answer."""
 
     def __init__(
-        self, *, timeout_s: float = 120.0, tasks_per_process: int = 200, start_timeout_s: float = 60.0
+        self,
+        *,
+        timeout_s: float = 120.0,
+        tasks_per_process: int = 200,
+        start_timeout_s: float = 60.0,
+        send_timeout_s: float = 10.0,
     ) -> None:
         self._timeout_s = timeout_s
         self._start_timeout_s = start_timeout_s
+        # An idle child reads a job as it comes (a 50 MB one in well under a second): one that takes none for this
+        # long is stopped or hung, and is replaced; without it, one upload would wait on the pipe forever and hold
+        # every later upload of its gateway worker behind it.
+        self._send_timeout_s = send_timeout_s
         self._tasks_per_process = tasks_per_process
         self._child: subprocess.Popen[bytes] | None = None
         self._done = 0  # documents the current child has prepared
@@ -267,8 +288,15 @@ class DocumentProcess:
             try:
                 if child.poll() is not None:  # it died while idle (its exit status is there to be read)
                     raise BrokenPipeError(f"it ended with {child.returncode}")
-                _write(child.stdin.fileno(), job)
+                _write(child.stdin.fileno(), job, time.monotonic() + self._send_timeout_s)
                 return child
+            except TimeoutError as exc:  # (an OSError: caught first) stopped, or hung before its next job
+                log.warning(
+                    "the document process %d took no job in %g s; starting another", child.pid, self._send_timeout_s
+                )
+                self._stop(child)
+                if attempt == 2:
+                    raise _not_started("it took no job") from exc
             except OSError as exc:
                 log.warning("the document process %d is gone (%s); starting another", child.pid, exc)
                 self._stop(child)
@@ -295,7 +323,8 @@ class DocumentProcess:
             log.error("the document process cannot be started: %s", exc)
             raise _not_started(str(exc)) from exc
         self._child, self._done = child, 0  # known to close() from now on
-        assert child.stdout is not None
+        assert child.stdin is not None and child.stdout is not None
+        os.set_blocking(child.stdin.fileno(), False)  # jobs are written with a deadline (_write)
         try:
             ready = _frame(child.stdout.fileno(), time.monotonic() + self._start_timeout_s) == _READY
         except (TimeoutError, ChildGone, OSError) as exc:

@@ -127,6 +127,30 @@ def test_a_child_that_died_idle_is_replaced_without_failing_the_next_document(
 
 
 @pytest.mark.timeout(120)
+def test_a_child_that_takes_no_job_is_replaced_and_the_document_prepared(chunking: Chunking) -> None:
+    """A stopped (or hung) idle child does not read its next job: a job larger than the pipe would wait on it
+    forever, and every later upload of the gateway worker behind it."""
+    documents = DocumentProcess(send_timeout_s=0.5)
+    try:
+        child = started(documents, chunking)
+        os.kill(child, signal.SIGSTOP)
+        text = b"alpha beta gamma. " * 20_000  # 360 KB: more than a pipe holds
+        result: list[object] = []
+        worker = threading.Thread(
+            target=lambda: result.append(documents.prepare(text, "text/plain", ROOMY, chunking)), daemon=True
+        )
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive(), "the upload waits on a child that takes no job"
+        chunks, _ = result[0]  # type: ignore[misc]
+        assert "".join(chunk.text for chunk in chunks).startswith("alpha beta gamma.")
+        assert documents.pid not in (None, child)
+        assert not alive(child), "the stopped child is killed"
+    finally:
+        documents.close()
+
+
+@pytest.mark.timeout(120)
 def test_a_document_past_its_time_is_refused_and_its_child_killed(chunking: Chunking) -> None:
     documents = DocumentProcess(timeout_s=0.5)
     try:
