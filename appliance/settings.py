@@ -89,8 +89,9 @@ class ServerSettings(BaseModel):
     )
     limit_nat64_prefixes: list[str] = Field(
         default=["64:ff9b::/96"],
-        description="/96 prefixes of the site's NAT64 / SIIT translators: a client address in one counts as the "
-        "IPv4 address it carries, not as one of a /64 that every IPv4 client shares",
+        description="prefixes of the site's NAT64 / SIIT translators (/32, /40, /48, /56, /64 or /96, as RFC 6052 "
+        "defines them; the local-use 64:ff9b:1::/48 with the length the site uses in it): a client address in one "
+        "counts as the IPv4 address it carries, not as one of a /64 that every IPv4 client shares",
     )
 
     @field_validator("limit_nat64_prefixes")

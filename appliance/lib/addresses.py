@@ -12,8 +12,9 @@ So each limit counts twice (:class:`ClientCounts`): per address, as before, and 
 One host reaches its own limit first and holds up only itself; a client rotating through its network reaches the
 network's after factor x limit attempts, and then holds up its network, which is what a flood from it costs. An
 IPv4 address seen through a dual-stack socket (``::ffff:a.b.c.d``) counts as that IPv4 address, and so does one that
-reaches the node translated into IPv6: through NAT64 / SIIT (RFC 6052's well-known prefix ``64:ff9b::/96``, and
-the site's own /96 prefixes, ``server.limit_nat64_prefixes``), where every IPv4 client is an address of one /64
+reaches the node translated into IPv6: through NAT64 / SIIT (RFC 6052's well-known prefix ``64:ff9b::/96``, or
+the site's own prefixes, ``server.limit_nat64_prefixes``, of any of RFC 6052's lengths: a network-specific prefix,
+or one of the local-use ``64:ff9b:1::/48`` of RFC 8215), where every IPv4 client is an address of one /64
 (counted per /64, one of them could hold up all the others), and through 6to4 (``2002:a.b.c.d::/48``: one IPv4
 host's 65,536 networks). Only a global IPv4 address is taken out (a translator carries no other): ``64:ff9b::7f00:1``
 is not 127.0.0.1. Anything that is not an IP address (a Unix socket's peer, a test client's name) counts as is.
@@ -60,7 +61,9 @@ class ClientNetworks:
             return str(ip), None
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped), None
-        ipv4 = ip.sixtofour or next((_embedded(ip) for prefix in self._nat64 if ip in prefix), None)
+        ipv4 = ip.sixtofour or next(
+            (embedded_ipv4(ip, prefix.prefixlen) for prefix in self._nat64 if ip in prefix), None
+        )
         if ipv4 is not None and ipv4.is_global:  # a translator carries only global IPv4 (RFC 6052 section 3.1)
             return str(ipv4), None
         if self.ipv6_prefix == IPV6_BITS:
@@ -68,17 +71,29 @@ class ClientNetworks:
         return str(ip), str(ipaddress.IPv6Network((int(ip), self.ipv6_prefix), strict=False))
 
 
+NAT64_LENGTHS = (32, 40, 48, 56, 64, 96)  # RFC 6052 section 2.2: where a prefix of each length puts the IPv4 address
+
+
 def nat64_prefix(prefix: str) -> ipaddress.IPv6Network:
-    """A NAT64 / SIIT translator's prefix, which embeds an IPv4 address in its addresses' last 32 bits: a /96
-    (RFC 6052's other lengths place the address around the u-octet; they are refused, not guessed at)."""
+    """A NAT64 / SIIT translator's prefix, of one of RFC 6052's lengths (``NAT64_LENGTHS``); any other is refused,
+    not guessed at."""
     network = ipaddress.IPv6Network(prefix)
-    if network.prefixlen != 96:
-        raise ValueError(f"a NAT64 prefix here is a /96, not {prefix}")
+    if network.prefixlen not in NAT64_LENGTHS:
+        lengths = ", ".join(f"/{length}" for length in NAT64_LENGTHS)
+        raise ValueError(f"a NAT64 prefix is a {lengths} (RFC 6052), not {prefix}")
     return network
 
 
-def _embedded(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address:
-    return ipaddress.IPv4Address(int(ip) & 0xFFFF_FFFF)
+def embedded_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+    """The IPv4 address an address of a NAT64 prefix of ``prefix_length`` bits carries (RFC 6052 section 2.2): the
+    32 bits after the prefix, leaving out bits 64-71 (the "u" octet); in a /96, the last 32 bits. The u octet and
+    the suffix, zero from a translator, are not checked: an address with them set still counts as its IPv4
+    address, not in the /64 it would share with other IPv4 clients."""
+    packed = ip.packed
+    if prefix_length == 96:
+        return ipaddress.IPv4Address(packed[12:])
+    start = prefix_length // 8
+    return ipaddress.IPv4Address((packed[:8] + packed[9:])[start : start + 4])
 
 
 class ClientCounts:

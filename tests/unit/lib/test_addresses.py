@@ -3,9 +3,11 @@ limit with each of its 2**64 addresses, nor may one host of a /64 use up the lim
 
 from __future__ import annotations
 
+import ipaddress
+
 import pytest
 
-from appliance.lib.addresses import ClientCounts, ClientNetworks
+from appliance.lib.addresses import ClientCounts, ClientNetworks, embedded_ipv4, nat64_prefix
 from appliance.settings import ServerSettings, Settings
 from tests.unit.identity.test_sign_in_floods import Clock
 
@@ -36,7 +38,7 @@ def test_ipv4_translated_into_ipv6_counts_per_ipv4_address() -> None:
     assert networks.keys("64:ff9b::5db8:d823") == ("93.184.216.35", None)
     assert networks.keys("2002:5db8:d822::1") == ("93.184.216.34", None)
     assert networks.keys("2002:5db8:d822:ffff::2") == ("93.184.216.34", None), "another network of the /48"
-    assert networks.keys("64:ff9b:1::1")[1] == "64:ff9b:1::/64", "the local-use prefix embeds by its own length"
+    assert networks.keys("64:ff9b:1::1")[1] == "64:ff9b:1::/64", "the local-use prefix: only as a site names it"
     assert networks.keys("64:ff9b::7f00:1") == ("64:ff9b::7f00:1", "64:ff9b::/64"), "127.0.0.1: never translated"
     assert networks.keys("2002:a00:1::1")[1] == "2002:a00:1::/64", "10.0.0.1: not a 6to4 host's"
     site = ClientNetworks(nat64_prefixes=["2001:db8:64::/96"])
@@ -48,12 +50,45 @@ def test_ipv4_translated_into_ipv6_counts_per_ipv4_address() -> None:
     assert counts.wait("64:ff9b::93.184.216.200") == 0, "an IPv4 client is not held up by the others"
 
 
-def test_a_nat64_prefix_that_is_not_a_96_is_refused_at_start() -> None:
-    with pytest.raises(ValueError, match="a /96"):
-        ClientNetworks(nat64_prefixes=["64:ff9b:1::/48"])
-    with pytest.raises(ValueError, match="a /96"):
-        Settings(server=ServerSettings(limit_nat64_prefixes=["2001:db8:64::/64"]))
+# RFC 6052 section 2.4: 192.0.2.33 embedded in a prefix of each length.
+RFC6052_EXAMPLES = [
+    ("2001:db8::/32", "2001:db8:c000:221::"),
+    ("2001:db8:100::/40", "2001:db8:1c0:2:21::"),
+    ("2001:db8:122::/48", "2001:db8:122:c000:2:2100::"),
+    ("2001:db8:122:300::/56", "2001:db8:122:3c0:0:221::"),
+    ("2001:db8:122:344::/64", "2001:db8:122:344:c0:2:2100:0"),
+    ("2001:db8:122:344::/96", "2001:db8:122:344::192.0.2.33"),
+    ("64:ff9b::/96", "64:ff9b::192.0.2.33"),
+]
+
+
+@pytest.mark.parametrize(("prefix", "address"), RFC6052_EXAMPLES)
+def test_the_ipv4_address_is_found_where_rfc6052_puts_it_for_each_prefix_length(prefix: str, address: str) -> None:
+    network = nat64_prefix(prefix)
+    ip = ipaddress.IPv6Address(address)
+    assert ip in network
+    assert embedded_ipv4(ip, network.prefixlen) == ipaddress.IPv4Address("192.0.2.33")
+
+
+def test_a_site_prefix_of_any_rfc6052_length_counts_its_clients_per_ipv4_address() -> None:
+    """The local-use 64:ff9b:1::/48 (RFC 8215) is used with the length the site picks in it; 93.184.216.34 is a
+    global address (192.0.2.33, the RFC's own example, is not: a translator carries no such address)."""
+    site = ClientNetworks(nat64_prefixes=["64:ff9b:1::/48", "2001:db8:122:300::/56"])
+    assert site.keys("64:ff9b:1:5db8:d8:2200::") == ("93.184.216.34", None)
+    assert site.keys("2001:db8:122:35d:b8:d822::") == ("93.184.216.34", None)
+    # Not made by a translator (a suffix, a u octet set): still the IPv4 address, not the /64 IPv4 clients share.
+    assert site.keys("64:ff9b:1:5db8:d8:2201::") == ("93.184.216.34", None)
+    assert site.keys("2001:db8:122:35d:ffb8:d822::") == ("93.184.216.34", None)
+    assert site.keys("64:ff9b:1:7f00:0:100::")[1] == "64:ff9b:1:7f00::/64", "127.0.0.1: never translated"
+
+
+def test_a_nat64_prefix_of_another_length_is_refused_at_start() -> None:
+    with pytest.raises(ValueError, match="RFC 6052"):
+        ClientNetworks(nat64_prefixes=["64:ff9b:1::/50"])
+    with pytest.raises(ValueError, match="RFC 6052"):
+        Settings(server=ServerSettings(limit_nat64_prefixes=["2001:db8:64::/80"]))
     assert ServerSettings(limit_nat64_prefixes=["2001:DB8:64::/96"]).limit_nat64_prefixes == ["2001:db8:64::/96"]
+    assert ServerSettings(limit_nat64_prefixes=["64:ff9b:1::/48"]).limit_nat64_prefixes == ["64:ff9b:1::/48"]
 
 
 def test_what_is_not_an_address_counts_as_is() -> None:
