@@ -17,26 +17,32 @@ With a journal (``appliance/lib/journal.py``, the gateway's case), each counted 
 process's ``refusals`` journal before it is answered, and a window's summaries are committed together with that
 journal's mark: a process killed before its window ended (``kill -9``, the OOM killer) loses no count. The next
 process that finds its journal (at its start, and every ``adopt_interval_s``) summarises what lies past the mark,
-in the same records. Without a journal the counts of a window not yet summarised are lost if the process dies (at
-most ``window_s`` seconds of them); they are written when it stops."""
+in the same records. While the database does not take a window's summaries, the next window goes on until it does
+(one window's counts in memory); the journal takes at most ``_UNCOMMITTED`` entries the database has not, and none
+while its volume is full (the volume is the audit and usage journals' too): past those, and without a journal, the
+counts of a window not yet summarised are lost if the process dies (at most ``window_s`` seconds of them). They are
+written when it stops, or left in the journal for the next process if the database is down then."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import msgspec
 
 from appliance.audit.store import AuditEvent, AuditStore
-from appliance.audit.writer import AuditWriter
+from appliance.audit.writer import AuditWriter, rejected
+from appliance.db.faults import is_transient
 from appliance.lib.journal import Journal, adopt, journaled, retire
 
 log = logging.getLogger(__name__)
 _OTHERS = ("", "")  # the key of what is counted once the table is full
 _ADOPT_BATCH = 10_000  # a dead process's counted refusals read at a time (one set of summaries each)
+_UNCOMMITTED = 200_000  # counted refusals journaled and not committed at most (~100 MB: a database outage)
 
 
 @dataclass
@@ -128,6 +134,8 @@ class RefusalDigest:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stopped = False  # after stop(): each refusal is recorded one by one
+        self._committed = 0  # how far the journal's entries are committed
 
     async def start(self) -> None:
         """With a journal: open it, summarise dead processes' journals, and write windows' summaries from now."""
@@ -139,45 +147,71 @@ class RefusalDigest:
 
     async def stop(self) -> None:
         """End the window and write its summaries (with a journal: committed, or left in the journal for the next
-        process if the database does not take them now)."""
-        self.summarise()
-        if self._task is None:
-            return
-        self._stopping = True
-        self._wakeup.set()
-        await self._task
-        self._task = None
-        assert self._journal is not None
-        await asyncio.to_thread(retire, self._journal, _Summaries(self._writer.store), drained=not self._unwritten)
+        process if the database does not take them now). A refusal after this is recorded one by one. Never
+        raises: what stops after it (the audit writer) must stop too."""
+        try:
+            self.summarise(force=True)
+            if self._task is None:
+                return
+            self._stopping = True
+            self._wakeup.set()
+            await self._task  # its last try at what is unwritten
+            self._task = None
+            self._stopped = True  # (no await since the task ended: nothing was counted in between)
+            self.summarise(force=True)  # what was counted while the last commit ran
+            if self._unwritten:
+                with contextlib.suppress(Exception):  # logged; left in the journal for the next process
+                    await self._write(list(self._unwritten))
+            assert self._journal is not None
+            await asyncio.to_thread(retire, self._journal, _Summaries(self._writer.store), drained=not self._unwritten)
+        except Exception:
+            log.exception("the refusal digest did not stop cleanly; what it counted is left in its journal")
+        finally:
+            self._stopped = True
+            if self._window is not None:
+                self._window.cancel()
+                self._window = None
 
-    async def written(self) -> None:
-        """Return once the summaries of every window ended so far are committed (for tests and readers)."""
-        while self._unwritten and self._task is not None and not self._task.done():
+    async def written(self, timeout_s: float = 10.0) -> None:
+        """Return once the journaled summaries of every window ended so far are committed (for tests and readers);
+        :class:`TimeoutError` if they are not within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while self._unwritten:
+            if time.monotonic() >= deadline or self._task is None or self._task.done():
+                raise TimeoutError(f"{len(self._unwritten)} summaries of counted refusals are not written")
             self._wakeup.set()
             await asyncio.sleep(0.01)
 
     async def refused(self, event: AuditEvent) -> None:
         """Account for the refusal ``event``: returns once its record is durable, or at once if it is counted (once
-        its count is in the journal, with one)."""
+        its count is in the journal, with one; and on the disk, with the journal's ``fsync``)."""
+        if self._stopped:
+            await self._writer.record(event)
+            return
         if self._window is None:
             self._window = asyncio.get_running_loop().call_later(self._window_s, self.summarise)
         key = _key(event)
         recorded = self._recorded.get(key, 0)
         if recorded < self._per_source and self._recorded_overall < self._overall:
             if recorded == 0 and len(self._recorded) >= self._max_sources:
-                self._count(key, event)
+                await self._count(key, event)
                 return
             self._recorded[key] = recorded + 1
             self._recorded_overall += 1
             await self._writer.record(event)
             return
-        self._count(key, event)
+        await self._count(key, event)
 
-    def summarise(self) -> None:
-        """End the window: one summary record per kind and address counted in it (also when the process stops)."""
+    def summarise(self, *, force: bool = False) -> None:
+        """End the window: one summary record per kind and address counted in it (also when the process stops).
+        While the last window's summaries wait for the database (journaled, not committed yet), the window goes on
+        instead, unless ``force``: what waits in memory is one window's, whatever the outage's length."""
         if self._window is not None:
             self._window.cancel()
             self._window = None
+        if self._unwritten and not force:
+            self._window = asyncio.get_running_loop().call_later(self._window_s, self.summarise)
+            return
         counted, self._counted = self._counted, _Window(self._max_sources)
         self._recorded.clear()
         self._recorded_overall = 0
@@ -189,8 +223,17 @@ class RefusalDigest:
         if self._unwritten:
             self._wakeup.set()
 
-    def _count(self, key: tuple[str, str], event: AuditEvent) -> None:
-        self._counted.count(key, event, journaled(self._journal, event))
+    async def _count(self, key: tuple[str, str], event: AuditEvent) -> None:
+        """Count ``event``, journaled first where the journal takes it: not while its volume is full, nor past
+        ``_UNCOMMITTED`` entries the database has not taken (an outage: the volume is the audit and usage
+        journals' too). Counted without it, a refusal is in memory only until its window's end, as without a
+        journal."""
+        journal, entry = self._journal, None
+        if journal is not None and journal.accepting() and journal.appended - self._committed < _UNCOMMITTED:
+            entry = journaled(journal, event)
+        self._counted.count(key, event, entry)
+        if entry is not None and journal is not None and journal.syncs:
+            await journal.durable(entry)
 
     async def _run(self) -> None:
         """Commit windows' summaries with the journal's mark (retried while the database refuses), and summarise
@@ -203,17 +246,14 @@ class RefusalDigest:
                 adopted = loop.time()
                 await asyncio.to_thread(self._adopt)
             if self._unwritten:
-                batch = list(self._unwritten)
                 try:
-                    await asyncio.to_thread(self._commit, batch)
+                    await self._write(list(self._unwritten))
                 except Exception:
-                    log.exception("the summaries of %d counted refusals are not written yet; retrying", len(batch))
                     if self._stopping:
                         return  # left in the journal: the next process summarises them
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
-                del self._unwritten[: len(batch)]
                 backoff = 0.05
                 continue
             if self._stopping:
@@ -222,14 +262,39 @@ class RefusalDigest:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._adopt_interval_s)
             self._wakeup.clear()
 
-    def _commit(self, batch: list[tuple[AuditEvent, int | None]]) -> None:
-        assert self._journal is not None
-        self._writer.store.append([summary for summary, _ in batch], self._journal.name, [upto for _, upto in batch])
-        self._journal.committed(max(upto for _, upto in batch if upto is not None))
+    async def _write(self, batch: list[tuple[AuditEvent, int | None]]) -> None:
+        """Commit ``batch`` (the head of what is unwritten) with the journal's mark, then let the journal go of what
+        it covers. A summary the database refuses for its data is replaced by the record saying so (with its
+        count); a database that cannot take it now raises, and the batch is tried again whole."""
+        journal = self._journal
+        assert journal is not None
+        summaries, marks = [summary for summary, _ in batch], [upto for _, upto in batch]
+        try:
+            await asyncio.to_thread(self._writer.store.append, summaries, journal.name, marks)
+        except Exception as exc:
+            if is_transient(exc):
+                log.warning("the summaries of counted refusals wait for the database (%s)", type(exc).__name__)
+                raise
+            log.error(
+                "summaries of counted refusals were refused (%s: %s); recorded as refused", type(exc).__name__, exc
+            )
+            replaced = [_refused_summary(summary, exc) for summary in summaries]
+            await asyncio.to_thread(self._writer.store.append, replaced, journal.name, marks)
+        top = max(upto for upto in marks if upto is not None)
+        journal.committed(top)  # (on the loop, as every use of the journal)
+        self._committed = max(self._committed, top)
+        del self._unwritten[: len(batch)]
 
     def _adopt(self) -> None:
         assert self._journal is not None
         adopt(self._journal, _Summaries(self._writer.store, self._max_sources), batch_size=_ADOPT_BATCH)
+
+
+def _refused_summary(summary: AuditEvent, exc: BaseException) -> AuditEvent:
+    """The record in place of a summary the database refused, with how many refusals it accounted for."""
+    record = rejected(summary, exc)
+    record.detail = {**record.detail, "summarised": summary.detail.get("summarised")}
+    return record
 
 
 class _Summaries:

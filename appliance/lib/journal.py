@@ -117,6 +117,11 @@ class Journal:
         return self._part.path
 
     @property
+    def appended(self) -> int:
+        """The number of the last entry written (0: none yet)."""
+        return self._seq
+
+    @property
     def syncs(self) -> bool:
         """Whether an answer waits for ``fdatasync`` (:meth:`durable`)."""
         return self._fsync

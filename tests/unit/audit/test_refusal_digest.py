@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy.exc import OperationalError
 
 from appliance.asgi import create_app
 from appliance.audit.chain import NoteKey
@@ -145,6 +146,10 @@ async def main(folder):
         await digest.refused(refusal("203.0.113.7"))
     for _ in range(10):
         await digest.refused(refusal("198.51.100.2", "invalid_client"))
+    digest.summarise()  # a first window committed...
+    await digest.written()
+    for _ in range(12):  # ... and a second one under way
+        await digest.refused(refusal("192.0.2.9"))
     os.kill(os.getpid(), signal.SIGKILL)
 
 asyncio.run(main(Path(sys.argv[1])))
@@ -171,8 +176,12 @@ async def test_counts_of_a_process_killed_before_its_window_ended_are_summarised
         summaries = {
             (r["source_ip"], r["detail"]["reason"]): r["detail"]["summarised"] for r in found if r not in one_by_one
         }
-        assert len(one_by_one) == 3 + 3
-        assert summaries == {("203.0.113.7", "rate_limited"): 197, ("198.51.100.2", "invalid_client"): 7}
+        assert len(one_by_one) == 3 + 3 + 3
+        assert summaries == {
+            ("203.0.113.7", "rate_limited"): 197,
+            ("198.51.100.2", "invalid_client"): 7,
+            ("192.0.2.9", "rate_limited"): 9,  # the window the kill cut short; the first one is not counted again
+        }
         assert all(r["event_type"] == "auth.sign_in" and r["outcome"] == "denied" for r in found)
         assert writer.store.verify().ok
         await digest.stop()
@@ -219,3 +228,34 @@ async def _eventually(read: Any, n: int, within_s: float = 5.0) -> list[dict[str
         await asyncio.sleep(0.05)
         found = read()
     return list(found)
+
+
+async def test_while_the_database_is_down_the_window_goes_on_and_stop_leaves_the_counts_in_the_journal(
+    writer: AuditWriter, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Named fake: the database refusing every append (an outage), which this test cannot cause in SQLite."""
+
+    def down(*_args: object, **_kwargs: object) -> None:
+        raise OperationalError("INSERT", {}, Exception("the database is down"))
+
+    monkeypatch.setattr(writer.store, "append", down)
+    digest = RefusalDigest(writer, window_s=3600, per_source=0, journal=Journal(tmp_path / "journal", "refusals"))
+    await digest.start()
+    for _ in range(9):
+        await digest.refused(refusal("203.0.113.7"))
+    digest.summarise()  # its summary waits for the database...
+    for _ in range(5):
+        await digest.refused(refusal("198.51.100.2"))
+    digest.summarise()  # ... so this window goes on: one window's counts in memory, whatever the outage's length
+    assert len(digest._unwritten) == 1
+    await digest.stop()  # does not raise: the audit writer stops after it
+    assert list((tmp_path / "journal").glob("refusals-*")), "the counts are left for the next process"
+    assert not [r for r in records(writer) if "summarised" in r["detail"]]
+    monkeypatch.undo()
+    # The database is back; the next process summarises them.
+    later = RefusalDigest(writer, window_s=3600, journal=Journal(tmp_path / "journal", "refusals"))
+    await later.start()
+    summaries = {r["source_ip"]: r["detail"]["summarised"] for r in records(writer)}
+    assert summaries == {"203.0.113.7": 9, "198.51.100.2": 5}
+    await later.stop()
+    assert not list((tmp_path / "journal").glob("refusals-*"))
