@@ -36,7 +36,13 @@ from appliance.lib.guards import INFERENCE, CurrentPrincipal
 from appliance.lib.http import request_id
 from appliance.lib.principal import Principal
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The type is named here, not left to the Stream's media type: handlers returning answer() are annotated ASGIApp,
+# which makes Litestar take JSON as the handler's media type, and the handler's wins over the Stream's.
+_SSE_HEADERS = {
+    "content-type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 
 
 _HEADER_VALUE = re.compile(r"^[\x21-\x7e]{1,200}$")

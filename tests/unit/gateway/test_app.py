@@ -88,6 +88,11 @@ async def test_every_response_carries_a_request_id(client: AsyncTestClient[Any])
     assert response.headers["content-type"] == "application/json"
     assert int(response.headers["content-length"]) == len(response.content)
     assert response.headers["x-request-cost"].split()[0].replace(".", "").isdigit()
+    # a stream says it is one (clients such as httpx-sse refuse an event stream typed as JSON)
+    streamed = await client.post("/v1/chat/completions", json=chat("hello", stream=True))
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"] == "text/event-stream; charset=utf-8"
+    assert streamed.headers.get_list("content-type") == ["text/event-stream; charset=utf-8"]
 
 
 async def test_unknown_route_and_method_get_the_envelope_naming_them(client: AsyncTestClient[Any]) -> None:
