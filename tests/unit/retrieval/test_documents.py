@@ -134,7 +134,7 @@ def test_a_child_that_takes_no_job_is_replaced_and_the_document_prepared(chunkin
     try:
         child = started(documents, chunking)
         os.kill(child, signal.SIGSTOP)
-        text = b"alpha beta gamma. " * 20_000  # 360 KB: more than a pipe holds
+        text = b"alpha beta gamma. " * 150_000  # 2.7 MB: more than its pipe holds (1 MiB)
         result: list[object] = []
         worker = threading.Thread(
             target=lambda: result.append(documents.prepare(text, "text/plain", ROOMY, chunking)), daemon=True
