@@ -91,7 +91,9 @@ class ServerSettings(BaseModel):
         default=["64:ff9b::/96"],
         description="prefixes of the site's NAT64 / SIIT translators (/32, /40, /48, /56, /64 or /96, as RFC 6052 "
         "defines them; the local-use 64:ff9b:1::/48 with the length the site uses in it): a client address in one "
-        "counts as the IPv4 address it carries, not as one of a /64 that every IPv4 client shares",
+        "counts as the IPv4 address it carries, not as one of a /64 that every IPv4 client shares. List only "
+        "prefixes routed to a translator: an address of one that no translator made (u octet or suffix set) "
+        "counts as any IPv6 address",
     )
 
     @field_validator("limit_nat64_prefixes")

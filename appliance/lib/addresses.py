@@ -48,7 +48,8 @@ class ClientNetworks:
             raise ValueError(f"a network's limit is at least its addresses' (factor >= 1), not {factor}")
         self.ipv6_prefix = ipv6_prefix
         self.factor = factor
-        self._nat64 = [nat64_prefix(prefix) for prefix in nat64_prefixes]
+        # Longest first: an address of a /96 named inside a /48 is read as the /96's.
+        self._nat64 = sorted((nat64_prefix(prefix) for prefix in nat64_prefixes), key=lambda n: -n.prefixlen)
         # Bounded: the addresses are the clients'. A flood of new ones costs a recomputation each, no memory.
         self.keys: Callable[[str], tuple[str, str | None]] = lru_cache(maxsize=4096)(self._keys)
 
@@ -63,7 +64,7 @@ class ClientNetworks:
             return str(ip.ipv4_mapped), None
         ipv4 = ip.sixtofour or next(
             (embedded_ipv4(ip, prefix.prefixlen) for prefix in self._nat64 if ip in prefix), None
-        )
+        )  # (the longest prefix holding it decides: one whose address is not a translation is not tried further)
         if ipv4 is not None and ipv4.is_global:  # a translator carries only global IPv4 (RFC 6052 section 3.1)
             return str(ipv4), None
         if self.ipv6_prefix == IPV6_BITS:
@@ -84,16 +85,19 @@ def nat64_prefix(prefix: str) -> ipaddress.IPv6Network:
     return network
 
 
-def embedded_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address:
+def embedded_ipv4(ip: ipaddress.IPv6Address, prefix_length: int) -> ipaddress.IPv4Address | None:
     """The IPv4 address an address of a NAT64 prefix of ``prefix_length`` bits carries (RFC 6052 section 2.2): the
-    32 bits after the prefix, leaving out bits 64-71 (the "u" octet); in a /96, the last 32 bits. The u octet and
-    the suffix, zero from a translator, are not checked: an address with them set still counts as its IPv4
-    address, not in the /64 it would share with other IPv4 clients."""
+    32 bits after the prefix, leaving out bits 64-71 (the "u" octet); in a /96, the last 32 bits. None where the u
+    octet or the suffix after the address is not zero: no translator makes such an address (a host of a prefix
+    listed by mistake, choosing its own bits, then counts in its /64 as any IPv6 host)."""
     packed = ip.packed
     if prefix_length == 96:
         return ipaddress.IPv4Address(packed[12:])
     start = prefix_length // 8
-    return ipaddress.IPv4Address((packed[:8] + packed[9:])[start : start + 4])
+    unspaced = packed[:8] + packed[9:]
+    if packed[8] or any(unspaced[start + 4 :]):
+        return None
+    return ipaddress.IPv4Address(unspaced[start : start + 4])
 
 
 class ClientCounts:

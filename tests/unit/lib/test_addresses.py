@@ -76,9 +76,12 @@ def test_a_site_prefix_of_any_rfc6052_length_counts_its_clients_per_ipv4_address
     site = ClientNetworks(nat64_prefixes=["64:ff9b:1::/48", "2001:db8:122:300::/56"])
     assert site.keys("64:ff9b:1:5db8:d8:2200::") == ("93.184.216.34", None)
     assert site.keys("2001:db8:122:35d:b8:d822::") == ("93.184.216.34", None)
-    # Not made by a translator (a suffix, a u octet set): still the IPv4 address, not the /64 IPv4 clients share.
-    assert site.keys("64:ff9b:1:5db8:d8:2201::") == ("93.184.216.34", None)
-    assert site.keys("2001:db8:122:35d:ffb8:d822::") == ("93.184.216.34", None)
+    # Not made by a translator (a suffix, a u octet set): a host choosing its own bits in a prefix listed by mistake
+    # (or its privacy addresses) counts in its /64, never as IPv4 clients of its choosing.
+    assert site.keys("64:ff9b:1:5db8:d8:2201::")[1] == "64:ff9b:1:5db8::/64"
+    assert site.keys("2001:db8:122:35d:ffb8:d822::")[1] == "2001:db8:122:35d::/64"
+    nested = ClientNetworks(nat64_prefixes=["64:ff9b:1::/48", "64:ff9b:1:0:1::/96"])
+    assert nested.keys("64:ff9b:1:0:1::5db8:d822") == ("93.184.216.34", None), "the longer prefix decides"
     assert site.keys("64:ff9b:1:7f00:0:100::")[1] == "64:ff9b:1:7f00::/64", "127.0.0.1: never translated"
 
 
