@@ -360,7 +360,12 @@ class PricingSettings(BaseModel):
     amortised cost: ``gpu_hour_cost`` spread over the tokens per second the gateway measures while the engines
     are busy (``tokens_per_second`` until enough has been measured). Without either, requests cost 0."""
 
-    currency: str = Field(default="EUR", min_length=1, max_length=8)
+    currency: str = Field(
+        default="EUR",
+        pattern=r"^[!-~]{1,8}$",
+        description="its code, as every answer's x-request-cost header and every report names it: 1 to 8 visible "
+        "ASCII characters (an HTTP header carries no other; a sign such as € made every priced answer a 500)",
+    )
     models: dict[str, ModelPrice] = Field(default_factory=dict, description="model name -> price")
     gpu_hour_cost: float | None = Field(default=None, ge=0, description="amortised cost of the node per hour")
     node: NodeCost | None = Field(default=None, description="the node's own costs, from which its hourly cost follows")

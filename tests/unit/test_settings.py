@@ -80,3 +80,12 @@ def test_tls_serves_https_and_needs_both_files(tmp_path: Path) -> None:
     assert settings.issuer_url == "https://127.0.0.1:8443/oidc"
     with pytest.raises(ValidationError, match="go together"):
         Settings(server={"tls_certfile": tmp_path / "c.pem"})
+
+
+def test_a_currency_a_header_cannot_carry_is_refused_at_start() -> None:
+    """Every priced answer names its currency in a header: a sign such as € made each of them a 500, after it
+    was charged."""
+    for currency in ("€", "US D", ""):
+        with pytest.raises(ValidationError, match="currency"):
+            Settings(pricing={"currency": currency})
+    assert Settings(pricing={"currency": "CHF"}).pricing.currency == "CHF"
