@@ -217,6 +217,16 @@ class Tally:
             self.examples.append(f"{action}: {detail[:300]}")
 
 
+def _error_event(line: bytes) -> bool:
+    """Whether a stream's ``data:`` line is an error event (an object with ``error``), not a chunk whose text says
+    "error": the 30-minute soak of 2026-12-03 counted a chunk of the model's own word as one."""
+    try:
+        event = json.loads(line[len(b"data:") :])
+    except ValueError:
+        return True  # not JSON: not a chunk either
+    return not isinstance(event, dict) or "error" in event
+
+
 def sentence(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
 
@@ -275,7 +285,7 @@ class Load:
                 if line.startswith(b"data: [DONE]"):
                     done = True
                 elif line.startswith(b"data:"):
-                    if b'"error"' in line:
+                    if _error_event(line):
                         self.tally.error(action, line.decode(errors="replace"))
                         return
                     events += 1
