@@ -316,7 +316,18 @@ class _Summaries:
             return None
 
     def write(self, journal: str, entries: list[tuple[int, AuditEvent | None]]) -> None:
-        self._store.append_made_of(journal, entries, self._summarised)
+        """Commit the summaries of ``entries``; ones the database refuses for their data are replaced by the records
+        saying so, with their counts (a dead journal is not tried again for ever)."""
+        try:
+            self._store.append_made_of(journal, entries, self._summarised)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.error("summaries of a dead process's refusals were refused (%s: %s)", type(exc).__name__, exc)
+            refused = exc  # (the name ``exc`` ends with its except clause)
+            self._store.append_made_of(
+                journal, entries, lambda new: [_refused_summary(summary, refused) for summary in self._summarised(new)]
+            )
 
     def _summarised(self, entries: list[tuple[int, AuditEvent | None]]) -> list[AuditEvent]:
         window = _Window(self._max_sources)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from appliance.asgi import create_app
 from appliance.audit.chain import NoteKey
@@ -259,3 +259,24 @@ async def test_while_the_database_is_down_the_window_goes_on_and_stop_leaves_the
     assert summaries == {"203.0.113.7": 9, "198.51.100.2": 5}
     await later.stop()
     assert not list((tmp_path / "journal").glob("refusals-*"))
+
+
+async def test_a_dead_journal_whose_summary_the_database_refuses_is_written_as_refused(
+    writer: AuditWriter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Named fake: the database refusing a summary for its data once (an IntegrityError), which well-formed
+    summaries never cause here. The journal is not retried for ever: the record saying so keeps the count."""
+    chain = writer.store._chain
+    refusals = iter([IntegrityError("INSERT", {}, Exception("refused"))])
+
+    def refusing(*args: Any) -> Any:
+        error = next(refusals, None)
+        if error is not None:
+            raise error
+        return chain(*args)
+
+    monkeypatch.setattr(writer.store, "_chain", refusing)
+    _Summaries(writer.store).write("refusals-dead", [(seq, refusal("203.0.113.7")) for seq in range(1, 8)])
+    [record] = records(writer)
+    assert record["event_type"] == "audit.record_rejected" and record["detail"]["summarised"] == 7
+    assert writer.store.journal_mark("refusals-dead") == 7
