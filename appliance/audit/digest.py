@@ -42,6 +42,7 @@ from appliance.lib.journal import Journal, adopt, journaled, retire
 log = logging.getLogger(__name__)
 _OTHERS = ("", "")  # the key of what is counted once the table is full
 _ADOPT_BATCH = 10_000  # a dead process's counted refusals read at a time (one set of summaries each)
+_FIRST_BACKOFF = 0.05  # s: the first wait before a commit the database refused is tried again
 _UNCOMMITTED = 200_000  # counted refusals journaled and not committed at most (~100 MB: a database outage)
 
 
@@ -240,7 +241,7 @@ class RefusalDigest:
         dead processes' journals every ``adopt_interval_s``."""
         loop = asyncio.get_running_loop()
         adopted = loop.time()
-        backoff = 0.05
+        backoff = _FIRST_BACKOFF
         while True:
             if loop.time() - adopted >= self._adopt_interval_s:
                 adopted = loop.time()
@@ -248,13 +249,17 @@ class RefusalDigest:
             if self._unwritten:
                 try:
                     await self._write(list(self._unwritten))
-                except Exception:
+                except Exception as exc:
+                    if backoff == _FIRST_BACKOFF:  # once per outage, not at every try
+                        log.warning("the summaries of counted refusals wait for the database (%s)", exc)
                     if self._stopping:
                         return  # left in the journal: the next process summarises them
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
-                backoff = 0.05
+                if backoff != _FIRST_BACKOFF:
+                    log.warning("the summaries of counted refusals are written again")
+                backoff = _FIRST_BACKOFF
                 continue
             if self._stopping:
                 return
@@ -273,7 +278,6 @@ class RefusalDigest:
             await asyncio.to_thread(self._writer.store.append, summaries, journal.name, marks)
         except Exception as exc:
             if is_transient(exc):
-                log.warning("the summaries of counted refusals wait for the database (%s)", type(exc).__name__)
                 raise
             log.error(
                 "summaries of counted refusals were refused (%s: %s); recorded as refused", type(exc).__name__, exc
