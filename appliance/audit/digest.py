@@ -29,8 +29,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
+from typing import TypeVar
 
 import msgspec
 
@@ -40,6 +42,7 @@ from appliance.db.faults import is_transient
 from appliance.lib.journal import Journal, adopt, journaled, retire
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _OTHERS = ("", "")  # the key of what is counted once the table is full
 _ADOPT_BATCH = 10_000  # a dead process's counted refusals read at a time (one set of summaries each)
 _FIRST_BACKOFF = 0.05  # s: the first wait before a commit the database refused is tried again
@@ -49,9 +52,9 @@ _UNCOMMITTED = 200_000  # counted refusals journaled and not committed at most (
 @dataclass
 class _Counted:
     event: AuditEvent  # the first refusal counted: its kind, address and user agent head the summary
+    first: datetime  # the earliest and latest refusal counted here
+    last: datetime
     count: int = 0
-    first: datetime = field(default_factory=lambda: datetime.now(UTC))
-    last: datetime = field(default_factory=lambda: datetime.now(UTC))
     sources: set[str] = field(default_factory=set)  # only for the summary of the others
     upto: int | None = None  # the journal entry of the last refusal counted here (None: not journaled)
 
@@ -70,7 +73,7 @@ class _Window:
                 key = _OTHERS
                 counted = self.counted.get(key)
             if counted is None:
-                counted = self.counted[key] = _Counted(event, first=event.ts, last=event.ts)
+                counted = self.counted[key] = _Counted(event, event.ts, event.ts)
         counted.count += 1
         counted.first, counted.last = min(counted.first, event.ts), max(counted.last, event.ts)
         if entry is not None:
@@ -131,7 +134,7 @@ class RefusalDigest:
         self._recorded_overall = 0
         self._counted = _Window(max_sources)
         self._window: asyncio.TimerHandle | None = None
-        self._unwritten: list[tuple[AuditEvent, int | None]] = []  # journaled windows' summaries, not committed
+        self._unwritten: list[tuple[AuditEvent, int]] = []  # journaled windows' summaries, not committed
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -267,24 +270,15 @@ class RefusalDigest:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._adopt_interval_s)
             self._wakeup.clear()
 
-    async def _write(self, batch: list[tuple[AuditEvent, int | None]]) -> None:
-        """Commit ``batch`` (the head of what is unwritten) with the journal's mark, then let the journal go of what
-        it covers. A summary the database refuses for its data is replaced by the record saying so (with its
-        count); a database that cannot take it now raises, and the batch is tried again whole."""
+    async def _write(self, batch: list[tuple[AuditEvent, int]]) -> None:
+        """Commit ``batch`` (the head of what is unwritten) with the journal's mark (:func:`_commit`), then let the
+        journal go of what it covers; a database that cannot take it now raises, and the batch is tried again
+        whole."""
         journal = self._journal
         assert journal is not None
-        summaries, marks = [summary for summary, _ in batch], [upto for _, upto in batch]
-        try:
-            await asyncio.to_thread(self._writer.store.append, summaries, journal.name, marks)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            log.error(
-                "summaries of counted refusals were refused (%s: %s); recorded as refused", type(exc).__name__, exc
-            )
-            replaced = [_refused_summary(summary, exc) for summary in summaries]
-            await asyncio.to_thread(self._writer.store.append, replaced, journal.name, marks)
-        top = max(upto for upto in marks if upto is not None)
+        entries = [(upto, summary) for summary, upto in batch]  # each summary under its last refusal's entry
+        await asyncio.to_thread(_commit, self._writer.store, journal.name, entries, _as_made)
+        top = max(upto for upto, _ in entries)
         journal.committed(top)  # (on the loop, as every use of the journal)
         self._committed = max(self._committed, top)
         del self._unwritten[: len(batch)]
@@ -292,6 +286,32 @@ class RefusalDigest:
     def _adopt(self) -> None:
         assert self._journal is not None
         adopt(self._journal, _Summaries(self._writer.store, self._max_sources), batch_size=_ADOPT_BATCH)
+
+
+def _commit(
+    store: AuditStore,
+    journal: str,
+    entries: list[tuple[int, T]],
+    make: Callable[[list[tuple[int, T]]], list[AuditEvent]],
+) -> None:
+    """Commit the summaries ``make`` draws from ``entries`` (journal number, entry) with ``journal``'s mark
+    (:meth:`AuditStore.append_made_of`); ones the database refuses for their data are replaced by the records saying
+    so, with their counts, so that no journal is tried again for ever. Raises what the database cannot take now."""
+    try:
+        store.append_made_of(journal, entries, make)
+    except Exception as exc:
+        if is_transient(exc):
+            raise
+        log.error("summaries of counted refusals were refused (%s: %s); recorded as refused", type(exc).__name__, exc)
+        refused = exc  # (the name ``exc`` ends with its except clause)
+        store.append_made_of(
+            journal, entries, lambda new: [_refused_summary(summary, refused) for summary in make(new)]
+        )
+
+
+def _as_made(entries: list[tuple[int, AuditEvent]]) -> list[AuditEvent]:
+    """The live process's summaries, made already: each under its journal number."""
+    return [summary for _, summary in entries]
 
 
 def _refused_summary(summary: AuditEvent, exc: BaseException) -> AuditEvent:
@@ -320,18 +340,7 @@ class _Summaries:
             return None
 
     def write(self, journal: str, entries: list[tuple[int, AuditEvent | None]]) -> None:
-        """Commit the summaries of ``entries``; ones the database refuses for their data are replaced by the records
-        saying so, with their counts (a dead journal is not tried again for ever)."""
-        try:
-            self._store.append_made_of(journal, entries, self._summarised)
-        except Exception as exc:
-            if is_transient(exc):
-                raise
-            log.error("summaries of a dead process's refusals were refused (%s: %s)", type(exc).__name__, exc)
-            refused = exc  # (the name ``exc`` ends with its except clause)
-            self._store.append_made_of(
-                journal, entries, lambda new: [_refused_summary(summary, refused) for summary in self._summarised(new)]
-            )
+        _commit(self._store, journal, entries, self._summarised)
 
     def _summarised(self, entries: list[tuple[int, AuditEvent | None]]) -> list[AuditEvent]:
         window = _Window(self._max_sources)

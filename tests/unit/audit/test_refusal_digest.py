@@ -239,6 +239,7 @@ async def test_while_the_database_is_down_the_window_goes_on_and_stop_leaves_the
         raise OperationalError("INSERT", {}, Exception("the database is down"))
 
     monkeypatch.setattr(writer.store, "append", down)
+    monkeypatch.setattr(writer.store, "append_made_of", down)
     digest = RefusalDigest(writer, window_s=3600, per_source=0, journal=Journal(tmp_path / "journal", "refusals"))
     await digest.start()
     for _ in range(9):
